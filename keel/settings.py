@@ -1,0 +1,84 @@
+"""Runtime settings, read from the environment only.
+
+One place decides every address and path so the same code runs on the embedded default
+(one machine, no Docker) and against a real cluster: point ``TEMPORAL_ADDRESS`` and
+``KEEL_DATABASE_URL`` elsewhere and nothing else changes. Secrets (provider API keys) are
+read by the activities that need them, never copied into payloads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Settings", "load_settings", "PROJECT_ROOT", "SEARCH_ATTRIBUTES"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SEARCH_ATTRIBUTES: dict[str, str] = {
+    "KeelTenant": "Keyword",
+    "KeelUser": "Keyword",
+    "KeelOutcome": "Keyword",
+    "KeelSpendMicros": "Int",
+}
+"""Custom search attributes the dev server registers, so runs filter by tenant in the UI."""
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Keel's services live and how the worker behaves."""
+
+    temporal_address: str = "127.0.0.1:7233"
+    """Temporal frontend (``TEMPORAL_ADDRESS``)."""
+    temporal_namespace: str = "default"
+    """Temporal namespace (``TEMPORAL_NAMESPACE``)."""
+    task_queue: str = "keel"
+    """Task queue for workflows and activities (``KEEL_TASK_QUEUE``)."""
+    database_url: str = "postgresql://postgres@127.0.0.1:55432/keel"
+    """PostgreSQL holding the ledger, audit log, memory and business data (``KEEL_DATABASE_URL``)."""
+    state_dir: Path = field(default=PROJECT_ROOT / ".keel")
+    """Embedded services' data, logs and pid files (``KEEL_STATE_DIR``)."""
+    ui_port: int = 8233
+    """Temporal Web UI port of the embedded dev server (``KEEL_UI_PORT``)."""
+    pg_port: int = 55432
+    """Port of the embedded PostgreSQL (``KEEL_PG_PORT``)."""
+    policy_file: Path = field(default=PROJECT_ROOT / "config" / "policy.yaml")
+    """Permission policy (``KEEL_POLICY_FILE``)."""
+    ui_url: str = "http://127.0.0.1:8233"
+    """Where people look at runs (``KEEL_UI_URL``)."""
+
+    @property
+    def temporal_port(self) -> int:
+        return int(self.temporal_address.rsplit(":", 1)[1])
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build settings from ``env`` (default: ``os.environ``); bad values raise ``ValueError``."""
+    e = dict(os.environ if env is None else env)
+    ui_port = _int(e, "KEEL_UI_PORT", 8233)
+    pg_port = _int(e, "KEEL_PG_PORT", 55432)
+    address = e.get("TEMPORAL_ADDRESS") or "127.0.0.1:7233"
+    if ":" not in address:
+        raise ValueError(f"TEMPORAL_ADDRESS must be host:port, got {address!r}")
+    return Settings(
+        temporal_address=address,
+        temporal_namespace=e.get("TEMPORAL_NAMESPACE") or "default",
+        task_queue=e.get("KEEL_TASK_QUEUE") or "keel",
+        database_url=e.get("KEEL_DATABASE_URL") or f"postgresql://postgres@127.0.0.1:{pg_port}/keel",
+        state_dir=Path(e.get("KEEL_STATE_DIR") or PROJECT_ROOT / ".keel"),
+        ui_port=ui_port,
+        pg_port=pg_port,
+        policy_file=Path(e.get("KEEL_POLICY_FILE") or PROJECT_ROOT / "config" / "policy.yaml"),
+        ui_url=e.get("KEEL_UI_URL") or f"http://127.0.0.1:{ui_port}",
+    )

@@ -1,0 +1,95 @@
+"""Session fixtures: the real Temporal dev server and the real PostgreSQL, started once.
+
+Tests run their own services in a temporary state folder on free ports, so a developer's
+``make demo`` services keep running untouched, and everything started here is stopped at
+the end of the session (Temporal first, then PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from keel.db import apply_migrations, open_pool
+from keel.devservices import DevServices, free_port
+from keel.settings import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    state = Path(tempfile.mkdtemp(prefix="keel-test-"))
+    env = {
+        **os.environ,
+        "KEEL_STATE_DIR": str(state),
+        "KEEL_PG_PORT": str(free_port()),
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "KEEL_UI_PORT": str(free_port()),
+        "KEEL_TASK_QUEUE": "keel-test",
+    }
+    s = load_settings(env)
+    services = DevServices(s)
+    try:
+        services.start_postgres()
+        apply_migrations(s.database_url)
+        yield s
+    finally:
+        services.down()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_env(settings: Settings) -> dict[str, str]:
+    """Environment for subprocesses (workers, CLI) pointed at the test services."""
+    env = dict(os.environ)
+    env.update({
+        "KEEL_STATE_DIR": str(settings.state_dir),
+        "KEEL_PG_PORT": str(settings.pg_port),
+        "KEEL_DATABASE_URL": settings.database_url,
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "KEEL_UI_PORT": str(settings.ui_port),
+        "KEEL_TASK_QUEUE": settings.task_queue,
+    })
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def pg_url(settings: Settings) -> str:
+    return settings.database_url
+
+
+@pytest.fixture(scope="session")
+async def db_pool(pg_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await open_pool(pg_url, max_size=20)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture(scope="session")
+def temporal_services(settings: Settings) -> Settings:
+    """Start the Temporal dev server lazily: pure database tests do not pay for it."""
+    DevServices(settings).start_temporal()
+    return settings
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_services: Settings) -> Client:
+    from keel.client import connect
+
+    return await connect(temporal_services)
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4()}"
