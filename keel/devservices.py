@@ -10,6 +10,7 @@ Logs always go to files: a child whose stdout is an unread pipe eventually block
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -260,6 +261,51 @@ class DevServices:
             _reap(pid)
         self._temporal_pid_file().unlink(missing_ok=True)
 
+    # ---------------------------------------------------------------- workers
+    def worker_pids(self) -> list[int]:
+        pids = [_read_pid(p) for p in sorted(self.state.glob("worker-*.pid"))]
+        return [p for p in pids if p is not None and _alive(p)]
+
+    def start_workers(self, count: int, env: dict[str, str] | None = None) -> list[int]:
+        """Start detached ``worker.py`` processes until ``count`` run; logs in the state dir."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        for stale in self.state.glob("worker-*.pid"):
+            pid = _read_pid(stale)
+            if pid is None or not _alive(pid):
+                stale.unlink(missing_ok=True)
+        started: list[int] = []
+        n = 0
+        while len(self.worker_pids()) < count:
+            n += 1
+            pidfile = self.state / f"worker-{n}.pid"
+            if pidfile.exists():
+                continue
+            with open(self.state / f"worker-{n}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve().parent.parent / "worker.py")],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env=env)
+            _DETACHED.append(proc)
+            pidfile.write_text(str(proc.pid))
+            started.append(proc.pid)
+        return started
+
+    def stop_workers(self) -> None:
+        for pidfile in self.state.glob("worker-*.pid"):
+            pid = _read_pid(pidfile)
+            if pid is not None and _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while _alive(pid) and time.monotonic() < deadline:
+                    _reap(pid)
+                    time.sleep(0.1)
+                if _alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    _reap(pid)
+            pidfile.unlink(missing_ok=True)
+
     # ---------------------------------------------------------------- both
     def up(self) -> None:
         """Start both services and apply database migrations."""
@@ -270,6 +316,7 @@ class DevServices:
         self.start_temporal()
 
     def down(self) -> None:
+        self.stop_workers()
         self.stop_temporal()
         self.stop_postgres()
 
@@ -279,6 +326,7 @@ class DevServices:
                          if self.temporal_running() else "stopped"),
             "postgres": (f"running on 127.0.0.1:{self.settings.pg_port}"
                          if self.postgres_running() else "stopped"),
+            "workers": f"{len(self.worker_pids())} running",
             "state": str(self.state),
         }
 

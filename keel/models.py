@@ -38,6 +38,7 @@ __all__ = [
     "Decision",
     "BudgetCaps",
     "Approval",
+    "ToolInfo",
 ]
 
 MICROS_PER_USD = 1_000_000
@@ -136,6 +137,8 @@ class Plan(Frozen):
     steps: tuple[PlanStep, ...] = ()
     answer: str = ""
     """Direct answer / final message template when no (more) tools are needed."""
+    replan: bool = False
+    """Ask to see these steps' results and plan again (e.g. "watch until it ships")."""
 
 
 class StepState(str, Enum):
@@ -262,6 +265,8 @@ class ToolCall(Frozen):
     user: str = ""
     workflow_id: str = ""
     step_id: str = ""
+    reservation_key: str = ""
+    """Ledger reservation to commit in the same transaction as the tool's effect."""
 
 
 class ToolResult(Frozen):
@@ -296,3 +301,35 @@ class Approval(Frozen):
     step_id: str = ""
     reason: str = ""
     by: str = ""
+
+
+class ToolInfo(Frozen):
+    """A tool's declaration as the workflow and planner see it (no code, only metadata).
+
+    The workflow receives a snapshot of these at the start of a run, so a redeploy that
+    changes the registry cannot change the decisions of a run already under way.
+    """
+
+    name: str
+    description: str
+    args_schema: dict[str, Any] = Field(default_factory=dict)
+    permissions: tuple[str, ...] = ()
+    """All of these must be held by the caller, or the tool is hidden from the planner."""
+    idempotent: bool = True
+    """Naturally idempotent (a read); non-idempotent tools are recorded by key before/after."""
+    compensation: str | None = None
+    """Tool that undoes this one (saga rollback), called with ``{"effect": <result data>}``."""
+    fallback: str | None = None
+    """Tool to use when this one is unavailable (breaker open, permanent failure)."""
+    timeout_seconds: float = 30.0
+    max_attempts: int = 3
+    non_retryable_errors: tuple[str, ...] = ()
+    cost_micros: int = 0
+    """Estimated cost of one call, reserved in the ledger before it runs."""
+    risk: Literal["low", "medium", "high"] = "low"
+    optional: bool = False
+    """May be skipped when the budget decision disables optional steps."""
+    rate_limit_per_second: float | None = None
+    """Global cap across all workers (dedicated task queue with a Temporal rate limit)."""
+    side_effects: bool = False
+    """Writes something outside the run (refund, e-mail): eligible for compensation/approval."""

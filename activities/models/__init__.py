@@ -12,16 +12,17 @@ import json
 import re
 from typing import Protocol, runtime_checkable
 
-from keel.models import ModelCall, ModelResult
+from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = [
     "PROVIDERS",
     "ModelProvider",
+    "add_usage",
+    "close_clients",
     "get_provider",
     "split_model",
     "system_text",
     "tool_name",
-    "close_clients",
 ]
 
 PROVIDERS = ("openai", "anthropic", "offline")
@@ -50,8 +51,7 @@ def split_model(model: str) -> tuple[str, str]:
         return "offline", name or "offline"
     if not sep or not name or provider not in PROVIDERS:
         raise ValueError(
-            f"unknown model {model!r}: expected 'offline', 'openai:<name>' or "
-            "'anthropic:<name>'"
+            f"unknown model {model!r}: expected 'offline', 'openai:<name>' or 'anthropic:<name>'"
         )
     return provider, name
 
@@ -96,11 +96,24 @@ def tool_name(call: ModelCall) -> str:
     return name or "output"
 
 
+def add_usage(a: Usage, b: Usage) -> Usage:
+    """Sum two usages: a repair round is billed too, so its tokens must reach the ledger."""
+    return Usage(
+        input_tokens=a.input_tokens + b.input_tokens,
+        cached_input_tokens=a.cached_input_tokens + b.cached_input_tokens,
+        cache_write_tokens=a.cache_write_tokens + b.cache_write_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+    )
+
+
 async def close_clients() -> None:
     """Close cached SDK clients (call on worker shutdown; safe if none were created)."""
     import sys
 
-    for module_name in ("activities.models.openai_provider", "activities.models.anthropic_provider"):
+    for module_name in (
+        "activities.models.openai_provider",
+        "activities.models.anthropic_provider",
+    ):
         module = sys.modules.get(module_name)
         if module is not None:
             await module.close_clients()

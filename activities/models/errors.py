@@ -25,24 +25,26 @@ import anthropic
 import openai
 from temporalio.exceptions import ApplicationError
 
+from keel.models import Usage
+
 __all__ = [
-    "RATE_LIMITED",
-    "UNAVAILABLE",
-    "TIMEOUT",
     "AUTH_ERROR",
     "BAD_REQUEST",
-    "QUOTA_EXCEEDED",
-    "REFUSAL",
     "INVALID_OUTPUT",
-    "PROVIDER_ERROR",
     "NON_RETRYABLE_TYPES",
-    "translate_provider_error",
-    "refusal_error",
+    "PROVIDER_ERROR",
+    "QUOTA_EXCEEDED",
+    "RATE_LIMITED",
+    "REFUSAL",
+    "TIMEOUT",
+    "UNAVAILABLE",
+    "check_required",
     "invalid_output_error",
     "missing_key_error",
     "parse_structured",
-    "check_required",
+    "refusal_error",
     "repair_instruction",
+    "translate_provider_error",
 ]
 
 RATE_LIMITED = "ProviderRateLimited"
@@ -112,15 +114,20 @@ def refusal_error(provider: str, detail: str = "") -> ApplicationError:
     )
 
 
-def invalid_output_error(provider: str, detail: str) -> ApplicationError:
+def invalid_output_error(
+    provider: str, detail: str, usage: Usage | None = None
+) -> ApplicationError:
     """Structured output was still invalid after the repair round.
 
     Retryable on purpose: sampling differs between attempts, and the workflow may escalate
-    to a stronger tier once the retry policy gives up.
+    to a stronger tier once the retry policy gives up. Both rounds were billed, so their
+    ``usage`` travels as the error's first detail (a ``Usage`` dict) for the ledger.
     """
+    details = (usage.model_dump(),) if usage is not None else ()
     return ApplicationError(
         f"{provider}: model output is not valid JSON for the schema after one repair: "
         f"{_redact(detail)}",
+        *details,
         type=INVALID_OUTPUT,
         non_retryable=False,
     )
@@ -130,7 +137,8 @@ def missing_key_error(provider: str) -> ApplicationError:
     """No credential in the worker's environment: fail fast, retrying cannot fix it."""
     env = _KEY_ENV.get(provider, "the API key")
     return ApplicationError(
-        f"{provider}: {env} is not set in the worker's environment", type=AUTH_ERROR,
+        f"{provider}: {env} is not set in the worker's environment",
+        type=AUTH_ERROR,
         non_retryable=True,
     )
 
@@ -180,12 +188,14 @@ def _from_status(provider: str, status: int, exc: BaseException) -> ApplicationE
     if status == 429 and _error_code(exc) == "insufficient_quota":
         # OpenAI signals an exhausted account as 429; waiting does not refill it.
         return ApplicationError(
-            f"{provider}: quota exhausted (429) — check billing", type=QUOTA_EXCEEDED,
+            f"{provider}: quota exhausted (429) — check billing",
+            type=QUOTA_EXCEEDED,
             non_retryable=True,
         )
     if status == 429:
         return ApplicationError(
-            f"{provider}: rate limited (429){detail}", type=RATE_LIMITED,
+            f"{provider}: rate limited (429){detail}",
+            type=RATE_LIMITED,
             next_retry_delay=_retry_after(exc),
         )
     if status in (408, 409) or status >= 500:
@@ -203,7 +213,8 @@ def _from_status(provider: str, status: int, exc: BaseException) -> ApplicationE
         )
     if status == 402:
         return ApplicationError(
-            f"{provider}: payment required (402) — check billing", type=QUOTA_EXCEEDED,
+            f"{provider}: payment required (402) — check billing",
+            type=QUOTA_EXCEEDED,
             non_retryable=True,
         )
     return ApplicationError(

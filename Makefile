@@ -1,0 +1,55 @@
+# Keel: two commands on a fresh machine with Python 3.11 and make.
+#   make demo   install, start Temporal + PostgreSQL + a worker, run a sample request
+#   make test   install and run the whole suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+WORKERS ?= 1
+
+.PHONY: install demo up down status worker test lint bench bench-smoke clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v -i warning || true
+	@$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v -i warning || true
+	@$(BIN)/python -c "import temporalio, psycopg, openai, anthropic, pytest" \
+		|| (echo "install failed: see the pip output above"; exit 1)
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+up: install
+	@$(BIN)/python starter.py dev up --workers $(WORKERS)
+
+demo: up
+	@$(BIN)/python starter.py run "Check if order ORD-123 is shipped and refund it if so" \
+		--tenant acme --user alice --budget 0.50 --request-id demo-$$(date +%s)
+	@echo
+	@echo "Temporal Web UI:  http://127.0.0.1:$${KEEL_UI_PORT:-8233}"
+	@echo "Try:              $(BIN)/python starter.py --help"
+	@echo "Stop everything:  make down"
+
+status: install
+	@$(BIN)/python starter.py dev status
+
+worker: install
+	@$(BIN)/python worker.py
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python starter.py dev down || true
+
+test: install
+	@$(BIN)/python -m pytest
+
+lint: install
+	@$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	@$(BIN)/python -m pip install --quiet -e '.[bench]' 2>&1 | grep -v -i warning || true
+	@$(BIN)/python bench/run.py
+
+bench-smoke: install
+	@$(BIN)/python bench/run.py --smoke --out /tmp/keel-bench-smoke.md
+
+clean: down
+	rm -rf .keel $(VENV) *.egg-info

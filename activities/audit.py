@@ -1,0 +1,313 @@
+"""The tamper-evident audit log: append, read a run's trail, verify the hash chains.
+
+Hash chain, per tenant: row ``n`` stores ``prev_hash`` (row ``n-1``'s hash, ``""`` for the
+first row) and ``hash = sha256(prev_hash + "\\n" + canonical(row))`` where ``canonical`` is
+compact, key-sorted JSON of the row's content: tenant, seq, ts (UTC, microseconds), user,
+workflow_id, step_id, kind, subject, decision, reason, data, idem_key. Editing a row breaks
+its hash; deleting or reordering rows breaks ``seq`` (1-based, gap-free) or the
+``prev_hash`` link; deleting the newest rows is caught against ``audit_heads``. Someone
+who can rewrite every row AND the head could forge a consistent chain: anchor head hashes
+elsewhere (export them) when that matters.
+
+Why per tenant: an append locks its tenant's head row (``select ... for update``) for the
+few milliseconds of its transaction; one global chain would make every tenant's decisions
+queue behind each other. ``ts`` is the database clock read under that lock, so within a
+tenant ts never goes backwards relative to seq.
+
+Idempotency: ``idem_key`` is unique; appending a key already stored returns the stored row
+(first write wins), so an activity retry never duplicates a row. ``reason`` and ``data``
+pass through ``redact_data`` BEFORE hashing, so no secret is ever stored or hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+
+from activities.guardrails import redact, redact_data
+from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
+
+__all__ = ["AuditActivities", "AuditError", "append", "append_many", "row_hash", "trail", "verify"]
+
+_MAX_DATA_CHARS = 4096  # rows stay small: detail lives in tool_effects / memory, not here
+_MAX_REASON_CHARS = 2000
+_COLS = (
+    'id, tenant, seq, ts, "user", workflow_id, step_id, kind, subject, decision, reason, '
+    "data, idem_key, prev_hash, hash"
+)
+
+
+class AuditError(RuntimeError):
+    """The audit log refused an append (e.g. an idem_key already used by another tenant)."""
+
+
+def _jsonable(v: Any) -> Any:
+    """Make ``v`` survive a jsonb round trip unchanged, so the stored row re-hashes identically."""
+    if isinstance(v, str):
+        return v.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+    if v is None or isinstance(v, bool | int):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return int(v) if v.is_integer() and abs(v) >= 1e15 else v  # jsonb prints 1e20 as digits
+    if isinstance(v, dict):
+        return {_jsonable(str(k)): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return _jsonable(str(v))
+
+
+def _prepare(e: AuditEntry) -> AuditEntry:
+    data = _jsonable(redact_data(dict(e.data)))
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False)
+    if len(text) > _MAX_DATA_CHARS:
+        data = {"truncated": True, "preview": text[:1000]}
+    reason = _jsonable(redact(e.reason))[:_MAX_REASON_CHARS]
+    return e.model_copy(update={"reason": reason, "data": data, "subject": _jsonable(e.subject)})
+
+
+def row_hash(prev_hash: str, tenant: str, seq: int, ts: datetime, e: AuditEntry) -> str:
+    """The chain hash of one row (see module docstring for the exact definition)."""
+    content = {
+        "tenant": tenant,
+        "seq": seq,
+        "ts": ts.astimezone(UTC).isoformat(timespec="microseconds"),
+        "user": e.user,
+        "workflow_id": e.workflow_id,
+        "step_id": e.step_id,
+        "kind": e.kind,
+        "subject": e.subject,
+        "decision": e.decision,
+        "reason": e.reason,
+        "data": e.data,
+        "idem_key": e.idem_key,
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
+
+
+def _row(r: Sequence[Any], existing: bool = False) -> AuditRow:
+    names = (
+        "id",
+        "tenant",
+        "seq",
+        "ts",
+        "user",
+        "workflow_id",
+        "step_id",
+        "kind",
+        "subject",
+        "decision",
+        "reason",
+        "data",
+        "idem_key",
+        "prev_hash",
+        "hash",
+    )
+    return AuditRow(**dict(zip(names, r, strict=True)), existing=existing)
+
+
+async def append_many(conn: AsyncConnection[Any], entries: Sequence[AuditEntry]) -> list[AuditRow]:
+    """Append entries in order, atomically; returns one row per entry (existing ones marked).
+
+    Two round trips however many entries: (1) create-if-missing and lock the tenants' heads
+    in tenant order (no deadlocks between multi-tenant batches), read the clock and any rows
+    already stored under these keys; (2) insert the new rows and move the heads, commit.
+
+    Called inside the caller's transaction (READ COMMITTED) it becomes a savepoint of it, so
+    a decision and its audit row commit or roll back together; the tenant's head stays
+    locked until that outer transaction ends, so keep such transactions short.
+    """
+    if not entries:
+        return []
+    prepared = [_prepare(e) for e in entries]
+    tenants = sorted({e.tenant for e in prepared})
+    keys = list(dict.fromkeys(e.idem_key for e in prepared))
+    async with conn.pipeline(), conn.transaction():
+        await conn.execute(
+            "insert into audit_heads (tenant) select unnest(%s::text[]) on conflict do nothing",
+            (tenants,),
+        )
+        heads_cur = await conn.execute(
+            "select tenant, seq, hash, clock_timestamp() from audit_heads "
+            "where tenant = any(%s) order by tenant for update",
+            (tenants,),
+        )
+        old_cur = await conn.execute(
+            f"select {_COLS} from audit_log where idem_key = any(%s)", (keys,)
+        )
+        heads = {t: [seq, h, ts] for t, seq, h, ts in await heads_cur.fetchall()}
+        found = {r.idem_key: r for r in (_row(x, existing=True) for x in await old_cur.fetchall())}
+        out: list[AuditRow | None] = []
+        new: list[AuditRow] = []
+        for e in prepared:
+            if e.idem_key in found:
+                if found[e.idem_key].tenant != e.tenant:
+                    raise AuditError(f"idem_key {e.idem_key!r} already used by another tenant")
+                out.append(found[e.idem_key])
+                continue
+            head = heads[e.tenant]
+            seq, ts = head[0] + 1, head[2]
+            h = row_hash(head[1], e.tenant, seq, ts, e)
+            row = AuditRow(**e.model_dump(), id=0, seq=seq, ts=ts, prev_hash=head[1], hash=h)
+            head[0], head[1] = seq, h
+            found[e.idem_key] = row
+            new.append(row)
+            out.append(None)
+        ids: dict[str, int] = {}
+        if new:
+            cols = list(
+                zip(
+                    *[
+                        (
+                            r.tenant,
+                            r.seq,
+                            r.ts,
+                            r.user,
+                            r.workflow_id,
+                            r.step_id,
+                            r.kind,
+                            r.subject,
+                            r.decision,
+                            r.reason,
+                            json.dumps(r.data),
+                            r.idem_key,
+                            r.prev_hash,
+                            r.hash,
+                        )
+                        for r in new
+                    ],
+                    strict=True,
+                )
+            )
+            ins = await conn.execute(
+                'insert into audit_log (tenant, seq, ts, "user", workflow_id, step_id, kind, '
+                "subject, decision, reason, data, idem_key, prev_hash, hash) "
+                "select t, s, ts, u, w, st, k, su, d, r, da::jsonb, i, p, h from unnest("
+                "%s::text[], %s::bigint[], %s::timestamptz[], %s::text[], %s::text[], "
+                "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+                "%s::text[], %s::text[], %s::text[]) "
+                "as v(t, s, ts, u, w, st, k, su, d, r, da, i, p, h) "
+                "order by t, s returning idem_key, id",
+                [list(c) for c in cols],
+            )
+            moved = [(t, heads[t][0], heads[t][1]) for t in tenants]
+            await conn.execute(
+                "update audit_heads h set seq = v.seq, hash = v.hash from unnest(%s::text[], "
+                "%s::bigint[], %s::text[]) as v(tenant, seq, hash) where h.tenant = v.tenant",
+                [list(c) for c in zip(*moved, strict=True)],
+            )
+            ids = dict(await ins.fetchall())
+    rows = [r if r is not None else found[e.idem_key] for r, e in zip(out, prepared, strict=True)]
+    return [r.model_copy(update={"id": ids[r.idem_key]}) if r.id == 0 else r for r in rows]
+
+
+async def append(conn: AsyncConnection[Any], entry: AuditEntry) -> AuditRow:
+    """Append one entry (idempotent by ``idem_key``); see ``append_many``."""
+    return (await append_many(conn, [entry]))[0]
+
+
+async def trail(conn: AsyncConnection[Any], workflow_id: str) -> list[AuditRow]:
+    """Every row recorded for one run, oldest first."""
+    cur = await conn.execute(
+        f"select {_COLS} from audit_log where workflow_id = %s order by id", (workflow_id,)
+    )
+    return [_row(r) for r in await cur.fetchall()]
+
+
+def _bad(checked: int, row_id: int | None, tenant: str, reason: str) -> VerifyResult:
+    return VerifyResult(
+        ok=False,
+        checked=checked,
+        first_bad_id=row_id,
+        tenant=tenant,
+        reason=f"tenant {tenant}: {reason}",
+    )
+
+
+async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> VerifyResult:
+    """Recompute every chain (or one tenant's) from one snapshot; stops at the first break.
+
+    Opens its own REPEATABLE READ transaction, so pass a connection that is not already in
+    one. Rows are streamed, so memory stays flat however long the log is.
+    """
+    where, params = ("where tenant = %s", (tenant,)) if tenant is not None else ("", ())
+    checked = 0
+    async with conn.transaction():
+        await conn.execute("set transaction isolation level repeatable read, read only")
+        hcur = await conn.execute(f"select tenant, seq, hash from audit_heads {where}", params)
+        heads = {t: (s, h) for t, s, h in await hcur.fetchall()}
+        seen: dict[str, tuple[int, str, int]] = {}  # tenant -> (last seq, last hash, last id)
+        cur = conn.cursor()
+        async for raw in cur.stream(
+            f"select {_COLS} from audit_log {where} order by tenant, id", params
+        ):
+            r = _row(raw)
+            last_seq, prev, _ = seen.get(r.tenant, (0, "", 0))
+            checked += 1
+            if r.seq != last_seq + 1:
+                why = "rows removed or reordered" if r.seq > last_seq else "rows reordered"
+                return _bad(
+                    checked,
+                    r.id,
+                    r.tenant,
+                    f"row {r.id} has seq {r.seq} where {last_seq + 1} was expected ({why})",
+                )
+            if r.prev_hash != prev:
+                return _bad(
+                    checked,
+                    r.id,
+                    r.tenant,
+                    f"row {r.id} does not link to the previous row "
+                    "(rows reordered, removed or rewritten)",
+                )
+            if row_hash(prev, r.tenant, r.seq, r.ts, r) != r.hash:
+                return _bad(
+                    checked,
+                    r.id,
+                    r.tenant,
+                    f"row {r.id} was modified (content does not match its hash)",
+                )
+            seen[r.tenant] = (r.seq, r.hash, r.id)
+    for t, (seq, h) in sorted(heads.items()):
+        last_seq, last_hash, last_id = seen.get(t, (0, "", 0))
+        if (seq, h) != (last_seq, last_hash):
+            return _bad(
+                checked,
+                last_id or None,
+                t,
+                f"chain head is at seq {seq} but the last row "
+                f"is seq {last_seq} (newest rows removed or head altered)",
+            )
+    missing = sorted(set(seen) - set(heads))
+    if missing:
+        return _bad(
+            checked, seen[missing[0]][2], missing[0], "rows exist but the chain head is gone"
+        )
+    return VerifyResult(ok=True, checked=checked, tenant=tenant)
+
+
+class AuditActivities:
+    """Temporal activities over a shared pool; one typed input and output each."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    @activity.defn(name="audit_append")
+    async def audit_append(self, batch: AuditBatch) -> AuditAck:
+        """Append a batch in one transaction; retries are safe (idempotent by ``idem_key``)."""
+        async with self._pool.connection() as conn:
+            rows = await append_many(conn, batch.entries)
+        replayed = sum(r.existing for r in rows)
+        return AuditAck(
+            ids=tuple(r.id for r in rows), appended=len(rows) - replayed, replayed=replayed
+        )

@@ -1,0 +1,94 @@
+"""Temporal activities over the budget ledger, run as LOCAL activities by the workflow.
+
+Each is one pooled connection checkout plus one round trip (a plpgsql call), so local
+activities are the right fit: no task-queue hop, and retries stay inside the workflow task.
+Idempotency comes from the request key (``workflow_id/step_id``), so Temporal retrying a
+call, or a new worker replaying history, gets the original answer back.
+
+Ledger refusals (key reused with another payload, unknown reservation, commit after release)
+are deterministic: they become non-retryable ``ApplicationError``s whose ``type`` is the
+exception class name, so the workflow can branch on them instead of retrying forever.
+
+Tool costs: the tool activity (not here) records its cost in the SAME transaction as its
+effect, so a crash cannot leave an effect without its cost or a cost without its effect::
+
+    async with pool.connection() as conn, conn.transaction():
+        result = await do_the_refund(conn, ...)
+        await ledger_for_tool_commit(conn, reservation_key, actual_micros)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import ledger
+from keel.budget import (
+    CommitRequest,
+    CommitResult,
+    ExtendRequest,
+    ExtendResult,
+    LedgerError,
+    OpenRunRequest,
+    OpenRunResult,
+    ReleaseRequest,
+    ReleaseResult,
+    ReserveRequest,
+    ReserveResult,
+)
+
+__all__ = ["BudgetActivities", "ledger_for_tool_commit"]
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+async def ledger_for_tool_commit(conn: AsyncConnection[Any], key: str,
+                                 actual_micros: int) -> CommitResult:
+    """Commit a tool's cost on ``conn``, inside the transaction that holds the tool's effect."""
+    return await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual_micros))
+
+
+class BudgetActivities:
+    """Ledger activities bound to the worker's pool (register the bound methods)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]],
+                   req: _In) -> _Out:
+        try:
+            async with self._pool.connection() as conn:
+                return await fn(conn, req)
+        except LedgerError as e:
+            raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e
+
+    @activity.defn(name="budget_open_run")
+    async def open_run(self, req: OpenRunRequest) -> OpenRunResult:
+        """Create the run's scope (and ancestors) with the run's limit."""
+        return await self._run(ledger.open_run, req)
+
+    @activity.defn(name="budget_reserve")
+    async def reserve(self, req: ReserveRequest) -> ReserveResult:
+        """Hold budget before a model or tool call; DENY is a result, not an error."""
+        return await self._run(ledger.reserve, req)
+
+    @activity.defn(name="budget_commit")
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        """Record a model call's actual cost (tools commit inside their own transaction)."""
+        return await self._run(ledger.commit, req)
+
+    @activity.defn(name="budget_release")
+    async def release(self, req: ReleaseRequest) -> ReleaseResult:
+        """Give back a hold that will not be used (skipped step, cancel, compensation)."""
+        return await self._run(ledger.release, req)
+
+    @activity.defn(name="budget_extend")
+    async def extend(self, req: ExtendRequest) -> ExtendResult:
+        """Lengthen a hold's lease while a long call is still running."""
+        return await self._run(ledger.extend, req)

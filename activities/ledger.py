@@ -1,0 +1,222 @@
+"""The budget ledger client: one plpgsql call (one round trip) per operation.
+
+Functions take a psycopg ``AsyncConnection`` rather than a pool so that a caller can run them
+inside a transaction it owns: the tool activity commits the cost in the same transaction as
+the tool's effect, so either both happen or neither does. On an autocommit connection each
+call is its own short transaction, and row locks are held only for the function's duration.
+
+All amounts are integer micro-USD. Refusals surface as :class:`keel.budget.LedgerError`
+subclasses, mapped from the custom SQLSTATEs raised by ``keel/migrations/002_ledger.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from keel.budget import (
+    CommitRequest,
+    CommitResult,
+    ExtendRequest,
+    ExtendResult,
+    HistoryEntry,
+    IdempotencyConflict,
+    LedgerError,
+    OpenRunRequest,
+    OpenRunResult,
+    ReleaseRequest,
+    ReleaseResult,
+    ReservationClosed,
+    ReservationNotFound,
+    ReserveRequest,
+    ReserveResult,
+    ScopeView,
+)
+
+__all__ = [
+    "open_run",
+    "reserve",
+    "commit",
+    "release",
+    "extend",
+    "sweep_expired",
+    "set_limit",
+    "show",
+    "history",
+    "check_invariant",
+    "run_sweeper",
+]
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[str, type[LedgerError]] = {
+    "KL001": IdempotencyConflict,
+    "KL002": ReservationNotFound,
+    "KL003": ReservationClosed,
+}
+
+SWEEP_BATCH = 500
+"""Holds expired per sweep call; a bigger backlog is drained by looping, in short transactions."""
+
+
+def _hash(**fields: Any) -> str:
+    """Fingerprint of the semantic payload only, with an explicit field list, so adding a
+    defaulted field to a request model later cannot turn old replays into conflicts."""
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+async def _call(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Any:
+    try:
+        cur = await conn.execute(sql, params)
+        row = await cur.fetchone()
+    except psycopg.Error as e:
+        cls = _ERRORS.get(e.sqlstate or "")
+        if cls is None:
+            raise
+        raise cls(e.diag.message_primary or str(e)) from e
+    assert row is not None
+    return row[0]
+
+
+async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunResult:
+    """Create the run's scopes and its limit; safe to repeat (the first limit wins)."""
+    out = await _call(conn, "select keel_budget_open_run(%s::text[], %s::bigint)",
+                      (list(req.scopes), req.run_limit_micros))
+    return OpenRunResult.model_validate(out)
+
+
+async def reserve(conn: AsyncConnection[Any], req: ReserveRequest) -> ReserveResult:
+    """Hold money on every scope of the path, all or none, and decide ALLOW/CAPS/DENY."""
+    digest = _hash(op="reserve", scopes=list(req.scopes), amount=req.amount_micros,
+                   min=req.min_micros, max_tokens=req.max_tokens, ttl=req.ttl_seconds,
+                   kind=req.kind, subject=req.subject, run_id=req.run_id,
+                   step_id=req.step_id, tier=req.tier)
+    out = await _call(
+        conn,
+        "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
+        " %s, %s, %s, %s, %s, %s)",
+        (req.key, list(req.scopes), req.amount_micros, req.min_micros, req.max_tokens,
+         req.ttl_seconds, req.kind, req.subject, req.run_id, req.step_id, req.tier, digest))
+    return ReserveResult.model_validate(out)
+
+
+async def commit(conn: AsyncConnection[Any], req: CommitRequest) -> CommitResult:
+    """Record the true cost; works inside the caller's open transaction (tool effect + cost)."""
+    out = await _call(conn, "select keel_budget_commit(%s, %s::bigint, %s)",
+                      (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)))
+    return CommitResult.model_validate(out)
+
+
+async def release(conn: AsyncConnection[Any], req: ReleaseRequest) -> ReleaseResult:
+    """Return a hold; a no-op (reporting the status) when it was already committed or expired."""
+    out = await _call(conn, "select keel_budget_release(%s, %s, %s)",
+                      (req.key, req.reason, _hash(op="release")))
+    return ReleaseResult.model_validate(out)
+
+
+async def extend(conn: AsyncConnection[Any], req: ExtendRequest) -> ExtendResult:
+    """Lengthen a hold's lease (long tool calls); measured on the database clock."""
+    out = await _call(conn, "select keel_budget_extend(%s, %s::int, %s::int, %s)",
+                      (req.key, req.ttl_seconds, req.seq,
+                       _hash(op="extend", ttl=req.ttl_seconds)))
+    return ExtendResult.model_validate(out)
+
+
+async def sweep_expired(conn: AsyncConnection[Any], batch: int = SWEEP_BATCH) -> int:
+    """Expire holds whose lease passed and return their money; returns how many."""
+    return int(await _call(conn, "select keel_budget_sweep(%s::int)", (batch,)))
+
+
+async def set_limit(conn: AsyncConnection[Any], scope: str, limit_micros: int | None,
+                    observe: bool = False, overdraft_micros: int | None = None) -> None:
+    """Set or clear (``None``) a scope's limit; ``overdraft_micros=None`` keeps the current one."""
+    if (limit_micros is not None and limit_micros < 0) or (overdraft_micros or 0) < 0:
+        raise ValueError("limit and overdraft must be >= 0 micro-USD")
+    await conn.execute("select keel_budget_set_limit(%s, %s::bigint, %s, %s::bigint)",
+                       (scope, limit_micros, observe, overdraft_micros))
+
+
+_SCOPE_COLS = ("scope, parent, limit_micros, spent_micros, reserved_micros, debt_micros,"
+               " overdraft_micros, over_limit_micros, observe")
+
+
+def _remaining(row: dict[str, Any]) -> int | None:
+    if row["limit_micros"] is None:
+        return None
+    return int(row["limit_micros"] - row["spent_micros"] - row["reserved_micros"])
+
+
+async def show(conn: AsyncConnection[Any], scope: str) -> ScopeView | None:
+    """The scope, its effective headroom (ancestors included) and its direct children."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"select {_SCOPE_COLS}, scope = %s as me from keel_budget_scopes"
+            " where scope = any(keel_scope_closure(array[%s])) or parent = %s"
+            " order by scope", (scope, scope, scope))
+        rows = await cur.fetchall()
+    me = next((r for r in rows if r["me"]), None)
+    if me is None:
+        return None
+    lineage = [r for r in rows if r["parent"] != scope or r["me"]]
+    limited = [x for x in (_remaining(r) for r in lineage) if x is not None]
+    children = tuple(ScopeView(**_view(r)) for r in rows if r["parent"] == scope and not r["me"])
+    return ScopeView(**_view(me), effective_remaining_micros=min(limited) if limited else None,
+                     children=children)
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "me"} | {"remaining_micros": _remaining(row)}
+
+
+async def history(conn: AsyncConnection[Any], scope: str, limit: int = 50) -> list[HistoryEntry]:
+    """Most recent reservations that charged ``scope`` (directly or as an ancestor)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "select key, status, kind, subject, run_id, step_id, decision, would_decision,"
+            " requested_micros, amount_micros, actual_micros, overrun_micros, over_limit,"
+            " reason, created_at, updated_at, expires_at from keel_budget_reservations"
+            " where scopes @> array[%s]::text[] order by created_at desc, key limit %s",
+            (scope, limit))
+        return [HistoryEntry(**r) for r in await cur.fetchall()]
+
+
+async def check_invariant(conn: AsyncConnection[Any]) -> list[str]:
+    """Violations of the ledger's accounting invariant (empty list = consistent)."""
+    cur = await conn.execute("select * from keel_check_invariant()")
+    return [r[0] for r in await cur.fetchall()]
+
+
+async def run_sweeper(pool: AsyncConnectionPool, interval_seconds: float = 5.0,
+                      stop: asyncio.Event | None = None) -> None:
+    """Periodically return the money of expired holds, until ``stop`` is set.
+
+    Every worker process runs one. That is safe because sweeping is idempotent (a hold
+    expires once; ``FOR UPDATE SKIP LOCKED`` means two sweepers never wait on each other) and
+    cheap (a partial index on held expiry: an empty sweep is one index probe). It is what
+    returns money when no new reservations arrive, e.g. after the only worker of a tenant
+    was SIGKILLed holding a reservation. Errors are logged and retried next tick: a database
+    blip must not kill the worker.
+    """
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            async with pool.connection() as conn:
+                while (n := await sweep_expired(conn)) > 0:
+                    log.info("ledger sweeper expired %d holds", n)
+                    if n < SWEEP_BATCH:
+                        break
+        except Exception:  # noqa: BLE001 - keep sweeping after transient failures
+            log.exception("ledger sweep failed; retrying in %.1fs", interval_seconds)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
+        except TimeoutError:
+            pass

@@ -1,0 +1,61 @@
+"""Session memory in PostgreSQL: full turns stay in the database, the run sees a summary.
+
+A second request in the same ``(tenant, session)`` sees the first through ``load``. Turns are
+saved once per run (unique per workflow id, so a retried save is a no-op) and redacted
+before they are written. Past ``MAX_TURNS`` the oldest turns are folded into the summary and
+deleted, so memory stays bounded however long a session lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+__all__ = ["load", "save", "MAX_TURNS", "MAX_SUMMARY_CHARS"]
+
+MAX_TURNS = 20
+"""Turns kept verbatim per session; older ones are folded into the summary."""
+MAX_SUMMARY_CHARS = 1500
+"""Bound on what a run carries in history (the planner's memory input)."""
+
+
+async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str) -> str:
+    """The session's summary followed by its most recent turns, bounded in size."""
+    summary = await (await conn.execute(
+        "select summary from memory_summaries where tenant=%s and session=%s",
+        (tenant, session))).fetchone()
+    rows = await (await conn.execute(
+        "select role, content from memory_turns where tenant=%s and session=%s "
+        "order by id desc limit 6", (tenant, session))).fetchall()
+    parts = [f"Earlier: {summary[0]}"] if summary else []
+    parts += [f"{role}: {content[:300]}" for role, content in reversed(rows)]
+    text = "\n".join(parts)
+    return text[-MAX_SUMMARY_CHARS:]
+
+
+async def save(conn: psycopg.AsyncConnection[Any], tenant: str, session: str, workflow_id: str,
+               user_text: str, assistant_text: str) -> None:
+    """Append this run's turn (idempotent per workflow id) and fold old turns if needed."""
+    async with conn.transaction():
+        for role, content in (("user", user_text), ("assistant", assistant_text)):
+            await conn.execute(
+                "insert into memory_turns (tenant, session, workflow_id, role, content) "
+                "values (%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
+                (tenant, session, workflow_id, role, content))
+        old = await (await conn.execute(
+            "select id, role, content from memory_turns where tenant=%s and session=%s "
+            "order by id desc offset %s", (tenant, session, MAX_TURNS))).fetchall()
+        if not old:
+            return
+        prev = await (await conn.execute(
+            "select summary, turns from memory_summaries where tenant=%s and session=%s for update",
+            (tenant, session))).fetchone()
+        folded = " | ".join(f"{r}: {c[:120]}" for _, r, c in reversed(old))
+        summary = ((prev[0] + " | ") if prev else "") + folded
+        await conn.execute(
+            "insert into memory_summaries (tenant, session, summary, turns) values (%s,%s,%s,%s) "
+            "on conflict (tenant, session) do update set summary=excluded.summary, "
+            "turns=memory_summaries.turns + excluded.turns, updated_at=now()",
+            (tenant, session, summary[-MAX_SUMMARY_CHARS:], len(old)))
+        await conn.execute("delete from memory_turns where id = any(%s)", ([r[0] for r in old],))

@@ -1,0 +1,140 @@
+"""The one activity that runs a tool: validate, execute once per key, record, settle budget.
+
+Exactly-once is built from one PostgreSQL transaction per call: the tool's own writes, a
+``tool_effects`` row under the idempotency key (``workflow_id/step_id``), and the ledger
+commit of the step's reservation. A retry, a replay or a second worker racing on the same
+key finds the recorded effect and returns it with ``replayed=True``; nothing happens twice.
+Failure classification lives here and only here: ``ToolError(retryable=...)`` and argument
+validation map to Temporal's retryable / non-retryable application errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
+from keel.models import ToolCall, ToolResult
+
+__all__ = ["ToolActivities", "MAX_RESULT_BYTES", "summarize_result"]
+
+MAX_RESULT_BYTES = 4096
+"""Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
+
+
+def summarize_result(tool: str, data: dict[str, Any]) -> str:
+    """A one-line, human-readable summary for the status view and the Web UI."""
+    parts = [f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list)][:5]
+    return f"{tool}: " + ", ".join(parts)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "arguments"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+class ToolActivities:
+    """Holds the connection pool; ``run_tool`` is registered with the worker."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+        catalog()  # import the built-in tools once, at worker start
+
+    @activity.defn(name="run_tool")
+    async def run_tool(self, call: ToolCall) -> ToolResult:
+        spec = REGISTRY.get(call.tool)
+        if spec is None:
+            raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool",
+                                   non_retryable=True)
+        try:
+            args = spec.args_model.model_validate(call.args)
+        except ValidationError as e:
+            raise ApplicationError(f"{call.tool}: invalid arguments: {_first_error(e)}",
+                                   type="InvalidToolArguments", non_retryable=True) from e
+        async with self._pool.connection() as conn:
+            recorded = await self._recorded(conn, call.idempotency_key)
+            if recorded is not None:
+                return recorded
+            try:
+                async with conn.transaction():
+                    ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user,
+                                      idempotency_key=call.idempotency_key)
+                    data = await _with_heartbeats(spec.fn(ctx, args))
+                    result = ToolResult(ok=True, data=data, summary=summarize_result(call.tool, data),
+                                        cost_micros=spec.info.cost_micros)
+                    await conn.execute(
+                        "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
+                        "values (%s,%s,%s,true,%s)",
+                        (call.idempotency_key, call.tool, call.tenant,
+                         Jsonb(result.model_dump(mode="json"))))
+                    if call.reservation_key:
+                        await _commit_reservation(conn, call.reservation_key, result.cost_micros)
+            except psycopg.errors.UniqueViolation:
+                # Another attempt (or worker) recorded this key first: its effect stands.
+                recorded = await self._recorded(conn, call.idempotency_key)
+                if recorded is None:
+                    raise
+                return recorded
+            except ToolError as e:
+                raise ApplicationError(
+                    f"{call.tool}: {e}",
+                    type="ToolTransientError" if e.retryable else "ToolPermanentError",
+                    non_retryable=not e.retryable) from e
+        return _shrink(result, call.idempotency_key)
+
+    @staticmethod
+    async def _recorded(conn: psycopg.AsyncConnection[Any], key: str) -> ToolResult | None:
+        row = await (await conn.execute(
+            "select result from tool_effects where idempotency_key=%s", (key,))).fetchone()
+        if row is None:
+            return None
+        return _shrink(ToolResult.model_validate(row[0]).model_copy(update={"replayed": True}), key)
+
+
+HEARTBEAT_EVERY_S = 1.0
+"""Tools heartbeat while they run so a dead worker's activity is retried in seconds, not at
+its start-to-close timeout (the workflow sets a short heartbeat timeout)."""
+
+
+async def _with_heartbeats(work: Any) -> Any:
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    task = asyncio.create_task(beat())
+    try:
+        return await work
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _shrink(result: ToolResult, key: str) -> ToolResult:
+    """Keep large content out of workflow history: the full result stays in PostgreSQL."""
+    if len(json.dumps(result.data, default=str)) <= MAX_RESULT_BYTES:
+        return result
+    small = {k: v for k, v in result.data.items() if not isinstance(v, dict | list | str)
+             or (isinstance(v, str) and len(v) <= 200)}
+    small["_ref"] = f"tool_effects:{key}"
+    small["_truncated"] = True
+    return result.model_copy(update={"data": small})
+
+
+async def _commit_reservation(conn: psycopg.AsyncConnection[Any], key: str, actual: int) -> None:
+    """Settle the step's budget in the effect's own transaction (see the ledger module)."""
+    from activities import ledger
+    from keel.budget import CommitRequest
+
+    await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual))

@@ -1,0 +1,194 @@
+"""Inputs and outputs of the agent's own activities (prepare, plan, evaluate, finish, gate).
+
+Kept apart from ``keel.models`` (the public request/response) because these describe the
+internal steps of a run; they travel through history, so they stay small: references and
+summaries, never whole documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from keel.models import (
+    AgentRequest,
+    BudgetCaps,
+    Decision,
+    Frozen,
+    Plan,
+    StepRecord,
+    ToolInfo,
+    Usage,
+)
+
+__all__ = [
+    "RunLimits",
+    "ApprovalRule",
+    "PrepareInput",
+    "RunContext",
+    "PlanInput",
+    "PlanOutput",
+    "EvalInput",
+    "EvalOutput",
+    "FinishInput",
+    "FinishOutput",
+    "StepGateInput",
+    "StepGateResult",
+    "SettleInput",
+    "SettleResult",
+]
+
+
+class RunLimits(Frozen):
+    """Escape-hatch limits for one run, resolved from policy defaults and request overrides."""
+
+    max_iterations: int = 3
+    max_tool_calls: int = 12
+    deadline_seconds: int = 300
+    thrash_repeats: int = 3
+    max_consecutive_failures: int = 3
+    min_confidence: float = 0.5
+    escalate_below: float = 0.75
+    approval_timeout_seconds: int = 3600
+
+
+class ApprovalRule(Frozen):
+    """A tool call needing a human: ``tool`` when ``arg`` is above ``above`` (or always)."""
+
+    tool: str
+    arg: str = ""
+    above: float | None = None
+    rule: str = ""
+
+
+class PrepareInput(Frozen):
+    request: AgentRequest
+    workflow_id: str
+
+
+class RunContext(Frozen):
+    """Everything a run decides with, captured once at its start (a snapshot in history)."""
+
+    authorized: bool
+    reason: str = ""
+    rule: str = ""
+    input_ok: bool = True
+    input_reason: str = ""
+    policy_version: str = ""
+    policy: dict[str, Any] = Field(default_factory=dict)
+    """The policy snapshot (``keel.policy.Policy`` as JSON) the gate evaluates against."""
+    permissions: tuple[str, ...] = ()
+    """Effective permissions: the request's, bounded by what the policy grants."""
+    tools: tuple[ToolInfo, ...] = ()
+    """Tools the caller may use (what the planner sees)."""
+    all_tools: tuple[ToolInfo, ...] = ()
+    """Every declared tool incl. compensations (for re-checks and rollback)."""
+    tiers: dict[str, str] = Field(default_factory=dict)
+    model_label: str = ""
+    memory: str = ""
+    """Short summary of earlier turns in this session (the full text stays in PostgreSQL)."""
+    scopes: tuple[str, ...] = ()
+    limits: RunLimits = RunLimits()
+    judge: bool = False
+    """Ask a model to judge results in addition to the rules."""
+
+
+class PlanInput(Frozen):
+    workflow_id: str
+    message: str
+    memory: str = ""
+    tools: tuple[ToolInfo, ...] = ()
+    executed: tuple[StepRecord, ...] = ()
+    model: str
+    tier: str = "fast"
+    max_tokens: int = 1024
+    iteration: int = 1
+
+
+class PlanOutput(Frozen):
+    plan: Plan
+    usage: Usage = Usage()
+    cost_micros: int = 0
+    model: str = ""
+    latency_ms: float = 0.0
+    repaired: bool = False
+
+
+class EvalInput(Frozen):
+    workflow_id: str
+    message: str
+    executed: tuple[StepRecord, ...] = ()
+    model: str | None = None
+    """Judge model; ``None`` evaluates by rules only (no model call, no cost)."""
+    max_tokens: int = 256
+
+
+class EvalOutput(Frozen):
+    score: float
+    confidence: float
+    reason: str = ""
+    cost_micros: int = 0
+    model: str = ""
+
+
+class FinishInput(Frozen):
+    workflow_id: str
+    request: AgentRequest
+    executed: tuple[StepRecord, ...] = ()
+    outcome: str = "completed"
+    reason: str = ""
+    answer: str = ""
+    model: str = "offline"
+
+
+class FinishOutput(Frozen):
+    message: str
+    cost_micros: int = 0
+    model: str = ""
+
+
+class StepGateInput(Frozen):
+    """Record a permission decision and, when allowed, reserve the step's budget — one trip."""
+
+    workflow_id: str
+    tenant: str
+    user: str
+    step_id: str
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    allowed: bool
+    rule: str = ""
+    reason: str = ""
+    kind: str = "permission"
+    scopes: tuple[str, ...] = ()
+    amount_micros: int = 0
+    reserve_key: str = ""
+
+
+class StepGateResult(Frozen):
+    decision: Decision
+    granted_micros: int = 0
+    caps: BudgetCaps = BudgetCaps()
+    reason: str = ""
+    observed: bool = False
+
+
+class SettleInput(Frozen):
+    """Release (or commit) a reservation and audit the step's outcome."""
+
+    workflow_id: str
+    tenant: str
+    user: str
+    step_id: str
+    subject: str
+    reserve_key: str = ""
+    commit_micros: int | None = None
+    """``None`` releases the reservation; a number commits that actual cost."""
+    kind: str = "tool"
+    decision: str = ""
+    reason: str = ""
+
+
+class SettleResult(Frozen):
+    ok: bool = True

@@ -1,0 +1,260 @@
+"""``run``, ``status``, ``list``, ``approve``, ``cancel``: starting and steering agent runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+
+from keel.cli import CliError
+from keel.cli._render import render_response, render_status
+from keel.models import AgentRequest, AgentResponse, Approval, ModelPolicy, RunStatus
+from keel.settings import Settings, load_settings
+
+__all__ = ["register"]
+
+WORKFLOW = "AgentWorkflow"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run", help="start an agent run and print its result",
+        description="Start an agent run (one durable Temporal workflow) and wait for its answer.",
+        epilog='example: starter.py run "Check if order ORD-123 is shipped and refund it if so" '
+               "--tenant acme --user alice --budget 0.50",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("message", help="what the agent should do")
+    p.add_argument("--tenant", default="acme", help="tenant the run belongs to (default: acme)")
+    p.add_argument("--user", default="alice", help="user on whose behalf it runs (default: alice)")
+    p.add_argument("--perm", action="append", default=[], metavar="PERMISSION",
+                   help="narrow the run to these permissions (repeatable; default: all the "
+                        "policy grants the user)")
+    p.add_argument("--budget", type=float, default=1.0, metavar="USD",
+                   help="hard budget for this run in USD (default: 1.00)")
+    p.add_argument("--session", default="default", help="memory session (default: default)")
+    p.add_argument("--workspace", default="default", help="budget workspace (default: default)")
+    p.add_argument("--request-id", default="", help="idempotent request id (default: random)")
+    p.add_argument("--min-tier", default="fast", help="cheapest model tier to start from")
+    p.add_argument("--max-tier", default="powerful", help="highest tier escalation may reach")
+    p.add_argument("--max-iterations", type=int, default=None, help="override the policy's cap")
+    p.add_argument("--deadline", type=int, default=None, metavar="SECONDS",
+                   help="override the policy's wall-clock deadline")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the AgentResponse as JSON")
+    out.add_argument("--no-wait", action="store_true", help="print the workflow id and return")
+    out.add_argument("--follow", action="store_true", help="show live progress while it runs")
+    p.set_defaults(func=_run)
+
+    s = sub.add_parser("status", help="show a run's live plan, steps and spend",
+                       epilog="example: starter.py status agent/acme/r-1234")
+    s.add_argument("workflow_id")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.set_defaults(func=_status)
+
+    ls = sub.add_parser("list", help="list recent runs",
+                        epilog="example: starter.py list --tenant acme --status running")
+    ls.add_argument("--tenant", default=None, help="only this tenant's runs")
+    ls.add_argument("--status", default=None,
+                    choices=["running", "completed", "failed", "cancelled", "terminated", "timed_out"])
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+
+    a = sub.add_parser("approve", help="approve (or --reject) a step waiting for a human",
+                       epilog="example: starter.py approve agent/acme/r-1234 --reject --reason 'too much'")
+    a.add_argument("workflow_id")
+    a.add_argument("--step", default="", help="step id (default: the one waiting)")
+    a.add_argument("--reject", action="store_true", help="reject instead of approve")
+    a.add_argument("--reason", default="", help="recorded in the audit log")
+    a.add_argument("--by", default="operator", help="who decides (recorded in the audit log)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_approve)
+
+    c = sub.add_parser("cancel", help="cancel a run; its side effects are compensated",
+                       epilog="example: starter.py cancel agent/acme/r-1234 --reason 'customer withdrew'")
+    c.add_argument("workflow_id")
+    c.add_argument("--reason", default="cancelled by operator")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cancel)
+
+
+def _request(args: argparse.Namespace) -> AgentRequest:
+    try:
+        return AgentRequest(
+            tenant=args.tenant, user=args.user, message=args.message,
+            request_id=args.request_id or f"r-{uuid.uuid4().hex[:10]}", session=args.session,
+            workspace=args.workspace, permissions=tuple(args.perm), max_budget_usd=args.budget,
+            model_policy=ModelPolicy(min_tier=args.min_tier, max_tier=args.max_tier),
+            max_iterations=args.max_iterations, deadline_seconds=args.deadline)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "request"
+        flag = {"max_budget_usd": "--budget", "tenant": "--tenant", "user": "--user",
+                "message": "message", "session": "--session"}.get(field, field)
+        raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def workflow_url(settings: Settings, workflow_id: str) -> str:
+    return (f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/"
+            f"{quote(workflow_id, safe='')}")
+
+
+async def _client() -> tuple[Client, Settings]:
+    from keel.client import connect
+
+    settings = load_settings()
+    return await connect(settings), settings
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from workflows.agent import TENANT, USER
+
+    req = _request(args)
+    if args.max_iterations is not None and args.max_iterations < 1:
+        raise CliError("--max-iterations must be at least 1")
+    for tier in (args.min_tier, args.max_tier):
+        if tier not in ("fast", "balanced", "powerful"):
+            raise CliError(f"unknown tier {tier!r} (fast, balanced, powerful)")
+    client, settings = await _client()
+    wid = f"agent/{req.tenant}/{req.request_id}"
+    handle: WorkflowHandle[Any, AgentResponse] = await client.start_workflow(
+        WORKFLOW, req, id=wid, task_queue=settings.task_queue, result_type=AgentResponse,
+        search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
+                                                 USER.value_set(req.user)]),
+        static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}")
+    if args.no_wait:
+        print(wid)
+        return 0
+    if args.follow:
+        await _follow(handle)
+    resp = await handle.result()
+    if args.json:
+        print(resp.model_dump_json(indent=2))
+    else:
+        print(render_response(resp, workflow_url(settings, wid)))
+    return 0 if resp.outcome in ("completed", "partial") else 3
+
+
+async def _follow(handle: WorkflowHandle[Any, AgentResponse]) -> None:
+    """Poll the status query and print each change: phase, steps, spend, waits."""
+    seen: set[str] = set()
+    spinner = "|/-\\"
+    tick = 0
+    while True:
+        try:
+            st: RunStatus = await handle.query("status", result_type=RunStatus)
+        except Exception:
+            st = None  # type: ignore[assignment]
+        if st is not None:
+            lines = [f"[{st.phase}] iteration {st.iterations}, spent ${st.spend.total_micros / 1e6:.6f}"]
+            lines += [f"  {r.id} {r.tool} {r.state.value} {r.summary or r.error}".rstrip()
+                      for r in st.steps]
+            if st.waiting_for:
+                lines.append(f"  waiting for {st.waiting_for} — "
+                             f"starter.py approve {handle.id} [--reject]")
+            for line in lines:
+                if line not in seen:
+                    seen.add(line)
+                    print(line, file=sys.stderr, flush=True)
+            if st.phase == "done":
+                return
+        desc = await handle.describe()
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return
+        tick += 1
+        if sys.stderr.isatty():
+            print(f"\r{spinner[tick % 4]}", end="", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.3)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    client, settings = await _client()
+    handle = client.get_workflow_handle(args.workflow_id)
+    desc = await handle.describe()
+    status_name = desc.status.name.lower() if desc.status else "unknown"
+    try:
+        st: RunStatus | None = await handle.query("status", result_type=RunStatus)
+    except Exception:
+        st = None
+    if st is None and desc.status == WorkflowExecutionStatus.COMPLETED:
+        resp = await client.get_workflow_handle(args.workflow_id, result_type=AgentResponse).result()
+        st = RunStatus(workflow_id=args.workflow_id, phase="done", steps=resp.steps,
+                       spend=resp.spend, iterations=resp.iterations, model_label=resp.model_label,
+                       outcome=resp.outcome)
+    if st is None:
+        raise CliError(f"{args.workflow_id} is {status_name} and no worker answered the status "
+                       "query (is a worker running?)")
+    if args.json:
+        print(json.dumps({"temporal_status": status_name, **st.model_dump(mode="json")}, indent=2))
+    else:
+        print(render_status(st, status_name, workflow_url(settings, args.workflow_id)))
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    client, _ = await _client()
+    query = [f"WorkflowType = '{WORKFLOW}'"]
+    if args.tenant:
+        if not args.tenant.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise CliError("--tenant: letters, digits, '-', '_' or '.' only")
+        query.append(f"KeelTenant = '{args.tenant}'")
+    if args.status:
+        query.append(f"ExecutionStatus = '{_STATUS[args.status]}'")
+    rows = []
+    async for wf in client.list_workflows(" AND ".join(query), limit=args.limit):
+        sa = wf.typed_search_attributes
+        rows.append({
+            "workflow_id": wf.id, "status": wf.status.name.lower() if wf.status else "",
+            "started": wf.start_time.isoformat(timespec="seconds") if wf.start_time else "",
+            "tenant": _sa(sa, "KeelTenant"), "user": _sa(sa, "KeelUser"),
+            "outcome": _sa(sa, "KeelOutcome"), "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no runs")
+        return 0
+    print(f"{'WORKFLOW ID':<34} {'STATUS':<10} {'OUTCOME':<16} {'SPEND USD':>10}  STARTED")
+    for r in rows:
+        print(f"{r['workflow_id']:<34} {r['status']:<10} {r['outcome'] or '-':<16} "
+              f"{r['spend_usd']:>10.6f}  {r['started']}")
+    return 0
+
+
+_STATUS = {"running": "Running", "completed": "Completed", "failed": "Failed",
+           "cancelled": "Canceled", "terminated": "Terminated", "timed_out": "TimedOut"}
+
+
+def _sa(attrs: TypedSearchAttributes, name: str) -> Any:
+    for pair in attrs:
+        if pair.key.name == name:
+            return pair.value
+    return None
+
+
+async def _approve(args: argparse.Namespace) -> int:
+    client, _ = await _client()
+    handle = client.get_workflow_handle(args.workflow_id)
+    result = await handle.execute_update(
+        "approve", Approval(approve=not args.reject, step_id=args.step, reason=args.reason,
+                            by=args.by), result_type=str)
+    print(json.dumps({"workflow_id": args.workflow_id, "result": result}) if args.json
+          else f"{args.workflow_id}: {result}")
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    client, _ = await _client()
+    handle = client.get_workflow_handle(args.workflow_id)
+    result = await handle.execute_update("cancel", args.reason, result_type=str)
+    print(json.dumps({"workflow_id": args.workflow_id, "result": result}) if args.json
+          else f"{args.workflow_id}: {result} (side effects will be compensated)")
+    return 0

@@ -1,0 +1,318 @@
+"""The policy file: who may run the agent, with which tools, on which arguments.
+
+A policy is a small versioned YAML document (see ``config/policy.yaml``) parsed into frozen
+pydantic models. The worker loads it once per run and hands the workflow a snapshot, so a
+policy edited mid-run cannot change decisions already recorded in history; the snapshot is
+compact (no compiled regexes, no derived indexes) because it lives in every run's history.
+
+Parsing from a file is strict: an unknown key is an error (a typo like ``mx: 500`` must not
+silently drop a refund limit), and every problem is reported as ONE line naming the file,
+the field path and what is wrong. Models decoded from workflow history are lenient
+(``Frozen`` ignores unknown fields) so a newer worker's snapshot still replays.
+
+Evaluation lives in ``workflows/gate.py``; this module only describes and validates.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from keel.models import Frozen
+
+__all__ = [
+    "GUARDRAIL_CATEGORIES",
+    "ApprovalRule",
+    "Check",
+    "Condition",
+    "Constraint",
+    "Guardrails",
+    "InputGuardrails",
+    "Limits",
+    "Policy",
+    "PolicyError",
+    "TenantPolicy",
+    "ToolRule",
+    "load_policy",
+    "parse_policy",
+]
+
+GUARDRAIL_CATEGORIES = (
+    "injection",
+    "jailbreak",
+    "prompt_leak",
+    "smuggling",
+    "encoded",
+    "off_topic",
+)
+"""Input-guardrail categories ``activities.guardrails.scan_input`` can report."""
+
+_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}\.\d+$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:*-]{0,63}$")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; ``str(e)`` is one line: ``file: field.path: problem``."""
+
+
+class _Strict(Frozen):
+    """Frozen policy model; unknown keys are errors when validated with ``strict`` context."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get("strict"):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(str(k) for k in data if k not in known)
+            if unknown:
+                raise ValueError(
+                    f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(known))})"
+                )
+        return data
+
+
+class Check(_Strict):
+    """Predicates on one argument value; every predicate that is set must hold (AND)."""
+
+    min: float | None = None
+    """Numeric lower bound (inclusive); strings holding a number are accepted."""
+    max: float | None = None
+    """Numeric upper bound (inclusive), e.g. the hard refund limit."""
+    one_of: tuple[str | int | float, ...] | None = None
+    """Static allow-list of values (strings compared case-insensitively)."""
+    one_of_ref: str | None = None
+    """Name of a fact in the gate's ``context`` (e.g. ``order_customer``) the value must equal."""
+    domain_in: tuple[str, ...] | None = None
+    """Value must be ONE e-mail address whose domain is in this list."""
+    prefix_in: tuple[str, ...] | None = None
+    """Value's first word must be in this list; shell metacharacters are always refused."""
+    pattern: str | None = None
+    """Regular expression the whole value must match (``re.fullmatch``)."""
+    max_length: int | None = None
+    """Upper bound on the length of the value's text."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression: {e}") from e
+        return v
+
+
+class Constraint(Check):
+    """A named rule on one argument; a denial names the rule that fired."""
+
+    name: str
+    arg: str
+    any_of: tuple[Check, ...] = ()
+    """Alternatives: at least one must hold (in addition to this rule's own predicates)."""
+    optional: bool = False
+    """When false (the default) a missing argument fails the rule: fail closed."""
+    message: str = ""
+    """Human-readable explanation used in the denial reason."""
+
+
+class Condition(_Strict):
+    """When an approval rule fires; all set comparisons must hold. Empty = always."""
+
+    arg: str | None = None
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+    equals: str | int | float | bool | None = None
+
+
+class ApprovalRule(_Strict):
+    """A tool call a human must approve first; silence until the timeout means ``on_timeout``."""
+
+    name: str
+    when: Condition = Condition()
+    timeout_seconds: int = Field(default=3600, gt=0)
+    on_timeout: Literal["reject", "approve"] = "reject"
+    """Safe default: an unanswered request is a rejection."""
+
+
+class ToolRule(_Strict):
+    """Per-tool policy: extra permissions (ACL override), argument constraints, approvals."""
+
+    permissions: tuple[str, ...] = ()
+    """Required IN ADDITION to the tool's own declared permissions."""
+    constraints: tuple[Constraint, ...] = ()
+    approvals: tuple[ApprovalRule, ...] = ()
+
+
+class TenantPolicy(_Strict):
+    """Which users of a tenant may run the agent, and with which roles.
+
+    ``users`` accepts three spellings: ``"*"`` (anyone, with ``roles``), a list of names
+    (each with ``roles``) or a mapping ``name: [role, ...]``. It is stored normalised as the
+    mapping plus ``any_user`` so the snapshot round-trips through history unchanged.
+    """
+
+    users: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    any_user: bool = False
+    """True when the file said ``users: "*"``: every user gets ``roles``."""
+    roles: tuple[str, ...] = ()
+    """Roles for users admitted by ``"*"`` or listed without their own roles."""
+    deny_tools: tuple[str, ...] = ()
+    """Tools this tenant may never use, whatever the roles say."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_users(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        users, roles = data.get("users"), data.get("roles") or ()
+        if users == "*":
+            data["users"], data["any_user"] = {}, True
+        elif isinstance(users, list):
+            data["users"] = {str(u): tuple(roles) for u in users}
+        elif isinstance(users, dict):
+            data["users"] = {
+                str(k): tuple(roles) if v is None else ((v,) if isinstance(v, str) else v)
+                for k, v in users.items()
+            }
+        return data
+
+
+class Limits(_Strict):
+    """Escape hatches: when any is hit the run stops (or asks a human) instead of looping."""
+
+    max_iterations: int = Field(default=3, ge=1)
+    """Plan/replan rounds per run."""
+    max_tool_calls: int = Field(default=12, ge=1)
+    deadline_seconds: int = Field(default=300, ge=1)
+    """Wall-clock budget for the whole run (workflow time)."""
+    thrash_repeats: int = Field(default=3, ge=2)
+    """The same tool with the same arguments this many times = thrashing."""
+    max_consecutive_failures: int = Field(default=3, ge=1)
+    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Evaluation scores below this hand the run to a human."""
+
+
+class InputGuardrails(_Strict):
+    enabled: bool = True
+    block: tuple[str, ...] = ("injection", "jailbreak", "prompt_leak", "smuggling", "encoded")
+    """Categories that refuse the request; others are only flagged."""
+
+    @field_validator("block")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [c for c in v if c not in GUARDRAIL_CATEGORIES]
+        if bad:
+            raise ValueError(
+                f"unknown category {bad[0]!r} (known: {', '.join(GUARDRAIL_CATEGORIES)})"
+            )
+        return v
+
+
+class Guardrails(_Strict):
+    input: InputGuardrails = InputGuardrails()
+    flag_tool_output: bool = True
+    """Scan tool output for injected instructions and record a flag."""
+    redact_output: bool = True
+    """Redact secrets and PII from the final answer."""
+
+
+class Policy(_Strict):
+    """The whole policy; ``version`` is recorded with every run and every audit row."""
+
+    version: str
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    tools: dict[str, ToolRule] = Field(default_factory=dict)
+    limits: Limits = Limits()
+    guardrails: Guardrails = Guardrails()
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not _VERSION_RE.match(v):
+            raise ValueError('must be a quoted string like "2026-11-01.1" (date.revision)')
+        return v
+
+
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    while loc and loc[-1] in _UNION_TAGS:  # pydantic tags union members; users never wrote them
+        loc = loc[:-1]
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _check_references(p: Policy) -> tuple[str, str] | None:
+    """Cross-field checks pydantic cannot place on a path: returns (path, problem) or None."""
+    for role, perms in p.roles.items():
+        for i, perm in enumerate(perms):
+            if not _NAME_RE.match(perm):
+                return f"roles.{role}[{i}]", f"invalid permission {perm!r}"
+    for tname, t in p.tenants.items():
+        refs = [(f"tenants.{tname}.roles", r) for r in t.roles]
+        refs += [(f"tenants.{tname}.users.{u}", r) for u, rs in t.users.items() for r in rs]
+        for path, role in refs:
+            if role not in p.roles:
+                return (
+                    path,
+                    f"unknown role {role!r} (defined: {', '.join(sorted(p.roles)) or 'none'})",
+                )
+        if t.any_user and not t.roles:
+            return f"tenants.{tname}.roles", 'users: "*" needs roles for those users'
+    for tool, rule in p.tools.items():
+        names = [c.name for c in rule.constraints] + [a.name for a in rule.approvals]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            return f"tools.{tool}", f"rule name {dup!r} used twice; denials must name one rule"
+        for i, a in enumerate(rule.approvals):
+            c = a.when
+            if (c.gt, c.gte, c.lt, c.lte, c.equals) != (None,) * 5 and not c.arg:
+                return f"tools.{tool}.approvals[{i}].when", "a comparison needs 'arg'"
+    return None
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse and validate policy YAML; raises ``PolicyError`` with one line on any problem."""
+    import yaml  # here, not at module top: the workflow sandbox imports this module for the models
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PolicyError(f"{source}: {where}invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f"{source}: (top level): expected a mapping with 'version', 'tenants', ..."
+        )
+    try:
+        policy = Policy.model_validate(raw, context={"strict": True})
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise PolicyError(f"{source}: {_loc(err['loc'])}: {msg}{more}") from None
+    bad = _check_references(policy)
+    if bad:
+        raise PolicyError(f"{source}: {bad[0]}: {bad[1]}")
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file; a missing or unreadable file is a ``PolicyError`` too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy file: {e.strerror or e}") from None
+    return parse_policy(text, str(path))

@@ -1,0 +1,31 @@
+"""Run one Keel worker against the services named by the environment (see keel.settings).
+
+    python worker.py            # start as many as you like, on as many hosts as you like
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from keel.settings import load_settings
+from keel.worker import run_worker
+
+
+async def _main() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_worker(load_settings(), stop=stop)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_main())
+    except Exception as e:  # one line for people; the log has the rest
+        print(f"worker: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        sys.exit(1)

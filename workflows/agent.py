@@ -1,0 +1,548 @@
+"""AgentWorkflow: one durable run of the agent loop per request.
+
+Deterministic by construction: all I/O happens in activities referenced by name; time comes
+from ``workflow.now()``; decisions come from the pure modules ``workflows.decisions`` and
+``workflows.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
+by its first activity, so a redeploy mid-run cannot change what it decides on replay.
+
+Flow: prepare (authorize + guardrails + memory) → loop { reserve → plan → commit;
+for each step: gate (audited) → approval? → reserve → tool (commits its own cost) →
+rules } → evaluate → cascade/replan/finish. On abort or cancellation, compensations run in
+reverse order and open reservations are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from keel.agent_io import (
+        EvalInput,
+        EvalOutput,
+        FinishInput,
+        FinishOutput,
+        PlanInput,
+        PlanOutput,
+        PrepareInput,
+        RunContext,
+        SettleInput,
+        SettleResult,
+        StepGateInput,
+        StepGateResult,
+    )
+    from keel.budget import CommitRequest, CommitResult, ReleaseRequest, ReserveRequest, ReserveResult
+    from keel.models import (
+        AgentRequest,
+        AgentResponse,
+        Approval,
+        Decision,
+        PlanStep,
+        RunStatus,
+        Spend,
+        StepRecord,
+        StepState,
+        ToolCall,
+        ToolInfo,
+        ToolResult,
+    )
+    from keel.pricing import estimate_micros
+    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
+    from workflows import decisions as d
+    from workflows.gate import check_tool_call
+    from keel.policy import Policy
+
+__all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
+
+TENANT = SearchAttributeKey.for_keyword("KeelTenant")
+USER = SearchAttributeKey.for_keyword("KeelUser")
+OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
+SPEND = SearchAttributeKey.for_int("KeelSpendMicros")
+
+# Timeouts and retries, each with its reason.
+PREPARE_TIMEOUT = timedelta(seconds=30)  # reads a file and a few rows; slow means broken
+MODEL_TIMEOUT = timedelta(minutes=3)  # long completions; the activity heartbeats
+MODEL_HEARTBEAT = timedelta(seconds=30)  # a dead worker is noticed within half a minute
+CONTROL_TIMEOUT = timedelta(seconds=10)  # ledger/audit calls are single round trips
+MODEL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                          maximum_interval=timedelta(seconds=30), maximum_attempts=5,
+                          non_retryable_error_types=["ProviderAuthError", "ProviderBadRequest",
+                                                     "InvalidPlan"])
+CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=10,
+                            maximum_interval=timedelta(seconds=2),
+                            non_retryable_error_types=["IdempotencyConflict"])
+COMPENSATION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=0,
+                                 maximum_interval=timedelta(seconds=30))  # must eventually undo
+TOOL_HEARTBEAT = timedelta(seconds=4)  # tools beat every second; a killed worker is seen in 4 s
+PLAN_TOKENS = 1024
+PLAN_INPUT_TOKENS = 1500  # estimate of prompt size for the reservation before a plan call
+
+
+class _Abort(Exception):
+    """Internal: stop the loop with an outcome and a reason (never leaves the workflow)."""
+
+    def __init__(self, outcome: str, reason: str, flag: str = "") -> None:
+        super().__init__(reason)
+        self.outcome, self.reason, self.flag = outcome, reason, flag
+
+
+@workflow.defn(name="AgentWorkflow")
+class AgentWorkflow:
+    def __init__(self) -> None:
+        self._phase = "starting"
+        self._steps: dict[str, StepRecord] = {}
+        self._order: list[str] = []
+        self._results: dict[str, dict[str, Any]] = {}
+        self._compensations: list[tuple[str, str, dict[str, Any]]] = []
+        self._compensated: list[str] = []
+        self._open_reservations: set[str] = set()
+        self._spend: dict[str, Any] = {"total": 0, "by_tier": {}, "by_model": {}, "by_tool": {},
+                                       "by_step": {}, "model_calls": 0, "cheapest": 0}
+        self._waiting_for = ""
+        self._approvals: dict[str, Approval] = {}
+        self._cancel_reason = ""
+        self._iterations = 0
+        self._model_label = ""
+        self._outcome = ""
+        self._flags: list[str] = []
+        self._wid = ""
+
+    # ------------------------------------------------------------------ queries / updates
+    @workflow.query(name="status")
+    def status(self) -> RunStatus:
+        return RunStatus(workflow_id=self._wid, phase=self._phase, steps=self._records(),
+                         spend=self._spend_model(), waiting_for=self._waiting_for,
+                         iterations=self._iterations, model_label=self._model_label,
+                         outcome=self._outcome)
+
+    @workflow.update(name="approve")
+    async def approve(self, decision: Approval) -> str:
+        self._approvals[decision.step_id or self._waiting_step()] = decision
+        return "approved" if decision.approve else "rejected"
+
+    @approve.validator
+    def _validate_approve(self, decision: Approval) -> None:
+        step = decision.step_id or self._waiting_step()
+        if not step or self._steps.get(step, None) is None or (
+                self._steps[step].state != StepState.WAITING_APPROVAL):
+            raise ValueError("no step of this run is waiting for approval"
+                             + (f" (asked for {decision.step_id})" if decision.step_id else ""))
+
+    @workflow.update(name="cancel")
+    async def cancel(self, reason: str) -> str:
+        self._cancel_reason = reason or "cancelled by operator"
+        return "cancelling"
+
+    @cancel.validator
+    def _validate_cancel(self, reason: str) -> None:
+        if self._outcome:
+            raise ValueError(f"run already finished ({self._outcome})")
+
+    def _waiting_step(self) -> str:
+        return next((s for s, r in self._steps.items()
+                     if r.state == StepState.WAITING_APPROVAL), "")
+
+    # ------------------------------------------------------------------ main
+    @workflow.run
+    async def run(self, req: AgentRequest) -> AgentResponse:
+        self._wid = workflow.info().workflow_id
+        self._phase = "authorizing"
+        ctx: RunContext = await workflow.execute_activity(
+            "prepare_run", PrepareInput(request=req, workflow_id=self._wid),
+            result_type=RunContext, start_to_close_timeout=PREPARE_TIMEOUT,
+            retry_policy=CONTROL_RETRY, summary="authorize, guardrails, memory")
+        self._model_label = ctx.model_label
+        if not ctx.authorized:
+            return await self._finish(req, ctx, "denied", ctx.reason, "")
+        if not ctx.input_ok:
+            return await self._finish(req, ctx, "denied", ctx.input_reason, "")
+        outcome, reason, answer = "completed", "", ""
+        try:
+            outcome, reason, answer = await asyncio.wait_for(
+                self._loop(req, ctx), timeout=ctx.limits.deadline_seconds)
+        except _Abort as a:
+            outcome, reason = a.outcome, a.reason
+            self._flags.append(a.flag or a.outcome)
+        except TimeoutError:
+            outcome, reason = "escape_hatch", (
+                f"deadline: the run exceeded its {ctx.limits.deadline_seconds} s wall-clock limit")
+            self._flags.append("deadline")
+        except asyncio.CancelledError:
+            # Temporal cancellation: undo, then report; compensations are not cancellable.
+            outcome, reason = "cancelled", "workflow cancelled"
+        if outcome not in ("completed", "partial"):
+            await self._rollback(req)
+        await self._release_open(req)
+        return await self._finish(req, ctx, outcome, reason, answer)
+
+    async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
+        limits = ctx.limits
+        tier = clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier)
+        escalations = 0
+        tool_calls = 0
+        consecutive_failures = 0
+        signatures: list[str] = []
+        answer = ""
+        for iteration in range(1, limits.max_iterations + 1):
+            self._iterations = iteration
+            self._check_cancel()
+            plan, tier = await self._plan(req, ctx, tier, iteration)
+            answer = plan.plan.answer or answer
+            if not plan.plan.steps:
+                return "completed", "", answer
+            self._phase = "executing"
+            for step in plan.plan.steps:
+                self._check_cancel()
+                if step.id in self._steps:
+                    step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
+                hatch = d.escape_hatch(d.Limits(**limits.model_dump(exclude={"approval_timeout_seconds"})),
+                                       tool_calls=tool_calls,
+                                       consecutive_failures=consecutive_failures,
+                                       signatures=signatures,
+                                       next_signature=d.call_signature(step.tool, step.args))
+                if hatch:
+                    raise _Abort("escape_hatch", hatch, hatch.split(":", 1)[0])
+                state = await self._run_step(req, ctx, step)
+                if state == StepState.SUCCEEDED:
+                    consecutive_failures = 0
+                    tool_calls += 1
+                    signatures.append(d.call_signature(step.tool, step.args))
+                elif state == StepState.FAILED:
+                    consecutive_failures += 1
+                    tool_calls += 1
+                    signatures.append(d.call_signature(step.tool, step.args))
+            evaluation = await self._evaluate(req, ctx)
+            failed = any(r.state == StepState.FAILED for r in self._steps.values())
+            if evaluation.score < limits.escalate_below and escalations < req.model_policy.max_escalations:
+                higher = next_tier(tier, req.model_policy.max_tier)
+                if higher is not None:
+                    escalations += 1
+                    tier = higher
+                    self._flags.append(f"escalated_to_{higher}")
+                    continue
+            if evaluation.confidence < limits.min_confidence:
+                return "needs_human", (f"confidence {evaluation.confidence:.2f} below "
+                                       f"{limits.min_confidence:.2f}: handing off to a human"), answer
+            if not failed and not plan.plan.replan:
+                return "completed", "", answer
+            if failed and iteration == limits.max_iterations:
+                return "partial", "some steps failed; see the step list", answer
+        return "escape_hatch", (f"iteration_cap: stopped after {limits.max_iterations} "
+                                "plan/act iterations"), answer
+
+    # ------------------------------------------------------------------ planning
+    async def _plan(self, req: AgentRequest, ctx: RunContext, tier: str,
+                    iteration: int) -> tuple[PlanOutput, str]:
+        self._phase = "planning"
+        model = ctx.tiers.get(tier, "offline")
+        key = f"{self._wid}/plan{iteration}.{tier}"
+        reserve = await self._reserve(req, ctx, key, kind="model", subject=model, tier=tier,
+                                      amount=estimate_micros(model, PLAN_INPUT_TOKENS, PLAN_TOKENS),
+                                      max_tokens=PLAN_TOKENS)
+        max_tokens = reserve.caps.max_tokens or PLAN_TOKENS
+        if reserve.caps.max_tier:
+            capped = clamp_tier(tier, reserve.caps.max_tier)
+            if capped != tier:
+                self._flags.append(f"capped_to_{capped}")
+                tier, model = capped, ctx.tiers.get(capped, "offline")
+        try:
+            out: PlanOutput = await workflow.execute_activity(
+                "plan", PlanInput(workflow_id=self._wid, message=req.message, memory=ctx.memory,
+                                  tools=ctx.tools, executed=self._records(), model=model,
+                                  tier=tier, max_tokens=max_tokens, iteration=iteration),
+                result_type=PlanOutput, start_to_close_timeout=MODEL_TIMEOUT,
+                heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
+                summary=f"plan #{iteration} ({model}, {tier})")
+        except ActivityError as e:
+            await self._release(req, key)
+            raise _Abort("failed", f"planning failed: {_cause(e)}", "plan_failed") from e
+        await self._commit(key, out.cost_micros)
+        self._charge(out.cost_micros, tier=tier, model=out.model or model, step=f"plan{iteration}",
+                     cheapest=tier == TIER_ORDER[0])
+        return out, tier
+
+    async def _evaluate(self, req: AgentRequest, ctx: RunContext) -> EvalOutput:
+        self._phase = "evaluating"
+        judge = ctx.tiers.get(TIER_ORDER[0], "offline") if ctx.judge else None
+        key = f"{self._wid}/eval{self._iterations}"
+        if judge:
+            await self._reserve(req, ctx, key, kind="model", subject=judge, tier=TIER_ORDER[0],
+                                amount=estimate_micros(judge, 1200, 256), max_tokens=256)
+        out: EvalOutput = await workflow.execute_activity(
+            "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
+                                  executed=self._records(), model=judge),
+            result_type=EvalOutput, start_to_close_timeout=MODEL_TIMEOUT,
+            heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
+            summary=f"evaluate #{self._iterations}" + (f" (judge {judge})" if judge else " (rules)"))
+        if judge:
+            await self._commit(key, out.cost_micros)
+            self._charge(out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1],
+                         cheapest=True)
+        return out
+
+    # ------------------------------------------------------------------ one step
+    async def _run_step(self, req: AgentRequest, ctx: RunContext, step: PlanStep) -> StepState:
+        record = StepRecord(id=step.id, tool=step.tool, args=step.args)
+        self._put(record)
+        if not d.condition_holds(step.when, self._results):
+            self._put(record.model_copy(update={
+                "state": StepState.SKIPPED, "summary": f"condition not met: {_when_text(step.when)}"}))
+            return StepState.SKIPPED
+        try:
+            args = d.resolve_args(step.args, self._results)
+        except d.ReferenceError_ as e:
+            self._put(record.model_copy(update={"state": StepState.FAILED, "error": str(e)}))
+            return StepState.FAILED
+        record = record.model_copy(update={"args": args})
+        tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
+        gate = check_tool_call(Policy.model_validate(ctx.policy), req.tenant, req.user,
+                               ctx.permissions, tool if tool in ctx.tools else None, args,
+                               self._gate_context())
+        key = f"{self._wid}/{step.id}"
+        if not gate.allowed:
+            await self._gate(req, ctx, step.id, step.tool, args, allowed=False, rule=gate.rule,
+                             reason=gate.reason)
+            self._put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
+            raise _Abort("denied", f"step {step.id} ({step.tool}) denied: {gate.reason}",
+                         "permission_denied")
+        assert tool is not None
+        if gate.needs_approval:
+            await self._await_approval(req, ctx, record, gate.reason)
+        result = await self._gate(req, ctx, step.id, step.tool, args, allowed=True,
+                                  rule=gate.rule, reason=gate.reason, amount=tool.cost_micros,
+                                  reserve_key=f"{key}/reserve")
+        if result.decision == Decision.DENY:
+            self._put(record.model_copy(update={"state": StepState.DENIED, "error": result.reason}))
+            raise _Abort("budget_exhausted", f"budget denied {step.tool}: {result.reason}",
+                         "budget_denied")
+        if tool.optional and result.caps.disable_optional:
+            await self._settle(req, step.id, step.tool, f"{key}/reserve", None, "skipped",
+                               "optional step disabled by budget caps")
+            self._put(record.model_copy(update={"state": StepState.SKIPPED,
+                                                "summary": "optional step disabled by budget caps"}))
+            return StepState.SKIPPED
+        self._open_reservations.add(f"{key}/reserve")
+        self._put(record.model_copy(update={"state": StepState.RUNNING}))
+        try:
+            out = await self._call_tool(req, tool, args, key, f"{key}/reserve")
+        except ActivityError as e:
+            await self._settle(req, step.id, step.tool, f"{key}/reserve", None, "failed", _cause(e))
+            self._put(record.model_copy(update={"state": StepState.FAILED, "error": _cause(e)}))
+            if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
+                return await self._run_step(req, ctx, step.model_copy(update={
+                    "id": f"{step.id}f", "tool": tool.fallback}))
+            return StepState.FAILED
+        self._open_reservations.discard(f"{key}/reserve")
+        self._results[step.id] = out.data
+        if tool.compensation:
+            self._compensations.append((step.id, tool.compensation, out.data))
+        self._charge(out.cost_micros, tool=step.tool, step=step.id)
+        self._put(record.model_copy(update={
+            "state": StepState.SUCCEEDED, "summary": out.summary + (" (replayed)" if out.replayed else ""),
+            "result": out.data, "cost_micros": out.cost_micros, "score": 1.0}))
+        return StepState.SUCCEEDED
+
+    async def _call_tool(self, req: AgentRequest, tool: ToolInfo, args: dict[str, Any], key: str,
+                         reserve_key: str) -> ToolResult:
+        return await workflow.execute_activity(
+            "run_tool", ToolCall(tool=tool.name, args=args, idempotency_key=key, tenant=req.tenant,
+                                 user=req.user, workflow_id=self._wid, step_id=key.rsplit("/", 1)[1],
+                                 reservation_key=reserve_key),
+            result_type=ToolResult, start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
+            heartbeat_timeout=TOOL_HEARTBEAT,
+            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
+                                     maximum_interval=timedelta(seconds=10),
+                                     maximum_attempts=tool.max_attempts,
+                                     non_retryable_error_types=list(tool.non_retryable_errors)),
+            task_queue=_tool_queue(tool), summary=d.step_summary(tool.name, args))
+
+    async def _await_approval(self, req: AgentRequest, ctx: RunContext, record: StepRecord,
+                              why: str) -> None:
+        self._put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
+        self._waiting_for = f"approval of {record.id} ({record.tool}): {why}"
+        self._phase = "waiting_approval"
+        try:
+            await workflow.wait_condition(
+                lambda: record.id in self._approvals or bool(self._cancel_reason),
+                timeout=timedelta(seconds=ctx.limits.approval_timeout_seconds))
+        except TimeoutError:
+            self._approvals[record.id] = Approval(approve=False, step_id=record.id,
+                                                  reason="approval timed out (safe default: reject)")
+        self._waiting_for = ""
+        self._phase = "executing"
+        self._check_cancel()
+        decision = self._approvals[record.id]
+        await self._gate(req, ctx, record.id, record.tool, record.args, allowed=decision.approve,
+                         rule="human_approval", reason=decision.reason or (
+                             "approved" if decision.approve else "rejected"), kind="approval")
+        if not decision.approve:
+            self._put(record.model_copy(update={"state": StepState.DENIED,
+                                                "error": decision.reason or "rejected"}))
+            raise _Abort("rejected", f"{record.tool} rejected by a human: "
+                         f"{decision.reason or 'no reason given'}", "rejected")
+
+    # ------------------------------------------------------------------ rollback / finish
+    async def _rollback(self, req: AgentRequest) -> None:
+        """Saga: undo side effects newest first; each undo is idempotent and retried forever."""
+        self._phase = "compensating"
+        while self._compensations:
+            step_id, comp, effect = self._compensations.pop()
+            key = f"{self._wid}/{step_id}/compensate"
+            await workflow.execute_activity(
+                "run_tool", ToolCall(tool=comp, args={"effect": effect}, idempotency_key=key,
+                                     tenant=req.tenant, user=req.user, workflow_id=self._wid,
+                                     step_id=step_id),
+                result_type=ToolResult, start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=COMPENSATION_RETRY, summary=f"compensate {step_id} with {comp}",
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+            self._compensated.append(step_id)
+            rec = self._steps[step_id]
+            self._put(rec.model_copy(update={"state": StepState.COMPENSATED}))
+            await self._settle(req, step_id, comp, "", None, "compensated",
+                               f"{comp} undid {rec.tool}", kind="compensation")
+
+    async def _release_open(self, req: AgentRequest) -> None:
+        for key in sorted(self._open_reservations):
+            await self._release(req, key)
+        self._open_reservations.clear()
+
+    async def _finish(self, req: AgentRequest, ctx: RunContext, outcome: str, reason: str,
+                      answer: str) -> AgentResponse:
+        self._phase = "finishing"
+        self._outcome = outcome
+        out: FinishOutput = await workflow.execute_activity(
+            "finish_run", FinishInput(workflow_id=self._wid, request=req, executed=self._records(),
+                                      outcome=outcome, reason=reason, answer=answer,
+                                      model=ctx.tiers.get(TIER_ORDER[0], "offline")),
+            result_type=FinishOutput, start_to_close_timeout=MODEL_TIMEOUT,
+            heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
+            summary=f"respond ({outcome})")
+        spend = self._spend_model()
+        workflow.upsert_search_attributes([OUTCOME.value_set(outcome),
+                                           SPEND.value_set(spend.total_micros)])
+        self._phase = "done"
+        return AgentResponse(
+            workflow_id=self._wid, message=out.message, outcome=outcome,  # type: ignore[arg-type]
+            reason=reason, steps=self._records(), spend=spend, model_label=ctx.model_label,
+            compensated=tuple(self._compensated), iterations=self._iterations,
+            policy_version=ctx.policy_version, flags=tuple(dict.fromkeys(self._flags)))
+
+    # ------------------------------------------------------------------ control-plane calls
+    async def _reserve(self, req: AgentRequest, ctx: RunContext, key: str, *, kind: str,
+                       subject: str, tier: str, amount: int, max_tokens: int) -> ReserveResult:
+        res: ReserveResult = await workflow.execute_local_activity(
+            "budget_reserve",
+            ReserveRequest(key=key, scopes=ctx.scopes, amount_micros=amount,
+                           min_micros=amount // 4, max_tokens=max_tokens, kind=kind,
+                           subject=subject, run_id=self._wid, step_id=key.rsplit("/", 1)[1],
+                           tier=tier),
+            result_type=ReserveResult, start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY, summary=f"reserve {kind} {subject}")
+        if res.decision == Decision.DENY:
+            raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}",
+                         "budget_denied")
+        self._open_reservations.add(key)
+        return res
+
+    async def _commit(self, key: str, actual: int) -> CommitResult:
+        res: CommitResult = await workflow.execute_local_activity(
+            "budget_commit", CommitRequest(key=key, actual_micros=actual),
+            result_type=CommitResult, start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY, summary="commit")
+        self._open_reservations.discard(key)
+        return res
+
+    async def _release(self, req: AgentRequest, key: str) -> None:
+        await workflow.execute_local_activity(
+            "budget_release", ReleaseRequest(key=key, reason="run ended before use"),
+            start_to_close_timeout=CONTROL_TIMEOUT, retry_policy=CONTROL_RETRY, summary="release")
+        self._open_reservations.discard(key)
+
+    async def _gate(self, req: AgentRequest, ctx: RunContext, step_id: str, tool: str,
+                    args: dict[str, Any], *, allowed: bool, rule: str, reason: str,
+                    amount: int = 0, reserve_key: str = "", kind: str = "permission") -> StepGateResult:
+        return await workflow.execute_local_activity(
+            "authorize_step",
+            StepGateInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
+                          tool=tool, args=args, allowed=allowed, rule=rule, reason=reason,
+                          kind=kind, scopes=ctx.scopes, amount_micros=amount,
+                          reserve_key=reserve_key),
+            result_type=StepGateResult, start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY, summary=f"gate {tool} ({'allow' if allowed else 'deny'})")
+
+    async def _settle(self, req: AgentRequest, step_id: str, subject: str, reserve_key: str,
+                      commit: int | None, decision: str, reason: str, kind: str = "tool") -> None:
+        await workflow.execute_local_activity(
+            "settle_step",
+            SettleInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
+                        subject=subject, reserve_key=reserve_key, commit_micros=commit, kind=kind,
+                        decision=decision, reason=reason),
+            result_type=SettleResult, start_to_close_timeout=CONTROL_TIMEOUT,
+            retry_policy=CONTROL_RETRY, summary=f"settle {subject} ({decision})")
+        if reserve_key:
+            self._open_reservations.discard(reserve_key)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _check_cancel(self) -> None:
+        if self._cancel_reason:
+            raise _Abort("cancelled", self._cancel_reason, "cancelled")
+
+    def _gate_context(self) -> dict[str, Any]:
+        ctx: dict[str, Any] = {}
+        for data in self._results.values():
+            if "customer_email" in data:
+                ctx.setdefault("order_customers", []).append(data["customer_email"])
+                ctx["order_customer"] = data["customer_email"]
+        return ctx
+
+    def _put(self, record: StepRecord) -> None:
+        if record.id not in self._steps:
+            self._order.append(record.id)
+        self._steps[record.id] = record
+
+    def _records(self) -> tuple[StepRecord, ...]:
+        return tuple(self._steps[s] for s in self._order)
+
+    def _charge(self, micros: int, *, tier: str = "", model: str = "", tool: str = "",
+                step: str = "", cheapest: bool = False) -> None:
+        s = self._spend
+        s["total"] += micros
+        for bucket, name in (("by_tier", tier), ("by_model", model), ("by_tool", tool),
+                             ("by_step", step)):
+            if name:
+                s[bucket][name] = s[bucket].get(name, 0) + micros
+        if model:
+            s["model_calls"] += 1
+            s["cheapest"] += 1 if cheapest else 0
+
+    def _spend_model(self) -> Spend:
+        s = self._spend
+        return Spend(total_micros=s["total"], by_tier=dict(s["by_tier"]),
+                     by_model=dict(s["by_model"]), by_tool=dict(s["by_tool"]),
+                     by_step=dict(s["by_step"]), model_calls=s["model_calls"],
+                     cheapest_tier_calls=s["cheapest"])
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of an activity failure, one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = e.message if isinstance(e, ApplicationError) else str(e)
+    return (msg or type(e).__name__).splitlines()[0][:300]
+
+
+def _when_text(when: dict[str, Any] | None) -> str:
+    if not when:
+        return ""
+    op = "==" if "equals" in when else "!="
+    return f"{when.get('step')}.{when.get('field')} {op} {when.get('equals', when.get('not_equals'))}"
+
+
+def _tool_queue(tool: ToolInfo) -> str | None:
+    """Rate-limited tools run on their own task queue, whose rate limit Temporal enforces."""
+    return f"{workflow.info().task_queue}-tool-{tool.name}" if tool.rate_limit_per_second else None

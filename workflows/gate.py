@@ -1,0 +1,283 @@
+"""The permissions gate: pure, deterministic policy evaluation at three levels.
+
+1. ``authorize_user`` — may this user of this tenant run the agent at all?
+2. ``visible_tools`` — which tools may the planner even see? (filtered BEFORE planning)
+3. ``check_tool_call`` — re-checked at execution: tool known, permissions held, every argument
+   constraint satisfied, and whether a human must approve first.
+
+Everything here is a function of its arguments only: no I/O, no clock, no randomness, and only
+stdlib + ``keel`` imports, because it runs inside the Temporal workflow sandbox and must give
+the same answer on replay. Every decision names the ``rule`` that produced it so the audit
+log and the user can see *why*.
+
+Effective permissions (the rule that stops a caller granting itself more):
+
+* The policy grants ``granted`` = union of the permissions of the user's roles (the user's
+  own roles, or the tenant's ``roles`` for users admitted by list / ``"*"``).
+* The request's ``permissions`` (``--perm`` flags) are an UPPER BOUND: when given, the
+  effective set is ``requested ∩ granted``; requested permissions the policy does not grant
+  are dropped (and named in the reason), never added. When none are given the caller does
+  not narrow anything and the effective set is ``granted``.
+* A permission pattern ``refunds:*`` covers ``refunds:write``; ``*`` covers everything.
+* A tool needs its own declared ``ToolInfo.permissions`` plus the policy's per-tool
+  ``tools.<name>.permissions`` (ACL override); a tenant's ``deny_tools`` removes it outright.
+
+``context`` keys understood by argument constraints (``one_of_ref``) — facts the workflow has
+established from earlier steps of the same run, never from the model's say-so:
+
+* ``order_customer`` — e-mail (or list of e-mails) of the customer(s) of orders looked up in
+  this run (``lookup_order`` result field ``customer_email``).
+* ``order_ids`` — order ids looked up in this run.
+* Any other key a policy's ``one_of_ref`` names; a missing key fails the rule (fail closed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from keel.models import Frozen, ToolInfo
+from keel.policy import Check, Condition, Constraint, Policy
+
+__all__ = [
+    "CONTEXT_KEYS",
+    "GateDecision",
+    "authorize_user",
+    "check_tool_call",
+    "required_permissions",
+    "visible_tools",
+]
+
+CONTEXT_KEYS = ("order_customer", "order_ids")
+"""Context facts the workflow is expected to provide (see module docstring)."""
+
+_SHELL_META = re.compile(r"[;&|`$<>(){}\\\n\r!*?\[\]~]")
+_EMAIL = re.compile(r"^[^@\s,;<>\"'()]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})$")
+
+
+class GateDecision(Frozen):
+    """Outcome of one gate check; every field is safe to record in history and the audit log."""
+
+    allowed: bool
+    rule: str
+    """The rule that decided (``allow``, ``tenant-unknown``, a constraint name, ...)."""
+    reason: str
+    needs_approval: bool = False
+    effective_permissions: tuple[str, ...] = ()
+    approval_timeout_seconds: int = 0
+    """How long to wait for a human when ``needs_approval``; then ``on_timeout`` applies."""
+    on_timeout: str = "reject"
+
+
+def _covers(held: Sequence[str], perm: str) -> bool:
+    for h in held:
+        if h == perm or h == "*" or (h.endswith(":*") and perm.startswith(h[:-1])):
+            return True
+    return False
+
+
+def _deny(rule: str, reason: str, perms: tuple[str, ...] = ()) -> GateDecision:
+    return GateDecision(allowed=False, rule=rule, reason=reason, effective_permissions=perms)
+
+
+def authorize_user(
+    policy: Policy, tenant: str, user: str, permissions: Sequence[str]
+) -> GateDecision:
+    """Level 1: is ``user`` of ``tenant`` allowed to run the agent, and with which permissions."""
+    t = policy.tenants.get(tenant)
+    if t is None:
+        return _deny("tenant-unknown", f"tenant {tenant!r} is not in policy {policy.version}")
+    if user in t.users:
+        roles = t.users[user]
+    elif t.any_user:
+        roles = t.roles
+    else:
+        return _deny("user-not-allowed", f"user {user!r} may not run the agent for {tenant!r}")
+    granted = tuple(sorted({p for r in roles for p in policy.roles.get(r, ())}))
+    if not permissions:
+        effective, dropped = granted, []
+    else:
+        effective = tuple(sorted({p for p in permissions if _covers(granted, p)}))
+        dropped = sorted({p for p in permissions if not _covers(granted, p)})
+    reason = f"roles {', '.join(roles) or 'none'}"
+    if dropped:
+        reason += f"; requested but not granted (ignored): {', '.join(dropped)}"
+    return GateDecision(
+        allowed=True, rule="user-allowed", reason=reason, effective_permissions=effective
+    )
+
+
+def required_permissions(policy: Policy, tool: ToolInfo) -> tuple[str, ...]:
+    """Permissions a tool needs: its declaration plus the policy's ACL override."""
+    rule = policy.tools.get(tool.name)
+    extra = rule.permissions if rule else ()
+    return tuple(dict.fromkeys((*tool.permissions, *extra)))
+
+
+def _tool_level(
+    policy: Policy, tenant: str, tool: ToolInfo, held: tuple[str, ...]
+) -> GateDecision | None:
+    t = policy.tenants.get(tenant)
+    if t is not None and tool.name in t.deny_tools:
+        return _deny("tool-disabled", f"tool {tool.name!r} is disabled for tenant {tenant!r}", held)
+    missing = [p for p in required_permissions(policy, tool) if not _covers(held, p)]
+    if missing:
+        return _deny(
+            "tool-permission",
+            f"tool {tool.name!r} needs {', '.join(missing)} which the caller lacks",
+            held,
+        )
+    return None
+
+
+def visible_tools(
+    policy: Policy, tenant: str, user: str, permissions: Sequence[str], tools: Sequence[ToolInfo]
+) -> tuple[ToolInfo, ...]:
+    """Level 2: the tools the planner may see; everything else is removed before planning."""
+    who = authorize_user(policy, tenant, user, permissions)
+    if not who.allowed:
+        return ()
+    held = who.effective_permissions
+    return tuple(t for t in tools if _tool_level(policy, tenant, t, held) is None)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fold(v: Any) -> Any:
+    return v.strip().casefold() if isinstance(v, str) else v
+
+
+def _check(c: Check, value: Any, context: Mapping[str, Any]) -> str | None:
+    """Returns why ``value`` fails ``c``, or None when every predicate holds."""
+    if c.min is not None or c.max is not None:
+        n = _number(value)
+        if n is None:
+            return f"{value!r} is not a number"
+        if c.min is not None and n < c.min:
+            return f"{n:g} is below the minimum {c.min:g}"
+        if c.max is not None and n > c.max:
+            return f"{n:g} exceeds the limit {c.max:g}"
+    text = value if isinstance(value, str) else str(value)
+    if c.max_length is not None and len(text) > c.max_length:
+        return f"longer than {c.max_length} characters"
+    if c.one_of is not None and _fold(value) not in {_fold(x) for x in c.one_of}:
+        return f"{value!r} is not one of the allowed values"
+    if c.one_of_ref is not None:
+        ref = context.get(c.one_of_ref)
+        if ref is None:
+            return f"no {c.one_of_ref!r} established earlier in this run"
+        allowed = ref if isinstance(ref, list | tuple | set | frozenset) else (ref,)
+        if _fold(value) not in {_fold(x) for x in allowed}:
+            return f"{value!r} is not the {c.one_of_ref.replace('_', ' ')}"
+    if c.domain_in is not None:
+        m = _EMAIL.match(text.strip()) if isinstance(value, str) else None
+        if m is None:
+            return f"{value!r} is not a single e-mail address"
+        if m.group(1).casefold() not in {d.casefold() for d in c.domain_in}:
+            return f"domain {m.group(1)!r} is not allowed"
+    if c.prefix_in is not None:
+        if not isinstance(value, str) or _SHELL_META.search(value):
+            return "shell metacharacters are not allowed"
+        first = value.strip().split(" ", 1)[0] if value.strip() else ""
+        if first not in c.prefix_in:
+            return f"{first!r} is not in the allow-list"
+    if c.pattern is not None and not re.fullmatch(c.pattern, text):
+        return "does not match the required pattern"
+    return None
+
+
+def _constraint(c: Constraint, args: Mapping[str, Any], context: Mapping[str, Any]) -> str | None:
+    if c.arg not in args or args[c.arg] is None:
+        return None if c.optional else f"argument {c.arg!r} is missing"
+    value = args[c.arg]
+    why = _check(c, value, context)
+    if why is None and c.any_of:
+        fails = [_check(alt, value, context) for alt in c.any_of]
+        if all(fails):
+            why = "; ".join(f for f in fails if f)
+    if why is None:
+        return None
+    return f"{c.arg}: {why}" + (f" ({c.message})" if c.message else "")
+
+
+def _fires(cond: Condition, args: Mapping[str, Any]) -> bool:
+    if cond.arg is None:
+        return True
+    if cond.arg not in args:
+        return True  # cannot tell: ask a human rather than skip the approval
+    v = args[cond.arg]
+    if cond.equals is not None and _fold(v) != _fold(cond.equals):
+        return False
+    bounds = (cond.gt, cond.gte, cond.lt, cond.lte)
+    if bounds == (None,) * 4:
+        return True
+    n = _number(v)
+    if n is None:
+        return True
+    return (
+        (cond.gt is None or n > cond.gt)
+        and (cond.gte is None or n >= cond.gte)
+        and (cond.lt is None or n < cond.lt)
+        and (cond.lte is None or n <= cond.lte)
+    )
+
+
+def check_tool_call(
+    policy: Policy,
+    tenant: str,
+    user: str,
+    permissions: Sequence[str],
+    tool: ToolInfo | None,
+    args: Mapping[str, Any],
+    context: Mapping[str, Any] | None = None,
+) -> GateDecision:
+    """Level 3: may this exact call run now? Checks in order; the first failure decides.
+
+    Order: user → tool known → tool disabled/permissions → each constraint (file order) →
+    approval rules. An allowed call that matches an approval rule comes back with
+    ``allowed=True, needs_approval=True`` and the rule's timeout.
+    """
+    who = authorize_user(policy, tenant, user, permissions)
+    if not who.allowed:
+        return who
+    held = who.effective_permissions
+    if tool is None:
+        return _deny("unknown-tool", "the plan named a tool that does not exist", held)
+    denied = _tool_level(policy, tenant, tool, held)
+    if denied:
+        return denied
+    ctx = context or {}
+    rule = policy.tools.get(tool.name)
+    for c in rule.constraints if rule else ():
+        why = _constraint(c, args, ctx)
+        if why:
+            return _deny(c.name, why, held)
+    for a in rule.approvals if rule else ():
+        if _fires(a.when, args):
+            return GateDecision(
+                allowed=True,
+                rule=a.name,
+                reason=f"{tool.name} needs human approval ({a.name})",
+                needs_approval=True,
+                effective_permissions=held,
+                approval_timeout_seconds=a.timeout_seconds,
+                on_timeout=a.on_timeout,
+            )
+    return GateDecision(
+        allowed=True, rule="allow", reason=f"{tool.name} permitted", effective_permissions=held
+    )
