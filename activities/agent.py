@@ -37,13 +37,20 @@ from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, Usage, usd_to_micros
 from keel.policy import PolicyError, load_policy
-from keel.pricing import cost_micros
+from keel.pricing import cost_micros, estimate_micros, load_prices
 from keel.settings import Settings
 from keel.tiers import model_label, resolve_tiers
 from workflows.decisions import ReferenceError_, resolve_args
 from workflows.gate import authorize_user, visible_tools
 
-__all__ = ["AgentActivities", "PLANNER_SYSTEM", "executed_block"]
+__all__ = ["AgentActivities", "PLANNER_SYSTEM", "executed_block", "PLAN_TOKENS", "JUDGE_TOKENS"]
+
+PLAN_TOKENS = 1024
+"""Output cap of a plan call; the reservation prices this worst case."""
+PLAN_INPUT_TOKENS = 1500
+"""Estimated prompt size of a plan call (system + request + tool schemas + results)."""
+JUDGE_TOKENS = 256
+JUDGE_INPUT_TOKENS = 1200
 
 PLANNER_SYSTEM = """You are the planner of Keel, an agent for customer-support operations.
 Return a JSON plan: {"steps": [{"id": "s1", "tool": "...", "args": {...}, "when": null,
@@ -156,6 +163,8 @@ class AgentActivities:
                 [a.timeout_seconds for t in policy.tools.values() for a in t.approvals] or [3600]),
         )
         all_tools = catalog(include_hidden=True)
+        prices = load_prices()
+        models = sorted(set(tiers.values()))
         visible = visible_tools(policy, req.tenant, req.user, req.permissions, catalog())
         return RunContext(
             authorized=gate.allowed, reason=gate.reason, rule=gate.rule,
@@ -164,7 +173,11 @@ class AgentActivities:
             policy_version=policy.version, policy=policy.model_dump(mode="json"),
             permissions=tuple(gate.effective_permissions), tools=visible, all_tools=all_tools,
             tiers=tiers, model_label=", ".join(labels), memory=redact(mem), scopes=scopes,
-            limits=limits)
+            limits=limits,
+            plan_estimates={m: estimate_micros(m, PLAN_INPUT_TOKENS, PLAN_TOKENS, prices)
+                            for m in models},
+            judge_estimates={m: estimate_micros(m, JUDGE_INPUT_TOKENS, JUDGE_TOKENS, prices)
+                             for m in models})
 
     @activity.defn(name="plan")
     async def plan(self, inp: PlanInput) -> PlanOutput:

@@ -92,6 +92,10 @@ class RunContext(Frozen):
     limits: RunLimits = RunLimits()
     judge: bool = False
     """Ask a model to judge results in addition to the rules."""
+    plan_estimates: dict[str, int] = Field(default_factory=dict)
+    """Worst-case micro-USD of one plan call per model, priced when the run started (the
+    workflow must not read price files or the environment itself)."""
+    judge_estimates: dict[str, int] = Field(default_factory=dict)
 
 
 class PlanInput(Frozen):

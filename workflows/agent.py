@@ -51,7 +51,6 @@ with workflow.unsafe.imports_passed_through():
         ToolInfo,
         ToolResult,
     )
-    from keel.pricing import estimate_micros
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from workflows import decisions as d
     from workflows.gate import check_tool_call
@@ -80,7 +79,6 @@ COMPENSATION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_
                                  maximum_interval=timedelta(seconds=30))  # must eventually undo
 TOOL_HEARTBEAT = timedelta(seconds=4)  # tools beat every second; a killed worker is seen in 4 s
 PLAN_TOKENS = 1024
-PLAN_INPUT_TOKENS = 1500  # estimate of prompt size for the reservation before a plan call
 
 
 class _Abort(Exception):
@@ -242,7 +240,7 @@ class AgentWorkflow:
         model = ctx.tiers.get(tier, "offline")
         key = f"{self._wid}/plan{iteration}.{tier}"
         reserve = await self._reserve(req, ctx, key, kind="model", subject=model, tier=tier,
-                                      amount=estimate_micros(model, PLAN_INPUT_TOKENS, PLAN_TOKENS),
+                                      amount=ctx.plan_estimates.get(model, 0),
                                       max_tokens=PLAN_TOKENS)
         max_tokens = reserve.caps.max_tokens or PLAN_TOKENS
         if reserve.caps.max_tier:
@@ -272,7 +270,7 @@ class AgentWorkflow:
         key = f"{self._wid}/eval{self._iterations}"
         if judge:
             await self._reserve(req, ctx, key, kind="model", subject=judge, tier=TIER_ORDER[0],
-                                amount=estimate_micros(judge, 1200, 256), max_tokens=256)
+                                amount=ctx.judge_estimates.get(judge, 0), max_tokens=256)
         out: EvalOutput = await workflow.execute_activity(
             "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
                                   executed=self._records(), model=judge),
@@ -312,7 +310,10 @@ class AgentWorkflow:
                          "permission_denied")
         assert tool is not None
         if gate.needs_approval:
-            await self._await_approval(req, ctx, record, gate.reason)
+            await self._await_approval(req, ctx, record, gate.reason,
+                                       gate.approval_timeout_seconds or
+                                       ctx.limits.approval_timeout_seconds,
+                                       gate.on_timeout == "approve")
         result = await self._gate(req, ctx, step.id, step.tool, args, allowed=True,
                                   rule=gate.rule, reason=gate.reason, amount=tool.cost_micros,
                                   reserve_key=f"{key}/reserve")
@@ -362,17 +363,19 @@ class AgentWorkflow:
             task_queue=_tool_queue(tool), summary=d.step_summary(tool.name, args))
 
     async def _await_approval(self, req: AgentRequest, ctx: RunContext, record: StepRecord,
-                              why: str) -> None:
+                              why: str, timeout_seconds: int, approve_on_timeout: bool) -> None:
         self._put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
         self._waiting_for = f"approval of {record.id} ({record.tool}): {why}"
         self._phase = "waiting_approval"
         try:
             await workflow.wait_condition(
                 lambda: record.id in self._approvals or bool(self._cancel_reason),
-                timeout=timedelta(seconds=ctx.limits.approval_timeout_seconds))
+                timeout=timedelta(seconds=timeout_seconds))
         except TimeoutError:
-            self._approvals[record.id] = Approval(approve=False, step_id=record.id,
-                                                  reason="approval timed out (safe default: reject)")
+            self._approvals[record.id] = Approval(
+                approve=approve_on_timeout, step_id=record.id,
+                reason=f"no answer within {timeout_seconds} s (policy default: "
+                       f"{'approve' if approve_on_timeout else 'reject'})")
         self._waiting_for = ""
         self._phase = "executing"
         self._check_cancel()
@@ -495,9 +498,10 @@ class AgentWorkflow:
     def _gate_context(self) -> dict[str, Any]:
         ctx: dict[str, Any] = {}
         for data in self._results.values():
-            if "customer_email" in data:
-                ctx.setdefault("order_customers", []).append(data["customer_email"])
-                ctx["order_customer"] = data["customer_email"]
+            if "customer_email" in data:  # customers of orders looked up in this run
+                ctx.setdefault("order_customer", []).append(data["customer_email"])
+            if "order_id" in data:
+                ctx.setdefault("order_ids", []).append(data["order_id"])
         return ctx
 
     def _put(self, record: StepRecord) -> None:

@@ -17,12 +17,11 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from datetime import timedelta
 from typing import Any
 
-import anthropic
-import openai
 from temporalio.exceptions import ApplicationError
 
 from keel.models import Usage
@@ -77,27 +76,24 @@ def translate_provider_error(exc: BaseException, provider: str | None = None) ->
             omitted.
 
     Returns:
-        ``exc`` itself if it already is an ``ApplicationError`` (translation is idempotent),
-        otherwise a new ``ApplicationError`` with a ``type`` from this module.
+        ``exc`` itself if it already is an ``ApplicationError`` (translation is idempotent) or
+        a cancellation (never disguised), otherwise a new ``ApplicationError`` with a ``type``
+        from this module.
     """
-    if isinstance(exc, ApplicationError):
+    if isinstance(exc, (ApplicationError, asyncio.CancelledError)):
         return exc
     name = provider or _provider_of(exc)
     status = getattr(exc, "status_code", None)
-    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)) and isinstance(
-        status, int
-    ):
+    if isinstance(exc, _sdk("APIStatusError")) and isinstance(status, int):
         return _from_status(name, status, exc)
-    if isinstance(exc, (openai.APITimeoutError, anthropic.APITimeoutError, TimeoutError)):
+    if isinstance(exc, (*_sdk("APITimeoutError"), TimeoutError)):
         return ApplicationError(f"{name}: request timed out", type=TIMEOUT)
-    if isinstance(exc, (openai.APIConnectionError, anthropic.APIConnectionError, ConnectionError)):
+    if isinstance(exc, (*_sdk("APIConnectionError"), ConnectionError)):
         return ApplicationError(
             f"{name}: cannot reach the API ({type(exc).__name__})", type=UNAVAILABLE
         )
-    if isinstance(exc, openai.ContentFilterFinishReasonError):
+    if isinstance(exc, _sdk("ContentFilterFinishReasonError")):
         return refusal_error(name, "content filter")
-    if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - callers catch Exception
-        return exc
     # Anything else is unexpected (SDK bug, odd response shape): let the retry policy decide.
     return ApplicationError(
         f"{name}: unexpected {type(exc).__name__}: {_redact(str(exc))}", type=PROVIDER_ERROR
@@ -277,6 +273,16 @@ def _redact(text: str) -> str:
     text = _SECRET_PATTERN.sub("[redacted]", text)
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+
+def _sdk(name: str) -> tuple[type[BaseException], ...]:
+    """Exception class ``name`` from each SDK already imported.
+
+    Looked up in ``sys.modules`` instead of imported: an SDK that was never loaded cannot have
+    raised anything, and an offline-only worker then never pays for importing either SDK.
+    """
+    found = (getattr(sys.modules.get(sdk), name, None) for sdk in ("openai", "anthropic"))
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def _provider_of(exc: BaseException) -> str:

@@ -1,0 +1,157 @@
+"""Budget ledger benchmark: reserve latency and reserve→commit lifecycles/s vs the floor.
+
+The floor is what this database can do at all for a hot row: a single-row ``UPDATE`` +
+``COMMIT`` on one shared row, same client counts, measured in the same run. A lifecycle is
+two such commits (reserve, commit) over a 5-scope path whose top three rows (tenant,
+workspace, model) are shared by every client, so ``floor / 2`` is the practical ceiling.
+
+    python bench/bench_ledger.py --url postgresql://postgres@127.0.0.1:55432/keel [--smoke]
+
+Leaves its reservations in the ledger (they are real history); drops its floor table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+from activities import ledger
+from keel.budget import CommitRequest, ReserveRequest, model_scope, scope_path
+from keel.db import apply_migrations
+
+__all__ = ["run"]
+
+CLIENTS = (1, 8, 32)
+TARGET_P50_MS = 2.0
+TARGET_LIFECYCLES_32 = 1_000
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
+
+
+async def _lifecycles(conns: list[psycopg.AsyncConnection[Any]], tenant: str, tag: str,
+                      seconds: float, timings: list[float] | None = None) -> int:
+    """Every client loops reserve→commit until the deadline; returns completed lifecycles."""
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    async def client(i: int, conn: psycopg.AsyncConnection[Any]) -> None:
+        nonlocal done
+        scopes = (*scope_path(tenant, "bench", f"u{i}", f"{tag}-{i}"),
+                  model_scope(tenant, "openai:gpt-4o-mini"))
+        n = 0
+        while time.perf_counter() < deadline:
+            key = f"{tenant}/{tag}/{i}/{n}"
+            t0 = time.perf_counter()
+            await ledger.reserve(conn, ReserveRequest(key=key, scopes=scopes, amount_micros=900,
+                                                      max_tokens=1024, subject="bench"))
+            if timings is not None:
+                timings.append((time.perf_counter() - t0) * 1000)
+            await ledger.commit(conn, CommitRequest(key=key, actual_micros=700))
+            n += 1
+        done += n
+
+    await asyncio.gather(*(client(i, c) for i, c in enumerate(conns)))
+    return done
+
+
+async def _floor(conns: list[psycopg.AsyncConnection[Any]], table: str, seconds: float) -> int:
+    deadline = time.perf_counter() + seconds
+    done = 0
+
+    async def client(conn: psycopg.AsyncConnection[Any]) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < deadline:
+            await conn.execute(f"update {table} set n = n + 1 where id = 1")  # autocommit
+            n += 1
+        done += n
+
+    await asyncio.gather(*(client(c) for c in conns))
+    return done
+
+
+async def run(url: str, smoke: bool = False) -> dict[str, Any]:
+    """Measure and return the figures (also used by the aggregate benchmark report)."""
+    apply_migrations(url)
+    seconds = 1.0 if smoke else 5.0
+    tenant = f"bench{uuid.uuid4().hex[:8]}"
+    table = f"keel_bench_floor_{uuid.uuid4().hex[:8]}"
+    admin = await _connect(url)
+    await ledger.set_limit(admin, tenant, 10**15)  # limited (so it is checked) but roomy
+    await admin.execute(f"create table {table} (id int primary key, n bigint not null)")
+    await admin.execute(f"insert into {table} values (1, 0)")
+    sync_commit = (await (await admin.execute("show synchronous_commit")).fetchone() or ("?",))[0]
+    out: dict[str, Any] = {"smoke": smoke, "seconds_per_point": seconds,
+                           "synchronous_commit": sync_commit, "points": []}
+    try:
+        # Latency: one client, sequential lifecycles (warm-up first: prepared statements).
+        [conn] = [await _connect(url)]
+        await _lifecycles([conn], tenant, "warm", 0.3)
+        timings: list[float] = []
+        await _lifecycles([conn], tenant, "lat", seconds, timings)
+        await conn.close()
+        out["reserve_ms"] = {"p50": round(statistics.median(timings), 3),
+                             "p99": round(_pct(timings, 0.99), 3), "n": len(timings)}
+        for clients in CLIENTS:
+            conns = [await _connect(url) for _ in range(clients)]
+            try:
+                await _floor(conns, table, 0.2)
+                floor = await _floor(conns, table, seconds) / seconds
+                await _lifecycles(conns, tenant, f"w{clients}", 0.2)
+                life = await _lifecycles(conns, tenant, f"c{clients}", seconds) / seconds
+            finally:
+                for c in conns:
+                    await c.close()
+            out["points"].append({"clients": clients, "lifecycles_per_s": round(life),
+                                  "floor_updates_per_s": round(floor),
+                                  "ratio_vs_floor": round(life / floor, 3),
+                                  "ratio_vs_half_floor": round(2 * life / floor, 3)})
+        out["invariant_violations"] = await ledger.check_invariant(admin)
+    finally:
+        await admin.execute(f"drop table if exists {table}")
+        await admin.close()
+    p32 = next(p for p in out["points"] if p["clients"] == 32)
+    out["targets_met"] = {"reserve_p50_under_2ms": out["reserve_ms"]["p50"] < TARGET_P50_MS,
+                          "lifecycles_32_at_least_1000": p32["lifecycles_per_s"]
+                          >= TARGET_LIFECYCLES_32,
+                          "zero_violations": not out["invariant_violations"]}
+    return out
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [f"reserve latency (1 client): p50 {r['reserve_ms']['p50']} ms, "
+             f"p99 {r['reserve_ms']['p99']} ms (n={r['reserve_ms']['n']}); "
+             f"synchronous_commit={r['synchronous_commit']}", "",
+             "| clients | lifecycles/s | floor UPDATE+COMMIT/s | vs floor | vs floor/2 |",
+             "|--:|--:|--:|--:|--:|"]
+    lines += [f"| {p['clients']} | {p['lifecycles_per_s']} | {p['floor_updates_per_s']} | "
+              f"{p['ratio_vs_floor']} | {p['ratio_vs_half_floor']} |" for p in r["points"]]
+    lines += ["", f"invariant violations: {len(r['invariant_violations'])}; "
+              f"targets: {r['targets_met']}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="PostgreSQL URL (migrations are applied)")
+    parser.add_argument("--smoke", action="store_true", help="1 s per point instead of 5 s")
+    parser.add_argument("--json", action="store_true", help="print the raw figures too")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.url, smoke=args.smoke))
+    print(_markdown(result))
+    if args.json:
+        print(json.dumps(result, indent=2))

@@ -1,0 +1,1 @@
+"""Deterministic code only: the AgentWorkflow and the pure decision/policy logic it calls."""
