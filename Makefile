@@ -12,10 +12,10 @@ WORKERS ?= 1
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v -i warning || true
-	@$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v -i warning || true
-	@$(BIN)/python -c "import temporalio, psycopg, openai, anthropic, pytest" \
-		|| (echo "install failed: see the pip output above"; exit 1)
+	@echo "installing Keel into $(VENV) (log: $(VENV)/install.log)"
+	@$(BIN)/python -m pip install --upgrade pip > $(VENV)/install.log 2>&1 \
+		&& $(BIN)/python -m pip install -e '.[dev]' >> $(VENV)/install.log 2>&1 \
+		|| (tail -20 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1)
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 up: install
@@ -45,7 +45,8 @@ lint: install
 	@$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: install
-	@$(BIN)/python -m pip install --quiet -e '.[bench]' 2>&1 | grep -v -i warning || true
+	@$(BIN)/python -m pip install -e '.[bench]' >> $(VENV)/install.log 2>&1 \
+		|| (tail -20 $(VENV)/install.log; echo "bench install failed"; exit 1)
 	@$(BIN)/python bench/run.py
 
 bench-smoke: install

@@ -192,6 +192,8 @@ class AgentWorkflow:
             plan, tier = await self._plan(req, ctx, tier, iteration)
             answer = plan.plan.answer or answer
             if not plan.plan.steps:
+                if any(r.state == StepState.FAILED for r in self._steps.values()):
+                    return "partial", "some steps failed; see the step list", answer
                 return "completed", "", answer
             self._phase = "executing"
             for step in plan.plan.steps:

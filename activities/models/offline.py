@@ -83,12 +83,15 @@ def offline_plan(request: str, tools: set[str], executed: list[dict[str, Any]]) 
         guard = ({"step": lookup, "field": "shipped", "equals": True}
                  if conditional and lookup else None)
         if wants_refund:
-            total = f"${{{lookup}.total_usd}}" if lookup else None
+            # Refund only what is left: a second request for the same order refunds nothing.
+            refund_guard = ({"step": lookup, "field": "refundable", "equals": True}
+                            if lookup and (conditional or not amount) else guard)
+            total = f"${{{lookup}.refundable_usd}}" if lookup else None
             value: Any = float(amount.group(1)) if amount else total
             if value is not None:
                 add("issue_refund", {"order_id": order, "amount_usd": value,
                                      "reason": "customer request"},
-                    f"refund {order} as asked", guard)
+                    f"refund {order} as asked", refund_guard)
         if wants_email and lookup:
             what = "a refund has been issued" if wants_refund else "here is an update"
             add("send_email", {"to": f"${{{lookup}.customer_email}}",
@@ -133,8 +136,10 @@ def _respond(request: str, executed: list[dict[str, Any]]) -> str:
         elif state != "succeeded":
             lines.append(f"Could not {tool}: {e.get('error') or state}.")
         elif tool == "lookup_order":
+            refunded = data.get("refunded_usd") or 0
             lines.append(f"Order {data.get('order_id')} is {data.get('status')} "
-                         f"(total ${data.get('total_usd')}).")
+                         f"(total ${data.get('total_usd')}"
+                         + (f", ${refunded} already refunded" if refunded else "") + ").")
         elif tool == "issue_refund":
             lines.append(f"Refunded ${data.get('amount_usd')} on {data.get('order_id')} "
                          f"(refund #{data.get('refund_id')}).")

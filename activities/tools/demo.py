@@ -63,9 +63,12 @@ async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
     refunded = await (await ctx.conn.execute(
         "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",
         (a.order_id,))).fetchone()
-    return {"order_id": row[0], "status": row[1], "shipped": row[1] in ("shipped", "delivered"),
+    shipped = row[1] in ("shipped", "delivered")
+    left = row[4] - (refunded[0] if refunded else 0)
+    return {"order_id": row[0], "status": row[1], "shipped": shipped,
             "customer_email": row[2], "item_sku": row[3], "total_usd": _usd(row[4]),
-            "refunded_usd": _usd(refunded[0] if refunded else 0)}
+            "refunded_usd": _usd(row[4] - left), "refundable_usd": _usd(left),
+            "refundable": shipped and left > 0}
 
 
 @tool("check_inventory", description="Check how many units of a SKU are in stock.",

@@ -128,7 +128,7 @@ async def _run(args: argparse.Namespace) -> int:
     handle: WorkflowHandle[Any, AgentResponse] = await client.start_workflow(
         WORKFLOW, req, id=wid, task_queue=settings.task_queue, result_type=AgentResponse,
         search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
-                                                 USER.value_set(req.user)]),
+                                                 SearchAttributePair(USER, req.user)]),
         static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}")
     if args.no_wait:
         print(wid)
