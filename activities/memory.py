@@ -28,10 +28,11 @@ async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str) ->
     rows = await (await conn.execute(
         "select role, content from memory_turns where tenant=%s and session=%s "
         "order by id desc limit 6", (tenant, session))).fetchall()
-    parts = [f"Earlier: {summary[0]}"] if summary else []
-    parts += [f"{role}: {content[:300]}" for role, content in reversed(rows)]
-    text = "\n".join(parts)
-    return text[-MAX_SUMMARY_CHARS:]
+    recent = "\n".join(f"{role}: {content[:180]}" for role, content in reversed(rows))
+    if not summary:
+        return recent[-MAX_SUMMARY_CHARS:]
+    room = max(0, MAX_SUMMARY_CHARS - len(recent) - len("Earlier: \n"))
+    return f"Earlier: {summary[0][-room:]}\n{recent}"
 
 
 async def save(conn: psycopg.AsyncConnection[Any], tenant: str, session: str, workflow_id: str,

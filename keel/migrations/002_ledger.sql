@@ -197,9 +197,12 @@ create or replace function keel_budget_reserve(
     p_ttl_seconds integer, p_kind text, p_subject text, p_run_id text, p_step_id text,
     p_tier text, p_hash text
 ) returns jsonb
-language plpgsql as $$
+language plpgsql
+-- Custom plans would be re-planned on every call (array parameters); generic ones are cached.
+set plan_cache_mode = force_generic_plan as $$
 declare
-    v_prev    keel_budget_reservations%rowtype;
+    v_prev_hash   text;
+    v_prev_answer jsonb;
     v_scopes  text[];
     r         record;
     e_scopes  text[] := '{}'; e_limits bigint[] := '{}'; e_avail bigint[] := '{}';
@@ -217,19 +220,23 @@ begin
     end if;
     -- Serialises concurrent calls with the same key (no row exists yet to lock).
     perform pg_advisory_xact_lock(hashtextextended(p_key, 7345002));
-    select * into v_prev from keel_budget_reservations where key = p_key;
+    select payload_hash, answer into v_prev_hash, v_prev_answer
+      from keel_budget_reservations where key = p_key;
     if found then
-        if v_prev.payload_hash <> p_hash then
+        if v_prev_hash <> p_hash then
             raise exception using errcode = 'KL001', message = format(
                 'idempotency key %s was already used for a different reserve request', p_key);
         end if;
-        return v_prev.answer || '{"replayed": true}';
+        return v_prev_answer || '{"replayed": true}';
     end if;
 
     v_scopes := keel_scope_closure(p_scopes);
-    -- Missing scopes appear unlimited; sorted inserts keep creation deadlock-free too.
+    -- Missing scopes appear unlimited. Inserted before any row lock is taken, in sorted
+    -- order, so creation stays deadlock-free; the NOT EXISTS keeps the usual case read-only.
     insert into keel_budget_scopes (scope, parent)
-        select s, keel_scope_parent(s) from unnest(v_scopes) s order by s collate "C"
+        select s, keel_scope_parent(s) from unnest(v_scopes) s
+         where not exists (select 1 from keel_budget_scopes b where b.scope = s)
+         order by s collate "C"
         on conflict (scope) do nothing;
     for r in select scope, limit_micros, spent_micros, reserved_micros, observe
                from keel_budget_scopes where scope = any(v_scopes)
@@ -305,9 +312,10 @@ end $$;
 
 create or replace function keel_budget_commit(p_key text, p_actual bigint, p_hash text)
 returns jsonb
-language plpgsql as $$
+language plpgsql
+set plan_cache_mode = force_generic_plan as $$
 declare
-    v_res      keel_budget_reservations%rowtype;
+    v_res      record;
     v_op_key   text := p_key || '/commit';
     v_replay   jsonb;
     v_held     bigint;
@@ -318,12 +326,16 @@ declare
     v_max_debt bigint := 0;
     v_over     boolean := false;
     v_result   jsonb;
+    v_scopes   text[] := '{}';
+    v_debts    bigint[] := '{}';
+    v_beyonds  bigint[] := '{}';
     r          record;
 begin
     if p_actual < 0 then
         raise exception using errcode = '22023', message = 'actual_micros must be >= 0';
     end if;
-    select * into v_res from keel_budget_reservations where key = p_key for update;
+    select status, amount_micros, scopes into v_res
+      from keel_budget_reservations where key = p_key for update;
     if not found then
         raise exception using errcode = 'KL002', message = format('no reservation %s', p_key);
     end if;
@@ -338,29 +350,43 @@ begin
     -- An expired hold already gave its money back: the whole actual is new spend (late).
     v_held := case when v_res.status = 'held' then v_res.amount_micros else 0 end;
     v_extra := greatest(p_actual - v_held, 0);
-    for r in select scope, limit_micros, spent_micros, reserved_micros, debt_micros,
-                    overdraft_micros, observe
-               from keel_budget_scopes where scope = any(v_res.scopes)
-              order by scope for no key update loop
-        v_debt := 0;
-        v_beyond := 0;
-        if v_extra > 0 and r.limit_micros is not null and not r.observe then
-            -- The hold is already counted in reserved; only the extra needs new room.
-            v_rest := greatest(v_extra - greatest(r.limit_micros - r.spent_micros
-                                                  - r.reserved_micros, 0), 0);
-            v_debt := least(v_rest, greatest(r.overdraft_micros - r.debt_micros, 0));
-            v_beyond := v_rest - v_debt;
-        end if;
-        update keel_budget_scopes
-           set spent_micros = spent_micros + p_actual,
-               reserved_micros = reserved_micros - v_held,
-               debt_micros = debt_micros + v_debt,
-               over_limit_micros = over_limit_micros + v_beyond,
+    if v_extra = 0 then
+        -- Usual case: no new room needed. Lock in order and update in one statement.
+        update keel_budget_scopes b
+           set spent_micros = b.spent_micros + p_actual,
+               reserved_micros = b.reserved_micros - v_held, updated_at = now()
+          from (select scope from keel_budget_scopes where scope = any(v_res.scopes)
+                 order by scope for no key update) l
+         where b.scope = l.scope;
+    else
+        for r in select scope, limit_micros, spent_micros, reserved_micros, debt_micros,
+                        overdraft_micros, observe
+                   from keel_budget_scopes where scope = any(v_res.scopes)
+                  order by scope for no key update loop
+            v_debt := 0;
+            v_beyond := 0;
+            if r.limit_micros is not null and not r.observe then
+                -- The hold is already counted in reserved; only the extra needs new room.
+                v_rest := greatest(v_extra - greatest(r.limit_micros - r.spent_micros
+                                                      - r.reserved_micros, 0), 0);
+                v_debt := least(v_rest, greatest(r.overdraft_micros - r.debt_micros, 0));
+                v_beyond := v_rest - v_debt;
+            end if;
+            v_scopes := v_scopes || r.scope::text;
+            v_debts := v_debts || v_debt;
+            v_beyonds := v_beyonds || v_beyond;
+            v_max_debt := greatest(v_max_debt, v_debt);
+            v_over := v_over or v_beyond > 0;
+        end loop;
+        update keel_budget_scopes b
+           set spent_micros = b.spent_micros + p_actual,
+               reserved_micros = b.reserved_micros - v_held,
+               debt_micros = b.debt_micros + x.debt,
+               over_limit_micros = b.over_limit_micros + x.beyond,
                updated_at = now()
-         where scope = r.scope;
-        v_max_debt := greatest(v_max_debt, v_debt);
-        v_over := v_over or v_beyond > 0;
-    end loop;
+          from unnest(v_scopes, v_debts, v_beyonds) as x(scope, debt, beyond)
+         where b.scope = x.scope;
+    end if;
     update keel_budget_reservations
        set status = 'committed', actual_micros = p_actual, overrun_micros = v_extra,
            debt_micros = v_max_debt, over_limit = v_over, late = (v_res.status = 'expired'),
@@ -378,16 +404,18 @@ end $$;
 
 create or replace function keel_budget_release(p_key text, p_reason text, p_hash text)
 returns jsonb
-language plpgsql as $$
+language plpgsql
+set plan_cache_mode = force_generic_plan as $$
 declare
-    v_res     keel_budget_reservations%rowtype;
+    v_res     record;
     v_op_key  text := p_key || '/release';
     v_replay  jsonb;
     v_amount  bigint := 0;
     v_status  text;
     v_result  jsonb;
 begin
-    select * into v_res from keel_budget_reservations where key = p_key for update;
+    select status, amount_micros, scopes into v_res
+      from keel_budget_reservations where key = p_key for update;
     if not found then
         raise exception using errcode = 'KL002', message = format('no reservation %s', p_key);
     end if;
@@ -398,11 +426,11 @@ begin
     v_status := v_res.status;
     if v_res.status = 'held' then
         v_amount := v_res.amount_micros;
-        perform 1 from keel_budget_scopes where scope = any(v_res.scopes)
-          order by scope for no key update;
-        update keel_budget_scopes
-           set reserved_micros = reserved_micros - v_amount, updated_at = now()
-         where scope = any(v_res.scopes);
+        update keel_budget_scopes b
+           set reserved_micros = b.reserved_micros - v_amount, updated_at = now()
+          from (select scope from keel_budget_scopes where scope = any(v_res.scopes)
+                 order by scope for no key update) l
+         where b.scope = l.scope;
         update keel_budget_reservations
            set status = 'released', release_reason = coalesce(p_reason, ''), updated_at = now()
          where key = p_key;

@@ -1,0 +1,167 @@
+"""Per-step overhead: a controlled Keel agent step against the bare Temporal floor.
+
+A Keel step is what ``AgentWorkflow`` does for every plan step: the gate as a local activity
+(permission audit row + budget reservation in one transaction), the ``run_tool`` activity
+(the effect, its ``tool_effects`` row and the ledger commit in one transaction), then the
+rules. The floor is a bare workflow executing one trivial activity per step; ``floor+LA``
+adds one trivial local activity per step, i.e. the same Temporal shape as a Keel step with
+none of its work. All three run on the same dev server in the same run, interleaved.
+
+Per-step cost is the difference between runs of N=10 and N=1 steps divided by 9, so the
+fixed cost of a run (prepare, plan, evaluate, finish; or workflow start/finish) is reported
+separately; history timestamps give the per-step distribution and where the time goes.
+
+This module is also a workflow module: it imports nothing heavy at the top (the workflow
+sandbox re-imports it for every run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from temporalio import activity, workflow
+
+__all__ = ["FloorInput", "FloorWorkflow", "run"]
+
+FLOOR_TIMEOUT = timedelta(seconds=10)  # trivial work; a slow one means a stuck server
+TARGET_RATIO = 1.5
+COMMIT_RUNS = 3
+STATS_FLUSH_S = 11.0  # PostgreSQL flushes an idle backend's statistics within 10 s
+
+
+@dataclass(frozen=True)
+class FloorInput:
+    steps: int
+    local: bool = False
+    """Also run one trivial local activity per step (the Temporal shape of a Keel step)."""
+
+
+@activity.defn(name="bench_floor_step")
+async def floor_step(i: int) -> int:
+    return i
+
+
+@activity.defn(name="bench_floor_gate")
+async def floor_gate(i: int) -> int:
+    return i
+
+
+@workflow.defn(name="BenchFloorWorkflow")
+class FloorWorkflow:
+    @workflow.run
+    async def run(self, inp: FloorInput) -> int:
+        for i in range(inp.steps):
+            if inp.local:
+                await workflow.execute_local_activity(floor_gate, i,
+                                                      start_to_close_timeout=FLOOR_TIMEOUT)
+            await workflow.execute_activity(floor_step, i, start_to_close_timeout=FLOOR_TIMEOUT)
+        return inp.steps
+
+
+async def _floor(client: Any, tq: str, steps: int, local: bool) -> tuple[float, str]:
+    wid = f"bench-floor-{uuid.uuid4().hex[:12]}"
+    t0 = time.perf_counter()
+    await client.execute_workflow(FloorWorkflow.run, FloorInput(steps=steps, local=local),
+                                  id=wid, task_queue=tq)
+    return time.perf_counter() - t0, wid
+
+
+def _keep(big_ids: dict[str, list[str]], small_id: dict[str, str], kind: str, wid: str, *,
+          big: bool) -> None:
+    if big:
+        big_ids[kind].append(wid)
+    else:
+        small_id[kind] = wid
+
+
+async def _pg_commits(pool: Any) -> int:
+    async with pool.connection() as conn:
+        row = await (await conn.execute(
+            "select xact_commit from pg_stat_database where datname = current_database()"
+        )).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> dict[str, Any]:
+    """Measure per-step latency of Keel vs floor; returns figures and a breakdown."""
+    from temporalio.worker import Worker
+
+    from bench.common import event_counts, history_breakdown, keel_worker, noop_request, \
+        run_keel, spread
+
+    rounds = 2 if smoke else 12
+    big = 3 if smoke else 10
+    tq = f"bench-step-{uuid.uuid4().hex[:8]}"
+    kinds = ("keel", "floor", "floor_la")
+    wall: dict[str, dict[int, list[float]]] = {k: {1: [], big: []} for k in kinds}
+    wids: dict[str, list[str]] = {k: [] for k in kinds}
+    small_wid: dict[str, str] = {}
+    floor_worker = Worker(client, task_queue=tq + "-floor", workflows=[FloorWorkflow],
+                          activities=[floor_step, floor_gate], max_cached_workflows=1000)
+    async with keel_worker(client, pool, settings, tq), floor_worker:
+        # Warm-up: first runs pay for imports, sandbox preparation and cache misses.
+        for _ in range(1 if smoke else 2):
+            await run_keel(client, tq, noop_request(2))
+            await _floor(client, tq + "-floor", 2, False)
+            await _floor(client, tq + "-floor", 2, True)
+        for _ in range(rounds):
+            for n in (1, big):
+                resp, secs, wid = await run_keel(client, tq, noop_request(n))
+                if resp.outcome != "completed" or len(resp.steps) != n:
+                    raise RuntimeError(f"bench run did not complete its {n} steps: "
+                                       f"{resp.outcome} {resp.reason}")
+                wall["keel"][n].append(secs)
+                _keep(wids, small_wid, "keel", wid, big=n == big)
+                for kind, local in (("floor", False), ("floor_la", True)):
+                    secs, wid = await _floor(client, tq + "-floor", n, local)
+                    wall[kind][n].append(secs)
+                    _keep(wids, small_wid, kind, wid, big=n == big)
+        commits = None
+        if not smoke:
+            # Database transactions per Keel step. Idle backends report their statistics
+            # up to 10 s late, so each count waits for that flush.
+            counts = []
+            for n in (None, 1, big):
+                if n:
+                    for _ in range(COMMIT_RUNS):
+                        await run_keel(client, tq, noop_request(n))
+                await asyncio.sleep(STATS_FLUSH_S)
+                counts.append(await _pg_commits(pool))
+            commits = ((counts[2] - counts[1]) - (counts[1] - counts[0])) / (COMMIT_RUNS * (big - 1))
+
+    out: dict[str, Any] = {"steps_small": 1, "steps_big": big, "rounds": rounds}
+    for kind in kinds:
+        t1, tb = wall[kind][1], wall[kind][big]
+        per_step = [(b - a) * 1000 / (big - 1) for a, b in zip(t1, tb)]
+        med_step = (statistics.median(tb) - statistics.median(t1)) * 1000 / (big - 1)
+        fixed = statistics.median(t1) * 1000 - med_step
+        activity_name = "run_tool" if kind == "keel" else "bench_floor_step"
+        parts: dict[str, list[float]] = {}
+        for wid in wids[kind]:
+            for key, vals in (await history_breakdown(client, wid, activity_name)).items():
+                parts.setdefault(key, []).extend(vals)
+        counts = await event_counts(client, wids[kind][-1])
+        small = await event_counts(client, small_wid[kind])
+        out[kind] = {
+            "per_step_ms": round(med_step, 2),
+            "per_step_pairs_ms": spread(per_step),
+            "fixed_ms": round(fixed, 1),
+            "run_ms": {1: spread([t * 1000 for t in t1], 1), big: spread([t * 1000 for t in tb], 1)},
+            "history_step_ms": {k: spread(v) for k, v in parts.items()},
+            "events_per_step": round((sum(counts.values()) - sum(small.values())) / (big - 1), 2),
+            "event_types_per_step": {k: round((v - small.get(k, 0)) / (big - 1), 2)
+                                     for k, v in counts.items() if v != small.get(k, 0)},
+            "events_fixed": sum(small.values()) - round((sum(counts.values()) - sum(
+                small.values())) / (big - 1)),
+        }
+    out["ratio"] = round(out["keel"]["per_step_ms"] / out["floor"]["per_step_ms"], 2)
+    out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)
+    out["target_ratio"] = TARGET_RATIO
+    out["pg_commits_per_step"] = None if commits is None else round(commits, 2)
+    return out
