@@ -33,6 +33,7 @@ from temporalio.exceptions import ApplicationError
 __all__ = [
     "BREAKER_POOL",
     "CIRCUIT_OPEN",
+    "WORKER_ID",
     "BreakerConfig",
     "BreakerEvent",
     "BreakerView",

@@ -39,6 +39,7 @@ __all__ = [
     "BudgetCaps",
     "Approval",
     "ToolInfo",
+    "ModelCallRecord",
 ]
 
 MICROS_PER_USD = 1_000_000
@@ -181,6 +182,21 @@ class Spend(Frozen):
     cheapest_tier_calls: int = 0
 
 
+class ModelCallRecord(Frozen):
+    """One model call of a run, for cost attribution and the cascade hit rate."""
+
+    role: str
+    tier: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+    latency_ms: float = 0.0
+    escalated: bool = False
+    """Served above the run's starting tier (the cascade climbed)."""
+
+
 RunOutcome = Literal[
     "completed", "partial", "denied", "budget_exhausted", "escape_hatch", "failed", "cancelled",
     "rejected", "needs_human",
@@ -203,6 +219,8 @@ class AgentResponse(Frozen):
     iterations: int = 0
     policy_version: str = ""
     flags: tuple[str, ...] = ()
+    calls: tuple[ModelCallRecord, ...] = ()
+    """Every model call: tier, model, tokens, cost, latency, escalated or not."""
 
 
 class RunStatus(Frozen):

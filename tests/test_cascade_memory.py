@@ -33,6 +33,9 @@ async def test_low_score_escalates_one_tier(
     assert "escalated_to_balanced" in resp.flags
     assert set(resp.spend.by_tier) == {"fast", "balanced"}
     assert resp.spend.cheapest_tier_calls == 1 and resp.spend.model_calls == 2
+    assert [(c.role, c.tier, c.escalated) for c in resp.calls] == [
+        ("plan", "fast", False), ("plan", "balanced", True)]
+    assert all(c.input_tokens > 0 and c.cost_micros > 0 for c in resp.calls)
 
 
 async def test_budget_caps_force_cheaper_tier(

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         AgentResponse,
         Approval,
         Decision,
+        ModelCallRecord,
         PlanStep,
         RunStatus,
         Spend,
@@ -109,6 +110,8 @@ class AgentWorkflow:
         self._outcome = ""
         self._flags: list[str] = []
         self._wid = ""
+        self._calls: list[ModelCallRecord] = []
+        self._start_tier = ""
 
     # ------------------------------------------------------------------ queries / updates
     @workflow.query(name="status")
@@ -181,6 +184,7 @@ class AgentWorkflow:
     async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
         limits = ctx.limits
         tier = clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier)
+        self._start_tier = tier
         escalations = 0
         tool_calls = 0
         consecutive_failures = 0
@@ -264,6 +268,12 @@ class AgentWorkflow:
         await self._commit(key, out.cost_micros)
         self._charge(out.cost_micros, tier=tier, model=out.model or model, step=f"plan{iteration}",
                      cheapest=tier == TIER_ORDER[0])
+        self._calls.append(ModelCallRecord(
+            role="plan", tier=tier, model=out.model or model, input_tokens=out.usage.input_tokens,
+            cached_input_tokens=out.usage.cached_input_tokens,
+            output_tokens=out.usage.output_tokens, cost_micros=out.cost_micros,
+            latency_ms=out.latency_ms,
+            escalated=TIER_ORDER.index(tier) > TIER_ORDER.index(self._start_tier or tier)))
         return out, tier
 
     async def _evaluate(self, req: AgentRequest, ctx: RunContext) -> EvalOutput:
@@ -435,7 +445,8 @@ class AgentWorkflow:
             workflow_id=self._wid, message=out.message, outcome=outcome,  # type: ignore[arg-type]
             reason=reason, steps=self._records(), spend=spend, model_label=ctx.model_label,
             compensated=tuple(self._compensated), iterations=self._iterations,
-            policy_version=ctx.policy_version, flags=tuple(dict.fromkeys(self._flags)))
+            policy_version=ctx.policy_version, flags=tuple(dict.fromkeys(self._flags)),
+            calls=tuple(self._calls))
 
     # ------------------------------------------------------------------ control-plane calls
     async def _reserve(self, req: AgentRequest, ctx: RunContext, key: str, *, kind: str,

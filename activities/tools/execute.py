@@ -5,7 +5,10 @@ Exactly-once is built from one PostgreSQL transaction per call: the tool's own w
 commit of the step's reservation. A retry, a replay or a second worker racing on the same
 key finds the recorded effect and returns it with ``replayed=True``; nothing happens twice.
 Failure classification lives here and only here: ``ToolError(retryable=...)`` and argument
-validation map to Temporal's retryable / non-retryable application errors.
+validation map to Temporal's retryable / non-retryable application errors, and only
+transient failures count against the tool's circuit breaker (``tool:<name>``, shared by
+all workers in PostgreSQL). An open breaker fails the call at once with the non-retryable
+``CircuitOpen``, so the workflow takes the tool's declared fallback or fails the step.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import uuid
 from typing import Any
 
 import psycopg
@@ -22,10 +27,15 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import breaker
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
+from keel import telemetry
 from keel.models import ToolCall, ToolResult
+from keel.telemetry import annotate
 
 __all__ = ["ToolActivities", "MAX_RESULT_BYTES", "summarize_result"]
+
+log = logging.getLogger(__name__)
 
 MAX_RESULT_BYTES = 4096
 """Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
@@ -52,6 +62,7 @@ class ToolActivities:
 
     @activity.defn(name="run_tool")
     async def run_tool(self, call: ToolCall) -> ToolResult:
+        annotate(tenant=call.tenant, user=call.user, tool=call.tool, step=call.step_id)
         spec = REGISTRY.get(call.tool)
         if spec is None:
             raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool",
@@ -59,12 +70,21 @@ class ToolActivities:
         try:
             args = spec.args_model.model_validate(call.args)
         except ValidationError as e:
+            telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
+                                       error_type="InvalidToolArguments")
             raise ApplicationError(f"{call.tool}: invalid arguments: {_first_error(e)}",
                                    type="InvalidToolArguments", non_retryable=True) from e
         async with self._pool.connection() as conn:
             recorded = await self._recorded(conn, call.idempotency_key)
-            if recorded is not None:
+            if recorded is not None:  # a replay is not a call: the breaker never sees it
+                annotate(replayed=True)
+                telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
                 return recorded
+            # The breaker check sits outside the effect's transaction: its claim and its
+            # verdict must commit even when the tool's own writes roll back.
+            guard = _Guard(conn, f"tool:{call.tool}", breaker.config_from_env(
+                probe_lease_seconds=spec.info.timeout_seconds + 5))
+            await guard.enter(call)
             try:
                 async with conn.transaction():
                     ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user,
@@ -83,13 +103,34 @@ class ToolActivities:
                 # Another attempt (or worker) recorded this key first: its effect stands.
                 recorded = await self._recorded(conn, call.idempotency_key)
                 if recorded is None:
+                    await guard.failed("UniqueViolation without a recorded effect")
                     raise
+                await guard.succeeded()
+                telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
                 return recorded
             except ToolError as e:
-                raise ApplicationError(
-                    f"{call.tool}: {e}",
-                    type="ToolTransientError" if e.retryable else "ToolPermanentError",
-                    non_retryable=not e.retryable) from e
+                # Transient failures count against the breaker; a permanent one (order not
+                # found, refund too large) proves the tool's dependency answered.
+                await (guard.failed(str(e)) if e.retryable else guard.succeeded())
+                kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
+                telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
+                                           error_type=kind)
+                raise ApplicationError(f"{call.tool}: {e}", type=kind,
+                                       non_retryable=not e.retryable) from e
+            except asyncio.CancelledError:
+                raise  # not the tool's fault; a claimed probe is freed by its lease
+            except Exception as e:  # infrastructure: database, network, a bug in the tool
+                if isinstance(e, ApplicationError) and e.non_retryable:
+                    await guard.succeeded()
+                else:
+                    await guard.failed(f"{type(e).__name__}: {e}")
+                telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
+                                           error_type=getattr(e, "type", None) or type(e).__name__)
+                raise
+            await guard.succeeded()
+        annotate(cost_micros=result.cost_micros)
+        telemetry.record_tool_call(call.tool, "ok", tenant=call.tenant)
+        telemetry.record_cost(result.cost_micros, tenant=call.tenant, kind="tool", tool=call.tool)
         return _shrink(result, call.idempotency_key)
 
     @staticmethod
@@ -138,3 +179,34 @@ async def _commit_reservation(conn: psycopg.AsyncConnection[Any], key: str, actu
     from keel.budget import CommitRequest
 
     await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual))
+
+
+class _Guard:
+    """The tool's circuit breaker around one call; its bookkeeping never masks the call's
+    own outcome (a breaker write that fails is logged, the tool's error still propagates)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str,
+                 cfg: breaker.BreakerConfig) -> None:
+        self.conn, self.scope, self.cfg = conn, scope, cfg
+        self.owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
+
+    async def enter(self, call: ToolCall) -> None:
+        permit = await breaker.acquire(self.conn, self.scope, self.cfg, self.owner)
+        annotate(breaker_state=permit.state, breaker_probe=permit.probe or None)
+        if not permit.allowed:
+            telemetry.record_tool_call(call.tool, "circuit_open", tenant=call.tenant)
+            # A compensation must eventually run: it waits out the cooldown instead.
+            raise breaker.circuit_open_error(
+                self.scope, permit, retryable=call.idempotency_key.endswith("/compensate"))
+
+    async def succeeded(self) -> None:
+        try:
+            await breaker.record_success(self.conn, self.scope, self.owner)
+        except Exception as e:
+            log.warning("breaker %s: could not record success: %s", self.scope, e)
+
+    async def failed(self, error: str) -> None:
+        try:
+            await breaker.record_failure(self.conn, self.scope, self.cfg, self.owner, error)
+        except Exception as e:
+            log.warning("breaker %s: could not record failure: %s", self.scope, e)
