@@ -145,7 +145,8 @@ async def acquire(conn: Conn, scope: str, cfg: BreakerConfig, owner: str) -> Per
         "  probe_lease_until = now() + make_interval(secs => %(lease)s), updated_at = now() "
         "from old where b.scope = old.scope and ("
         "  (b.state = 'open' and b.opened_until <= now()) or "
-        "  (b.state = 'half_open' and (b.probe_lease_until is null or b.probe_lease_until <= now())))"
+        "  (b.state = 'half_open' and "
+        "   (b.probe_lease_until is null or b.probe_lease_until <= now())))"
         " returning old.state",
         {"s": scope, "o": owner, "lease": cfg.probe_lease_seconds})).fetchone()
     if claimed is None:  # another worker holds the probe (or just closed/opened it)

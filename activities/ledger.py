@@ -184,8 +184,9 @@ async def history(conn: AsyncConnection[Any], scope: str, limit: int = 50) -> li
             "select key, status, kind, subject, run_id, step_id, decision, would_decision,"
             " requested_micros, amount_micros, actual_micros, overrun_micros, over_limit,"
             " reason, created_at, updated_at, expires_at from keel_budget_reservations"
-            " where scopes @> array[%s]::text[] order by created_at desc, key limit %s",
-            (scope, limit))
+            " where scopes[1] = split_part(%s, '/', 1) and scopes @> array[%s]::text[]"
+            " order by scopes[1], created_at desc limit %s",
+            (scope, scope, limit))
         return [HistoryEntry(**r) for r in await cur.fetchall()]
 
 

@@ -3,26 +3,59 @@
 All model I/O happens here so the workflow only ever sees ``ModelResult`` payloads or
 ``ApplicationError`` failures whose ``non_retryable`` / ``next_retry_delay`` are already right
 for its retry policy. API keys come from this worker's environment, never from the payload.
+
+Each remote provider has a circuit breaker (scope ``model:<provider>``) shared by every worker
+in PostgreSQL. When a provider's breaker is open and the worker also holds a key for the other
+provider, the call goes to the other provider's model of the same tier instead (the result
+names the model that answered, so cost is priced right); otherwise it fails at once with the
+non-retryable ``CircuitOpen``. Only outages count as failures (5xx, timeouts, connection
+errors, unexpected SDK errors), never bad requests, refusals, bad output or 429s (a rate
+limit is retried after its ``retry-after``, see ``activities.models.errors``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import breaker
 from activities.models import get_provider, split_model
-from activities.models.errors import BAD_REQUEST, translate_provider_error
+from activities.models.errors import (
+    BAD_REQUEST,
+    PROVIDER_ERROR,
+    TIMEOUT,
+    UNAVAILABLE,
+    translate_provider_error,
+)
+from keel import telemetry
 from keel.models import ModelCall, ModelResult
+from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
-__all__ = ["HEARTBEAT_EVERY_S", "call_model"]
+__all__ = ["HEARTBEAT_EVERY_S", "OUTAGE_ERRORS", "call_model", "fallback_model"]
 
 HEARTBEAT_EVERY_S = 5.0
 """Heartbeat period while a provider call is in flight: well under any sensible heartbeat
 timeout (set it to ~15-30 s), so a dead worker is noticed quickly and cancellation arrives."""
+
+OUTAGE_ERRORS = frozenset({UNAVAILABLE, TIMEOUT, PROVIDER_ERROR})
+"""Error types that count against a provider's breaker: the provider, not the request, is
+at fault."""
+
+MODEL_PROBE_LEASE_S = 200.0
+"""A probe may take as long as a model call may (the workflow's 3-minute timeout)."""
+
+_KEY_ENV: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+}
 
 
 @activity.defn(name="call_model")
@@ -31,35 +64,139 @@ async def call_model(call: ModelCall) -> ModelResult:
 
     Raises:
         ApplicationError: for every failure; unknown models and bad credentials are
-            non-retryable, rate limits and outages retryable (see ``activities.models.errors``).
+            non-retryable, rate limits and outages retryable (see ``activities.models.errors``);
+            ``CircuitOpen`` (non-retryable) when the provider's breaker is open and no other
+            provider can take the call.
     """
     try:
         provider_name, _ = split_model(call.model)
-        provider = get_provider(call.model)
     except ValueError as e:
         raise ApplicationError(str(e), type=BAD_REQUEST, non_retryable=True) from e
+    wid = activity.info().workflow_id if activity.in_activity() else ""
+    tenant = telemetry.tenant_of(wid or "")
+    telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
+    guard: _ProviderGuard | None = None
+    pool = breaker.BREAKER_POOL.get()
+    if pool is not None and provider_name != "offline":
+        call, provider_name, guard = await _guarded(pool, call, provider_name, tenant)
+    provider = get_provider(call.model)
     started = time.monotonic()
     beat = asyncio.create_task(_heartbeat_forever())
     try:
         result = await provider.complete(call)
-    except ApplicationError:
-        raise
     except Exception as e:
-        raise translate_provider_error(e, provider_name) from e
+        err = translate_provider_error(e, provider_name)
+        if isinstance(err, ApplicationError):
+            if guard is not None:
+                await guard.outcome(err)
+            telemetry.record_model_call(model=call.model, provider=provider_name,
+                                        outcome=err.type or "error", tenant=tenant)
+        if err is e:
+            raise
+        raise err from e
     finally:
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
+    if guard is not None:
+        await guard.outcome(None)
     latency_ms = round((time.monotonic() - started) * 1000, 1)
+    model = result.model or call.model
+    _account(model, provider_name, tenant, result)
     activity.logger.info(
         "model call %s: %d in (%d cached) / %d out tokens in %.0f ms",
-        call.model,
+        model,
         result.usage.input_tokens,
         result.usage.cached_input_tokens,
         result.usage.output_tokens,
         latency_ms,
     )
-    return result.model_copy(update={"latency_ms": latency_ms, "model": result.model or call.model})
+    return result.model_copy(update={"latency_ms": latency_ms, "model": model})
+
+
+def fallback_model(model: str, env: Mapping[str, str]) -> str | None:
+    """The other provider's model for the tier ``model`` serves, if this worker has its key.
+
+    ``openai:gpt-4o-mini`` (fast) → ``anthropic:claude-haiku-4-5`` when ``ANTHROPIC_API_KEY``
+    is set, and vice versa; ``None`` for the offline model or without the other key.
+    """
+    provider, _ = split_model(model)
+    if provider == "offline":
+        return None
+    other = "anthropic" if provider == "openai" else "openai"
+    other_env = {k: env[k] for k in _KEY_ENV[other] if env.get(k)}
+    tiers = resolve_tiers(other_env)  # sees only the other provider's keys
+    if all(m == "offline" for m in tiers.values()):
+        return None
+    return tiers[_tier_of(model, env)]
+
+
+def _tier_of(model: str, env: Mapping[str, str]) -> str:
+    for table in (resolve_tiers(env), OPENAI_TIERS, ANTHROPIC_TIERS):
+        for tier, name in table.items():
+            if name == model:
+                return tier
+    return "balanced"  # an unknown model: a middle tier is the safest stand-in
+
+
+async def _guarded(pool: Any, call: ModelCall, provider: str,
+                   tenant: str) -> tuple[ModelCall, str, _ProviderGuard]:
+    cfg = breaker.config_from_env(probe_lease_seconds=MODEL_PROBE_LEASE_S)
+    owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
+    scope = f"model:{provider}"
+    async with pool.connection() as conn:
+        permit = await breaker.acquire(conn, scope, cfg, owner)
+        if permit.allowed:
+            telemetry.annotate(breaker_state=permit.state, breaker_probe=permit.probe or None)
+            return call, provider, _ProviderGuard(pool, scope, cfg, owner)
+        alt = fallback_model(call.model, os.environ)
+        if alt is not None:
+            alt_provider = split_model(alt)[0]
+            alt_scope = f"model:{alt_provider}"
+            if (await breaker.acquire(conn, alt_scope, cfg, owner)).allowed:
+                activity.logger.warning("%s is open: %s falls back to %s", scope, call.model, alt)
+                telemetry.annotate(fallback_from=call.model, model=alt)
+                return (call.model_copy(update={"model": alt}), alt_provider,
+                        _ProviderGuard(pool, alt_scope, cfg, owner))
+    telemetry.record_model_call(model=call.model, provider=provider, outcome="circuit_open",
+                                tenant=tenant)
+    telemetry.annotate(breaker_state=permit.state)
+    raise breaker.circuit_open_error(scope, permit)
+
+
+class _ProviderGuard:
+    """Reports one call's outcome to its provider's breaker; never masks the call's error."""
+
+    def __init__(self, pool: Any, scope: str, cfg: breaker.BreakerConfig, owner: str) -> None:
+        self.pool, self.scope, self.cfg, self.owner = pool, scope, cfg, owner
+
+    async def outcome(self, error: ApplicationError | None) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                if error is not None and error.type in OUTAGE_ERRORS:
+                    await breaker.record_failure(conn, self.scope, self.cfg, self.owner,
+                                                 error.message)
+                elif error is None or error.non_retryable:  # the provider answered
+                    await breaker.record_success(conn, self.scope, self.owner)
+        except Exception as e:
+            activity.logger.warning("breaker %s: could not record outcome: %s", self.scope, e)
+
+
+def _account(model: str, provider: str, tenant: str, result: ModelResult) -> None:
+    from keel.pricing import cost_micros
+
+    u = result.usage
+    try:
+        cost = cost_micros(model, u)
+    except Exception:  # an unpriced model must not fail a call that already happened
+        cost = 0
+    telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant,
+                                input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                                cached_tokens=u.cached_input_tokens)
+    telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
+    telemetry.annotate(provider=provider, input_tokens=u.input_tokens,
+                       output_tokens=u.output_tokens, cached_tokens=u.cached_input_tokens,
+                       cost_micros=cost)
 
 
 async def _heartbeat_forever() -> None:

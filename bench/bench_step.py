@@ -88,6 +88,25 @@ async def _pg_commits(pool: Any) -> int:
     return int(row[0]) if row else 0
 
 
+def _workflow_code_ms(settings: Any, repeat: int = 300) -> dict[str, float]:
+    """CPU of the pure per-step decisions the workflow makes, outside the sandbox (ms/step)."""
+    from activities.tools.registry import catalog
+    from keel.policy import Policy, load_policy
+    from workflows.gate import check_tool_call
+
+    snapshot = load_policy(settings.policy_file).model_dump(mode="json")
+    noop = next(t for t in catalog(include_hidden=True) if t.name == "noop")
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        policy = Policy.model_validate(snapshot)
+    t1 = time.perf_counter()
+    for i in range(repeat):
+        check_tool_call(policy, "bench", "bench", (), noop, {"note": str(i)}, {})
+    t2 = time.perf_counter()
+    return {"policy_model_validate": round((t1 - t0) * 1000 / repeat, 3),
+            "check_tool_call": round((t2 - t1) * 1000 / repeat, 3)}
+
+
 async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> dict[str, Any]:
     """Measure per-step latency of Keel vs floor; returns figures and a breakdown."""
     from temporalio.worker import Worker
@@ -102,9 +121,10 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     wall: dict[str, dict[int, list[float]]] = {k: {1: [], big: []} for k in kinds}
     wids: dict[str, list[str]] = {k: [] for k in kinds}
     small_wid: dict[str, str] = {}
+    timings: dict[str, list[float]] = {}
     floor_worker = Worker(client, task_queue=tq + "-floor", workflows=[FloorWorkflow],
                           activities=[floor_step, floor_gate], max_cached_workflows=1000)
-    async with keel_worker(client, pool, settings, tq), floor_worker:
+    async with keel_worker(client, pool, settings, tq, timings=timings), floor_worker:
         # Warm-up: first runs pay for imports, sandbox preparation and cache misses.
         for _ in range(1 if smoke else 2):
             await run_keel(client, tq, noop_request(2))
@@ -164,4 +184,9 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)
     out["target_ratio"] = TARGET_RATIO
     out["pg_commits_per_step"] = None if commits is None else round(commits, 2)
+    out["in_process_ms"] = {
+        "authorize_step": spread(timings.get("authorize_step", [])),
+        "run_tool": spread(timings.get("run_tool", [])),
+        **_workflow_code_ms(settings),
+    }
     return out

@@ -34,7 +34,15 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from keel.agent_io import PlanInput, PlanOutput, PrepareInput, RunContext
+from keel.agent_io import (
+    PlanInput,
+    PlanOutput,
+    PrepareInput,
+    RunContext,
+    StepGateInput,
+    StepGateResult,
+)
+from keel.models import ToolCall, ToolResult
 from keel.settings import PROJECT_ROOT, Settings, load_settings
 
 __all__ = [
@@ -149,17 +157,49 @@ class _BenchAgentActivities:
         return PlanOutput(plan=Plan(steps=steps, answer="done"), model="scripted")
 
 
+class _Timed:
+    """The real ``authorize_step`` and ``run_tool``, timed in-process (body only, in ms)."""
+
+    def __init__(self, real: dict[str, Any], timings: dict[str, list[float]]) -> None:
+        self._real, self._t = real, timings
+
+    async def _time(self, name: str, inp: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await self._real[name](inp)
+        finally:
+            self._t.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+
+    @activity.defn(name="authorize_step")
+    async def authorize_step(self, inp: StepGateInput) -> StepGateResult:
+        out: StepGateResult = await self._time("authorize_step", inp)
+        return out
+
+    @activity.defn(name="run_tool")
+    async def run_tool(self, call: ToolCall) -> ToolResult:
+        out: ToolResult = await self._time("run_tool", call)
+        return out
+
+
 @contextlib.asynccontextmanager
 async def keel_worker(client: Client, pool: Any, settings: Settings, task_queue: str,
-                      *, max_cached_workflows: int = 1000) -> AsyncIterator[None]:
-    """The real AgentWorkflow and activities on ``task_queue``, with the bench substitutes."""
+                      *, max_cached_workflows: int = 1000,
+                      timings: dict[str, list[float]] | None = None) -> AsyncIterator[None]:
+    """The real AgentWorkflow and activities on ``task_queue``, with the bench substitutes.
+
+    With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
+    """
     from activities.agent import AgentActivities
     from keel.worker import STICKY_TIMEOUT, _activities
     from workflows.agent import AgentWorkflow
 
     s = dataclasses.replace(settings, task_queue=task_queue)
     sub = _BenchAgentActivities(AgentActivities(pool, s))
-    replaced = {"prepare_run": sub.prepare_run, "plan": sub.plan}
+    replaced: dict[str, Any] = {"prepare_run": sub.prepare_run, "plan": sub.plan}
+    if timings is not None:
+        real = {_activity_name(a): a for a in _activities(pool, s)}
+        timed = _Timed(real, timings)
+        replaced.update({"authorize_step": timed.authorize_step, "run_tool": timed.run_tool})
     # keel.worker's own list, so an activity added there is benchmarked here too.
     acts = [a for a in _activities(pool, s) if _activity_name(a) not in replaced]
     worker = Worker(client, task_queue=task_queue, workflows=[AgentWorkflow],

@@ -1,8 +1,13 @@
 """Build and run a Keel worker: workflows, activities, the ledger sweeper, tool queues.
 
 Any number of workers may run against the same Temporal and PostgreSQL; they share nothing
-in memory. Each also runs a ledger sweeper (expired reservations return their money even
-when no new reservation arrives) — sweeping is idempotent, so N sweepers are harmless.
+in memory (circuit breakers and run slots live in PostgreSQL too). Each also runs a ledger
+sweeper (expired reservations return their money even when no new reservation arrives) —
+sweeping is idempotent, so N sweepers are harmless.
+
+Telemetry comes from the standard ``OTEL_*`` variables (see ``keel.telemetry``): with an
+exporter configured, the client gets Temporal's tracing interceptor, so every workflow and
+activity of a run lands in one trace.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+    Worker,
+)
 
 from keel.settings import Settings
 
-__all__ = ["build_workers", "run_worker", "STICKY_TIMEOUT"]
+__all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "run_worker"]
 
 STICKY_TIMEOUT = timedelta(seconds=2)
 """How long a workflow task waits for the worker that cached its run before any worker may
@@ -41,27 +51,84 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
             budget.release, budget.extend]
 
 
+def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
+    """``extra`` activities replace same-named ones (tests script the model this way)."""
+    from temporalio.activity import _Definition
+
+    def name(fn: Any) -> str:
+        defn = _Definition.from_callable(fn)
+        return defn.name if defn and defn.name else ""
+
+    replaced = {name(fn) for fn in extra}
+    return [fn for fn in base if name(fn) not in replaced] + list(extra)
+
+
+class KeelActivityInterceptor(Interceptor):
+    """Gives every activity this worker runs its breaker store and common span attributes.
+
+    ``call_model`` also runs inside ``plan``/``evaluate`` as a plain function, so the pool
+    travels in a context variable scoped to the activity rather than in an argument.
+    (Client interceptors, like tracing, wrap this one: the span already exists here.)
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _ActivityContext(next, self._pool)
+
+
+class _ActivityContext(ActivityInboundInterceptor):
+    def __init__(self, next: ActivityInboundInterceptor, pool: Any) -> None:
+        super().__init__(next)
+        self._pool = pool
+
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        from temporalio import activity
+
+        from activities.breaker import BREAKER_POOL
+        from keel.telemetry import annotate, tenant_of
+
+        info = activity.info()
+        annotate(workflow_id=info.workflow_id, tenant=tenant_of(info.workflow_id or ""),
+                 attempt=info.attempt)
+        token = BREAKER_POOL.set(self._pool)
+        try:
+            return await super().execute_activity(input)
+        finally:
+            BREAKER_POOL.reset(token)
+
+
 def build_workers(client: Client, pool: Any, settings: Settings, *,
                   task_queue: str | None = None, max_cached_workflows: int = 1000,
-                  extra_activities: Sequence[Any] = ()) -> list[Worker]:
-    """The main worker plus one per rate-limited tool (Temporal enforces the queue's rate)."""
+                  extra_activities: Sequence[Any] = (),
+                  interceptors: Sequence[Interceptor] = ()) -> list[Worker]:
+    """The main worker plus one per rate-limited tool (Temporal enforces the queue's rate).
+
+    Tracing comes from the client's interceptors (see ``keel.telemetry.with_tracing``);
+    ``interceptors`` adds worker-only ones.
+    """
     from activities.tools import ToolActivities, catalog
     from workflows.agent import AgentWorkflow
 
     queue = task_queue or settings.task_queue
+    chain = [*interceptors, KeelActivityInterceptor(pool)]
     workers = [Worker(
         client, task_queue=queue, workflows=[AgentWorkflow],
-        activities=[*_activities(pool, settings), *extra_activities],
+        activities=_merge(_activities(pool, settings), extra_activities),
         max_cached_workflows=max_cached_workflows,
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         graceful_shutdown_timeout=timedelta(seconds=5),
+        interceptors=chain,
     )]
     for tool in catalog(include_hidden=True):
         if tool.rate_limit_per_second:
+            # Temporal enforces this rate on the queue as a whole, across every worker.
             workers.append(Worker(
                 client, task_queue=f"{queue}-tool-{tool.name}",
                 activities=[ToolActivities(pool).run_tool],
-                max_task_queue_activities_per_second=tool.rate_limit_per_second))
+                max_task_queue_activities_per_second=tool.rate_limit_per_second,
+                interceptors=chain))
     return workers
 
 
@@ -70,10 +137,14 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     from activities.ledger import run_sweeper
     from keel.client import connect
     from keel.db import apply_migrations, open_pool
+    from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing
 
     await asyncio.to_thread(apply_migrations, settings.database_url)
+    tracer_provider, meter_provider = setup_telemetry("keel-worker")
     pool = await open_pool(settings.database_url, max_size=20)
     client = await connect(settings)
+    if tracer_provider is not None:
+        client = with_tracing(client, tracer_provider)
     stop = stop or asyncio.Event()
     workers = build_workers(client, pool, settings)
     sweeper = asyncio.create_task(run_sweeper(pool, interval_seconds=5.0, stop=stop))
@@ -87,3 +158,4 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sweeper
         await pool.close()
+        shutdown_telemetry(tracer_provider, meter_provider)

@@ -19,7 +19,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import (
@@ -79,6 +79,7 @@ CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum
 COMPENSATION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=0,
                                  maximum_interval=timedelta(seconds=30))  # must eventually undo
 TOOL_HEARTBEAT = timedelta(seconds=4)  # tools beat every second; a killed worker is seen in 4 s
+COMPENSATION_TIMEOUT = timedelta(seconds=30)  # one undo is one short transaction
 PLAN_TOKENS = 1024
 
 
@@ -104,12 +105,18 @@ class AgentWorkflow:
                                        "by_step": {}, "model_calls": 0, "cheapest": 0}
         self._waiting_for = ""
         self._approvals: dict[str, Approval] = {}
-        self._cancel_reason = ""
+        self._stop: _Abort | None = None
+        """Set by the ``cancel`` update, the deadline or a Temporal cancel; checked at safe points."""
+        self._inflight: asyncio.Task[Any] | None = None
+        """The long activity (plan, evaluate, tool) a stop request cancels."""
+        self._recovered: set[str] = set()
+        """Failed steps whose fallback tool succeeded (graceful degradation, not a failure)."""
         self._iterations = 0
         self._model_label = ""
         self._outcome = ""
         self._flags: list[str] = []
         self._wid = ""
+        self._cleanup = False
         self._calls: list[ModelCallRecord] = []
         self._start_tier = ""
 
@@ -136,7 +143,7 @@ class AgentWorkflow:
 
     @workflow.update(name="cancel")
     async def cancel(self, reason: str) -> str:
-        self._cancel_reason = reason or "cancelled by operator"
+        self._request_stop(_Abort("cancelled", reason or "cancelled by operator", "cancelled"))
         return "cancelling"
 
     @cancel.validator
@@ -153,33 +160,41 @@ class AgentWorkflow:
     async def run(self, req: AgentRequest) -> AgentResponse:
         self._wid = workflow.info().workflow_id
         self._phase = "authorizing"
-        ctx: RunContext = await workflow.execute_activity(
+        ctx: RunContext = await self._shielded(workflow.start_activity(
             "prepare_run", PrepareInput(request=req, workflow_id=self._wid),
             result_type=RunContext, start_to_close_timeout=PREPARE_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary="authorize, guardrails, memory")
+            retry_policy=CONTROL_RETRY, summary="authorize, guardrails, memory"))
         self._model_label = ctx.model_label
         if not ctx.authorized:
             return await self._finish(req, ctx, "denied", ctx.reason, "")
         if not ctx.input_ok:
             return await self._finish(req, ctx, "denied", ctx.input_reason, "")
         outcome, reason, answer = "completed", "", ""
+        # The deadline is a timer beside the loop, not asyncio.wait_for: Temporal turns the
+        # cancellation of an awaited activity into an ActivityError the loop would swallow.
+        deadline = asyncio.create_task(self._deadline(ctx.limits.deadline_seconds))
         try:
-            outcome, reason, answer = await asyncio.wait_for(
-                self._loop(req, ctx), timeout=ctx.limits.deadline_seconds)
+            outcome, reason, answer = await self._loop(req, ctx)
         except _Abort as a:
             outcome, reason = a.outcome, a.reason
             self._flags.append(a.flag or a.outcome)
-        except TimeoutError:
-            outcome, reason = "escape_hatch", (
-                f"deadline: the run exceeded its {ctx.limits.deadline_seconds} s wall-clock limit")
-            self._flags.append("deadline")
         except asyncio.CancelledError:
-            # Temporal cancellation: undo, then report; compensations are not cancellable.
+            # Temporal cancellation outside any activity (e.g. a timer): undo, then report.
             outcome, reason = "cancelled", "workflow cancelled"
-        if outcome not in ("completed", "partial"):
+            self._flags.append("cancelled")
+        finally:
+            deadline.cancel()
+        # From here on nothing is cancellable: compensations, releases and the answer finish.
+        self._cleanup = True
+        if outcome not in ("completed", "partial", "needs_human"):
             await self._rollback(req)
         await self._release_open(req)
         return await self._finish(req, ctx, outcome, reason, answer)
+
+    async def _deadline(self, seconds: int) -> None:
+        await workflow.sleep(seconds, summary="run deadline")
+        self._request_stop(_Abort("escape_hatch", (
+            f"deadline: the run exceeded its {seconds} s wall-clock limit"), "deadline"))
 
     async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
         limits = ctx.limits
@@ -220,8 +235,10 @@ class AgentWorkflow:
                     consecutive_failures += 1
                     tool_calls += 1
                     signatures.append(d.call_signature(step.tool, step.args))
+            self._check_cancel()
             evaluation = await self._evaluate(req, ctx)
-            failed = any(r.state == StepState.FAILED for r in self._steps.values())
+            failed = any(r.state == StepState.FAILED and r.id not in self._recovered
+                         for r in self._steps.values())
             if evaluation.score < limits.escalate_below and escalations < req.model_policy.max_escalations:
                 higher = next_tier(tier, req.model_policy.max_tier)
                 if higher is not None:
@@ -230,12 +247,14 @@ class AgentWorkflow:
                     self._flags.append(f"escalated_to_{higher}")
                     continue
             if evaluation.confidence < limits.min_confidence:
+                self._flags.append("low_confidence")
                 return "needs_human", (f"confidence {evaluation.confidence:.2f} below "
                                        f"{limits.min_confidence:.2f}: handing off to a human"), answer
             if not failed and not plan.plan.replan:
                 return "completed", "", answer
             if failed and iteration == limits.max_iterations:
                 return "partial", "some steps failed; see the step list", answer
+        self._flags.append("iteration_cap")
         return "escape_hatch", (f"iteration_cap: stopped after {limits.max_iterations} "
                                 "plan/act iterations"), answer
 
@@ -255,15 +274,17 @@ class AgentWorkflow:
                 self._flags.append(f"capped_to_{capped}")
                 tier, model = capped, ctx.tiers.get(capped, "offline")
         try:
-            out: PlanOutput = await workflow.execute_activity(
+            out: PlanOutput = await self._interruptible(workflow.start_activity(
                 "plan", PlanInput(workflow_id=self._wid, message=req.message, memory=ctx.memory,
                                   tools=ctx.tools, executed=self._records(), model=model,
                                   tier=tier, max_tokens=max_tokens, iteration=iteration),
                 result_type=PlanOutput, start_to_close_timeout=MODEL_TIMEOUT,
                 heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-                summary=f"plan #{iteration} ({model}, {tier})")
+                summary=f"plan #{iteration} ({model}, {tier})"))
         except ActivityError as e:
+            self._note_cancel(e)
             await self._release(req, key)
+            self._check_cancel()
             raise _Abort("failed", f"planning failed: {_cause(e)}", "plan_failed") from e
         await self._commit(key, out.cost_micros)
         self._charge(out.cost_micros, tier=tier, model=out.model or model, step=f"plan{iteration}",
@@ -283,12 +304,19 @@ class AgentWorkflow:
         if judge:
             await self._reserve(req, ctx, key, kind="model", subject=judge, tier=TIER_ORDER[0],
                                 amount=ctx.judge_estimates.get(judge, 0), max_tokens=256)
-        out: EvalOutput = await workflow.execute_activity(
-            "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
-                                  executed=self._records(), model=judge),
-            result_type=EvalOutput, start_to_close_timeout=MODEL_TIMEOUT,
-            heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-            summary=f"evaluate #{self._iterations}" + (f" (judge {judge})" if judge else " (rules)"))
+        try:
+            out: EvalOutput = await self._interruptible(workflow.start_activity(
+                "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
+                                      executed=self._records(), model=judge),
+                result_type=EvalOutput, start_to_close_timeout=MODEL_TIMEOUT,
+                heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
+                summary=f"evaluate #{self._iterations}" + (f" (judge {judge})" if judge else " (rules)")))
+        except ActivityError as e:
+            self._note_cancel(e)
+            if judge:
+                await self._release(req, key)
+            self._check_cancel()
+            raise _Abort("failed", f"evaluation failed: {_cause(e)}", "eval_failed") from e
         if judge:
             await self._commit(key, out.cost_micros)
             self._charge(out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1],
@@ -340,15 +368,19 @@ class AgentWorkflow:
                                                 "summary": "optional step disabled by budget caps"}))
             return StepState.SKIPPED
         self._open_reservations.add(f"{key}/reserve")
+        self._check_cancel()  # a stop that arrived during the gate: the reservation is released
         self._put(record.model_copy(update={"state": StepState.RUNNING}))
         try:
-            out = await self._call_tool(req, tool, args, key, f"{key}/reserve")
+            out = await self._interruptible(self._start_tool(req, tool, args, key, f"{key}/reserve"))
         except ActivityError as e:
-            await self._settle(req, step.id, step.tool, f"{key}/reserve", None, "failed", _cause(e))
-            self._put(record.model_copy(update={"state": StepState.FAILED, "error": _cause(e)}))
+            cancelled = self._note_cancel(e)
+            why = f"cancelled: {self._stop.reason}" if cancelled and self._stop else _cause(e)
+            await self._settle(req, step.id, step.tool, f"{key}/reserve", None,
+                               "cancelled" if cancelled else "failed", why)
+            self._put(record.model_copy(update={"state": StepState.FAILED, "error": why}))
+            self._check_cancel()
             if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
-                return await self._run_step(req, ctx, step.model_copy(update={
-                    "id": f"{step.id}f", "tool": tool.fallback}))
+                return await self._fallback(req, ctx, step, tool)
             return StepState.FAILED
         self._open_reservations.discard(f"{key}/reserve")
         self._results[step.id] = out.data
@@ -360,9 +392,23 @@ class AgentWorkflow:
             "result": out.data, "cost_micros": out.cost_micros, "score": 1.0}))
         return StepState.SUCCEEDED
 
-    async def _call_tool(self, req: AgentRequest, tool: ToolInfo, args: dict[str, Any], key: str,
-                         reserve_key: str) -> ToolResult:
-        return await workflow.execute_activity(
+    async def _fallback(self, req: AgentRequest, ctx: RunContext, step: PlanStep,
+                        tool: ToolInfo) -> StepState:
+        """Graceful degradation: run the declared fallback with the same arguments."""
+        assert tool.fallback is not None
+        fb = step.model_copy(update={"id": f"{step.id}f", "tool": tool.fallback})
+        state = await self._run_step(req, ctx, fb)
+        if state == StepState.SUCCEEDED:
+            self._recovered.add(step.id)
+            self._results[step.id] = self._results[fb.id]  # later ${sN.x} references still resolve
+            self._flags += ["degraded", f"fallback:{step.tool}->{tool.fallback}"]
+        return state
+
+    def _start_tool(self, req: AgentRequest, tool: ToolInfo, args: dict[str, Any], key: str,
+                    reserve_key: str) -> workflow.ActivityHandle[ToolResult]:
+        # WAIT_CANCELLATION_COMPLETED: a cancelled tool has really stopped (its transaction
+        # rolled back) or really finished before the run moves on, so no effect goes unrecorded.
+        return workflow.start_activity(
             "run_tool", ToolCall(tool=tool.name, args=args, idempotency_key=key, tenant=req.tenant,
                                  user=req.user, workflow_id=self._wid, step_id=key.rsplit("/", 1)[1],
                                  reservation_key=reserve_key),
@@ -372,7 +418,8 @@ class AgentWorkflow:
                                      maximum_interval=timedelta(seconds=10),
                                      maximum_attempts=tool.max_attempts,
                                      non_retryable_error_types=list(tool.non_retryable_errors)),
-            task_queue=_tool_queue(tool), summary=d.step_summary(tool.name, args))
+            task_queue=_tool_queue(tool), summary=d.step_summary(tool.name, args),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
 
     async def _await_approval(self, req: AgentRequest, ctx: RunContext, record: StepRecord,
                               why: str, timeout_seconds: int, approve_on_timeout: bool) -> None:
@@ -381,8 +428,10 @@ class AgentWorkflow:
         self._phase = "waiting_approval"
         try:
             await workflow.wait_condition(
-                lambda: record.id in self._approvals or bool(self._cancel_reason),
+                lambda: record.id in self._approvals or self._stop is not None,
                 timeout=timedelta(seconds=timeout_seconds))
+        except asyncio.CancelledError:
+            self._note_workflow_cancel()
         except TimeoutError:
             self._approvals[record.id] = Approval(
                 approve=approve_on_timeout, step_id=record.id,
@@ -390,6 +439,9 @@ class AgentWorkflow:
                        f"{'approve' if approve_on_timeout else 'reject'})")
         self._waiting_for = ""
         self._phase = "executing"
+        if self._stop is not None:
+            self._put(record.model_copy(update={"state": StepState.FAILED, "error": (
+                f"stopped while waiting for approval: {self._stop.reason}")}))
         self._check_cancel()
         decision = self._approvals[record.id]
         await self._gate(req, ctx, record.id, record.tool, record.args, allowed=decision.approve,
@@ -403,20 +455,32 @@ class AgentWorkflow:
 
     # ------------------------------------------------------------------ rollback / finish
     async def _rollback(self, req: AgentRequest) -> None:
-        """Saga: undo side effects newest first; each undo is idempotent and retried forever."""
+        """Saga: undo side effects newest first; each undo is idempotent and retried forever.
+
+        Compensations are shielded from cancellation. One that fails permanently (a
+        non-retryable error) is flagged and the rest still run: stopping half-way would leave
+        more effects in place than one failed undo does.
+        """
         self._phase = "compensating"
         while self._compensations:
             step_id, comp, effect = self._compensations.pop()
             key = f"{self._wid}/{step_id}/compensate"
-            await workflow.execute_activity(
-                "run_tool", ToolCall(tool=comp, args={"effect": effect}, idempotency_key=key,
-                                     tenant=req.tenant, user=req.user, workflow_id=self._wid,
-                                     step_id=step_id),
-                result_type=ToolResult, start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=COMPENSATION_RETRY, summary=f"compensate {step_id} with {comp}",
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
-            self._compensated.append(step_id)
             rec = self._steps[step_id]
+            try:
+                await self._shielded(workflow.start_activity(
+                    "run_tool", ToolCall(tool=comp, args={"effect": effect}, idempotency_key=key,
+                                         tenant=req.tenant, user=req.user, workflow_id=self._wid,
+                                         step_id=step_id),
+                    result_type=ToolResult, start_to_close_timeout=COMPENSATION_TIMEOUT,
+                    retry_policy=COMPENSATION_RETRY, summary=f"compensate {step_id} with {comp}"))
+            except ActivityError as e:
+                self._flags.append("compensation_failed")
+                self._put(rec.model_copy(update={"error": f"compensation {comp} failed: {_cause(e)}"}))
+                await self._settle(req, step_id, comp, "", None, "failed",
+                                   f"{comp} could not undo {rec.tool}: {_cause(e)}",
+                                   kind="compensation")
+                continue
+            self._compensated.append(step_id)
             self._put(rec.model_copy(update={"state": StepState.COMPENSATED}))
             await self._settle(req, step_id, comp, "", None, "compensated",
                                f"{comp} undid {rec.tool}", kind="compensation")
@@ -430,13 +494,13 @@ class AgentWorkflow:
                       answer: str) -> AgentResponse:
         self._phase = "finishing"
         self._outcome = outcome
-        out: FinishOutput = await workflow.execute_activity(
+        out: FinishOutput = await self._shielded(workflow.start_activity(
             "finish_run", FinishInput(workflow_id=self._wid, request=req, executed=self._records(),
                                       outcome=outcome, reason=reason, answer=answer,
                                       model=ctx.tiers.get(TIER_ORDER[0], "offline")),
             result_type=FinishOutput, start_to_close_timeout=MODEL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-            summary=f"respond ({outcome})")
+            summary=f"respond ({outcome})"))
         spend = self._spend_model()
         workflow.upsert_search_attributes([OUTCOME.value_set(outcome),
                                            SPEND.value_set(spend.total_micros)])
@@ -451,14 +515,14 @@ class AgentWorkflow:
     # ------------------------------------------------------------------ control-plane calls
     async def _reserve(self, req: AgentRequest, ctx: RunContext, key: str, *, kind: str,
                        subject: str, tier: str, amount: int, max_tokens: int) -> ReserveResult:
-        res: ReserveResult = await workflow.execute_local_activity(
+        res: ReserveResult = await self._shielded(workflow.start_local_activity(
             "budget_reserve",
             ReserveRequest(key=key, scopes=ctx.scopes, amount_micros=amount,
                            min_micros=amount // 4, max_tokens=max_tokens, kind=kind,
                            subject=subject, run_id=self._wid, step_id=key.rsplit("/", 1)[1],
                            tier=tier),
             result_type=ReserveResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"reserve {kind} {subject}")
+            retry_policy=CONTROL_RETRY, summary=f"reserve {kind} {subject}"))
         if res.decision == Decision.DENY:
             raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}",
                          "budget_denied")
@@ -466,47 +530,92 @@ class AgentWorkflow:
         return res
 
     async def _commit(self, key: str, actual: int) -> CommitResult:
-        res: CommitResult = await workflow.execute_local_activity(
+        res: CommitResult = await self._shielded(workflow.start_local_activity(
             "budget_commit", CommitRequest(key=key, actual_micros=actual),
             result_type=CommitResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary="commit")
+            retry_policy=CONTROL_RETRY, summary="commit"))
         self._open_reservations.discard(key)
         return res
 
     async def _release(self, req: AgentRequest, key: str) -> None:
-        await workflow.execute_local_activity(
+        await self._shielded(workflow.start_local_activity(
             "budget_release", ReleaseRequest(key=key, reason="run ended before use"),
-            start_to_close_timeout=CONTROL_TIMEOUT, retry_policy=CONTROL_RETRY, summary="release")
+            start_to_close_timeout=CONTROL_TIMEOUT, retry_policy=CONTROL_RETRY, summary="release"))
         self._open_reservations.discard(key)
 
     async def _gate(self, req: AgentRequest, ctx: RunContext, step_id: str, tool: str,
                     args: dict[str, Any], *, allowed: bool, rule: str, reason: str,
                     amount: int = 0, reserve_key: str = "", kind: str = "permission") -> StepGateResult:
-        return await workflow.execute_local_activity(
+        return await self._shielded(workflow.start_local_activity(
             "authorize_step",
             StepGateInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
                           tool=tool, args=args, allowed=allowed, rule=rule, reason=reason,
                           kind=kind, scopes=ctx.scopes, amount_micros=amount,
                           reserve_key=reserve_key),
             result_type=StepGateResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"gate {tool} ({'allow' if allowed else 'deny'})")
+            retry_policy=CONTROL_RETRY, summary=f"gate {tool} ({'allow' if allowed else 'deny'})"))
 
     async def _settle(self, req: AgentRequest, step_id: str, subject: str, reserve_key: str,
                       commit: int | None, decision: str, reason: str, kind: str = "tool") -> None:
-        await workflow.execute_local_activity(
+        await self._shielded(workflow.start_local_activity(
             "settle_step",
             SettleInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
                         subject=subject, reserve_key=reserve_key, commit_micros=commit, kind=kind,
                         decision=decision, reason=reason),
             result_type=SettleResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"settle {subject} ({decision})")
+            retry_policy=CONTROL_RETRY, summary=f"settle {subject} ({decision})"))
         if reserve_key:
             self._open_reservations.discard(reserve_key)
 
     # ------------------------------------------------------------------ bookkeeping
     def _check_cancel(self) -> None:
-        if self._cancel_reason:
-            raise _Abort("cancelled", self._cancel_reason, "cancelled")
+        """A safe point: stop here if a cancel, a deadline or a Temporal cancel arrived."""
+        if self._stop is not None:
+            raise _Abort(self._stop.outcome, self._stop.reason, self._stop.flag)
+
+    def _request_stop(self, stop: _Abort) -> None:
+        """Record why the run must stop (the first reason wins) and cancel the long activity."""
+        if self._stop is None:
+            self._stop = stop
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()
+
+    def _note_workflow_cancel(self) -> None:
+        if self._stop is None:
+            self._stop = _Abort("cancelled", "workflow cancelled", "cancelled")
+
+    def _note_cancel(self, e: ActivityError) -> bool:
+        """True when ``e`` is a cancellation; one we did not ask for is Temporal's cancel."""
+        if not is_cancelled_exception(e):
+            return False
+        self._note_workflow_cancel()
+        return True
+
+    async def _interruptible(self, handle: workflow.ActivityHandle[Any]) -> Any:
+        """Await a long activity that a stop request may cancel (see ``_request_stop``)."""
+        self._inflight = handle
+        try:
+            return await handle
+        finally:
+            self._inflight = None
+
+    async def _shielded(self, handle: workflow.ActivityHandle[Any]) -> Any:
+        """Await an activity to its end even if the run is cancelled meanwhile.
+
+        Control-plane calls (ledger, audit), compensations and the final answer must finish:
+        cancelling one half-way would leave a reservation or an undo in an unknown state. A
+        Temporal cancel that arrives here is remembered and honoured at the next safe point.
+        """
+        while True:
+            try:
+                return await asyncio.shield(handle)
+            except asyncio.CancelledError:
+                if handle.cancelled():
+                    raise
+                self._note_workflow_cancel()
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
 
     def _gate_context(self) -> dict[str, Any]:
         ctx: dict[str, Any] = {}

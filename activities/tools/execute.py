@@ -33,7 +33,7 @@ from keel import telemetry
 from keel.models import ToolCall, ToolResult
 from keel.telemetry import annotate
 
-__all__ = ["ToolActivities", "MAX_RESULT_BYTES", "summarize_result"]
+__all__ = ["MAX_RESULT_BYTES", "ToolActivities", "summarize_result"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class ToolActivities:
                     ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user,
                                       idempotency_key=call.idempotency_key)
                     data = await _with_heartbeats(spec.fn(ctx, args))
-                    result = ToolResult(ok=True, data=data, summary=summarize_result(call.tool, data),
+                    result = ToolResult(ok=True, data=data,
+                                        summary=summarize_result(call.tool, data),
                                         cost_micros=spec.info.cost_micros)
                     await conn.execute(
                         "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "

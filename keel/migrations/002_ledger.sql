@@ -42,7 +42,7 @@ create index if not exists keel_budget_scopes_parent on keel_budget_scopes (pare
 
 create table if not exists keel_budget_reservations (
     key               text primary key,
-    scopes            text[] collate "C" not null,
+    scopes            text[] not null,
     requested_micros  bigint not null check (requested_micros >= 0),
     amount_micros     bigint not null check (amount_micros >= 0),
     actual_micros     bigint check (actual_micros >= 0),
@@ -72,8 +72,11 @@ create table if not exists keel_budget_reservations (
 
 create index if not exists keel_budget_res_expiry on keel_budget_reservations (expires_at)
     where status = 'held';
-create index if not exists keel_budget_res_scopes on keel_budget_reservations using gin (scopes);
-create index if not exists keel_budget_res_run on keel_budget_reservations (run_id);
+-- History per scope: scopes[1] is always the tenant (the closure is sorted and the tenant is a
+-- prefix of every other scope). A btree rather than GIN on scopes: it is cheaper on the hot
+-- path (no pending list, no entries per scope) and unchanged by commits.
+create index if not exists keel_budget_res_tenant on keel_budget_reservations
+    ((scopes[1]), created_at);
 
 -- First answer of every commit / release / extend, keyed '<reservation key>/<op>'.
 create table if not exists keel_budget_ops (
@@ -147,7 +150,11 @@ begin
                                   'remaining_micros', null, 'caps', v_caps, 'reason', '');
     end if;
     for i in 1..n loop
-        if v_ti is null or p_avail[i] < p_avail[v_ti] then v_ti := i; end if;
+        -- Ties name the most specific scope, whatever order the rows came in.
+        if v_ti is null or p_avail[i] < p_avail[v_ti]
+           or (p_avail[i] = p_avail[v_ti] and length(p_scopes[i]) > length(p_scopes[v_ti])) then
+            v_ti := i;
+        end if;
     end loop;
     if p_amount <= p_avail[v_ti] then
         v_grant := p_amount;
@@ -168,7 +175,11 @@ begin
         v_rem := least(coalesce(v_rem, v_after), v_after);
         if v_after < v_lw then
             v_ratio := v_after::numeric / v_lw;
-            if v_best is null or v_ratio < v_best then v_best := v_ratio; v_li := i; end if;
+            if v_best is null or v_ratio < v_best
+               or (v_ratio = v_best and length(p_scopes[i]) > length(p_scopes[v_li])) then
+                v_best := v_ratio;
+                v_li := i;
+            end if;
         end if;
     end loop;
     if v_grant < p_amount then
@@ -238,19 +249,26 @@ begin
          where not exists (select 1 from keel_budget_scopes b where b.scope = s)
          order by s collate "C"
         on conflict (scope) do nothing;
-    for r in select scope, limit_micros, spent_micros, reserved_micros, observe
-               from keel_budget_scopes where scope = any(v_scopes)
-              order by scope for no key update loop
+    -- Optimistic: hold the full amount while locking (in scope order) and reading, one
+    -- statement; a DENY or a partial grant gives the difference back below.
+    for r in update keel_budget_scopes b
+                set reserved_micros = b.reserved_micros + p_amount, updated_at = now()
+               from (select scope from keel_budget_scopes where scope = any(v_scopes)
+                      order by scope for no key update) l
+              where b.scope = l.scope
+          returning b.scope, b.limit_micros,
+                    b.limit_micros - b.spent_micros - b.reserved_micros + p_amount as avail,
+                    b.observe loop
         if r.limit_micros is not null then
             a_scopes := a_scopes || r.scope::text;
             a_limits := a_limits || r.limit_micros;
-            a_avail := a_avail || (r.limit_micros - r.spent_micros - r.reserved_micros);
+            a_avail := a_avail || r.avail;
             if r.observe then
                 v_any_observe := true;
             else
                 e_scopes := e_scopes || r.scope::text;
                 e_limits := e_limits || r.limit_micros;
-                e_avail := e_avail || (r.limit_micros - r.spent_micros - r.reserved_micros);
+                e_avail := e_avail || r.avail;
             end if;
         end if;
     end loop;
@@ -261,10 +279,10 @@ begin
         v_observed := v_would->>'decision' <> v_enf->>'decision'
                       or (v_would->>'granted_micros')::bigint < (v_enf->>'granted_micros')::bigint;
     end if;
-    v_grant := (v_enf->>'granted_micros')::bigint;
-    if v_enf->>'decision' <> 'DENY' and v_grant > 0 then
-        update keel_budget_scopes
-           set reserved_micros = reserved_micros + v_grant, updated_at = now()
+    v_grant := (v_enf->>'granted_micros')::bigint;  -- 0 on DENY
+    if v_grant <> p_amount then
+        update keel_budget_scopes  -- rows already locked above: order no longer matters
+           set reserved_micros = reserved_micros - (p_amount - v_grant), updated_at = now()
          where scope = any(v_scopes);
     end if;
 

@@ -1,0 +1,106 @@
+"""Per-tenant concurrency limit on runs: a slot per in-flight run, leased in PostgreSQL.
+
+``acquire_run_slot`` is called when a run starts (``prepare_run``) and ``release_run_slot``
+when it finishes (``finish_run``). A slot is a lease that ends at ``expires_at`` (database
+clock): a run whose worker died, or that was terminated so ``finish_run`` never ran, stops
+counting once its lease ends, so a crash cannot leak a tenant's capacity for ever. Choose the
+TTL above the run's wall-clock deadline (``ttl_for``).
+
+Acquisition is serialised per tenant with a transaction-scoped advisory lock, so N workers
+admitting runs of one tenant at the same moment can never exceed the limit; tenants do not
+contend with each other. Both calls are idempotent per ``workflow_id`` (activity retries).
+
+The same table doubles as the registry of in-flight runs: ``release_run_slot`` returns how
+long the run held its slot, which is the run's duration for the ``keel.run.duration`` metric.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+
+__all__ = [
+    "SLOT_MARGIN_SECONDS",
+    "acquire_run_slot",
+    "in_flight",
+    "release_run_slot",
+    "tenant_run_limit",
+    "ttl_for",
+]
+
+SLOT_MARGIN_SECONDS = 300
+"""Added to a run's deadline for its lease: a run may overrun its deadline while it
+compensates and finishes, and must not lose its slot while doing so."""
+
+_LOCK_CLASS = 7_345_005  # advisory-lock namespace owned by the run-slot code
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def acquire_run_slot(conn: Conn, tenant: str, workflow_id: str, limit: int | None,
+                           ttl_seconds: float) -> bool:
+    """Take one of ``tenant``'s ``limit`` run slots for ``workflow_id``; ``False`` when full.
+
+    ``limit=None`` never refuses (the slot is still recorded, for the duration metric).
+    Re-acquiring a slot the run already holds renews its lease and returns ``True``.
+    """
+    async with conn.transaction():
+        await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
+        renewed = await conn.execute(
+            "update run_slots set expires_at = now() + make_interval(secs => %s) "
+            "where workflow_id = %s and expires_at > now()", (ttl_seconds, workflow_id))
+        if renewed.rowcount:
+            return True
+        await conn.execute("delete from run_slots where tenant = %s and expires_at <= now()",
+                           (tenant,))
+        if limit is not None:
+            row = await (await conn.execute(
+                "select count(*) from run_slots where tenant = %s", (tenant,))).fetchone()
+            if row is not None and row[0] >= limit:
+                return False
+        await conn.execute(
+            "insert into run_slots (workflow_id, tenant, expires_at) "
+            "values (%s, %s, now() + make_interval(secs => %s)) "
+            "on conflict (workflow_id) do update set tenant = excluded.tenant, "
+            "acquired_at = now(), expires_at = excluded.expires_at",
+            (workflow_id, tenant, ttl_seconds))
+        return True
+
+
+async def release_run_slot(conn: Conn, workflow_id: str) -> float | None:
+    """Free the run's slot; returns seconds it was held (``None`` if it held none)."""
+    row = await (await conn.execute(
+        "delete from run_slots where workflow_id = %s "
+        "returning extract(epoch from now() - acquired_at)::float8", (workflow_id,))).fetchone()
+    return None if row is None else float(row[0])
+
+
+async def in_flight(conn: Conn, tenant: str) -> int:
+    """Runs of ``tenant`` currently holding an unexpired slot."""
+    row = await (await conn.execute(
+        "select count(*) from run_slots where tenant = %s and expires_at > now()",
+        (tenant,))).fetchone()
+    return int(row[0]) if row else 0
+
+
+def tenant_run_limit(tenant: str, env: Mapping[str, str] | None = None) -> int | None:
+    """The limit for ``tenant``: ``KEEL_MAX_RUNS_<TENANT>`` (upper-cased, ``-``/``.`` → ``_``),
+    else ``KEEL_MAX_RUNS_PER_TENANT``, else unlimited (``None``). ``0`` means unlimited too."""
+    e = os.environ if env is None else env
+    own = "KEEL_MAX_RUNS_" + tenant.upper().replace("-", "_").replace(".", "_")
+    raw = (e.get(own) or e.get("KEEL_MAX_RUNS_PER_TENANT") or "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"run limit for tenant {tenant!r} must be an integer, got {raw!r}") from None
+    return value if value > 0 else None
+
+
+def ttl_for(deadline_seconds: int | float) -> float:
+    """Lease length for a run with this wall-clock deadline."""
+    return float(deadline_seconds) + SLOT_MARGIN_SECONDS
