@@ -1,9 +1,10 @@
 """The tamper-evident audit log: append, read a run's trail, verify the hash chains.
 
 Hash chain, per tenant: row ``n`` stores ``prev_hash`` (row ``n-1``'s hash, ``""`` for the
-first row) and ``hash = sha256(prev_hash + "\\n" + canonical(row))`` where ``canonical`` is
-compact, key-sorted JSON of the row's content: tenant, seq, ts (UTC, microseconds), user,
-workflow_id, step_id, kind, subject, decision, reason, data, idem_key. Editing a row breaks
+first row) and a hash over ``prev_hash`` and the row's content. Version 2 (every append
+since migration 007) is computed by the database in ``keel_audit_append``: sha256 over the
+length-prefixed fields (see ``row_hash_v2``); version 1 rows, hashed by the application as
+``sha256(prev_hash + "\\n" + compact key-sorted JSON)`` (``row_hash``), still verify. Editing a row breaks
 its hash; deleting or reordering rows breaks ``seq`` (1-based, gap-free) or the
 ``prev_hash`` link; deleting the newest rows is caught against ``audit_heads``. Someone
 who can rewrite every row AND the head could forge a consistent chain: anchor head hashes
@@ -28,14 +29,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
 from activities.guardrails import redact, redact_data
 from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
 
-__all__ = ["AuditActivities", "AuditError", "append", "append_many", "row_hash", "trail", "verify"]
+__all__ = [
+    "AuditActivities", "AuditError", "append", "append_many", "append_statement", "row_hash",
+    "row_hash_v2", "trail", "verify",
+]
 
 _MAX_DATA_CHARS = 4096  # rows stay small: detail lives in tool_effects / memory, not here
 _MAX_REASON_CHARS = 2000
@@ -117,98 +123,49 @@ def _row(r: Sequence[Any], existing: bool = False) -> AuditRow:
 
 
 async def append_many(conn: AsyncConnection[Any], entries: Sequence[AuditEntry]) -> list[AuditRow]:
-    """Append entries in order, atomically; returns one row per entry (existing ones marked).
+    """Append entries in order; returns one row per entry (existing ones marked).
 
-    Two round trips however many entries: (1) create-if-missing and lock the tenants' heads
-    in tenant order (no deadlocks between multi-tenant batches), read the clock and any rows
-    already stored under these keys; (2) insert the new rows and move the heads, commit.
-
-    Called inside the caller's transaction (READ COMMITTED) it becomes a savepoint of it, so
-    a decision and its audit row commit or roll back together; the tenant's head stays
-    locked until that outer transaction ends, so keep such transactions short.
+    Each entry is ONE call of ``keel_audit_append`` (migration 007): the database locks the
+    tenant's head, reads its clock, hashes the row and inserts it, so an append costs one
+    round trip and no client-side work beyond redaction. Inside a caller's transaction the
+    rows commit or roll back with it (the head stays locked until then: keep it short).
+    Idempotent by ``idem_key``: a key already stored for this tenant returns the stored row;
+    a key stored for another tenant is refused.
     """
-    if not entries:
-        return []
-    prepared = [_prepare(e) for e in entries]
-    tenants = sorted({e.tenant for e in prepared})
-    keys = list(dict.fromkeys(e.idem_key for e in prepared))
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(
-            "insert into audit_heads (tenant) select unnest(%s::text[]) on conflict do nothing",
-            (tenants,),
-        )
-        heads_cur = await conn.execute(
-            "select tenant, seq, hash, clock_timestamp() from audit_heads "
-            "where tenant = any(%s) order by tenant for update",
-            (tenants,),
-        )
-        old_cur = await conn.execute(
-            f"select {_COLS} from audit_log where idem_key = any(%s)", (keys,)
-        )
-        heads = {t: [seq, h, ts] for t, seq, h, ts in await heads_cur.fetchall()}
-        found = {r.idem_key: r for r in (_row(x, existing=True) for x in await old_cur.fetchall())}
-        out: list[AuditRow | None] = []
-        new: list[AuditRow] = []
-        for e in prepared:
-            if e.idem_key in found:
-                if found[e.idem_key].tenant != e.tenant:
-                    raise AuditError(f"idem_key {e.idem_key!r} already used by another tenant")
-                out.append(found[e.idem_key])
-                continue
-            head = heads[e.tenant]
-            seq, ts = head[0] + 1, head[2]
-            h = row_hash(head[1], e.tenant, seq, ts, e)
-            row = AuditRow(**e.model_dump(), id=0, seq=seq, ts=ts, prev_hash=head[1], hash=h)
-            head[0], head[1] = seq, h
-            found[e.idem_key] = row
-            new.append(row)
-            out.append(None)
-        ids: dict[str, int] = {}
-        if new:
-            cols = list(
-                zip(
-                    *[
-                        (
-                            r.tenant,
-                            r.seq,
-                            r.ts,
-                            r.user,
-                            r.workflow_id,
-                            r.step_id,
-                            r.kind,
-                            r.subject,
-                            r.decision,
-                            r.reason,
-                            json.dumps(r.data),
-                            r.idem_key,
-                            r.prev_hash,
-                            r.hash,
-                        )
-                        for r in new
-                    ],
-                    strict=True,
-                )
-            )
-            ins = await conn.execute(
-                'insert into audit_log (tenant, seq, ts, "user", workflow_id, step_id, kind, '
-                "subject, decision, reason, data, idem_key, prev_hash, hash) "
-                "select t, s, ts, u, w, st, k, su, d, r, da::jsonb, i, p, h from unnest("
-                "%s::text[], %s::bigint[], %s::timestamptz[], %s::text[], %s::text[], "
-                "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-                "%s::text[], %s::text[], %s::text[]) "
-                "as v(t, s, ts, u, w, st, k, su, d, r, da, i, p, h) "
-                "order by t, s returning idem_key, id",
-                [list(c) for c in cols],
-            )
-            moved = [(t, heads[t][0], heads[t][1]) for t in tenants]
-            await conn.execute(
-                "update audit_heads h set seq = v.seq, hash = v.hash from unnest(%s::text[], "
-                "%s::bigint[], %s::text[]) as v(tenant, seq, hash) where h.tenant = v.tenant",
-                [list(c) for c in zip(*moved, strict=True)],
-            )
-            ids = dict(await ins.fetchall())
-    rows = [r if r is not None else found[e.idem_key] for r, e in zip(out, prepared, strict=True)]
-    return [r.model_copy(update={"id": ids[r.idem_key]}) if r.id == 0 else r for r in rows]
+    rows: list[AuditRow] = []
+    for e in (_prepare(e) for e in entries):
+        try:
+            cur = await conn.execute(*append_statement(e, prepared=True), prepare=True)
+        except psycopg.errors.UniqueViolation as exc:
+            raise AuditError(f"idem_key {e.idem_key!r} already used by another tenant") from exc
+        rid, seq, ts, prev, h, existing = await cur.fetchone()  # type: ignore[misc]
+        if existing:  # first write wins: return what is stored, not this retry's text
+            stored = await (await conn.execute(
+                f"select {_COLS} from audit_log where id = %s", (rid,))).fetchone()
+            rows.append(_row(stored, existing=True))  # type: ignore[arg-type]
+            continue
+        rows.append(AuditRow(**e.model_dump(), id=rid, seq=seq, ts=ts, prev_hash=prev, hash=h,
+                             existing=False))
+    return rows
+
+
+_APPEND_SQL = "select * from keel_audit_append(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def append_statement(entry: AuditEntry, *, prepared: bool = False) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of one append (redacted first), for callers that batch it with other
+    statements in one pipelined round trip; ``append_many`` is the plain interface."""
+    e = entry if prepared else _prepare(entry)
+    return _APPEND_SQL, (e.tenant, e.user, e.workflow_id, e.step_id, e.kind, e.subject,
+                         e.decision, e.reason, Jsonb(e.data), e.idem_key)
+
+
+def row_hash_v2(prev_hash: str, r: AuditRow, data_text: str) -> str:
+    """Hash version 2 (computed by the database on append; see migration 007)."""
+    ts = r.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fields = (prev_hash, r.tenant, str(r.seq), ts, r.user, r.workflow_id, r.step_id, r.kind,
+              r.subject, r.decision, r.reason, data_text, r.idem_key)
+    return hashlib.sha256("".join(f"{len(f)}:{f};" for f in fields).encode()).hexdigest()
 
 
 async def append(conn: AsyncConnection[Any], entry: AuditEntry) -> AuditRow:
@@ -249,9 +206,11 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
         seen: dict[str, tuple[int, str, int]] = {}  # tenant -> (last seq, last hash, last id)
         cur = conn.cursor()
         async for raw in cur.stream(
-            f"select {_COLS} from audit_log {where} order by tenant, id", params
+            f"select {_COLS}, hash_version, data::text from audit_log {where} "
+            "order by tenant, id", params
         ):
-            r = _row(raw)
+            r = _row(raw[:-2])
+            version, data_text = raw[-2], raw[-1]
             last_seq, prev, _ = seen.get(r.tenant, (0, "", 0))
             checked += 1
             if r.seq != last_seq + 1:
@@ -270,7 +229,9 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
                     f"row {r.id} does not link to the previous row "
                     "(rows reordered, removed or rewritten)",
                 )
-            if row_hash(prev, r.tenant, r.seq, r.ts, r) != r.hash:
+            expected = (row_hash_v2(prev, r, data_text) if version == 2
+                         else row_hash(prev, r.tenant, r.seq, r.ts, r))
+            if expected != r.hash:
                 return _bad(
                     checked,
                     r.id,

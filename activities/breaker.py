@@ -94,6 +94,8 @@ class Permit:
     retry_at: datetime | None = None
     """While refused: when the breaker may let a call through again (DB clock)."""
     transition: tuple[State, State] | None = None
+    failures: int = 0
+    """Consecutive failures seen when the permit was granted (0: nothing to reset)."""
 
 
 class BreakerView(BaseModel):
@@ -132,11 +134,11 @@ async def acquire(conn: Conn, scope: str, cfg: BreakerConfig, owner: str) -> Per
     Call outside any transaction of your own: a claim must commit even if your work fails.
     """
     row = await (await conn.execute(
-        "select state, opened_until, probe_lease_until, now() as now "
+        "select state, opened_until, probe_lease_until, now() as now, consecutive_failures "
         "from circuit_breakers where scope = %s", (scope,))).fetchone()
     if row is None or row[0] == "closed":
-        return Permit(allowed=True)
-    state, opened_until, lease_until, now = row
+        return Permit(allowed=True, failures=row[4] if row else 0)
+    state, opened_until, lease_until, now, _ = row
     if state == "open" and opened_until is not None and now < opened_until:
         return Permit(allowed=False, state="open", retry_at=opened_until)
     claimed = await (await conn.execute(

@@ -28,6 +28,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import ledger
+from keel import telemetry
 from keel.budget import (
     CommitRequest,
     CommitResult,
@@ -76,7 +77,12 @@ class BudgetActivities:
     @activity.defn(name="budget_reserve")
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
         """Hold budget before a model or tool call; DENY is a result, not an error."""
-        return await self._run(ledger.reserve, req)
+        res = await self._run(ledger.reserve, req)
+        telemetry.record_budget_decision(res.decision.value, tenant=req.scopes[0].split("/")[0]
+                                         if req.scopes else "", kind=req.kind)
+        telemetry.annotate(decision=res.decision.value, kind=req.kind, subject=req.subject,
+                           amount_micros=req.amount_micros)
+        return res
 
     @activity.defn(name="budget_commit")
     async def commit(self, req: CommitRequest) -> CommitResult:

@@ -97,7 +97,8 @@ def tenant_run_limit(tenant: str, env: Mapping[str, str] | None = None) -> int |
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"run limit for tenant {tenant!r} must be an integer, got {raw!r}") from None
+        raise ValueError(
+            f"run limit for tenant {tenant!r} must be an integer, got {raw!r}") from None
     return value if value > 0 else None
 
 

@@ -42,17 +42,17 @@ from keel.budget import (
 )
 
 __all__ = [
-    "open_run",
-    "reserve",
+    "check_invariant",
     "commit",
-    "release",
     "extend",
-    "sweep_expired",
+    "history",
+    "open_run",
+    "release",
+    "reserve",
+    "run_sweeper",
     "set_limit",
     "show",
-    "history",
-    "check_invariant",
-    "run_sweeper",
+    "sweep_expired",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,26 +94,44 @@ async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunRe
     return OpenRunResult.model_validate(out)
 
 
-async def reserve(conn: AsyncConnection[Any], req: ReserveRequest) -> ReserveResult:
-    """Hold money on every scope of the path, all or none, and decide ALLOW/CAPS/DENY."""
+def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of a reservation, for callers that batch it with other statements (the tool
+    activity pipelines it with the audit row); parse the row with ``reserve_result``."""
     digest = _hash(op="reserve", scopes=list(req.scopes), amount=req.amount_micros,
                    min=req.min_micros, max_tokens=req.max_tokens, ttl=req.ttl_seconds,
                    kind=req.kind, subject=req.subject, run_id=req.run_id,
                    step_id=req.step_id, tier=req.tier)
-    out = await _call(
-        conn,
+    return (
         "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
         " %s, %s, %s, %s, %s, %s)",
         (req.key, list(req.scopes), req.amount_micros, req.min_micros, req.max_tokens,
          req.ttl_seconds, req.kind, req.subject, req.run_id, req.step_id, req.tier, digest))
-    return ReserveResult.model_validate(out)
+
+
+def reserve_result(row: Any) -> ReserveResult:
+    return ReserveResult.model_validate(row[0])
+
+
+def commit_statement(req: CommitRequest) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of a commit, for batching (see ``reserve_statement``)."""
+    return ("select keel_budget_commit(%s, %s::bigint, %s)",
+            (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)))
+
+
+def translate_error(e: psycopg.Error) -> Exception:
+    """The ledger's own refusals (``KL00x``) as typed exceptions; anything else unchanged."""
+    cls = _ERRORS.get(e.sqlstate or "")
+    return cls(e.diag.message_primary or str(e)) if cls is not None else e
+
+
+async def reserve(conn: AsyncConnection[Any], req: ReserveRequest) -> ReserveResult:
+    """Hold money on every scope of the path, all or none, and decide ALLOW/CAPS/DENY."""
+    return ReserveResult.model_validate(await _call(conn, *reserve_statement(req)))
 
 
 async def commit(conn: AsyncConnection[Any], req: CommitRequest) -> CommitResult:
     """Record the true cost; works inside the caller's open transaction (tool effect + cost)."""
-    out = await _call(conn, "select keel_budget_commit(%s, %s::bigint, %s)",
-                      (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)))
-    return CommitResult.model_validate(out)
+    return CommitResult.model_validate(await _call(conn, *commit_statement(req)))
 
 
 async def release(conn: AsyncConnection[Any], req: ReleaseRequest) -> ReleaseResult:
@@ -215,7 +233,7 @@ async def run_sweeper(pool: AsyncConnectionPool, interval_seconds: float = 5.0,
                     log.info("ledger sweeper expired %d holds", n)
                     if n < SWEEP_BATCH:
                         break
-        except Exception:  # noqa: BLE001 - keep sweeping after transient failures
+        except Exception:  # a database blip must not end the loop: log, retry next tick
             log.exception("ledger sweep failed; retrying in %.1fs", interval_seconds)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval_seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-__all__ = ["EVENT_LIMIT", "BYTES_LIMIT", "run"]
+__all__ = ["BYTES_LIMIT", "EVENT_LIMIT", "run"]
 
 EVENT_LIMIT = 51_200
 BYTES_LIMIT = 50 * 1024 * 1024
@@ -50,7 +50,8 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         ev_step = (sizes[10][0] - sizes[1][0]) / 9
         by_step = (sizes[10][1] - sizes[1][1]) / 9
         out["per_step"] = {"events": round(ev_step, 2), "bytes": round(by_step)}
-        out["fixed"] = {"events": round(sizes[1][0] - ev_step), "bytes": round(sizes[1][1] - by_step)}
+        out["fixed"] = {"events": round(sizes[1][0] - ev_step),
+                        "bytes": round(sizes[1][1] - by_step)}
         lr = out["long_run"]
         # Growth is not linear in N: evaluate/finish inputs and the response carry every
         # step record, so project from the long run's own average too.

@@ -111,8 +111,14 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     """Measure per-step latency of Keel vs floor; returns figures and a breakdown."""
     from temporalio.worker import Worker
 
-    from bench.common import event_counts, history_breakdown, keel_worker, noop_request, \
-        run_keel, spread
+    from bench.common import (
+        event_counts,
+        history_breakdown,
+        keel_worker,
+        noop_request,
+        run_keel,
+        spread,
+    )
 
     rounds = 2 if smoke else 12
     big = 3 if smoke else 10
@@ -153,12 +159,13 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
                         await run_keel(client, tq, noop_request(n))
                 await asyncio.sleep(STATS_FLUSH_S)
                 counts.append(await _pg_commits(pool))
-            commits = ((counts[2] - counts[1]) - (counts[1] - counts[0])) / (COMMIT_RUNS * (big - 1))
+            extra = (counts[2] - counts[1]) - (counts[1] - counts[0])
+            commits = extra / (COMMIT_RUNS * (big - 1))
 
     out: dict[str, Any] = {"steps_small": 1, "steps_big": big, "rounds": rounds}
     for kind in kinds:
         t1, tb = wall[kind][1], wall[kind][big]
-        per_step = [(b - a) * 1000 / (big - 1) for a, b in zip(t1, tb)]
+        per_step = [(b - a) * 1000 / (big - 1) for a, b in zip(t1, tb, strict=True)]
         med_step = (statistics.median(tb) - statistics.median(t1)) * 1000 / (big - 1)
         fixed = statistics.median(t1) * 1000 - med_step
         activity_name = "run_tool" if kind == "keel" else "bench_floor_step"
@@ -172,7 +179,8 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             "per_step_ms": round(med_step, 2),
             "per_step_pairs_ms": spread(per_step),
             "fixed_ms": round(fixed, 1),
-            "run_ms": {1: spread([t * 1000 for t in t1], 1), big: spread([t * 1000 for t in tb], 1)},
+            "run_ms": {1: spread([t * 1000 for t in t1], 1),
+                       big: spread([t * 1000 for t in tb], 1)},
             "history_step_ms": {k: spread(v) for k, v in parts.items()},
             "events_per_step": round((sum(counts.values()) - sum(small.values())) / (big - 1), 2),
             "event_types_per_step": {k: round((v - small.get(k, 0)) / (big - 1), 2)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import os
 import re
 import shutil
@@ -48,9 +50,9 @@ from keel.settings import PROJECT_ROOT, Settings, load_settings
 __all__ = [
     "BENCH_POLICY",
     "DEMO_TASK",
+    "ProcCpu",
     "demo_request",
     "fresh_order",
-    "ProcCpu",
     "history_breakdown",
     "history_size",
     "keel_worker",
@@ -69,7 +71,7 @@ _NOOP_RE = re.compile(r"^noop-bench N=(\d+)")
 # ---------------------------------------------------------------------------- statistics
 def _pct(ordered: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence."""
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def spread(values: Sequence[float], digits: int = 2) -> dict[str, float]:
@@ -108,7 +110,8 @@ def own_services(policy_file: Path = BENCH_POLICY) -> Iterator[Settings]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def worker_env(settings: Settings, task_queue: str, policy_file: Path | None = None) -> dict[str, str]:
+def worker_env(settings: Settings, task_queue: str,
+               policy_file: Path | None = None) -> dict[str, str]:
     """Environment for ``worker.py`` subprocesses pointed at ``settings`` (offline model)."""
     env = dict(os.environ)
     env.update({
@@ -237,7 +240,7 @@ async def fresh_order(pool: Any, *, tenant: str = "bench", total_usd: float = 12
         await conn.execute(
             "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
             "values (%s,%s,%s,'shipped','SKU-KEEL-1',%s)",
-            (order_id, tenant, email, int(round(total_usd * 1_000_000))))
+            (order_id, tenant, email, round(total_usd * 1_000_000)))
     return order_id
 
 
@@ -278,7 +281,8 @@ def _ms(a: Any, b: Any) -> float:
     return (b.ToNanoseconds() - a.ToNanoseconds()) / 1e6
 
 
-async def history_breakdown(client: Client, workflow_id: str, activity_name: str) -> dict[str, list[float]]:
+async def history_breakdown(client: Client, workflow_id: str,
+                            activity_name: str) -> dict[str, list[float]]:
     """Per-step intervals (ms) from event timestamps, for each ``activity_name`` activity.
 
     ``interval``: schedule of step k to schedule of step k+1 (one whole step).
@@ -292,11 +296,12 @@ async def history_breakdown(client: Client, workflow_id: str, activity_name: str
     hist = await client.get_workflow_handle(workflow_id).fetch_history()
     events = list(hist.events)
     by_id = {e.event_id: e for e in events}
-    out: dict[str, list[float]] = {k: [] for k in ("interval", "queue", "execute", "wft_wait", "wft")}
+    out: dict[str, list[float]] = {k: [] for k in ("interval", "queue", "execute", "wft_wait",
+                                                   "wft")}
     scheduled = [e for e in events if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
                  and e.activity_task_scheduled_event_attributes.activity_type.name == activity_name]
     ids = {e.event_id for e in scheduled}
-    out["interval"] = [_ms(a.event_time, b.event_time) for a, b in zip(scheduled, scheduled[1:])]
+    out["interval"] = [_ms(a.event_time, b.event_time) for a, b in itertools.pairwise(scheduled)]
     for i, e in enumerate(events):
         if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             if e.activity_task_started_event_attributes.scheduled_event_id in ids:

@@ -92,10 +92,9 @@ class RunContext(Frozen):
     limits: RunLimits = RunLimits()
     judge: bool = False
     """Ask a model to judge results in addition to the rules."""
-    plan_estimates: dict[str, int] = Field(default_factory=dict)
-    """Worst-case micro-USD of one plan call per model, priced when the run started (the
-    workflow must not read price files or the environment itself)."""
-    judge_estimates: dict[str, int] = Field(default_factory=dict)
+    token_prices: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    """Per model: worst-case micro-USD per million input and output tokens, priced when the
+    run started, so the workflow prices reservations without reading files or the env."""
 
 
 class PlanInput(Frozen):
@@ -108,6 +107,8 @@ class PlanInput(Frozen):
     tier: str = "fast"
     max_tokens: int = 1024
     iteration: int = 1
+    budget_micros: int | None = None
+    """What the ledger granted for this call: a repair round is made only if it still fits."""
 
 
 class PlanOutput(Frozen):
@@ -144,6 +145,7 @@ class FinishInput(Frozen):
     reason: str = ""
     answer: str = ""
     model: str = "offline"
+    iterations: int = 0
 
 
 class FinishOutput(Frozen):

@@ -40,6 +40,7 @@ __all__ = [
     "Approval",
     "ToolInfo",
     "ModelCallRecord",
+    "StepGate",
 ]
 
 MICROS_PER_USD = 1_000_000
@@ -273,6 +274,15 @@ class ModelResult(Frozen):
     latency_ms: float = 0.0
 
 
+class StepGate(Frozen):
+    """The workflow's allow decision for a step, and the budget to hold for it."""
+
+    rule: str = ""
+    reason: str = ""
+    scopes: tuple[str, ...] = ()
+    amount_micros: int = 0
+
+
 class ToolCall(Frozen):
     """Input of the tool activity. ``idempotency_key`` is ``workflow_id/step_id``, never the attempt."""
 
@@ -285,6 +295,9 @@ class ToolCall(Frozen):
     step_id: str = ""
     reservation_key: str = ""
     """Ledger reservation to commit in the same transaction as the tool's effect."""
+    gate: StepGate | None = None
+    """When set, the activity audits the (already made) permission decision and reserves
+    the step's budget itself before the effect: one round trip per controlled step."""
 
 
 class ToolResult(Frozen):
@@ -295,6 +308,8 @@ class ToolResult(Frozen):
     cost_micros: int = 0
     replayed: bool = False
     """True when the effect had already happened under this key and was not repeated."""
+    refused: Literal["", "budget", "optional"] = ""
+    """Not run: the ledger denied the step's budget, or caps switched an optional step off."""
 
 
 class Decision(str, Enum):

@@ -55,11 +55,14 @@ BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
 # ---------------------------------------------------------------------------- providers
-def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None) -> tuple[Any, Any]:
-    """Install global tracer and meter providers as the ``OTEL_*`` variables ask.
+def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None, *,
+                    set_global: bool = True) -> tuple[Any, Any]:
+    """Build tracer and meter providers as the ``OTEL_*`` variables ask.
 
     Returns ``(tracer_provider, meter_provider)``; either is ``None`` when its signal is
-    off. Pass the tracer provider to :func:`with_tracing` to trace Temporal calls.
+    off. Pass the tracer provider to :func:`with_tracing` to trace Temporal calls. With
+    ``set_global`` (once per process) they also become OpenTelemetry's global providers and
+    Keel's metrics flow through the meter provider.
     """
     e = os.environ if env is None else env
     if (e.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
@@ -85,7 +88,8 @@ def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None) -> 
             tp.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         else:
             tp.add_span_processor(BatchSpanProcessor(_otlp("trace")))
-        trace.set_tracer_provider(tp)
+        if set_global:
+            trace.set_tracer_provider(tp)
     if metric is not None:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import (
@@ -96,8 +100,9 @@ def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None) -> 
         exporter = ConsoleMetricExporter() if metric == "console" else _otlp("metric")
         mp = MeterProvider(resource=resource,
                            metric_readers=[PeriodicExportingMetricReader(exporter)])
-        metrics.set_meter_provider(mp)
-        use_meter_provider(mp)
+        if set_global:
+            metrics.set_meter_provider(mp)
+            use_meter_provider(mp)
     return tp, mp
 
 

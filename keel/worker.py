@@ -36,6 +36,11 @@ take it. The SDK default (10 s) dominates recovery after a SIGKILL; cache hits o
 worker are immediate, so a short value costs nothing."""
 
 
+HEARTBEAT_THROTTLE = timedelta(seconds=1)
+"""Send heartbeats at least this often. The SDK's default throttle is 0.8x the heartbeat
+timeout, which leaves tools (4 s timeout) under a second of slack and delays cancellation."""
+
+
 def _activities(pool: Any, settings: Settings) -> list[Any]:
     from activities.agent import AgentActivities
     from activities.budget import BudgetActivities
@@ -118,6 +123,7 @@ def build_workers(client: Client, pool: Any, settings: Settings, *,
         activities=_merge(_activities(pool, settings), extra_activities),
         max_cached_workflows=max_cached_workflows,
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=timedelta(seconds=5),
         interceptors=chain,
     )]
@@ -128,6 +134,7 @@ def build_workers(client: Client, pool: Any, settings: Settings, *,
                 client, task_queue=f"{queue}-tool-{tool.name}",
                 activities=[ToolActivities(pool).run_tool],
                 max_task_queue_activities_per_second=tool.rate_limit_per_second,
+                max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                 interceptors=chain))
     return workers
 

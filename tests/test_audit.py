@@ -279,6 +279,8 @@ def test_exports() -> None:
         "trail",
         "verify",
         "row_hash",
+        "row_hash_v2",
+        "append_statement",
     }
     assert all(hasattr(models_mod, n) for n in models_mod.__all__)
     assert audit_cli.__all__ == ["register", "render_trail", "render_verify"]

@@ -259,7 +259,8 @@ async def test_activities_map_refusals_to_non_retryable(db_pool: AsyncConnection
     with pytest.raises(ApplicationError) as info:
         await acts.reserve(_req(f"{tenant}/k", (tenant,), 11))
     assert info.value.non_retryable and info.value.type == "IdempotencyConflict"
-    assert (await acts.commit(CommitRequest(key=f"{tenant}/k", actual_micros=10))).committed_micros == 10
+    done = await acts.commit(CommitRequest(key=f"{tenant}/k", actual_micros=10))
+    assert done.committed_micros == 10
 
 
 def test_cli_set_show_history(pg_url: str, tenant: str, monkeypatch: pytest.MonkeyPatch,
@@ -284,4 +285,5 @@ def test_cli_set_show_history(pg_url: str, tenant: str, monkeypatch: pytest.Monk
     for bad in ("-1", "nan", "inf", "1.0000001", "abc"):
         with pytest.raises(CliError):
             run("set", tenant, bad)
-    assert cli.parse_usd("0.000001") == 1 and cli.parse_usd("unlimited", allow_unlimited=True) is None
+    assert cli.parse_usd("0.000001") == 1
+    assert cli.parse_usd("unlimited", allow_unlimited=True) is None

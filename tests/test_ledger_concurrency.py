@@ -64,7 +64,8 @@ async def main(url, mode, cfg):
                 for key in order[i::cfg["clients"]]:
                     try:
                         if mode == "commit":
-                            r = await ledger.commit(c, CommitRequest(key=key, actual_micros=cfg["actual"]))
+                            r = await ledger.commit(c, CommitRequest(
+                                key=key, actual_micros=cfg["actual"]))
                         else:
                             r = await ledger.release(c, ReleaseRequest(key=key))
                         out.append({"key": key, "ok": True, **r.model_dump(mode="json")})
@@ -87,7 +88,8 @@ async def main(url, mode, cfg):
                             break
                         await asyncio.sleep(cfg["work"])
                         await c.execute("update ledger_test_naive set spent_micros ="
-                                        " spent_micros + %s where id = %s", (cfg["amount"], cfg["id"]))
+                                        " spent_micros + %s where id = %s",
+                                        (cfg["amount"], cfg["id"]))
                     else:
                         key = f"{cfg['prefix']}/c{i}/{n}"
                         r = await ledger.reserve(c, ReserveRequest(key=key, scopes=cfg["scopes"],

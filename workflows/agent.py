@@ -14,6 +14,7 @@ reverse order and open reservations are released.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -46,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         PlanStep,
         RunStatus,
         Spend,
+        StepGate,
         StepRecord,
         StepState,
         ToolCall,
@@ -80,7 +82,11 @@ COMPENSATION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_
                                  maximum_interval=timedelta(seconds=30))  # must eventually undo
 TOOL_HEARTBEAT = timedelta(seconds=4)  # tools beat every second; a killed worker is seen in 4 s
 COMPENSATION_TIMEOUT = timedelta(seconds=30)  # one undo is one short transaction
-PLAN_TOKENS = 1024
+PLAN_TOKENS = 1024  # output cap of a plan call; reservations price it in full
+JUDGE_TOKENS = 256
+MIN_OUTPUT_TOKENS = 128  # a grant smaller than the prompt plus this much output is useless
+PROMPT_OVERHEAD_TOKENS = 700  # system prompt and message framing, generously rounded up
+MAX_EXECUTED_IN_PROMPT = 20  # must match activities.agent: prompts show the latest 20 steps
 
 
 class _Abort(Exception):
@@ -106,7 +112,7 @@ class AgentWorkflow:
         self._waiting_for = ""
         self._approvals: dict[str, Approval] = {}
         self._stop: _Abort | None = None
-        """Set by the ``cancel`` update, the deadline or a Temporal cancel; checked at safe points."""
+        """Why the run must stop: ``cancel`` update, deadline or Temporal cancel."""
         self._inflight: asyncio.Task[Any] | None = None
         """The long activity (plan, evaluate, tool) a stop request cancels."""
         self._recovered: set[str] = set()
@@ -258,16 +264,32 @@ class AgentWorkflow:
         return "escape_hatch", (f"iteration_cap: stopped after {limits.max_iterations} "
                                 "plan/act iterations"), answer
 
+    def _plan_input_tokens(self, req: AgentRequest, ctx: RunContext) -> int:
+        """An upper bound on a plan prompt's tokens: every part the prompt is built from, at
+        3 characters a token (tokenizers average ~4 on prose), plus the fixed instructions."""
+        tools = sum(len(t.name) + len(t.description) + len(json.dumps(t.args_schema))
+                    for t in ctx.tools)
+        steps = sum(len(r.model_dump_json()) + 240
+                    for r in self._records()[-MAX_EXECUTED_IN_PROMPT:])
+        chars = len(req.message) + len(ctx.memory) + tools + steps
+        return PROMPT_OVERHEAD_TOKENS + chars // 3
+
     # ------------------------------------------------------------------ planning
     async def _plan(self, req: AgentRequest, ctx: RunContext, tier: str,
                     iteration: int) -> tuple[PlanOutput, str]:
         self._phase = "planning"
         model = ctx.tiers.get(tier, "offline")
         key = f"{self._wid}/plan{iteration}.{tier}"
+        in_tokens = self._plan_input_tokens(req, ctx)
         reserve = await self._reserve(req, ctx, key, kind="model", subject=model, tier=tier,
-                                      amount=ctx.plan_estimates.get(model, 0),
+                                      amount=_estimate(ctx, model, in_tokens, PLAN_TOKENS),
+                                      min_amount=_estimate(ctx, model, in_tokens, MIN_OUTPUT_TOKENS),
                                       max_tokens=PLAN_TOKENS)
-        max_tokens = reserve.caps.max_tokens or PLAN_TOKENS
+        self._check_cancel()  # a Temporal cancel noted during the reservation: do not plan
+        # Output the grant can pay for once the (fixed) prompt is paid: a smaller grant must
+        # shrink max_tokens by more than its proportion, or the call could overrun it.
+        affordable = _affordable_output(ctx, model, in_tokens, reserve.granted_micros)
+        max_tokens = max(1, min(reserve.caps.max_tokens or PLAN_TOKENS, affordable, PLAN_TOKENS))
         if reserve.caps.max_tier:
             capped = clamp_tier(tier, reserve.caps.max_tier)
             if capped != tier:
@@ -276,8 +298,9 @@ class AgentWorkflow:
         try:
             out: PlanOutput = await self._interruptible(workflow.start_activity(
                 "plan", PlanInput(workflow_id=self._wid, message=req.message, memory=ctx.memory,
-                                  tools=ctx.tools, executed=self._records(), model=model,
-                                  tier=tier, max_tokens=max_tokens, iteration=iteration),
+                                  tools=ctx.tools, executed=self._records()[-MAX_EXECUTED_IN_PROMPT:], model=model,
+                                  tier=tier, max_tokens=max_tokens, iteration=iteration,
+                                  budget_micros=reserve.granted_micros),
                 result_type=PlanOutput, start_to_close_timeout=MODEL_TIMEOUT,
                 heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
                 summary=f"plan #{iteration} ({model}, {tier})"))
@@ -302,15 +325,18 @@ class AgentWorkflow:
         judge = ctx.tiers.get(TIER_ORDER[0], "offline") if ctx.judge else None
         key = f"{self._wid}/eval{self._iterations}"
         if judge:
+            judge_amount = _estimate(ctx, judge, self._plan_input_tokens(req, ctx), JUDGE_TOKENS)
             await self._reserve(req, ctx, key, kind="model", subject=judge, tier=TIER_ORDER[0],
-                                amount=ctx.judge_estimates.get(judge, 0), max_tokens=256)
+                                min_amount=judge_amount,
+                                amount=judge_amount, max_tokens=JUDGE_TOKENS)
         try:
             out: EvalOutput = await self._interruptible(workflow.start_activity(
                 "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
-                                      executed=self._records(), model=judge),
+                                      executed=self._evaluated(), model=judge),
                 result_type=EvalOutput, start_to_close_timeout=MODEL_TIMEOUT,
                 heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-                summary=f"evaluate #{self._iterations}" + (f" (judge {judge})" if judge else " (rules)")))
+                summary=f"evaluate #{self._iterations}"
+                        + (f" (judge {judge})" if judge else " (rules)")))
         except ActivityError as e:
             self._note_cancel(e)
             if judge:
@@ -354,24 +380,16 @@ class AgentWorkflow:
                                        gate.approval_timeout_seconds or
                                        ctx.limits.approval_timeout_seconds,
                                        gate.on_timeout == "approve")
-        result = await self._gate(req, ctx, step.id, step.tool, args, allowed=True,
-                                  rule=gate.rule, reason=gate.reason, amount=tool.cost_micros,
-                                  reserve_key=f"{key}/reserve")
-        if result.decision == Decision.DENY:
-            self._put(record.model_copy(update={"state": StepState.DENIED, "error": result.reason}))
-            raise _Abort("budget_exhausted", f"budget denied {step.tool}: {result.reason}",
-                         "budget_denied")
-        if tool.optional and result.caps.disable_optional:
-            await self._settle(req, step.id, step.tool, f"{key}/reserve", None, "skipped",
-                               "optional step disabled by budget caps")
-            self._put(record.model_copy(update={"state": StepState.SKIPPED,
-                                                "summary": "optional step disabled by budget caps"}))
-            return StepState.SKIPPED
+        # The allow decision is made here; the tool activity records it in the audit log and
+        # holds the step's budget before the effect (one round trip per step, see bench/).
         self._open_reservations.add(f"{key}/reserve")
-        self._check_cancel()  # a stop that arrived during the gate: the reservation is released
+        self._check_cancel()
         self._put(record.model_copy(update={"state": StepState.RUNNING}))
+        stepgate = StepGate(rule=gate.rule, reason=gate.reason, scopes=ctx.scopes,
+                            amount_micros=tool.cost_micros)
         try:
-            out = await self._interruptible(self._start_tool(req, tool, args, key, f"{key}/reserve"))
+            out = await self._interruptible(
+                self._start_tool(req, tool, args, key, f"{key}/reserve", stepgate))
         except ActivityError as e:
             cancelled = self._note_cancel(e)
             why = f"cancelled: {self._stop.reason}" if cancelled and self._stop else _cause(e)
@@ -382,6 +400,15 @@ class AgentWorkflow:
             if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
                 return await self._fallback(req, ctx, step, tool)
             return StepState.FAILED
+        if out.refused == "budget":
+            self._open_reservations.discard(f"{key}/reserve")  # DENY held nothing
+            self._put(record.model_copy(update={"state": StepState.DENIED, "error": out.error}))
+            raise _Abort("budget_exhausted", f"budget denied {step.tool}: {out.error}",
+                         "budget_denied")
+        if out.refused == "optional":
+            self._open_reservations.discard(f"{key}/reserve")  # released by the activity
+            self._put(record.model_copy(update={"state": StepState.SKIPPED, "summary": out.error}))
+            return StepState.SKIPPED
         self._open_reservations.discard(f"{key}/reserve")
         self._results[step.id] = out.data
         if tool.compensation:
@@ -405,13 +432,13 @@ class AgentWorkflow:
         return state
 
     def _start_tool(self, req: AgentRequest, tool: ToolInfo, args: dict[str, Any], key: str,
-                    reserve_key: str) -> workflow.ActivityHandle[ToolResult]:
+                    reserve_key: str, gate: StepGate) -> workflow.ActivityHandle[ToolResult]:
         # WAIT_CANCELLATION_COMPLETED: a cancelled tool has really stopped (its transaction
         # rolled back) or really finished before the run moves on, so no effect goes unrecorded.
         return workflow.start_activity(
             "run_tool", ToolCall(tool=tool.name, args=args, idempotency_key=key, tenant=req.tenant,
                                  user=req.user, workflow_id=self._wid, step_id=key.rsplit("/", 1)[1],
-                                 reservation_key=reserve_key),
+                                 reservation_key=reserve_key, gate=gate),
             result_type=ToolResult, start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
             heartbeat_timeout=TOOL_HEARTBEAT,
             retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
@@ -475,7 +502,8 @@ class AgentWorkflow:
                     retry_policy=COMPENSATION_RETRY, summary=f"compensate {step_id} with {comp}"))
             except ActivityError as e:
                 self._flags.append("compensation_failed")
-                self._put(rec.model_copy(update={"error": f"compensation {comp} failed: {_cause(e)}"}))
+                self._put(rec.model_copy(update={
+                    "error": f"compensation {comp} failed: {_cause(e)}"}))
                 await self._settle(req, step_id, comp, "", None, "failed",
                                    f"{comp} could not undo {rec.tool}: {_cause(e)}",
                                    kind="compensation")
@@ -497,6 +525,7 @@ class AgentWorkflow:
         out: FinishOutput = await self._shielded(workflow.start_activity(
             "finish_run", FinishInput(workflow_id=self._wid, request=req, executed=self._records(),
                                       outcome=outcome, reason=reason, answer=answer,
+                                      iterations=self._iterations,
                                       model=ctx.tiers.get(TIER_ORDER[0], "offline")),
             result_type=FinishOutput, start_to_close_timeout=MODEL_TIMEOUT,
             heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
@@ -514,11 +543,12 @@ class AgentWorkflow:
 
     # ------------------------------------------------------------------ control-plane calls
     async def _reserve(self, req: AgentRequest, ctx: RunContext, key: str, *, kind: str,
-                       subject: str, tier: str, amount: int, max_tokens: int) -> ReserveResult:
+                       subject: str, tier: str, amount: int, min_amount: int,
+                       max_tokens: int) -> ReserveResult:
         res: ReserveResult = await self._shielded(workflow.start_local_activity(
             "budget_reserve",
             ReserveRequest(key=key, scopes=ctx.scopes, amount_micros=amount,
-                           min_micros=amount // 4, max_tokens=max_tokens, kind=kind,
+                           min_micros=min(min_amount, amount), max_tokens=max_tokens, kind=kind,
                            subject=subject, run_id=self._wid, step_id=key.rsplit("/", 1)[1],
                            tier=tier),
             result_type=ReserveResult, start_to_close_timeout=CONTROL_TIMEOUT,
@@ -634,6 +664,11 @@ class AgentWorkflow:
     def _records(self) -> tuple[StepRecord, ...]:
         return tuple(self._steps[s] for s in self._order)
 
+    def _evaluated(self) -> tuple[StepRecord, ...]:
+        """What the evaluator judges: a failure its fallback made good is not held against the
+        run (else a degraded-but-answered step would escalate the model for a tool outage)."""
+        return tuple(r for r in self._records() if r.id not in self._recovered)
+
     def _charge(self, micros: int, *, tier: str = "", model: str = "", tool: str = "",
                 step: str = "", cheapest: bool = False) -> None:
         s = self._spend
@@ -652,6 +687,20 @@ class AgentWorkflow:
                      by_model=dict(s["by_model"]), by_tool=dict(s["by_tool"]),
                      by_step=dict(s["by_step"]), model_calls=s["model_calls"],
                      cheapest_tier_calls=s["cheapest"])
+
+
+def _estimate(ctx: RunContext, model: str, input_tokens: int, max_tokens: int) -> int:
+    """Worst-case micro-USD of a call, from the run's price snapshot (rounded up)."""
+    p_in, p_out = ctx.token_prices.get(model, (0, 0))
+    return -(-(input_tokens * p_in + max_tokens * p_out) // 1_000_000)
+
+
+def _affordable_output(ctx: RunContext, model: str, input_tokens: int, granted: int) -> int:
+    """Output tokens ``granted`` micro-USD still pays for after the prompt (rounded down)."""
+    p_in, p_out = ctx.token_prices.get(model, (0, 0))
+    if p_out <= 0:
+        return PLAN_TOKENS
+    return max(0, (granted * 1_000_000 - input_tokens * p_in) // p_out)
 
 
 def _cause(e: BaseException) -> str:

@@ -80,6 +80,10 @@ class ToolActivities:
                 annotate(replayed=True)
                 telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
                 return recorded
+            if call.gate is not None:
+                refused = await _gate_and_reserve(conn, call, spec.info.optional)
+                if refused is not None:
+                    return refused
             # The breaker check sits outside the effect's transaction: its claim and its
             # verdict must commit even when the tool's own writes roll back.
             guard = _Guard(conn, f"tool:{call.tool}", breaker.config_from_env(
@@ -93,13 +97,8 @@ class ToolActivities:
                     result = ToolResult(ok=True, data=data,
                                         summary=summarize_result(call.tool, data),
                                         cost_micros=spec.info.cost_micros)
-                    await conn.execute(
-                        "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
-                        "values (%s,%s,%s,true,%s)",
-                        (call.idempotency_key, call.tool, call.tenant,
-                         Jsonb(result.model_dump(mode="json"))))
-                    if call.reservation_key:
-                        await _commit_reservation(conn, call.reservation_key, result.cost_micros)
+                    # The record and the ledger commit go out in one batch.
+                    await _record_and_settle(conn, call, result)
             except psycopg.errors.UniqueViolation:
                 # Another attempt (or worker) recorded this key first: its effect stands.
                 recorded = await self._recorded(conn, call.idempotency_key)
@@ -150,9 +149,9 @@ its start-to-close timeout (the workflow sets a short heartbeat timeout)."""
 
 async def _with_heartbeats(work: Any) -> Any:
     async def beat() -> None:
-        while True:
-            activity.heartbeat()
+        while True:  # the first beat after a second: quick tools never cost a server call
             await asyncio.sleep(HEARTBEAT_EVERY_S)
+            activity.heartbeat()
 
     task = asyncio.create_task(beat())
     try:
@@ -174,12 +173,87 @@ def _shrink(result: ToolResult, key: str) -> ToolResult:
     return result.model_copy(update={"data": small})
 
 
-async def _commit_reservation(conn: psycopg.AsyncConnection[Any], key: str, actual: int) -> None:
-    """Settle the step's budget in the effect's own transaction (see the ledger module)."""
+async def _gate_and_reserve(conn: psycopg.AsyncConnection[Any], call: ToolCall,
+                            optional: bool) -> ToolResult | None:
+    """Record the permission decision and hold the step's budget before any effect.
+
+    One short transaction of its own (the tenant's audit head is not held while the tool
+    runs). This is what makes a controlled step a single activity round trip; the workflow
+    made the (deterministic) decision, the activity makes it durable. Returns a refusal
+    result when the ledger says DENY, or when budget caps switch an optional step off.
+    """
+    from activities import audit, ledger
+    from activities.guardrails import redact_data
+    from keel.audit_models import AuditEntry
+    from keel.budget import ReleaseRequest, ReserveRequest
+    from keel.models import Decision
+
+    gate = call.gate
+    assert gate is not None
+    base = dict(tenant=call.tenant, user=call.user, workflow_id=call.workflow_id,
+                step_id=call.step_id, subject=call.tool)
+    try:
+        # One round trip: BEGIN, SET, audit append, reserve and COMMIT go out as one batch.
+        async with conn.pipeline():
+            async with conn.transaction():
+                # No WAL flush for this commit: the effect's transaction, later on this
+                # connection, flushes the WAL past it. A database crash in between loses only
+                # a hold and an audit row whose effect never happened (the retry re-reserves
+                # under the same key); an effect is never durable without its decision.
+                await conn.execute("set local synchronous_commit = off")
+                await conn.execute(*audit.append_statement(AuditEntry(
+                    **base, kind="permission", decision="allow", reason=gate.reason,
+                    data={"rule": gate.rule, "args": redact_data(call.args)},
+                    idem_key=f"{call.workflow_id}/{call.step_id}/permission")), prepare=True)
+                cur = await conn.execute(*ledger.reserve_statement(ReserveRequest(
+                    key=call.reservation_key, scopes=gate.scopes,
+                    amount_micros=gate.amount_micros, min_micros=gate.amount_micros,
+                    kind="tool", subject=call.tool, run_id=call.workflow_id,
+                    step_id=call.step_id)), prepare=True)
+    except psycopg.Error as e:
+        translated = ledger.translate_error(e)
+        if translated is e:
+            raise
+        raise translated from e
+    res = ledger.reserve_result(await cur.fetchone())
+    telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
+    if res.decision == Decision.DENY:
+        await audit.append_many(conn, [AuditEntry(
+            **base, kind="budget", decision="deny", reason=res.reason,
+            data={"requested_micros": gate.amount_micros},
+            idem_key=f"{call.workflow_id}/{call.step_id}/budget")])
+    if res.decision == Decision.DENY:
+        return ToolResult(ok=False, refused="budget", error=res.reason)
+    if optional and res.caps.disable_optional:
+        await ledger.release(conn, ReleaseRequest(key=call.reservation_key,
+                                                  reason="optional step disabled by caps"))
+        return ToolResult(ok=False, refused="optional",
+                          error="optional step disabled by budget caps")
+    return None
+
+
+async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
+                             result: ToolResult) -> None:
+    """Write the effect record and commit the step's reservation, pipelined, inside the
+    effect's transaction: all three become durable together or not at all."""
     from activities import ledger
     from keel.budget import CommitRequest
 
-    await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual))
+    try:
+        async with conn.pipeline():
+            await conn.execute(
+                "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
+                "values (%s,%s,%s,true,%s)",
+                (call.idempotency_key, call.tool, call.tenant,
+                 Jsonb(result.model_dump(mode="json"))), prepare=True)
+            if call.reservation_key:
+                await conn.execute(*ledger.commit_statement(CommitRequest(
+                    key=call.reservation_key, actual_micros=result.cost_micros)), prepare=True)
+    except psycopg.Error as e:
+        translated = ledger.translate_error(e)
+        if translated is e:
+            raise
+        raise translated from e
 
 
 class _Guard:
@@ -193,6 +267,7 @@ class _Guard:
 
     async def enter(self, call: ToolCall) -> None:
         permit = await breaker.acquire(self.conn, self.scope, self.cfg, self.owner)
+        self.permit = permit
         annotate(breaker_state=permit.state, breaker_probe=permit.probe or None)
         if not permit.allowed:
             telemetry.record_tool_call(call.tool, "circuit_open", tenant=call.tenant)
@@ -201,6 +276,9 @@ class _Guard:
                 self.scope, permit, retryable=call.idempotency_key.endswith("/compensate"))
 
     async def succeeded(self) -> None:
+        permit = getattr(self, "permit", None)
+        if permit is not None and permit.state == "closed" and permit.failures == 0:
+            return  # fast path: a healthy breaker has nothing to reset, so no row is locked
         try:
             await breaker.record_success(self.conn, self.scope, self.owner)
         except Exception as e:

@@ -8,6 +8,7 @@ never imports tool code, only a snapshot of declarations taken at the start of a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -104,3 +105,8 @@ def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
 
 def _load_builtin_tools() -> None:
     from activities.tools import demo  # noqa: F401  (registers on import)
+
+    if os.environ.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
+        from activities.tools import testing
+
+        testing.register()

@@ -19,7 +19,7 @@ from keel.budget import HistoryEntry, ScopeView
 from keel.cli import CliError
 from keel.settings import load_settings
 
-__all__ = ["register", "parse_usd"]
+__all__ = ["parse_usd", "register"]
 
 _MICROS = Decimal(1_000_000)
 
@@ -51,7 +51,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    body = ["  ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" and c[1:2].isdigit()
+    body = ["  ".join(c.rjust(w) if c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit())
                       else c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
@@ -67,6 +67,10 @@ def _set(args: argparse.Namespace) -> int:
     limit = parse_usd(args.usd, allow_unlimited=True)
     overdraft = None if args.overdraft is None else parse_usd(args.overdraft)
     asyncio.run(_with_conn(ledger.set_limit, args.scope, limit, args.observe, overdraft))
+    if args.json:
+        print(json.dumps({"scope": args.scope, "limit_micros": limit, "observe": args.observe,
+                          "overdraft_micros": overdraft}))
+        return 0
     mode = "observe (dry-run: decisions recorded, not enforced)" if args.observe else "enforced"
     extra = "" if overdraft is None else f", overdraft {_usd(overdraft)} USD"
     print(f"{args.scope}: limit {_usd(limit)} USD, {mode}{extra}")
@@ -120,7 +124,11 @@ def _history(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``budget set|show|history`` to the starter's subcommands."""
     p = sub.add_parser("budget", help="budget ledger: limits, spend, reservations",
-                       description="Inspect and set hierarchical budget limits.")
+                       description="Inspect and set hierarchical budget limits.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  python starter.py budget set acme 25\n"
+                              "  python starter.py budget show acme\n"
+                              "  python starter.py budget history acme --limit 20")
     bsub = p.add_subparsers(dest="budget_command", metavar="ACTION")
     bsub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
@@ -138,6 +146,7 @@ def register(sub: Any) -> None:
                    help="dry-run: compute and record decisions but do not enforce them")
     s.add_argument("--overdraft", metavar="USD",
                    help="how far commits may overrun the limit, recorded as debt")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_set)
 
     sh = bsub.add_parser(

@@ -15,7 +15,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from keel.cli import CliError
-from keel.cli._render import render_response, render_status
+from keel.cli._render import Progress, render_response, render_status
 from keel.models import AgentRequest, AgentResponse, Approval, ModelPolicy, RunStatus
 from keel.settings import Settings, load_settings
 
@@ -24,13 +24,24 @@ __all__ = ["register"]
 WORKFLOW = "AgentWorkflow"
 
 
+_RUN_EXAMPLES = """examples:
+  starter.py run "Check if order ORD-123 is shipped and refund it if so" --tenant acme --user alice
+  starter.py run "Is ORD-124 shipped?" --budget 0.05 --follow      # live progress
+  starter.py run "Refund ORD-126" --json > result.json             # machine-readable
+  starter.py run "Refund ORD-126" --no-wait                        # print the id, return
+
+exit status: 0 completed or partial, 3 any other outcome (denied, budget, ...),
+1 infrastructure error, 2 bad arguments."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "run", help="start an agent run and print its result",
-        description="Start an agent run (one durable Temporal workflow) and wait for its answer.",
-        epilog='example: starter.py run "Check if order ORD-123 is shipped and refund it if so" '
-               "--tenant acme --user alice --budget 0.50",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Start an agent run (one durable Temporal workflow) and wait for its answer. "
+                    "Every model call and tool action is checked against the tenant's policy "
+                    "and budget first; the run survives worker crashes.",
+        epilog=_RUN_EXAMPLES, formatter_class=raw)
     p.add_argument("message", help="what the agent should do")
     p.add_argument("--tenant", default="acme", help="tenant the run belongs to (default: acme)")
     p.add_argument("--user", default="alice", help="user on whose behalf it runs (default: alice)")
@@ -50,40 +61,62 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the AgentResponse as JSON")
     out.add_argument("--no-wait", action="store_true", help="print the workflow id and return")
-    out.add_argument("--follow", action="store_true", help="show live progress while it runs")
+    out.add_argument("--follow", action="store_true",
+                     help="show live progress (phases, steps, spend) on stderr while it runs")
     p.set_defaults(func=_run)
 
-    s = sub.add_parser("status", help="show a run's live plan, steps and spend",
-                       epilog="example: starter.py status agent/acme/r-1234")
-    s.add_argument("workflow_id")
+    s = sub.add_parser(
+        "status", help="show a run's live plan, steps and spend",
+        description="Ask a run (running or finished) for its phase, steps, spend and what it "
+                    "waits for.",
+        epilog="examples:\n  starter.py status agent/acme/r-1234\n"
+               "  starter.py status agent/acme/r-1234 --json", formatter_class=raw)
+    s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/r-1234")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=_status)
 
-    ls = sub.add_parser("list", help="list recent runs",
-                        epilog="example: starter.py list --tenant acme --status running")
+    ls = sub.add_parser(
+        "list", help="list recent runs",
+        description="List runs from Temporal's visibility store, newest first.",
+        epilog="examples:\n  starter.py list --tenant acme --status running\n"
+               "  starter.py list --status failed --limit 50 --json", formatter_class=raw)
     ls.add_argument("--tenant", default=None, help="only this tenant's runs")
-    ls.add_argument("--status", default=None,
-                    choices=["running", "completed", "failed", "cancelled", "terminated", "timed_out"])
-    ls.add_argument("--limit", type=int, default=20)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--status", default=None, help="only runs in this state",
+                    choices=["running", "completed", "failed", "cancelled", "terminated",
+                             "timed_out"])
+    ls.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
+    ls.add_argument("--json", action="store_true", help="print the runs as JSON")
     ls.set_defaults(func=_list)
 
-    a = sub.add_parser("approve", help="approve (or --reject) a step waiting for a human",
-                       epilog="example: starter.py approve agent/acme/r-1234 --reject --reason 'too much'")
-    a.add_argument("workflow_id")
+    a = sub.add_parser(
+        "approve", help="approve (or --reject) a step waiting for a human",
+        description="Answer a run that waits for a human approval (e.g. a refund over $100). "
+                    "The decision is recorded in the audit log.",
+        epilog="examples:\n  starter.py approve agent/acme/r-1234\n"
+               "  starter.py approve agent/acme/r-1234 --reject --reason 'too much'",
+        formatter_class=raw)
+    a.add_argument("workflow_id", metavar="WORKFLOW_ID")
     a.add_argument("--step", default="", help="step id (default: the one waiting)")
     a.add_argument("--reject", action="store_true", help="reject instead of approve")
     a.add_argument("--reason", default="", help="recorded in the audit log")
     a.add_argument("--by", default="operator", help="who decides (recorded in the audit log)")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(func=_approve)
 
-    c = sub.add_parser("cancel", help="cancel a run; its side effects are compensated",
-                       epilog="example: starter.py cancel agent/acme/r-1234 --reason 'customer withdrew'")
-    c.add_argument("workflow_id")
-    c.add_argument("--reason", default="cancelled by operator")
-    c.add_argument("--json", action="store_true")
+    c = sub.add_parser(
+        "cancel", help="cancel a run; its side effects are compensated",
+        description="Stop a run: completed side effects are undone in reverse order "
+                    "(refunds voided, ...) and unused budget is released.",
+        epilog="example:\n  starter.py cancel agent/acme/r-1234 --reason 'customer withdrew'",
+        formatter_class=raw)
+    c.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit log")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=_cancel)
+
+    from keel.cli import ops  # operations commands live in their own module
+
+    ops.register(sub)
 
 
 def _request(args: argparse.Namespace) -> AgentRequest:
@@ -111,7 +144,20 @@ async def _client() -> tuple[Client, Settings]:
     from keel.client import connect
 
     settings = load_settings()
-    return await connect(settings), settings
+    return _traced(await connect(settings)), settings
+
+
+def _traced(client: Client) -> Client:
+    """With ``OTEL_*`` set, the CLI's StartWorkflow span roots the run's trace."""
+    import atexit
+
+    from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing
+
+    tracer_provider, meter_provider = setup_telemetry("keel-starter")
+    if tracer_provider is None:
+        return client
+    atexit.register(shutdown_telemetry, tracer_provider, meter_provider)
+    return with_tracing(client, tracer_provider)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -134,7 +180,7 @@ async def _run(args: argparse.Namespace) -> int:
         print(wid)
         return 0
     if args.follow:
-        await _follow(handle)
+        await _follow(handle, workflow_url(settings, wid))
     resp = await handle.result()
     if args.json:
         print(resp.model_dump_json(indent=2))
@@ -143,36 +189,28 @@ async def _run(args: argparse.Namespace) -> int:
     return 0 if resp.outcome in ("completed", "partial") else 3
 
 
-async def _follow(handle: WorkflowHandle[Any, AgentResponse]) -> None:
-    """Poll the status query and print each change: phase, steps, spend, waits."""
-    seen: set[str] = set()
-    spinner = "|/-\\"
-    tick = 0
+async def _follow(handle: WorkflowHandle[Any, AgentResponse], url: str) -> None:
+    """Poll the status query and draw progress on stderr until the run ends."""
+    progress = Progress(handle.id, url, tty=sys.stderr.isatty(),
+                        unicode=(sys.stderr.encoding or "").lower().startswith("utf"))
+    progress.emit(progress.header())
     while True:
         try:
-            st: RunStatus = await handle.query("status", result_type=RunStatus)
+            st: RunStatus | None = await handle.query("status", result_type=RunStatus)
         except Exception:
-            st = None  # type: ignore[assignment]
+            st = None  # no worker has picked the run up yet
         if st is not None:
-            lines = [f"[{st.phase}] iteration {st.iterations}, spent ${st.spend.total_micros / 1e6:.6f}"]
-            lines += [f"  {r.id} {r.tool} {r.state.value} {r.summary or r.error}".rstrip()
-                      for r in st.steps]
-            if st.waiting_for:
-                lines.append(f"  waiting for {st.waiting_for} — "
-                             f"starter.py approve {handle.id} [--reject]")
-            for line in lines:
-                if line not in seen:
-                    seen.add(line)
-                    print(line, file=sys.stderr, flush=True)
+            for line in progress.update(st):
+                progress.emit(line)
             if st.phase == "done":
+                progress.emit(None)
                 return
         desc = await handle.describe()
         if desc.status != WorkflowExecutionStatus.RUNNING:
+            progress.emit(None)
             return
-        tick += 1
-        if sys.stderr.isatty():
-            print(f"\r{spinner[tick % 4]}", end="", file=sys.stderr, flush=True)
-        await asyncio.sleep(0.3)
+        progress.tick(st)
+        await asyncio.sleep(0.25)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -185,7 +223,8 @@ async def _status(args: argparse.Namespace) -> int:
     except Exception:
         st = None
     if st is None and desc.status == WorkflowExecutionStatus.COMPLETED:
-        resp = await client.get_workflow_handle(args.workflow_id, result_type=AgentResponse).result()
+        resp = await client.get_workflow_handle(args.workflow_id,
+                                                result_type=AgentResponse).result()
         st = RunStatus(workflow_id=args.workflow_id, phase="done", steps=resp.steps,
                        spend=resp.spend, iterations=resp.iterations, model_label=resp.model_label,
                        outcome=resp.outcome)
@@ -215,7 +254,8 @@ async def _list(args: argparse.Namespace) -> int:
             "workflow_id": wf.id, "status": wf.status.name.lower() if wf.status else "",
             "started": wf.start_time.isoformat(timespec="seconds") if wf.start_time else "",
             "tenant": _sa(sa, "KeelTenant"), "user": _sa(sa, "KeelUser"),
-            "outcome": _sa(sa, "KeelOutcome"), "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6})
+            "outcome": _sa(sa, "KeelOutcome"),
+            "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -368,15 +368,8 @@ begin
     -- An expired hold already gave its money back: the whole actual is new spend (late).
     v_held := case when v_res.status = 'held' then v_res.amount_micros else 0 end;
     v_extra := greatest(p_actual - v_held, 0);
-    if v_extra = 0 then
-        -- Usual case: no new room needed. Lock in order and update in one statement.
-        update keel_budget_scopes b
-           set spent_micros = b.spent_micros + p_actual,
-               reserved_micros = b.reserved_micros - v_held, updated_at = now()
-          from (select scope from keel_budget_scopes where scope = any(v_res.scopes)
-                 order by scope for no key update) l
-         where b.scope = l.scope;
-    else
+    if v_extra > 0 then
+        -- Overrun: decide per scope how much fits, goes to debt, or is flagged over limit.
         for r in select scope, limit_micros, spent_micros, reserved_micros, debt_micros,
                         overdraft_micros, observe
                    from keel_budget_scopes where scope = any(v_res.scopes)
@@ -396,14 +389,6 @@ begin
             v_max_debt := greatest(v_max_debt, v_debt);
             v_over := v_over or v_beyond > 0;
         end loop;
-        update keel_budget_scopes b
-           set spent_micros = b.spent_micros + p_actual,
-               reserved_micros = b.reserved_micros - v_held,
-               debt_micros = b.debt_micros + x.debt,
-               over_limit_micros = b.over_limit_micros + x.beyond,
-               updated_at = now()
-          from unnest(v_scopes, v_debts, v_beyonds) as x(scope, debt, beyond)
-         where b.scope = x.scope;
     end if;
     update keel_budget_reservations
        set status = 'committed', actual_micros = p_actual, overrun_micros = v_extra,
@@ -417,6 +402,25 @@ begin
         'late', v_res.status = 'expired', 'replayed', false);
     insert into keel_budget_ops (op_key, reservation_key, op, payload_hash, result)
         values (v_op_key, p_key, 'commit', p_hash, v_result);
+    if v_extra = 0 then
+        -- Usual case, done last so the shared (hot) scope rows stay locked only until the
+        -- commit: lock in scope order and update in one statement.
+        update keel_budget_scopes b
+           set spent_micros = b.spent_micros + p_actual,
+               reserved_micros = b.reserved_micros - v_held, updated_at = now()
+          from (select scope from keel_budget_scopes where scope = any(v_res.scopes)
+                 order by scope for no key update) l
+         where b.scope = l.scope;
+    else
+        update keel_budget_scopes b
+           set spent_micros = b.spent_micros + p_actual,
+               reserved_micros = b.reserved_micros - v_held,
+               debt_micros = b.debt_micros + x.debt,
+               over_limit_micros = b.over_limit_micros + x.beyond,
+               updated_at = now()
+          from unnest(v_scopes, v_debts, v_beyonds) as x(scope, debt, beyond)
+         where b.scope = x.scope;
+    end if;
     return v_result;
 end $$;
 

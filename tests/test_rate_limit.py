@@ -1,0 +1,145 @@
+"""Global per-tool rate limits (Temporal task-queue rate) and per-tenant run slots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+from activities.concurrency import (
+    acquire_run_slot,
+    in_flight,
+    release_run_slot,
+    tenant_run_limit,
+    ttl_for,
+)
+from activities.tools import registry
+from activities.tools.registry import REGISTRY, ToolContext, tool
+from keel.client import connect
+from keel.models import ToolCall, ToolResult
+from keel.settings import Settings
+from keel.worker import build_workers
+
+RATE = 2.0
+CALLS = 10
+
+
+class _Args(BaseModel):
+    i: int = 0
+
+
+@workflow.defn(name="RateProbe", sandboxed=False)
+class RateProbe:
+    """Fans ``n`` tool calls out at once onto the tool's own (rate-limited) task queue."""
+
+    @workflow.run
+    async def run(self, args: list[Any]) -> int:
+        name, queue, n = args
+        results = await asyncio.gather(*(workflow.execute_activity(
+            "run_tool", ToolCall(tool=name, args={"i": i}, tenant="acme",
+                                 idempotency_key=f"{workflow.info().workflow_id}/s{i}"),
+            result_type=ToolResult, task_queue=queue,
+            start_to_close_timeout=timedelta(seconds=30)) for i in range(n)))
+        return len(results)
+
+
+async def test_tool_rate_limit_holds_across_two_workers(
+    client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings, task_queue: str,
+) -> None:
+    name = f"rl_{uuid.uuid4().hex[:6]}"
+    starts: list[float] = []
+
+    async def limited(ctx: ToolContext, args: _Args) -> dict[str, Any]:
+        starts.append(time.monotonic())
+        return {"i": args.i}
+
+    tool(name, description="rate-limited test tool", args=_Args, rate_limit_per_second=RATE,
+         hidden=True)(limited)
+    try:
+        # Two "hosts" (two connections: one client may not run two workers on one queue),
+        # each with the full worker set, including its own poller of the tool's queue with
+        # max_task_queue_activities_per_second=RATE.
+        second_host = await connect(temporal_services)
+        fleet = [*build_workers(client, db_pool, temporal_services, task_queue=task_queue),
+                 *build_workers(second_host, db_pool, temporal_services, task_queue=task_queue)]
+        tool_queue = f"{task_queue}-tool-{name}"
+        assert sum(w.task_queue == tool_queue for w in fleet) == 2  # type: ignore[attr-defined]
+        probe = Worker(client, task_queue=f"{task_queue}-probe", workflows=[RateProbe],
+                       workflow_runner=UnsandboxedWorkflowRunner())
+        async with contextlib.AsyncExitStack() as stack:
+            for w in [*fleet, probe]:
+                await stack.enter_async_context(w)
+            done = await client.execute_workflow(
+                "RateProbe", [name, tool_queue, CALLS], id=f"rate-probe-{uuid.uuid4()}",
+                task_queue=f"{task_queue}-probe", result_type=int)
+    finally:
+        REGISTRY.pop(name, None)
+        registry._HIDDEN.discard(name)
+    assert done == CALLS and len(starts) == CALLS
+    starts.sort()
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(starts)]
+    # Temporal's matching service enforces the queue's rate with token buckets on the queue's
+    # partitions (the dev server has 4, each refilling at RATE/4): a burst of up to one start
+    # per partition, then never faster than RATE sustained — for the queue as a whole, not
+    # per worker. Were the limit per worker, these two workers would run at 2 x RATE.
+    sustained = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert sustained <= RATE * 1.05, (sustained, gaps)
+    assert sum(g >= 0.5 / RATE for g in gaps) >= (CALLS - 4) // 2, gaps  # throttled, not bursty
+
+
+# ------------------------------------------------------------------ per-tenant run slots
+async def test_run_slots_limit_per_tenant_are_idempotent_and_expire(
+    db_pool: AsyncConnectionPool,
+) -> None:
+    tenant, other = f"t{uuid.uuid4().hex[:6]}", f"o{uuid.uuid4().hex[:6]}"
+    async with db_pool.connection() as conn:
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/a", 2, 60)
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/a", 2, 60)  # retry: same slot
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/b", 2, 60)
+        assert not await acquire_run_slot(conn, tenant, f"agent/{tenant}/c", 2, 60)
+        assert await acquire_run_slot(conn, other, f"agent/{other}/a", 2, 60)  # tenants apart
+        assert await in_flight(conn, tenant) == 2
+        held = await release_run_slot(conn, f"agent/{tenant}/a")
+        assert held is not None and held >= 0
+        assert await release_run_slot(conn, f"agent/{tenant}/a") is None
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/c", 2, 60)
+        # A dead run's lease ends on the database clock and frees its slot.
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/d", 3, 0.3)
+        assert not await acquire_run_slot(conn, tenant, f"agent/{tenant}/e", 3, 60)
+        await asyncio.sleep(0.4)
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/e", 3, 60)
+        assert await acquire_run_slot(conn, tenant, f"agent/{tenant}/u", None, 60)  # unlimited
+
+
+async def test_run_slots_never_oversubscribe_under_concurrency(
+    db_pool: AsyncConnectionPool,
+) -> None:
+    tenant = f"c{uuid.uuid4().hex[:6]}"
+
+    async def start(i: int) -> bool:
+        async with db_pool.connection() as conn:
+            return await acquire_run_slot(conn, tenant, f"agent/{tenant}/r{i}", 3, 60)
+
+    granted = await asyncio.gather(*(start(i) for i in range(15)))
+    assert sum(granted) == 3
+    async with db_pool.connection() as conn:
+        assert await in_flight(conn, tenant) == 3
+
+
+def test_tenant_run_limit_from_environment() -> None:
+    assert tenant_run_limit("acme", {}) is None
+    assert tenant_run_limit("acme", {"KEEL_MAX_RUNS_PER_TENANT": "5"}) == 5
+    env = {"KEEL_MAX_RUNS_PER_TENANT": "5", "KEEL_MAX_RUNS_BIG_CO": "50"}
+    assert tenant_run_limit("big-co", env) == 50
+    assert tenant_run_limit("acme", {"KEEL_MAX_RUNS_PER_TENANT": "0"}) is None
+    assert ttl_for(300) == 600
