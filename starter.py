@@ -1,6 +1,6 @@
 """The Keel command line: run agents, inspect runs, manage budgets, audit, dev services.
 
-    python starter.py --help
+python starter.py --help
 """
 
 import os

@@ -1,6 +1,6 @@
 """Run one Keel worker against the services named by the environment (see keel.settings).
 
-    python worker.py            # start as many as you like, on as many hosts as you like
+python worker.py            # start as many as you like, on as many hosts as you like
 """
 
 from __future__ import annotations

@@ -39,8 +39,15 @@ from activities.guardrails import redact, redact_data
 from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
 
 __all__ = [
-    "AuditActivities", "AuditError", "append", "append_many", "append_statement", "row_hash",
-    "row_hash_v2", "trail", "verify",
+    "AuditActivities",
+    "AuditError",
+    "append",
+    "append_many",
+    "append_statement",
+    "row_hash",
+    "row_hash_v2",
+    "trail",
+    "verify",
 ]
 
 _MAX_DATA_CHARS = 4096  # rows stay small: detail lives in tool_effects / memory, not here
@@ -140,12 +147,14 @@ async def append_many(conn: AsyncConnection[Any], entries: Sequence[AuditEntry])
             raise AuditError(f"idem_key {e.idem_key!r} already used by another tenant") from exc
         rid, seq, ts, prev, h, existing = await cur.fetchone()  # type: ignore[misc]
         if existing:  # first write wins: return what is stored, not this retry's text
-            stored = await (await conn.execute(
-                f"select {_COLS} from audit_log where id = %s", (rid,))).fetchone()
+            stored = await (
+                await conn.execute(f"select {_COLS} from audit_log where id = %s", (rid,))
+            ).fetchone()
             rows.append(_row(stored, existing=True))  # type: ignore[arg-type]
             continue
-        rows.append(AuditRow(**e.model_dump(), id=rid, seq=seq, ts=ts, prev_hash=prev, hash=h,
-                             existing=False))
+        rows.append(
+            AuditRow(**e.model_dump(), id=rid, seq=seq, ts=ts, prev_hash=prev, hash=h, existing=False)
+        )
     return rows
 
 
@@ -156,15 +165,38 @@ def append_statement(entry: AuditEntry, *, prepared: bool = False) -> tuple[str,
     """The SQL of one append (redacted first), for callers that batch it with other
     statements in one pipelined round trip; ``append_many`` is the plain interface."""
     e = entry if prepared else _prepare(entry)
-    return _APPEND_SQL, (e.tenant, e.user, e.workflow_id, e.step_id, e.kind, e.subject,
-                         e.decision, e.reason, Jsonb(e.data), e.idem_key)
+    return _APPEND_SQL, (
+        e.tenant,
+        e.user,
+        e.workflow_id,
+        e.step_id,
+        e.kind,
+        e.subject,
+        e.decision,
+        e.reason,
+        Jsonb(e.data),
+        e.idem_key,
+    )
 
 
 def row_hash_v2(prev_hash: str, r: AuditRow, data_text: str) -> str:
     """Hash version 2 (computed by the database on append; see migration 007)."""
     ts = r.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    fields = (prev_hash, r.tenant, str(r.seq), ts, r.user, r.workflow_id, r.step_id, r.kind,
-              r.subject, r.decision, r.reason, data_text, r.idem_key)
+    fields = (
+        prev_hash,
+        r.tenant,
+        str(r.seq),
+        ts,
+        r.user,
+        r.workflow_id,
+        r.step_id,
+        r.kind,
+        r.subject,
+        r.decision,
+        r.reason,
+        data_text,
+        r.idem_key,
+    )
     return hashlib.sha256("".join(f"{len(f)}:{f};" for f in fields).encode()).hexdigest()
 
 
@@ -206,8 +238,7 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
         seen: dict[str, tuple[int, str, int]] = {}  # tenant -> (last seq, last hash, last id)
         cur = conn.cursor()
         async for raw in cur.stream(
-            f"select {_COLS}, hash_version, data::text from audit_log {where} "
-            "order by tenant, id", params
+            f"select {_COLS}, hash_version, data::text from audit_log {where} order by tenant, id", params
         ):
             r = _row(raw[:-2])
             version, data_text = raw[-2], raw[-1]
@@ -226,11 +257,11 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
                     checked,
                     r.id,
                     r.tenant,
-                    f"row {r.id} does not link to the previous row "
-                    "(rows reordered, removed or rewritten)",
+                    f"row {r.id} does not link to the previous row (rows reordered, removed or rewritten)",
                 )
-            expected = (row_hash_v2(prev, r, data_text) if version == 2
-                         else row_hash(prev, r.tenant, r.seq, r.ts, r))
+            expected = (
+                row_hash_v2(prev, r, data_text) if version == 2 else row_hash(prev, r.tenant, r.seq, r.ts, r)
+            )
             if expected != r.hash:
                 return _bad(
                     checked,
@@ -251,9 +282,7 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
             )
     missing = sorted(set(seen) - set(heads))
     if missing:
-        return _bad(
-            checked, seen[missing[0]][2], missing[0], "rows exist but the chain head is gone"
-        )
+        return _bad(checked, seen[missing[0]][2], missing[0], "rows exist but the chain head is gone")
     return VerifyResult(ok=True, checked=checked, tenant=tenant)
 
 
@@ -269,6 +298,4 @@ class AuditActivities:
         async with self._pool.connection() as conn:
             rows = await append_many(conn, batch.entries)
         replayed = sum(r.existing for r in rows)
-        return AuditAck(
-            ids=tuple(r.id for r in rows), appended=len(rows) - replayed, replayed=replayed
-        )
+        return AuditAck(ids=tuple(r.id for r in rows), appended=len(rows) - replayed, replayed=replayed)

@@ -133,31 +133,40 @@ async def acquire(conn: Conn, scope: str, cfg: BreakerConfig, owner: str) -> Per
 
     Call outside any transaction of your own: a claim must commit even if your work fails.
     """
-    row = await (await conn.execute(
-        "select state, opened_until, probe_lease_until, now() as now, consecutive_failures "
-        "from circuit_breakers where scope = %s", (scope,))).fetchone()
+    row = await (
+        await conn.execute(
+            "select state, opened_until, probe_lease_until, now() as now, consecutive_failures "
+            "from circuit_breakers where scope = %s",
+            (scope,),
+        )
+    ).fetchone()
     if row is None or row[0] == "closed":
         return Permit(allowed=True, failures=row[4] if row else 0)
     state, opened_until, lease_until, now, _ = row
     if state == "open" and opened_until is not None and now < opened_until:
         return Permit(allowed=False, state="open", retry_at=opened_until)
-    claimed = await (await conn.execute(
-        "with old as (select scope, state from circuit_breakers where scope = %(s)s for update) "
-        "update circuit_breakers b set state = 'half_open', probe_owner = %(o)s, "
-        "  probe_lease_until = now() + make_interval(secs => %(lease)s), updated_at = now() "
-        "from old where b.scope = old.scope and ("
-        "  (b.state = 'open' and b.opened_until <= now()) or "
-        "  (b.state = 'half_open' and "
-        "   (b.probe_lease_until is null or b.probe_lease_until <= now())))"
-        " returning old.state",
-        {"s": scope, "o": owner, "lease": cfg.probe_lease_seconds})).fetchone()
+    claimed = await (
+        await conn.execute(
+            "with old as (select scope, state from circuit_breakers where scope = %(s)s for update) "
+            "update circuit_breakers b set state = 'half_open', probe_owner = %(o)s, "
+            "  probe_lease_until = now() + make_interval(secs => %(lease)s), updated_at = now() "
+            "from old where b.scope = old.scope and ("
+            "  (b.state = 'open' and b.opened_until <= now()) or "
+            "  (b.state = 'half_open' and "
+            "   (b.probe_lease_until is null or b.probe_lease_until <= now())))"
+            " returning old.state",
+            {"s": scope, "o": owner, "lease": cfg.probe_lease_seconds},
+        )
+    ).fetchone()
     if claimed is None:  # another worker holds the probe (or just closed/opened it)
         return Permit(allowed=False, state="half_open", retry_at=lease_until or opened_until)
-    reason = ("cooldown over: one probe let through" if claimed[0] == "open"
-              else "previous probe's lease expired: probing again")
+    reason = (
+        "cooldown over: one probe let through"
+        if claimed[0] == "open"
+        else "previous probe's lease expired: probing again"
+    )
     await _event(conn, scope, claimed[0], "half_open", reason)
-    return Permit(allowed=True, state="half_open", probe=True,
-                  transition=(claimed[0], "half_open"))
+    return Permit(allowed=True, state="half_open", probe=True, transition=(claimed[0], "half_open"))
 
 
 async def record_success(conn: Conn, scope: str, owner: str) -> tuple[State, State] | None:
@@ -166,47 +175,65 @@ async def record_success(conn: Conn, scope: str, owner: str) -> tuple[State, Sta
     A success that started before the breaker opened (a straggler) changes nothing: only
     the probe speaks for a breaker that is not closed. Returns the transition, if any.
     """
-    row = await (await conn.execute(
-        "with old as (select scope, state from circuit_breakers where scope = %(s)s for update) "
-        "update circuit_breakers b set state = 'closed', consecutive_failures = 0, "
-        "  opened_until = null, probe_owner = null, probe_lease_until = null, updated_at = now() "
-        "from old where b.scope = old.scope and ("
-        "  (b.state = 'closed' and b.consecutive_failures > 0) or "
-        "  (b.state = 'half_open' and b.probe_owner = %(o)s)) "
-        "returning old.state", {"s": scope, "o": owner})).fetchone()
+    row = await (
+        await conn.execute(
+            "with old as (select scope, state from circuit_breakers where scope = %(s)s for update) "
+            "update circuit_breakers b set state = 'closed', consecutive_failures = 0, "
+            "  opened_until = null, probe_owner = null, probe_lease_until = null, updated_at = now() "
+            "from old where b.scope = old.scope and ("
+            "  (b.state = 'closed' and b.consecutive_failures > 0) or "
+            "  (b.state = 'half_open' and b.probe_owner = %(o)s)) "
+            "returning old.state",
+            {"s": scope, "o": owner},
+        )
+    ).fetchone()
     if row is None or row[0] == "closed":
         return None
     await _event(conn, scope, "half_open", "closed", "probe succeeded")
     return ("half_open", "closed")
 
 
-async def record_failure(conn: Conn, scope: str, cfg: BreakerConfig, owner: str,
-                         error: str) -> tuple[State, State] | None:
+async def record_failure(
+    conn: Conn, scope: str, cfg: BreakerConfig, owner: str, error: str
+) -> tuple[State, State] | None:
     """A transient failure: count it; open at the threshold; a failed probe re-opens."""
     error = error.splitlines()[0][:300] if error else ""
     async with conn.transaction():
-        await conn.execute("insert into circuit_breakers (scope) values (%s) "
-                           "on conflict (scope) do nothing", (scope,))
-        state, failures, probe_owner = await _one(conn, (
-            "select state, consecutive_failures, probe_owner from circuit_breakers "
-            "where scope = %s for update"), (scope,))
+        await conn.execute(
+            "insert into circuit_breakers (scope) values (%s) on conflict (scope) do nothing", (scope,)
+        )
+        state, failures, probe_owner = await _one(
+            conn,
+            (
+                "select state, consecutive_failures, probe_owner from circuit_breakers "
+                "where scope = %s for update"
+            ),
+            (scope,),
+        )
         failures += 1
         opens = (state == "closed" and failures >= cfg.failure_threshold) or (
-            state == "half_open" and probe_owner == owner)
+            state == "half_open" and probe_owner == owner
+        )
         if opens:
             await conn.execute(
                 "update circuit_breakers set state = 'open', consecutive_failures = %s, "
                 "opened_until = now() + make_interval(secs => %s), probe_owner = null, "
                 "probe_lease_until = null, last_error = %s, opened_count = opened_count + 1, "
                 "updated_at = now() where scope = %s",
-                (failures, cfg.cooldown_seconds, error, scope))
-            reason = (f"probe failed: {error}" if state == "half_open" else
-                      f"{failures} consecutive failures, last: {error}")
+                (failures, cfg.cooldown_seconds, error, scope),
+            )
+            reason = (
+                f"probe failed: {error}"
+                if state == "half_open"
+                else f"{failures} consecutive failures, last: {error}"
+            )
             await _event(conn, scope, state, "open", reason)
             return (state, "open")
         await conn.execute(
             "update circuit_breakers set consecutive_failures = %s, last_error = %s, "
-            "updated_at = now() where scope = %s", (failures, error, scope))
+            "updated_at = now() where scope = %s",
+            (failures, error, scope),
+        )
     return None
 
 
@@ -216,7 +243,8 @@ async def snapshot(conn: Conn) -> list[BreakerView]:
         await cur.execute(
             "select scope, state, consecutive_failures, opened_until, probe_lease_until, "
             "last_error, opened_count, updated_at from circuit_breakers "
-            "order by updated_at desc, scope")
+            "order by updated_at desc, scope"
+        )
         return [BreakerView.model_validate(r) for r in await cur.fetchall()]
 
 
@@ -226,7 +254,8 @@ async def events(conn: Conn, scope: str | None = None, limit: int = 20) -> list[
         await cur.execute(
             "select id, scope, from_state, to_state, reason, worker, at from breaker_events "
             "where %(s)s::text is null or scope = %(s)s order by id desc limit %(n)s",
-            {"s": scope, "n": limit})
+            {"s": scope, "n": limit},
+        )
         return [BreakerEvent.model_validate(r) for r in await cur.fetchall()]
 
 
@@ -241,15 +270,21 @@ def circuit_open_error(scope: str, permit: Permit, *, retryable: bool = False) -
         from datetime import UTC, timedelta
 
         delay = max(timedelta(seconds=1), permit.retry_at - datetime.now(UTC))
-    return ApplicationError(f"circuit open for {name} until {until}", {"scope": scope},
-                            type=CIRCUIT_OPEN, non_retryable=not retryable,
-                            next_retry_delay=delay)
+    return ApplicationError(
+        f"circuit open for {name} until {until}",
+        {"scope": scope},
+        type=CIRCUIT_OPEN,
+        non_retryable=not retryable,
+        next_retry_delay=delay,
+    )
 
 
 async def _event(conn: Conn, scope: str, from_state: str, to_state: str, reason: str) -> None:
     await conn.execute(
         "insert into breaker_events (scope, from_state, to_state, reason, worker) "
-        "values (%s, %s, %s, %s, %s)", (scope, from_state, to_state, reason[:500], WORKER_ID))
+        "values (%s, %s, %s, %s, %s)",
+        (scope, from_state, to_state, reason[:500], WORKER_ID),
+    )
     from keel import telemetry
 
     telemetry.record_breaker_transition(scope, from_state, to_state)

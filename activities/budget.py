@@ -49,8 +49,7 @@ _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 
-async def ledger_for_tool_commit(conn: AsyncConnection[Any], key: str,
-                                 actual_micros: int) -> CommitResult:
+async def ledger_for_tool_commit(conn: AsyncConnection[Any], key: str, actual_micros: int) -> CommitResult:
     """Commit a tool's cost on ``conn``, inside the transaction that holds the tool's effect."""
     return await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual_micros))
 
@@ -61,8 +60,7 @@ class BudgetActivities:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
-    async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]],
-                   req: _In) -> _Out:
+    async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]], req: _In) -> _Out:
         try:
             async with self._pool.connection() as conn:
                 return await fn(conn, req)
@@ -78,10 +76,12 @@ class BudgetActivities:
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
         """Hold budget before a model or tool call; DENY is a result, not an error."""
         res = await self._run(ledger.reserve, req)
-        telemetry.record_budget_decision(res.decision.value, tenant=req.scopes[0].split("/")[0]
-                                         if req.scopes else "", kind=req.kind)
-        telemetry.annotate(decision=res.decision.value, kind=req.kind, subject=req.subject,
-                           amount_micros=req.amount_micros)
+        telemetry.record_budget_decision(
+            res.decision.value, tenant=req.scopes[0].split("/")[0] if req.scopes else "", kind=req.kind
+        )
+        telemetry.annotate(
+            decision=res.decision.value, kind=req.kind, subject=req.subject, amount_micros=req.amount_micros
+        )
         return res
 
     @activity.defn(name="budget_commit")

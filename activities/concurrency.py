@@ -40,8 +40,9 @@ _LOCK_CLASS = 7_345_005  # advisory-lock namespace owned by the run-slot code
 Conn = psycopg.AsyncConnection[Any]
 
 
-async def acquire_run_slot(conn: Conn, tenant: str, workflow_id: str, limit: int | None,
-                           ttl_seconds: float) -> bool:
+async def acquire_run_slot(
+    conn: Conn, tenant: str, workflow_id: str, limit: int | None, ttl_seconds: float
+) -> bool:
     """Take one of ``tenant``'s ``limit`` run slots for ``workflow_id``; ``False`` when full.
 
     ``limit=None`` never refuses (the slot is still recorded, for the duration metric).
@@ -51,14 +52,16 @@ async def acquire_run_slot(conn: Conn, tenant: str, workflow_id: str, limit: int
         await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
         renewed = await conn.execute(
             "update run_slots set expires_at = now() + make_interval(secs => %s) "
-            "where workflow_id = %s and expires_at > now()", (ttl_seconds, workflow_id))
+            "where workflow_id = %s and expires_at > now()",
+            (ttl_seconds, workflow_id),
+        )
         if renewed.rowcount:
             return True
-        await conn.execute("delete from run_slots where tenant = %s and expires_at <= now()",
-                           (tenant,))
+        await conn.execute("delete from run_slots where tenant = %s and expires_at <= now()", (tenant,))
         if limit is not None:
-            row = await (await conn.execute(
-                "select count(*) from run_slots where tenant = %s", (tenant,))).fetchone()
+            row = await (
+                await conn.execute("select count(*) from run_slots where tenant = %s", (tenant,))
+            ).fetchone()
             if row is not None and row[0] >= limit:
                 return False
         await conn.execute(
@@ -66,23 +69,30 @@ async def acquire_run_slot(conn: Conn, tenant: str, workflow_id: str, limit: int
             "values (%s, %s, now() + make_interval(secs => %s)) "
             "on conflict (workflow_id) do update set tenant = excluded.tenant, "
             "acquired_at = now(), expires_at = excluded.expires_at",
-            (workflow_id, tenant, ttl_seconds))
+            (workflow_id, tenant, ttl_seconds),
+        )
         return True
 
 
 async def release_run_slot(conn: Conn, workflow_id: str) -> float | None:
     """Free the run's slot; returns seconds it was held (``None`` if it held none)."""
-    row = await (await conn.execute(
-        "delete from run_slots where workflow_id = %s "
-        "returning extract(epoch from now() - acquired_at)::float8", (workflow_id,))).fetchone()
+    row = await (
+        await conn.execute(
+            "delete from run_slots where workflow_id = %s "
+            "returning extract(epoch from now() - acquired_at)::float8",
+            (workflow_id,),
+        )
+    ).fetchone()
     return None if row is None else float(row[0])
 
 
 async def in_flight(conn: Conn, tenant: str) -> int:
     """Runs of ``tenant`` currently holding an unexpired slot."""
-    row = await (await conn.execute(
-        "select count(*) from run_slots where tenant = %s and expires_at > now()",
-        (tenant,))).fetchone()
+    row = await (
+        await conn.execute(
+            "select count(*) from run_slots where tenant = %s and expires_at > now()", (tenant,)
+        )
+    ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -97,8 +107,7 @@ def tenant_run_limit(tenant: str, env: Mapping[str, str] | None = None) -> int |
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(
-            f"run limit for tenant {tenant!r} must be an integer, got {raw!r}") from None
+        raise ValueError(f"run limit for tenant {tenant!r} must be an integer, got {raw!r}") from None
     return value if value > 0 else None
 
 

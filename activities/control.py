@@ -1,8 +1,8 @@
 """Per-step control-plane calls, run as local activities: one transaction, one round trip.
 
-``authorize_step`` writes the permission decision to the audit log and, when the step is
-allowed, reserves its budget in the same transaction, so "a decision without its audit row"
-cannot happen and the step pays one database round trip for both. ``settle_step`` releases
+``authorize_step`` writes a denial or a human's approval/rejection to the audit log (an
+allowed step's decision is written by the tool activity itself, together with its budget
+reservation, before the effect — one round trip per controlled step). ``settle_step`` releases
 or commits a reservation and audits the outcome. The tool activity itself commits the
 reservation of a successful step together with its effect.
 """
@@ -16,7 +16,7 @@ from activities import audit, ledger
 from activities.guardrails import redact_data
 from keel.agent_io import SettleInput, SettleResult, StepGateInput, StepGateResult
 from keel.audit_models import AuditEntry
-from keel.budget import CommitRequest, ReleaseRequest, ReserveRequest
+from keel.budget import CommitRequest, ReleaseRequest
 from keel.models import Decision
 
 __all__ = ["ControlActivities"]
@@ -29,41 +29,46 @@ class ControlActivities:
     @activity.defn(name="authorize_step")
     async def authorize_step(self, inp: StepGateInput) -> StepGateResult:
         entry = AuditEntry(
-            tenant=inp.tenant, user=inp.user, workflow_id=inp.workflow_id, step_id=inp.step_id,
-            kind=inp.kind, subject=inp.tool, decision="allow" if inp.allowed else "deny",
-            reason=inp.reason, data={"rule": inp.rule, "args": redact_data(inp.args)},
-            idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}")
-        async with self._pool.connection() as conn, conn.transaction():
+            tenant=inp.tenant,
+            user=inp.user,
+            workflow_id=inp.workflow_id,
+            step_id=inp.step_id,
+            kind=inp.kind,
+            subject=inp.tool,
+            decision="allow" if inp.allowed else "deny",
+            reason=inp.reason,
+            data={"rule": inp.rule, "args": redact_data(inp.args)},
+            idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}",
+        )
+        async with self._pool.connection() as conn:
             await audit.append_many(conn, [entry])
-            if not inp.allowed or not inp.reserve_key:
-                return StepGateResult(decision=Decision.ALLOW if inp.allowed else Decision.DENY,
-                                      reason=inp.reason)
-            res = await ledger.reserve(conn, ReserveRequest(
-                key=inp.reserve_key, scopes=inp.scopes, amount_micros=inp.amount_micros,
-                min_micros=inp.amount_micros, kind="tool", subject=inp.tool,
-                run_id=inp.workflow_id, step_id=inp.step_id))
-            if res.decision != Decision.ALLOW:
-                await audit.append_many(conn, [AuditEntry(
-                    tenant=inp.tenant, user=inp.user, workflow_id=inp.workflow_id,
-                    step_id=inp.step_id, kind="budget", subject=inp.tool,
-                    decision=res.decision.value, reason=res.reason,
-                    data={"granted_micros": res.granted_micros},
-                    idem_key=f"{inp.workflow_id}/{inp.step_id}/budget")])
-        return StepGateResult(decision=res.decision, granted_micros=res.granted_micros,
-                              caps=res.caps, reason=res.reason, observed=res.observed)
+        return StepGateResult(decision=Decision.ALLOW if inp.allowed else Decision.DENY, reason=inp.reason)
 
     @activity.defn(name="settle_step")
     async def settle_step(self, inp: SettleInput) -> SettleResult:
         async with self._pool.connection() as conn, conn.transaction():
             if inp.reserve_key:
                 if inp.commit_micros is None:
-                    await ledger.release(conn, ReleaseRequest(key=inp.reserve_key,
-                                                              reason=inp.reason[:200]))
+                    await ledger.release(conn, ReleaseRequest(key=inp.reserve_key, reason=inp.reason[:200]))
                 else:
-                    await ledger.commit(conn, CommitRequest(key=inp.reserve_key,
-                                                            actual_micros=inp.commit_micros))
-            await audit.append_many(conn, [AuditEntry(
-                tenant=inp.tenant, user=inp.user, workflow_id=inp.workflow_id,
-                step_id=inp.step_id, kind=inp.kind, subject=inp.subject, decision=inp.decision,
-                reason=inp.reason, data={}, idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}-settle")])
+                    await ledger.commit(
+                        conn, CommitRequest(key=inp.reserve_key, actual_micros=inp.commit_micros)
+                    )
+            await audit.append_many(
+                conn,
+                [
+                    AuditEntry(
+                        tenant=inp.tenant,
+                        user=inp.user,
+                        workflow_id=inp.workflow_id,
+                        step_id=inp.step_id,
+                        kind=inp.kind,
+                        subject=inp.subject,
+                        decision=inp.decision,
+                        reason=inp.reason,
+                        data={},
+                        idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}-settle",
+                    )
+                ],
+            )
         return SettleResult()

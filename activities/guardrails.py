@@ -184,9 +184,7 @@ def scan_input(
                 reason=f"request looks like {cat.replace('_', ' ')} ({', '.join(names)})",
             )
     flagged = ", ".join(f"{c}:{n}" for n, c, _ in hits)
-    return GuardrailVerdict(
-        ok=True, score=round(score, 2), reason=f"flagged: {flagged}" if hits else ""
-    )
+    return GuardrailVerdict(ok=True, score=round(score, 2), reason=f"flagged: {flagged}" if hits else "")
 
 
 def _luhn(digits: str) -> bool:

@@ -89,23 +89,46 @@ async def _call(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -
 
 async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunResult:
     """Create the run's scopes and its limit; safe to repeat (the first limit wins)."""
-    out = await _call(conn, "select keel_budget_open_run(%s::text[], %s::bigint)",
-                      (list(req.scopes), req.run_limit_micros))
+    out = await _call(
+        conn, "select keel_budget_open_run(%s::text[], %s::bigint)", (list(req.scopes), req.run_limit_micros)
+    )
     return OpenRunResult.model_validate(out)
 
 
 def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
     """The SQL of a reservation, for callers that batch it with other statements (the tool
     activity pipelines it with the audit row); parse the row with ``reserve_result``."""
-    digest = _hash(op="reserve", scopes=list(req.scopes), amount=req.amount_micros,
-                   min=req.min_micros, max_tokens=req.max_tokens, ttl=req.ttl_seconds,
-                   kind=req.kind, subject=req.subject, run_id=req.run_id,
-                   step_id=req.step_id, tier=req.tier)
+    digest = _hash(
+        op="reserve",
+        scopes=list(req.scopes),
+        amount=req.amount_micros,
+        min=req.min_micros,
+        max_tokens=req.max_tokens,
+        ttl=req.ttl_seconds,
+        kind=req.kind,
+        subject=req.subject,
+        run_id=req.run_id,
+        step_id=req.step_id,
+        tier=req.tier,
+    )
     return (
         "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
         " %s, %s, %s, %s, %s, %s)",
-        (req.key, list(req.scopes), req.amount_micros, req.min_micros, req.max_tokens,
-         req.ttl_seconds, req.kind, req.subject, req.run_id, req.step_id, req.tier, digest))
+        (
+            req.key,
+            list(req.scopes),
+            req.amount_micros,
+            req.min_micros,
+            req.max_tokens,
+            req.ttl_seconds,
+            req.kind,
+            req.subject,
+            req.run_id,
+            req.step_id,
+            req.tier,
+            digest,
+        ),
+    )
 
 
 def reserve_result(row: Any) -> ReserveResult:
@@ -114,8 +137,10 @@ def reserve_result(row: Any) -> ReserveResult:
 
 def commit_statement(req: CommitRequest) -> tuple[str, tuple[Any, ...]]:
     """The SQL of a commit, for batching (see ``reserve_statement``)."""
-    return ("select keel_budget_commit(%s, %s::bigint, %s)",
-            (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)))
+    return (
+        "select keel_budget_commit(%s, %s::bigint, %s)",
+        (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)),
+    )
 
 
 def translate_error(e: psycopg.Error) -> Exception:
@@ -136,16 +161,19 @@ async def commit(conn: AsyncConnection[Any], req: CommitRequest) -> CommitResult
 
 async def release(conn: AsyncConnection[Any], req: ReleaseRequest) -> ReleaseResult:
     """Return a hold; a no-op (reporting the status) when it was already committed or expired."""
-    out = await _call(conn, "select keel_budget_release(%s, %s, %s)",
-                      (req.key, req.reason, _hash(op="release")))
+    out = await _call(
+        conn, "select keel_budget_release(%s, %s, %s)", (req.key, req.reason, _hash(op="release"))
+    )
     return ReleaseResult.model_validate(out)
 
 
 async def extend(conn: AsyncConnection[Any], req: ExtendRequest) -> ExtendResult:
     """Lengthen a hold's lease (long tool calls); measured on the database clock."""
-    out = await _call(conn, "select keel_budget_extend(%s, %s::int, %s::int, %s)",
-                      (req.key, req.ttl_seconds, req.seq,
-                       _hash(op="extend", ttl=req.ttl_seconds)))
+    out = await _call(
+        conn,
+        "select keel_budget_extend(%s, %s::int, %s::int, %s)",
+        (req.key, req.ttl_seconds, req.seq, _hash(op="extend", ttl=req.ttl_seconds)),
+    )
     return ExtendResult.model_validate(out)
 
 
@@ -154,17 +182,26 @@ async def sweep_expired(conn: AsyncConnection[Any], batch: int = SWEEP_BATCH) ->
     return int(await _call(conn, "select keel_budget_sweep(%s::int)", (batch,)))
 
 
-async def set_limit(conn: AsyncConnection[Any], scope: str, limit_micros: int | None,
-                    observe: bool = False, overdraft_micros: int | None = None) -> None:
+async def set_limit(
+    conn: AsyncConnection[Any],
+    scope: str,
+    limit_micros: int | None,
+    observe: bool = False,
+    overdraft_micros: int | None = None,
+) -> None:
     """Set or clear (``None``) a scope's limit; ``overdraft_micros=None`` keeps the current one."""
     if (limit_micros is not None and limit_micros < 0) or (overdraft_micros or 0) < 0:
         raise ValueError("limit and overdraft must be >= 0 micro-USD")
-    await conn.execute("select keel_budget_set_limit(%s, %s::bigint, %s, %s::bigint)",
-                       (scope, limit_micros, observe, overdraft_micros))
+    await conn.execute(
+        "select keel_budget_set_limit(%s, %s::bigint, %s, %s::bigint)",
+        (scope, limit_micros, observe, overdraft_micros),
+    )
 
 
-_SCOPE_COLS = ("scope, parent, limit_micros, spent_micros, reserved_micros, debt_micros,"
-               " overdraft_micros, over_limit_micros, observe")
+_SCOPE_COLS = (
+    "scope, parent, limit_micros, spent_micros, reserved_micros, debt_micros,"
+    " overdraft_micros, over_limit_micros, observe"
+)
 
 
 def _remaining(row: dict[str, Any]) -> int | None:
@@ -179,7 +216,9 @@ async def show(conn: AsyncConnection[Any], scope: str) -> ScopeView | None:
         await cur.execute(
             f"select {_SCOPE_COLS}, scope = %s as me from keel_budget_scopes"
             " where scope = any(keel_scope_closure(array[%s])) or parent = %s"
-            " order by scope", (scope, scope, scope))
+            " order by scope",
+            (scope, scope, scope),
+        )
         rows = await cur.fetchall()
     me = next((r for r in rows if r["me"]), None)
     if me is None:
@@ -187,8 +226,9 @@ async def show(conn: AsyncConnection[Any], scope: str) -> ScopeView | None:
     lineage = [r for r in rows if r["parent"] != scope or r["me"]]
     limited = [x for x in (_remaining(r) for r in lineage) if x is not None]
     children = tuple(ScopeView(**_view(r)) for r in rows if r["parent"] == scope and not r["me"])
-    return ScopeView(**_view(me), effective_remaining_micros=min(limited) if limited else None,
-                     children=children)
+    return ScopeView(
+        **_view(me), effective_remaining_micros=min(limited) if limited else None, children=children
+    )
 
 
 def _view(row: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +244,8 @@ async def history(conn: AsyncConnection[Any], scope: str, limit: int = 50) -> li
             " reason, created_at, updated_at, expires_at from keel_budget_reservations"
             " where scopes[1] = split_part(%s, '/', 1) and scopes @> array[%s]::text[]"
             " order by scopes[1], created_at desc limit %s",
-            (scope, scope, limit))
+            (scope, scope, limit),
+        )
         return [HistoryEntry(**r) for r in await cur.fetchall()]
 
 
@@ -214,8 +255,9 @@ async def check_invariant(conn: AsyncConnection[Any]) -> list[str]:
     return [r[0] for r in await cur.fetchall()]
 
 
-async def run_sweeper(pool: AsyncConnectionPool, interval_seconds: float = 5.0,
-                      stop: asyncio.Event | None = None) -> None:
+async def run_sweeper(
+    pool: AsyncConnectionPool, interval_seconds: float = 5.0, stop: asyncio.Event | None = None
+) -> None:
     """Periodically return the money of expired holds, until ``stop`` is set.
 
     Every worker process runs one. That is safe because sweeping is idempotent (a hold

@@ -89,8 +89,9 @@ async def call_model(call: ModelCall) -> ModelResult:
         if isinstance(err, ApplicationError):
             if guard is not None:
                 await guard.outcome(err)
-            telemetry.record_model_call(model=call.model, provider=provider_name,
-                                        outcome=err.type or "error", tenant=tenant)
+            telemetry.record_model_call(
+                model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
+            )
         if err is e:
             raise
         raise err from e
@@ -139,8 +140,9 @@ def _tier_of(model: str, env: Mapping[str, str]) -> str:
     return "balanced"  # an unknown model: a middle tier is the safest stand-in
 
 
-async def _guarded(pool: Any, call: ModelCall, provider: str,
-                   tenant: str) -> tuple[ModelCall, str, _ProviderGuard]:
+async def _guarded(
+    pool: Any, call: ModelCall, provider: str, tenant: str
+) -> tuple[ModelCall, str, _ProviderGuard]:
     cfg = breaker.config_from_env(probe_lease_seconds=MODEL_PROBE_LEASE_S)
     owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
     scope = f"model:{provider}"
@@ -156,10 +158,12 @@ async def _guarded(pool: Any, call: ModelCall, provider: str,
             if (await breaker.acquire(conn, alt_scope, cfg, owner)).allowed:
                 activity.logger.warning("%s is open: %s falls back to %s", scope, call.model, alt)
                 telemetry.annotate(fallback_from=call.model, model=alt)
-                return (call.model_copy(update={"model": alt}), alt_provider,
-                        _ProviderGuard(pool, alt_scope, cfg, owner))
-    telemetry.record_model_call(model=call.model, provider=provider, outcome="circuit_open",
-                                tenant=tenant)
+                return (
+                    call.model_copy(update={"model": alt}),
+                    alt_provider,
+                    _ProviderGuard(pool, alt_scope, cfg, owner),
+                )
+    telemetry.record_model_call(model=call.model, provider=provider, outcome="circuit_open", tenant=tenant)
     telemetry.annotate(breaker_state=permit.state)
     raise breaker.circuit_open_error(scope, permit)
 
@@ -174,8 +178,7 @@ class _ProviderGuard:
         try:
             async with self.pool.connection() as conn:
                 if error is not None and error.type in OUTAGE_ERRORS:
-                    await breaker.record_failure(conn, self.scope, self.cfg, self.owner,
-                                                 error.message)
+                    await breaker.record_failure(conn, self.scope, self.cfg, self.owner, error.message)
                 elif error is None or error.non_retryable:  # the provider answered
                     await breaker.record_success(conn, self.scope, self.owner)
         except Exception as e:
@@ -190,13 +193,23 @@ def _account(model: str, provider: str, tenant: str, result: ModelResult) -> Non
         cost = cost_micros(model, u)
     except Exception:  # an unpriced model must not fail a call that already happened
         cost = 0
-    telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant,
-                                input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                                cached_tokens=u.cached_input_tokens)
+    telemetry.record_model_call(
+        model=model,
+        provider=provider,
+        outcome="ok",
+        tenant=tenant,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cached_tokens=u.cached_input_tokens,
+    )
     telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
-    telemetry.annotate(provider=provider, input_tokens=u.input_tokens,
-                       output_tokens=u.output_tokens, cached_tokens=u.cached_input_tokens,
-                       cost_micros=cost)
+    telemetry.annotate(
+        provider=provider,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cached_tokens=u.cached_input_tokens,
+        cost_micros=cost,
+    )
 
 
 async def _heartbeat_forever() -> None:

@@ -22,12 +22,17 @@ MAX_SUMMARY_CHARS = 1500
 
 async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str) -> str:
     """The session's summary followed by its most recent turns, bounded in size."""
-    summary = await (await conn.execute(
-        "select summary from memory_summaries where tenant=%s and session=%s",
-        (tenant, session))).fetchone()
-    rows = await (await conn.execute(
-        "select role, content from memory_turns where tenant=%s and session=%s "
-        "order by id desc limit 6", (tenant, session))).fetchall()
+    summary = await (
+        await conn.execute(
+            "select summary from memory_summaries where tenant=%s and session=%s", (tenant, session)
+        )
+    ).fetchone()
+    rows = await (
+        await conn.execute(
+            "select role, content from memory_turns where tenant=%s and session=%s order by id desc limit 6",
+            (tenant, session),
+        )
+    ).fetchall()
     recent = "\n".join(f"{role}: {content[:180]}" for role, content in reversed(rows))
     if not summary:
         return recent[-MAX_SUMMARY_CHARS:]
@@ -35,28 +40,43 @@ async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str) ->
     return f"Earlier: {summary[0][-room:]}\n{recent}"
 
 
-async def save(conn: psycopg.AsyncConnection[Any], tenant: str, session: str, workflow_id: str,
-               user_text: str, assistant_text: str) -> None:
+async def save(
+    conn: psycopg.AsyncConnection[Any],
+    tenant: str,
+    session: str,
+    workflow_id: str,
+    user_text: str,
+    assistant_text: str,
+) -> None:
     """Append this run's turn (idempotent per workflow id) and fold old turns if needed."""
     async with conn.transaction():
         for role, content in (("user", user_text), ("assistant", assistant_text)):
             await conn.execute(
                 "insert into memory_turns (tenant, session, workflow_id, role, content) "
                 "values (%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
-                (tenant, session, workflow_id, role, content))
-        old = await (await conn.execute(
-            "select id, role, content from memory_turns where tenant=%s and session=%s "
-            "order by id desc offset %s", (tenant, session, MAX_TURNS))).fetchall()
+                (tenant, session, workflow_id, role, content),
+            )
+        old = await (
+            await conn.execute(
+                "select id, role, content from memory_turns where tenant=%s and session=%s "
+                "order by id desc offset %s",
+                (tenant, session, MAX_TURNS),
+            )
+        ).fetchall()
         if not old:
             return
-        prev = await (await conn.execute(
-            "select summary, turns from memory_summaries where tenant=%s and session=%s for update",
-            (tenant, session))).fetchone()
+        prev = await (
+            await conn.execute(
+                "select summary, turns from memory_summaries where tenant=%s and session=%s for update",
+                (tenant, session),
+            )
+        ).fetchone()
         folded = " | ".join(f"{r}: {c[:120]}" for _, r, c in reversed(old))
         summary = ((prev[0] + " | ") if prev else "") + folded
         await conn.execute(
             "insert into memory_summaries (tenant, session, summary, turns) values (%s,%s,%s,%s) "
             "on conflict (tenant, session) do update set summary=excluded.summary, "
             "turns=memory_summaries.turns + excluded.turns, updated_at=now()",
-            (tenant, session, summary[-MAX_SUMMARY_CHARS:], len(old)))
+            (tenant, session, summary[-MAX_SUMMARY_CHARS:], len(old)),
+        )
         await conn.execute("delete from memory_turns where id = any(%s)", ([r[0] for r in old],))

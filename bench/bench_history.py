@@ -32,8 +32,9 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
 
     long_steps = 20 if smoke else 200
     tq = f"bench-history-{uuid.uuid4().hex[:8]}"
-    out: dict[str, Any] = {"limits": {"events": EVENT_LIMIT, "bytes": BYTES_LIMIT,
-                                      "payload_bytes": PAYLOAD_LIMIT}}
+    out: dict[str, Any] = {
+        "limits": {"events": EVENT_LIMIT, "bytes": BYTES_LIMIT, "payload_bytes": PAYLOAD_LIMIT}
+    }
     async with keel_worker(client, pool, settings, tq):
         sizes: dict[int, tuple[int, int]] = {}
         for n in (1, 10, long_steps):
@@ -43,15 +44,18 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             sizes[n] = await history_size(client, wid)
             if n == long_steps:
                 big_event = await _largest_event(client, wid)
-                out["long_run"] = {"steps": n, "events": sizes[n][0], "bytes": sizes[n][1],
-                                   "wall_s": round(secs, 2),
-                                   "largest_event_bytes": big_event[0],
-                                   "largest_event_type": big_event[1]}
+                out["long_run"] = {
+                    "steps": n,
+                    "events": sizes[n][0],
+                    "bytes": sizes[n][1],
+                    "wall_s": round(secs, 2),
+                    "largest_event_bytes": big_event[0],
+                    "largest_event_type": big_event[1],
+                }
         ev_step = (sizes[10][0] - sizes[1][0]) / 9
         by_step = (sizes[10][1] - sizes[1][1]) / 9
         out["per_step"] = {"events": round(ev_step, 2), "bytes": round(by_step)}
-        out["fixed"] = {"events": round(sizes[1][0] - ev_step),
-                        "bytes": round(sizes[1][1] - by_step)}
+        out["fixed"] = {"events": round(sizes[1][0] - ev_step), "bytes": round(sizes[1][1] - by_step)}
         lr = out["long_run"]
         # Growth is not linear in N: evaluate/finish inputs and the response carry every
         # step record, so project from the long run's own average too.
@@ -65,6 +69,11 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         # The demo task through the real offline planner and real tools.
         resp, secs, wid = await run_keel(client, tq, await demo_request(pool))
         events, size = await history_size(client, wid)
-        out["demo_task"] = {"outcome": resp.outcome, "tools": [s.tool for s in resp.steps],
-                            "events": events, "bytes": size, "wall_ms": round(secs * 1000, 1)}
+        out["demo_task"] = {
+            "outcome": resp.outcome,
+            "tools": [s.tool for s in resp.steps],
+            "events": events,
+            "bytes": size,
+            "wall_ms": round(secs * 1000, 1),
+        }
     return out

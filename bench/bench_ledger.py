@@ -50,22 +50,31 @@ async def _connect(url: str, sync_commit: str = "") -> psycopg.AsyncConnection[A
     return await psycopg.AsyncConnection.connect(url, autocommit=True, options=options)
 
 
-async def _lifecycles(conns: list[psycopg.AsyncConnection[Any]], tenant: str, tag: str,
-                      seconds: float, timings: list[float] | None = None) -> int:
+async def _lifecycles(
+    conns: list[psycopg.AsyncConnection[Any]],
+    tenant: str,
+    tag: str,
+    seconds: float,
+    timings: list[float] | None = None,
+) -> int:
     """Every client loops reserve→commit until the deadline; returns completed lifecycles."""
     deadline = time.perf_counter() + seconds
     done = 0
 
     async def client(i: int, conn: psycopg.AsyncConnection[Any]) -> None:
         nonlocal done
-        scopes = (*scope_path(tenant, "bench", f"u{i}", f"{tag}-{i}"),
-                  model_scope(tenant, "openai:gpt-4o-mini"))
+        scopes = (
+            *scope_path(tenant, "bench", f"u{i}", f"{tag}-{i}"),
+            model_scope(tenant, "openai:gpt-4o-mini"),
+        )
         n = 0
         while time.perf_counter() < deadline:
             key = f"{tenant}/{tag}/{i}/{n}"
             t0 = time.perf_counter()
-            await ledger.reserve(conn, ReserveRequest(key=key, scopes=scopes, amount_micros=900,
-                                                      max_tokens=1024, subject="bench"))
+            await ledger.reserve(
+                conn,
+                ReserveRequest(key=key, scopes=scopes, amount_micros=900, max_tokens=1024, subject="bench"),
+            )
             if timings is not None:
                 timings.append((time.perf_counter() - t0) * 1000)
             await ledger.commit(conn, CommitRequest(key=key, actual_micros=700))
@@ -103,9 +112,13 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
     await admin.execute(f"create table {table} (id int primary key, n bigint not null)")
     await admin.execute(f"insert into {table} values (1, 0)")
     sync_commit = (await (await admin.execute("show synchronous_commit")).fetchone() or ("?",))[0]
-    out: dict[str, Any] = {"smoke": smoke, "seconds_per_point": seconds,
-                           "synchronous_commit": sync_commit, "reserve_ms": {},
-                           "points": []}
+    out: dict[str, Any] = {
+        "smoke": smoke,
+        "seconds_per_point": seconds,
+        "synchronous_commit": sync_commit,
+        "reserve_ms": {},
+        "points": [],
+    }
     try:
         # Latency: one client, sequential lifecycles (warm-up first: prepared statements).
         for mode in ("", "off"):
@@ -115,8 +128,11 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
             timings: list[float] = []
             await _lifecycles([conn], tenant, f"lat{mode}", seconds, timings)
             await conn.close()
-            out["reserve_ms"][label] = {"p50": round(statistics.median(timings), 3),
-                                        "p99": round(_pct(timings, 0.99), 3), "n": len(timings)}
+            out["reserve_ms"][label] = {
+                "p50": round(statistics.median(timings), 3),
+                "p99": round(_pct(timings, 0.99), 3),
+                "n": len(timings),
+            }
             for clients in CLIENTS:
                 conns = [await _connect(url, mode) for _ in range(clients)]
                 try:
@@ -127,36 +143,53 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
                 finally:
                     for c in conns:
                         await c.close()
-                out["points"].append({"synchronous_commit": label, "clients": clients,
-                                      "lifecycles_per_s": round(life),
-                                      "floor_updates_per_s": round(floor),
-                                      "ratio_vs_floor": round(life / floor, 3),
-                                      "ratio_vs_half_floor": round(2 * life / floor, 3)})
+                out["points"].append(
+                    {
+                        "synchronous_commit": label,
+                        "clients": clients,
+                        "lifecycles_per_s": round(life),
+                        "floor_updates_per_s": round(floor),
+                        "ratio_vs_floor": round(life / floor, 3),
+                        "ratio_vs_half_floor": round(2 * life / floor, 3),
+                    }
+                )
         out["invariant_violations"] = await ledger.check_invariant(admin)
     finally:
         await admin.execute(f"drop table if exists {table}")
         await admin.close()
     out["targets_met"] = {
-        label: {"reserve_p50_under_2ms": lat["p50"] < TARGET_P50_MS,
-                "lifecycles_32_at_least_1000": next(
-                    p["lifecycles_per_s"] for p in out["points"]
-                    if p["clients"] == 32 and p["synchronous_commit"] == label)
-                >= TARGET_LIFECYCLES_32}
-        for label, lat in out["reserve_ms"].items()}
+        label: {
+            "reserve_p50_under_2ms": lat["p50"] < TARGET_P50_MS,
+            "lifecycles_32_at_least_1000": next(
+                p["lifecycles_per_s"]
+                for p in out["points"]
+                if p["clients"] == 32 and p["synchronous_commit"] == label
+            )
+            >= TARGET_LIFECYCLES_32,
+        }
+        for label, lat in out["reserve_ms"].items()
+    }
     out["targets_met"]["zero_violations"] = not out["invariant_violations"]
     return out
 
 
 def _markdown(r: dict[str, Any]) -> str:
-    lines = [f"reserve latency, 1 client, synchronous_commit={label}: p50 {lat['p50']} ms, "
-             f"p99 {lat['p99']} ms (n={lat['n']})" for label, lat in r["reserve_ms"].items()]
-    lines += ["", "| synchronous_commit | clients | lifecycles/s | floor UPDATE+COMMIT/s |"
-              " vs floor | vs floor/2 |", "|--|--:|--:|--:|--:|--:|"]
-    lines += [f"| {p['synchronous_commit']} | {p['clients']} | {p['lifecycles_per_s']} | "
-              f"{p['floor_updates_per_s']} | {p['ratio_vs_floor']} | {p['ratio_vs_half_floor']} |"
-              for p in r["points"]]
-    lines += ["", f"invariant violations: {len(r['invariant_violations'])}; "
-              f"targets: {r['targets_met']}"]
+    lines = [
+        f"reserve latency, 1 client, synchronous_commit={label}: p50 {lat['p50']} ms, "
+        f"p99 {lat['p99']} ms (n={lat['n']})"
+        for label, lat in r["reserve_ms"].items()
+    ]
+    lines += [
+        "",
+        "| synchronous_commit | clients | lifecycles/s | floor UPDATE+COMMIT/s | vs floor | vs floor/2 |",
+        "|--|--:|--:|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {p['synchronous_commit']} | {p['clients']} | {p['lifecycles_per_s']} | "
+        f"{p['floor_updates_per_s']} | {p['ratio_vs_floor']} | {p['ratio_vs_half_floor']} |"
+        for p in r["points"]
+    ]
+    lines += ["", f"invariant violations: {len(r['invariant_violations'])}; targets: {r['targets_met']}"]
     return "\n".join(lines)
 
 

@@ -63,8 +63,7 @@ async def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
     catalog()
     spec = REGISTRY[name]
     async with _POOL.connection() as conn, conn.transaction():
-        ctx = ToolContext(conn=conn, tenant=TENANT, user=USER,
-                          idempotency_key=f"peer/{uuid.uuid4().hex}")
+        ctx = ToolContext(conn=conn, tenant=TENANT, user=USER, idempotency_key=f"peer/{uuid.uuid4().hex}")
         return await spec.fn(ctx, spec.args_model.model_validate(args))
 
 
@@ -76,8 +75,7 @@ if not PEER_AVAILABLE:
 
     async def issue_refund(order_id: str, amount_usd: float, reason: str = "") -> dict[str, Any]:
         """Refund part or all of an order."""
-        return await _tool("issue_refund", {"order_id": order_id, "amount_usd": amount_usd,
-                                            "reason": reason})
+        return await _tool("issue_refund", {"order_id": order_id, "amount_usd": amount_usd, "reason": reason})
 
     async def send_email(to: str, subject: str, body: str) -> dict[str, Any]:
         """Send an e-mail to a customer."""
@@ -88,10 +86,10 @@ if not PEER_AVAILABLE:
         return await _tool("noop", {"note": note})
 
     def _script(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        prompt = next(str(p.content) for m in messages for p in getattr(m, "parts", ())
-                      if isinstance(p, UserPromptPart))
-        done = [p for m in messages for p in getattr(m, "parts", ())
-                if isinstance(p, ToolReturnPart)]
+        prompt = next(
+            str(p.content) for m in messages for p in getattr(m, "parts", ()) if isinstance(p, UserPromptPart)
+        )
+        done = [p for m in messages for p in getattr(m, "parts", ()) if isinstance(p, ToolReturnPart)]
         noops = _NOOP_RE.match(prompt)
         if noops:
             if len(done) < int(noops.group(1)):
@@ -103,17 +101,35 @@ if not PEER_AVAILABLE:
             return ModelResponse(parts=[ToolCallPart("lookup_order", {"order_id": order[0]})])
         found = done[0].content
         if len(done) == 1:
-            return ModelResponse(parts=[ToolCallPart("issue_refund", {
-                "order_id": order[0], "amount_usd": found["total_usd"], "reason": "as asked"})])
+            return ModelResponse(
+                parts=[
+                    ToolCallPart(
+                        "issue_refund",
+                        {"order_id": order[0], "amount_usd": found["total_usd"], "reason": "as asked"},
+                    )
+                ]
+            )
         if len(done) == 2:
-            return ModelResponse(parts=[ToolCallPart("send_email", {
-                "to": found["customer_email"], "subject": f"Refund for {order[0]}",
-                "body": "A refund has been issued."})])
+            return ModelResponse(
+                parts=[
+                    ToolCallPart(
+                        "send_email",
+                        {
+                            "to": found["customer_email"],
+                            "subject": f"Refund for {order[0]}",
+                            "body": "A refund has been issued.",
+                        },
+                    )
+                ]
+            )
         return ModelResponse(parts=[TextPart(f"Refunded {order[0]} and e-mailed the customer.")])
 
-    peer_agent = Agent(FunctionModel(_script), name="keel_bench_peer",
-                       tools=[lookup_order, issue_refund, send_email, noop],
-                       capabilities=[TemporalDurability()])
+    peer_agent = Agent(
+        FunctionModel(_script),
+        name="keel_bench_peer",
+        tools=[lookup_order, issue_refund, send_email, noop],
+        capabilities=[TemporalDurability()],
+    )
 
     @workflow.defn(name="BenchPeerWorkflow")
     class PeerWorkflow(PydanticAIWorkflow):
@@ -128,8 +144,7 @@ if not PEER_AVAILABLE:
 async def _peer_run(client: Any, tq: str, prompt: str) -> tuple[float, str]:
     wid = f"bench-peer-{uuid.uuid4().hex[:12]}"
     t0 = time.perf_counter()
-    await client.execute_workflow("BenchPeerWorkflow", prompt, id=wid, task_queue=tq,
-                                  result_type=str)
+    await client.execute_workflow("BenchPeerWorkflow", prompt, id=wid, task_queue=tq, result_type=str)
     return time.perf_counter() - t0, wid
 
 
@@ -157,16 +172,17 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     global _POOL
     _POOL = pool
     rounds, big, batch = (2, 3, 4) if smoke else (8, 10, 30)
-    peer_client = await Client.connect(settings.temporal_address,
-                                       namespace=settings.temporal_namespace,
-                                       plugins=[PydanticAIPlugin()])
+    peer_client = await Client.connect(
+        settings.temporal_address, namespace=settings.temporal_namespace, plugins=[PydanticAIPlugin()]
+    )
     tq = f"bench-peer-{uuid.uuid4().hex[:8]}"
     ktq = f"bench-peer-keel-{uuid.uuid4().hex[:8]}"
-    lat: dict[str, dict[Any, list[float]]] = {k: {1: [], big: [], "task": []}
-                                               for k in ("keel", "peer")}
+    lat: dict[str, dict[Any, list[float]]] = {k: {1: [], big: [], "task": []} for k in ("keel", "peer")}
     wids: dict[str, str] = {}
-    async with Worker(peer_client, task_queue=tq, workflows=[PeerWorkflow],
-                      max_cached_workflows=1000), keel_worker(client, pool, settings, ktq):
+    async with (
+        Worker(peer_client, task_queue=tq, workflows=[PeerWorkflow], max_cached_workflows=1000),
+        keel_worker(client, pool, settings, ktq),
+    ):
         await _peer_run(peer_client, tq, "noop-bench N=2")  # warm-up both sides
         await run_keel(client, ktq, noop_request(2))
         for _ in range(rounds):
@@ -176,7 +192,8 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
                 _, secs, _ = await run_keel(client, ktq, noop_request(n))
                 lat["keel"][n].append(secs)
             secs, wids["peer"] = await _peer_run(
-                peer_client, tq, DEMO_TASK.format(order=await fresh_order(pool)))
+                peer_client, tq, DEMO_TASK.format(order=await fresh_order(pool))
+            )
             lat["peer"]["task"].append(secs)
             resp, secs, wids["keel"] = await run_keel(client, ktq, await demo_request(pool))
             if resp.outcome != "completed":
@@ -193,8 +210,12 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(run_keel(client, ktq, r) for r in reqs))
             rate[kind] = round(batch / (time.perf_counter() - t0), 2)
-        out: dict[str, Any] = {"model": "pydantic-ai FunctionModel, one tool call per turn",
-                               "rounds": rounds, "steps_big": big, "batch": batch}
+        out: dict[str, Any] = {
+            "model": "pydantic-ai FunctionModel, one tool call per turn",
+            "rounds": rounds,
+            "steps_big": big,
+            "batch": batch,
+        }
         for kind in ("keel", "peer"):
             t1, tb = lat[kind][1], lat[kind][big]
             per_step = (statistics.median(tb) - statistics.median(t1)) * 1000 / (big - 1)
@@ -202,17 +223,17 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             events, size = await history_size(active, wids[kind])
             out[kind] = {
                 "per_step_ms": round(per_step, 2),
-                "per_step_pairs_ms": spread([(b - a) * 1000 / (big - 1)
-                                             for a, b in zip(t1, tb, strict=True)]),
+                "per_step_pairs_ms": spread(
+                    [(b - a) * 1000 / (big - 1) for a, b in zip(t1, tb, strict=True)]
+                ),
                 "task_ms": spread([t * 1000 for t in lat[kind]["task"]], 1),
                 "runs_per_s": rate[kind],
                 "task_history_events": events,
                 "task_history_bytes": size,
             }
-    out["per_step_ratio_keel_over_peer"] = round(out["keel"]["per_step_ms"]
-                                                 / out["peer"]["per_step_ms"], 2)
-    out["task_latency_ratio_keel_over_peer"] = round(out["keel"]["task_ms"]["p50"]
-                                                     / out["peer"]["task_ms"]["p50"], 2)
-    out["throughput_ratio_keel_over_peer"] = round(out["keel"]["runs_per_s"]
-                                                   / out["peer"]["runs_per_s"], 2)
+    out["per_step_ratio_keel_over_peer"] = round(out["keel"]["per_step_ms"] / out["peer"]["per_step_ms"], 2)
+    out["task_latency_ratio_keel_over_peer"] = round(
+        out["keel"]["task_ms"]["p50"] / out["peer"]["task_ms"]["p50"], 2
+    )
+    out["throughput_ratio_keel_over_peer"] = round(out["keel"]["runs_per_s"] / out["peer"]["runs_per_s"], 2)
     return out

@@ -78,20 +78,23 @@ class WorkerProcess:
             self.kill()
 
 
-def worker_environment(settings: Settings, task_queue: str,
-                       base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_environment(
+    settings: Settings, task_queue: str, base: dict[str, str] | None = None
+) -> dict[str, str]:
     """``worker.py`` pointed at ``settings`` on ``task_queue``, demo policy, test tools on."""
     env = dict(base if base is not None else os.environ)
-    env.update({
-        "KEEL_STATE_DIR": str(settings.state_dir),
-        "KEEL_PG_PORT": str(settings.pg_port),
-        "KEEL_DATABASE_URL": settings.database_url,
-        "TEMPORAL_ADDRESS": settings.temporal_address,
-        "KEEL_UI_PORT": str(settings.ui_port),
-        "KEEL_TASK_QUEUE": task_queue,
-        "KEEL_POLICY_FILE": str(PROJECT_ROOT / "config" / "policy.yaml"),
-        "KEEL_TEST_TOOLS": "1",
-    })
+    env.update(
+        {
+            "KEEL_STATE_DIR": str(settings.state_dir),
+            "KEEL_PG_PORT": str(settings.pg_port),
+            "KEEL_DATABASE_URL": settings.database_url,
+            "TEMPORAL_ADDRESS": settings.temporal_address,
+            "KEEL_UI_PORT": str(settings.ui_port),
+            "KEEL_TASK_QUEUE": task_queue,
+            "KEEL_POLICY_FILE": str(PROJECT_ROOT / "config" / "policy.yaml"),
+            "KEEL_TEST_TOOLS": "1",
+        }
+    )
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
         env.pop(key, None)
     return env
@@ -100,9 +103,15 @@ def worker_environment(settings: Settings, task_queue: str,
 def start_worker(env: dict[str, str], log_dir: Path, name: str) -> WorkerProcess:
     log = log_dir / f"worker-{name}.log"
     with open(log, "ab") as out:  # never a pipe: an unread pipe freezes the worker
-        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "worker.py")], env=env,
-                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "worker.py")],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return WorkerProcess(proc=proc, log=log)
 
 
@@ -116,18 +125,18 @@ async def _until(what: str, check: Any, within: float, every: float = 0.05) -> A
     raise TimeoutError(f"{what} did not happen within {within} s")
 
 
-async def wait_polling(client: Client, task_queue: str, worker: WorkerProcess,
-                       within: float = 60.0) -> None:
+async def wait_polling(client: Client, task_queue: str, worker: WorkerProcess, within: float = 60.0) -> None:
     """Until ``worker`` polls both the workflow and the activity side of ``task_queue``."""
 
     async def polling() -> bool:
         if worker.proc.poll() is not None:
             raise RuntimeError(f"worker exited with {worker.proc.returncode}; see {worker.log}")
-        for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-                     TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
-            resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-                namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
-                task_queue_type=kind))
+        for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
+            resp = await client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind
+                )
+            )
             if worker.identity not in {p.identity for p in resp.pollers}:
                 return False
         return True
@@ -137,8 +146,9 @@ async def wait_polling(client: Client, task_queue: str, worker: WorkerProcess,
 
 async def _effect_exists(url: str, key: str) -> bool:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        row = await (await conn.execute("select 1 from tool_effects where idempotency_key=%s",
-                                        (key,))).fetchone()
+        row = await (
+            await conn.execute("select 1 from tool_effects where idempotency_key=%s", (key,))
+        ).fetchone()
     return row is not None
 
 
@@ -150,13 +160,13 @@ async def _held_by(handle: WorkflowHandle[Any, Any], identity: str) -> bool:
     if not any(s.id == "s2" and s.state == StepState.RUNNING for s in status.steps):
         return False
     desc = await handle.describe()
-    return any(p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
-               and p.last_worker_identity == identity
-               for p in desc.raw_description.pending_activities)
+    return any(
+        p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED and p.last_worker_identity == identity
+        for p in desc.raw_description.pending_activities
+    )
 
 
-def relevant_violations(violations: list[str], workflow_ids: list[str],
-                        tenant: str = "acme") -> list[str]:
+def relevant_violations(violations: list[str], workflow_ids: list[str], tenant: str = "acme") -> list[str]:
     """Ledger-invariant violations on the scopes these runs charged.
 
     ``check_invariant`` looks at the whole database, which other tests share (some set limits
@@ -168,15 +178,19 @@ def relevant_violations(violations: list[str], workflow_ids: list[str],
     ours = {sc for w in workflow_ids for sc in scope_path(tenant, "default", "alice", w)}
     out = []
     for v in violations:
-        scope = v[len("scope "):].split(": ", 1)[0] if v.startswith("scope ") else ""
-        if scope in ours or scope.startswith((f"{tenant}/tool:", f"{tenant}/model:")) \
-                or any(w in v for w in workflow_ids):
+        scope = v[len("scope ") :].split(": ", 1)[0] if v.startswith("scope ") else ""
+        if (
+            scope in ours
+            or scope.startswith((f"{tenant}/tool:", f"{tenant}/model:"))
+            or any(w in v for w in workflow_ids)
+        ):
             out.append(v)
     return out
 
 
-async def kill_round(client: Client, settings: Settings, task_queue: str, holder: WorkerProcess,
-                     spare: Any) -> tuple[dict[str, Any], WorkerProcess]:
+async def kill_round(
+    client: Client, settings: Settings, task_queue: str, holder: WorkerProcess, spare: Any
+) -> tuple[dict[str, Any], WorkerProcess]:
     """One round; ``spare()`` starts the next worker. Returns figures and the new holder."""
     from activities.ledger import check_invariant
     from keel.models import AgentResponse, StepState
@@ -189,7 +203,9 @@ async def kill_round(client: Client, settings: Settings, task_queue: str, holder
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(
             "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
-            "values (%s,'acme','alice@example.com','shipped','SKU-KEEL-1',42500000)", (order,))
+            "values (%s,'acme','alice@example.com','shipped','SKU-KEEL-1',42500000)",
+            (order,),
+        )
     lock = await psycopg.AsyncConnection.connect(url)  # holds the order row: refund blocks
     try:
         await lock.execute("select 1 from orders where id=%s for update", (order,))
@@ -197,14 +213,26 @@ async def kill_round(client: Client, settings: Settings, task_queue: str, holder
 
         from keel.models import AgentRequest
 
-        req = AgentRequest(tenant="acme", user="alice", request_id=rid, max_budget_usd=0.5,
-                           message=f"Refund order {order} and e-mail the customer")
+        req = AgentRequest(
+            tenant="acme",
+            user="alice",
+            request_id=rid,
+            max_budget_usd=0.5,
+            message=f"Refund order {order} and e-mail the customer",
+        )
         handle = await client.start_workflow(
-            "AgentWorkflow", req, id=wid, task_queue=task_queue, result_type=AgentResponse,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, "acme"),
-                                                     SearchAttributePair(USER, "alice")]))
-        await _until("refund step running on the holder", lambda: _held_by(handle, holder.identity),
-                     30.0, every=0.1)
+            "AgentWorkflow",
+            req,
+            id=wid,
+            task_queue=task_queue,
+            result_type=AgentResponse,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(TENANT, "acme"), SearchAttributePair(USER, "alice")]
+            ),
+        )
+        await _until(
+            "refund step running on the holder", lambda: _held_by(handle, holder.identity), 30.0, every=0.1
+        )
         nxt = spare()
         await wait_polling(client, task_queue, nxt)
         t_kill = time.monotonic()
@@ -212,48 +240,71 @@ async def kill_round(client: Client, settings: Settings, task_queue: str, holder
     finally:
         await lock.rollback()
         await lock.close()
-    await _until("refund effect committed elsewhere",
-                 lambda: _effect_exists(url, f"{wid}/s2"), 60.0, every=0.02)
+    await _until(
+        "refund effect committed elsewhere", lambda: _effect_exists(url, f"{wid}/s2"), 60.0, every=0.02
+    )
     t_step = time.monotonic()
     resp = await asyncio.wait_for(handle.result(), 60.0)
     t_done = time.monotonic()
 
     assert resp.outcome == "completed", resp
     assert [(s.tool, s.state) for s in resp.steps] == [
-        ("lookup_order", StepState.SUCCEEDED), ("issue_refund", StepState.SUCCEEDED),
-        ("send_email", StepState.SUCCEEDED)], resp.steps
+        ("lookup_order", StepState.SUCCEEDED),
+        ("issue_refund", StepState.SUCCEEDED),
+        ("send_email", StepState.SUCCEEDED),
+    ], resp.steps
     events = [e async for e in handle.fetch_history_events()]
-    tools = [e.event_id for e in events
-             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-             and e.activity_task_scheduled_event_attributes.activity_type.name == "run_tool"]
+    tools = [
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "run_tool"
+    ]
     refund_attempt = next(  # run_tool is scheduled for s1, s2, s3 in that order
-        e.activity_task_started_event_attributes for e in events
+        e.activity_task_started_event_attributes
+        for e in events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
-        and e.activity_task_started_event_attributes.scheduled_event_id == tools[1])
+        and e.activity_task_started_event_attributes.scheduled_event_id == tools[1]
+    )
     assert refund_attempt.identity == nxt.identity, (refund_attempt.identity, nxt.identity)
     assert refund_attempt.attempt >= 2
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        refunds = await (await conn.execute(
-            "select amount_micros, status from refunds where idempotency_key like %s",
-            (f"{wid}/%",))).fetchall()
-        emails = await (await conn.execute(
-            "select count(*) from email_outbox where idempotency_key like %s",
-            (f"{wid}/%",))).fetchone()
-        effects = await (await conn.execute(
-            "select tool, count(*) from tool_effects where idempotency_key like %s "
-            "group by tool order by tool", (f"{wid}/%",))).fetchall()
+        refunds = await (
+            await conn.execute(
+                "select amount_micros, status from refunds where idempotency_key like %s", (f"{wid}/%",)
+            )
+        ).fetchall()
+        emails = await (
+            await conn.execute(
+                "select count(*) from email_outbox where idempotency_key like %s", (f"{wid}/%",)
+            )
+        ).fetchone()
+        effects = await (
+            await conn.execute(
+                "select tool, count(*) from tool_effects where idempotency_key like %s "
+                "group by tool order by tool",
+                (f"{wid}/%",),
+            )
+        ).fetchall()
         violations = relevant_violations(await check_invariant(conn), [wid])
     assert refunds == [(42_500_000, "issued")], refunds
     assert emails == (1,), emails
     assert effects == [("issue_refund", 1), ("lookup_order", 1), ("send_email", 1)], effects
     assert violations == [], violations
-    return ({"workflow_id": wid, "kill_to_step_s": round(t_step - t_kill, 3),
-             "kill_to_done_s": round(t_done - t_kill, 3), "refund_attempt": refund_attempt.attempt},
-            nxt)
+    return (
+        {
+            "workflow_id": wid,
+            "kill_to_step_s": round(t_step - t_kill, 3),
+            "kill_to_done_s": round(t_done - t_kill, 3),
+            "refund_attempt": refund_attempt.attempt,
+        },
+        nxt,
+    )
 
 
-async def kill_rounds(client: Client, settings: Settings, *, k: int, log_dir: Path,
-                      base_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+async def kill_rounds(
+    client: Client, settings: Settings, *, k: int, log_dir: Path, base_env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """K kill rounds on a fresh task queue; every worker started here is stopped here."""
     queue = f"recovery-{uuid.uuid4().hex[:8]}"
     env = worker_environment(settings, queue, base_env)
@@ -282,8 +333,9 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(s), 3), "min": s[0], "max": s[-1], "n": len(s)}
 
 
-async def run(settings: Settings, client: Client | None = None, *, k: int = 10,
-              smoke: bool = False) -> dict[str, Any]:
+async def run(
+    settings: Settings, client: Client | None = None, *, k: int = 10, smoke: bool = False
+) -> dict[str, Any]:
     """K rounds (3 when ``smoke``) against ``settings``' services; returns the figures."""
     from keel.client import connect
 

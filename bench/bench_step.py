@@ -58,8 +58,7 @@ class FloorWorkflow:
     async def run(self, inp: FloorInput) -> int:
         for i in range(inp.steps):
             if inp.local:
-                await workflow.execute_local_activity(floor_gate, i,
-                                                      start_to_close_timeout=FLOOR_TIMEOUT)
+                await workflow.execute_local_activity(floor_gate, i, start_to_close_timeout=FLOOR_TIMEOUT)
             await workflow.execute_activity(floor_step, i, start_to_close_timeout=FLOOR_TIMEOUT)
         return inp.steps
 
@@ -67,13 +66,13 @@ class FloorWorkflow:
 async def _floor(client: Any, tq: str, steps: int, local: bool) -> tuple[float, str]:
     wid = f"bench-floor-{uuid.uuid4().hex[:12]}"
     t0 = time.perf_counter()
-    await client.execute_workflow(FloorWorkflow.run, FloorInput(steps=steps, local=local),
-                                  id=wid, task_queue=tq)
+    await client.execute_workflow(
+        FloorWorkflow.run, FloorInput(steps=steps, local=local), id=wid, task_queue=tq
+    )
     return time.perf_counter() - t0, wid
 
 
-def _keep(big_ids: dict[str, list[str]], small_id: dict[str, str], kind: str, wid: str, *,
-          big: bool) -> None:
+def _keep(big_ids: dict[str, list[str]], small_id: dict[str, str], kind: str, wid: str, *, big: bool) -> None:
     if big:
         big_ids[kind].append(wid)
     else:
@@ -82,9 +81,9 @@ def _keep(big_ids: dict[str, list[str]], small_id: dict[str, str], kind: str, wi
 
 async def _pg_commits(pool: Any) -> int:
     async with pool.connection() as conn:
-        row = await (await conn.execute(
-            "select xact_commit from pg_stat_database where datname = current_database()"
-        )).fetchone()
+        row = await (
+            await conn.execute("select xact_commit from pg_stat_database where datname = current_database()")
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -103,8 +102,10 @@ def _workflow_code_ms(settings: Any, repeat: int = 300) -> dict[str, float]:
     for i in range(repeat):
         check_tool_call(policy, "bench", "bench", (), noop, {"note": str(i)}, {})
     t2 = time.perf_counter()
-    return {"policy_model_validate": round((t1 - t0) * 1000 / repeat, 3),
-            "check_tool_call": round((t2 - t1) * 1000 / repeat, 3)}
+    return {
+        "policy_model_validate": round((t1 - t0) * 1000 / repeat, 3),
+        "check_tool_call": round((t2 - t1) * 1000 / repeat, 3),
+    }
 
 
 async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> dict[str, Any]:
@@ -128,8 +129,13 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     wids: dict[str, list[str]] = {k: [] for k in kinds}
     small_wid: dict[str, str] = {}
     timings: dict[str, list[float]] = {}
-    floor_worker = Worker(client, task_queue=tq + "-floor", workflows=[FloorWorkflow],
-                          activities=[floor_step, floor_gate], max_cached_workflows=1000)
+    floor_worker = Worker(
+        client,
+        task_queue=tq + "-floor",
+        workflows=[FloorWorkflow],
+        activities=[floor_step, floor_gate],
+        max_cached_workflows=1000,
+    )
     async with keel_worker(client, pool, settings, tq, timings=timings), floor_worker:
         # Warm-up: first runs pay for imports, sandbox preparation and cache misses.
         for _ in range(1 if smoke else 2):
@@ -140,8 +146,9 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             for n in (1, big):
                 resp, secs, wid = await run_keel(client, tq, noop_request(n))
                 if resp.outcome != "completed" or len(resp.steps) != n:
-                    raise RuntimeError(f"bench run did not complete its {n} steps: "
-                                       f"{resp.outcome} {resp.reason}")
+                    raise RuntimeError(
+                        f"bench run did not complete its {n} steps: {resp.outcome} {resp.reason}"
+                    )
                 wall["keel"][n].append(secs)
                 _keep(wids, small_wid, "keel", wid, big=n == big)
                 for kind, local in (("floor", False), ("floor_la", True)):
@@ -179,14 +186,16 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             "per_step_ms": round(med_step, 2),
             "per_step_pairs_ms": spread(per_step),
             "fixed_ms": round(fixed, 1),
-            "run_ms": {1: spread([t * 1000 for t in t1], 1),
-                       big: spread([t * 1000 for t in tb], 1)},
+            "run_ms": {1: spread([t * 1000 for t in t1], 1), big: spread([t * 1000 for t in tb], 1)},
             "history_step_ms": {k: spread(v) for k, v in parts.items()},
             "events_per_step": round((sum(counts.values()) - sum(small.values())) / (big - 1), 2),
-            "event_types_per_step": {k: round((v - small.get(k, 0)) / (big - 1), 2)
-                                     for k, v in counts.items() if v != small.get(k, 0)},
-            "events_fixed": sum(small.values()) - round((sum(counts.values()) - sum(
-                small.values())) / (big - 1)),
+            "event_types_per_step": {
+                k: round((v - small.get(k, 0)) / (big - 1), 2)
+                for k, v in counts.items()
+                if v != small.get(k, 0)
+            },
+            "events_fixed": sum(small.values())
+            - round((sum(counts.values()) - sum(small.values())) / (big - 1)),
         }
     out["ratio"] = round(out["keel"]["per_step_ms"] / out["floor"]["per_step_ms"], 2)
     out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)

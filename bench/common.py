@@ -79,8 +79,7 @@ def spread(values: Sequence[float], digits: int = 2) -> dict[str, float]:
     if not values:
         return {"n": 0}
     s = sorted(values)
-    out = {"p50": statistics.median(s), "p90": _pct(s, 0.9), "p99": _pct(s, 0.99),
-           "min": s[0], "max": s[-1]}
+    out = {"p50": statistics.median(s), "p90": _pct(s, 0.9), "p99": _pct(s, 0.99), "min": s[0], "max": s[-1]}
     return {**{k: round(v, digits) for k, v in out.items()}, "n": len(s)}
 
 
@@ -110,19 +109,20 @@ def own_services(policy_file: Path = BENCH_POLICY) -> Iterator[Settings]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def worker_env(settings: Settings, task_queue: str,
-               policy_file: Path | None = None) -> dict[str, str]:
+def worker_env(settings: Settings, task_queue: str, policy_file: Path | None = None) -> dict[str, str]:
     """Environment for ``worker.py`` subprocesses pointed at ``settings`` (offline model)."""
     env = dict(os.environ)
-    env.update({
-        "KEEL_STATE_DIR": str(settings.state_dir),
-        "KEEL_PG_PORT": str(settings.pg_port),
-        "KEEL_DATABASE_URL": settings.database_url,
-        "TEMPORAL_ADDRESS": settings.temporal_address,
-        "KEEL_UI_PORT": str(settings.ui_port),
-        "KEEL_TASK_QUEUE": task_queue,
-        "KEEL_POLICY_FILE": str(policy_file or settings.policy_file),
-    })
+    env.update(
+        {
+            "KEEL_STATE_DIR": str(settings.state_dir),
+            "KEEL_PG_PORT": str(settings.pg_port),
+            "KEEL_DATABASE_URL": settings.database_url,
+            "TEMPORAL_ADDRESS": settings.temporal_address,
+            "KEEL_UI_PORT": str(settings.ui_port),
+            "KEEL_TASK_QUEUE": task_queue,
+            "KEEL_POLICY_FILE": str(policy_file or settings.policy_file),
+        }
+    )
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
         env.pop(key, None)
     return env
@@ -155,8 +155,9 @@ class _BenchAgentActivities:
             return out
         if inp.iteration > 1:
             return PlanOutput(plan=Plan(answer="done"), model="scripted")
-        steps = tuple(PlanStep(id=f"n{i}", tool="noop", args={"note": str(i)})
-                      for i in range(1, int(m.group(1)) + 1))
+        steps = tuple(
+            PlanStep(id=f"n{i}", tool="noop", args={"note": str(i)}) for i in range(1, int(m.group(1)) + 1)
+        )
         return PlanOutput(plan=Plan(steps=steps, answer="done"), model="scripted")
 
 
@@ -185,9 +186,15 @@ class _Timed:
 
 
 @contextlib.asynccontextmanager
-async def keel_worker(client: Client, pool: Any, settings: Settings, task_queue: str,
-                      *, max_cached_workflows: int = 1000,
-                      timings: dict[str, list[float]] | None = None) -> AsyncIterator[None]:
+async def keel_worker(
+    client: Client,
+    pool: Any,
+    settings: Settings,
+    task_queue: str,
+    *,
+    max_cached_workflows: int = 1000,
+    timings: dict[str, list[float]] | None = None,
+) -> AsyncIterator[None]:
     """The real AgentWorkflow and activities on ``task_queue``, with the bench substitutes.
 
     With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
@@ -205,11 +212,15 @@ async def keel_worker(client: Client, pool: Any, settings: Settings, task_queue:
         replaced.update({"authorize_step": timed.authorize_step, "run_tool": timed.run_tool})
     # keel.worker's own list, so an activity added there is benchmarked here too.
     acts = [a for a in _activities(pool, s) if _activity_name(a) not in replaced]
-    worker = Worker(client, task_queue=task_queue, workflows=[AgentWorkflow],
-                    activities=[*acts, *replaced.values()],
-                    max_cached_workflows=max_cached_workflows,
-                    sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-                    graceful_shutdown_timeout=timedelta(seconds=5))
+    worker = Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[AgentWorkflow],
+        activities=[*acts, *replaced.values()],
+        max_cached_workflows=max_cached_workflows,
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
     async with worker:
         yield
 
@@ -222,16 +233,22 @@ def noop_request(steps: int, *, tenant: str = "bench", user: str = "bench") -> A
     """A request whose scripted plan is ``steps`` distinct ``noop`` calls."""
     from keel.models import AgentRequest
 
-    return AgentRequest(tenant=tenant, user=user, message=f"noop-bench N={steps}",
-                        request_id=f"b-{uuid.uuid4().hex[:12]}", max_budget_usd=5.0)
+    return AgentRequest(
+        tenant=tenant,
+        user=user,
+        message=f"noop-bench N={steps}",
+        request_id=f"b-{uuid.uuid4().hex[:12]}",
+        max_budget_usd=5.0,
+    )
 
 
 DEMO_TASK = "Check if order {order} is shipped, refund it if so, and e-mail the customer"
 """The 3-tool task (lookup_order → issue_refund → send_email) used for throughput and the peer."""
 
 
-async def fresh_order(pool: Any, *, tenant: str = "bench", total_usd: float = 12.5,
-                      email: str = "alice@example.com") -> str:
+async def fresh_order(
+    pool: Any, *, tenant: str = "bench", total_usd: float = 12.5, email: str = "alice@example.com"
+) -> str:
     """A new shipped order (refunds of it need no approval: far below the $100 rule)."""
     import random
 
@@ -240,7 +257,8 @@ async def fresh_order(pool: Any, *, tenant: str = "bench", total_usd: float = 12
         await conn.execute(
             "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
             "values (%s,%s,%s,'shipped','SKU-KEEL-1',%s)",
-            (order_id, tenant, email, round(total_usd * 1_000_000)))
+            (order_id, tenant, email, round(total_usd * 1_000_000)),
+        )
     return order_id
 
 
@@ -249,8 +267,13 @@ async def demo_request(pool: Any, *, tenant: str = "bench", user: str = "bench")
     from keel.models import AgentRequest
 
     order = await fresh_order(pool, tenant=tenant)
-    return AgentRequest(tenant=tenant, user=user, request_id=f"b-{uuid.uuid4().hex[:12]}",
-                        message=DEMO_TASK.format(order=order), max_budget_usd=1.0)
+    return AgentRequest(
+        tenant=tenant,
+        user=user,
+        request_id=f"b-{uuid.uuid4().hex[:12]}",
+        message=DEMO_TASK.format(order=order),
+        max_budget_usd=1.0,
+    )
 
 
 async def run_keel(client: Client, task_queue: str, req: Any) -> tuple[Any, float, str]:
@@ -263,9 +286,15 @@ async def run_keel(client: Client, task_queue: str, req: Any) -> tuple[Any, floa
     wid = f"agent/{req.tenant}/{req.request_id}"
     t0 = time.perf_counter()
     resp = await client.execute_workflow(
-        "AgentWorkflow", req, id=wid, task_queue=task_queue, result_type=AgentResponse,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
-                                                 SearchAttributePair(USER, req.user)]))
+        "AgentWorkflow",
+        req,
+        id=wid,
+        task_queue=task_queue,
+        result_type=AgentResponse,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(TENANT, req.tenant), SearchAttributePair(USER, req.user)]
+        ),
+    )
     return resp, time.perf_counter() - t0, wid
 
 
@@ -281,8 +310,7 @@ def _ms(a: Any, b: Any) -> float:
     return (b.ToNanoseconds() - a.ToNanoseconds()) / 1e6
 
 
-async def history_breakdown(client: Client, workflow_id: str,
-                            activity_name: str) -> dict[str, list[float]]:
+async def history_breakdown(client: Client, workflow_id: str, activity_name: str) -> dict[str, list[float]]:
     """Per-step intervals (ms) from event timestamps, for each ``activity_name`` activity.
 
     ``interval``: schedule of step k to schedule of step k+1 (one whole step).
@@ -296,10 +324,13 @@ async def history_breakdown(client: Client, workflow_id: str,
     hist = await client.get_workflow_handle(workflow_id).fetch_history()
     events = list(hist.events)
     by_id = {e.event_id: e for e in events}
-    out: dict[str, list[float]] = {k: [] for k in ("interval", "queue", "execute", "wft_wait",
-                                                   "wft")}
-    scheduled = [e for e in events if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity_name]
+    out: dict[str, list[float]] = {k: [] for k in ("interval", "queue", "execute", "wft_wait", "wft")}
+    scheduled = [
+        e
+        for e in events
+        if e.event_type == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_name
+    ]
     ids = {e.event_id for e in scheduled}
     out["interval"] = [_ms(a.event_time, b.event_time) for a, b in itertools.pairwise(scheduled)]
     for i, e in enumerate(events):
@@ -312,10 +343,12 @@ async def history_breakdown(client: Client, workflow_id: str,
             if attrs.scheduled_event_id not in ids:
                 continue
             out["execute"].append(_ms(by_id[attrs.started_event_id].event_time, e.event_time))
-            nxt = next((x for x in events[i + 1:]
-                        if x.event_type == E.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
-            done = next((x for x in events[i + 1:]
-                         if x.event_type == E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED), None)
+            nxt = next(
+                (x for x in events[i + 1 :] if x.event_type == E.EVENT_TYPE_WORKFLOW_TASK_STARTED), None
+            )
+            done = next(
+                (x for x in events[i + 1 :] if x.event_type == E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED), None
+            )
             if nxt is not None:
                 out["wft_wait"].append(_ms(e.event_time, nxt.event_time))
             if nxt is not None and done is not None:

@@ -43,16 +43,29 @@ def _machine(settings: Any, pg_version: str) -> dict[str, Any]:
 
     from keel.devservices import temporal_binary
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor() or "unknown")
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    mem_kb = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
     cli = subprocess.run([str(temporal_binary()), "--version"], capture_output=True, text=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     try:
         peer = version("pydantic-ai-slim")
     except Exception:
@@ -106,20 +119,27 @@ async def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
             async with pool.connection() as conn:
                 pg = (await (await conn.execute("show server_version")).fetchone() or ["?"])[0]
             machine = _machine(settings, str(pg))
-            print(f"services up: temporal {settings.temporal_address}, "
-                  f"postgres :{settings.pg_port}", flush=True)
+            print(
+                f"services up: temporal {settings.temporal_address}, postgres :{settings.pg_port}", flush=True
+            )
             runners: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
                 "step": lambda: _mod("bench_step").run(client, pool, settings, smoke=args.smoke),
-                "history": lambda: _mod("bench_history").run(client, pool, settings,
-                                                              smoke=args.smoke),
-                "throughput": lambda: _mod("bench_throughput").run(client, pool, settings,
-                                                                    smoke=args.smoke),
+                "history": lambda: _mod("bench_history").run(client, pool, settings, smoke=args.smoke),
+                "throughput": lambda: _mod("bench_throughput").run(client, pool, settings, smoke=args.smoke),
                 "peer": lambda: _mod("bench_peer").run(client, pool, settings, smoke=args.smoke),
-                "recovery": lambda: _external("bench_recovery", {
-                    "settings": settings, "url": settings.database_url, "client": client,
-                    "pool": pool, "smoke": args.smoke}),
-                "ledger": lambda: _external("bench_ledger", {
-                    "url": settings.database_url, "smoke": args.smoke}),
+                "recovery": lambda: _external(
+                    "bench_recovery",
+                    {
+                        "settings": settings,
+                        "url": settings.database_url,
+                        "client": client,
+                        "pool": pool,
+                        "smoke": args.smoke,
+                    },
+                ),
+                "ledger": lambda: _external(
+                    "bench_ledger", {"url": settings.database_url, "smoke": args.smoke}
+                ),
             }
             for name in only:
                 print(f"[{name}] running ...", flush=True)
@@ -127,12 +147,16 @@ async def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                 try:
                     results[name] = await runners[name]()
                 except Exception as e:  # one failing benchmark must not hide the others
-                    results[name] = {"error": f"{type(e).__name__}: {e}",
-                                     "traceback": traceback.format_exc(limit=6)}
+                    results[name] = {
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(limit=6),
+                    }
                 results[name]["_seconds"] = round(time.perf_counter() - t0, 1)
-                print(f"[{name}] done in {results[name]['_seconds']} s"
-                      + (f" — {results[name]['error']}" if "error" in results[name] else ""),
-                      flush=True)
+                print(
+                    f"[{name}] done in {results[name]['_seconds']} s"
+                    + (f" — {results[name]['error']}" if "error" in results[name] else ""),
+                    flush=True,
+                )
             machine["loadavg_end"] = os.getloadavg()
         finally:
             await pool.close()
@@ -148,8 +172,7 @@ def _s(d: dict[str, Any] | None, unit: str = "ms") -> str:
     """A spread as ``p50 (p90 / p99, min-max, n)``."""
     if not d or not d.get("n"):
         return "-"
-    return (f"{d['p50']} {unit} (p90 {d['p90']}, p99 {d['p99']}, "
-            f"min {d['min']}-max {d['max']}, n={d['n']})")
+    return f"{d['p50']} {unit} (p90 {d['p90']}, p99 {d['p99']}, min {d['min']}-max {d['max']}, n={d['n']})"
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
@@ -169,96 +192,170 @@ def _problem(r: dict[str, Any]) -> str | None:
 def _step_md(r: dict[str, Any]) -> str:
     big = r["steps_big"]
     rows = []
-    for kind, label in (("keel", "Keel step (permission decision + run_tool: audit, reserve, effect, commit + rules)"),
-                        ("floor", "floor: 1 trivial activity"),
-                        ("floor_la", "floor+LA: 1 trivial local activity + 1 activity")):
+    keel_label = "Keel step (permission decision + run_tool: audit, reserve, effect, commit + rules)"
+    for kind, label in (
+        ("keel", keel_label),
+        ("floor", "floor: 1 trivial activity"),
+        ("floor_la", "floor+LA: 1 trivial local activity + 1 activity"),
+    ):
         v = r[kind]
-        rows.append([label, f"**{v['per_step_ms']}**", _s(v["per_step_pairs_ms"]),
-                     v["fixed_ms"], v["events_per_step"],
-                     _s(v["history_step_ms"].get("interval"))])
+        rows.append(
+            [
+                label,
+                f"**{v['per_step_ms']}**",
+                _s(v["per_step_pairs_ms"]),
+                v["fixed_ms"],
+                v["events_per_step"],
+                _s(v["history_step_ms"].get("interval")),
+            ]
+        )
     parts = []
     for kind in ("keel", "floor", "floor_la"):
         h = r[kind]["history_step_ms"]
-        parts.append([kind] + [h.get(k, {}).get("p50", "-")
-                               for k in ("interval", "execute", "wft_wait", "wft", "queue")])
+        parts.append(
+            [kind]
+            + [h.get(k, {}).get("p50", "-") for k in ("interval", "execute", "wft_wait", "wft", "queue")]
+        )
     ip = r.get("in_process_ms", {})
     verdict = "within" if r["ratio"] <= r["target_ratio"] else "ABOVE"
-    return "\n\n".join([
-        f"Per step = (median run time at N={big} - median at N=1) / {big - 1}; "
-        f"{r['rounds']} interleaved rounds. Fixed = per-run cost outside the steps.",
-        _table(["shape", "per step ms (medians)", "per step, per round pair", "fixed ms/run",
-                "history events/step", "step interval from history"], rows),
-        f"**Ratio Keel / floor: {r['ratio']}x** (target ≤ {r['target_ratio']}x: {verdict}); "
-        f"Keel / floor+LA: {r['ratio_vs_floor_la']}x.",
-        "Where a step's time goes (p50 ms, from history timestamps; `execute` = activity "
-        "started->completed, `wft_wait` = activity completed->next workflow task started, "
-        "`wft` = workflow task started->completed, which includes local activities):",
-        _table(["shape", "interval", "execute", "wft_wait", "wft", "queue"], parts),
-        "Measured in-process inside the Keel worker: "
-        f"`authorize_step` (local activity; only denials and approvals use it since the "
-        f"one-round-trip step) {_s(ip.get('authorize_step'))}; "
-        f"`run_tool` body {_s(ip.get('run_tool'))}; workflow-side "
-        f"`Policy.model_validate(snapshot)` {ip.get('policy_model_validate')} ms and "
-        f"`check_tool_call` {ip.get('check_tool_call')} ms per step (CPU, outside the sandbox)."
-        + (f" PostgreSQL transactions per Keel step: {r['pg_commits_per_step']}."
-           if r.get("pg_commits_per_step") is not None else ""),
-    ])
+    return "\n\n".join(
+        [
+            f"Per step = (median run time at N={big} - median at N=1) / {big - 1}; "
+            f"{r['rounds']} interleaved rounds. Fixed = per-run cost outside the steps.",
+            _table(
+                [
+                    "shape",
+                    "per step ms (medians)",
+                    "per step, per round pair",
+                    "fixed ms/run",
+                    "history events/step",
+                    "step interval from history",
+                ],
+                rows,
+            ),
+            f"**Ratio Keel / floor: {r['ratio']}x** (target ≤ {r['target_ratio']}x: {verdict}); "
+            f"Keel / floor+LA: {r['ratio_vs_floor_la']}x.",
+            "Where a step's time goes (p50 ms, from history timestamps; `execute` = activity "
+            "started->completed, `wft_wait` = activity completed->next workflow task started, "
+            "`wft` = workflow task started->completed, which includes local activities):",
+            _table(["shape", "interval", "execute", "wft_wait", "wft", "queue"], parts),
+            "Measured in-process inside the Keel worker: "
+            f"`authorize_step` (local activity; only denials and approvals use it since the "
+            f"one-round-trip step) {_s(ip.get('authorize_step'))}; "
+            f"`run_tool` body {_s(ip.get('run_tool'))}; workflow-side "
+            f"`Policy.model_validate(snapshot)` {ip.get('policy_model_validate')} ms and "
+            f"`check_tool_call` {ip.get('check_tool_call')} ms per step (CPU, outside the sandbox)."
+            + (
+                f" PostgreSQL transactions per Keel step: {r['pg_commits_per_step']}."
+                if r.get("pg_commits_per_step") is not None
+                else ""
+            ),
+        ]
+    )
 
 
 def _history_md(r: dict[str, Any]) -> str:
     lr, pj, lim = r["long_run"], r["projection"], r["limits"]
-    rows = [["per agent step (N=10 - N=1) / 9", r["per_step"]["events"], r["per_step"]["bytes"]],
-            ["fixed per run", r["fixed"]["events"], r["fixed"]["bytes"]],
-            [f"{lr['steps']}-step run ({lr['wall_s']} s)", lr["events"], lr["bytes"]]]
+    rows = [
+        ["per agent step (N=10 - N=1) / 9", r["per_step"]["events"], r["per_step"]["bytes"]],
+        ["fixed per run", r["fixed"]["events"], r["fixed"]["bytes"]],
+        [f"{lr['steps']}-step run ({lr['wall_s']} s)", lr["events"], lr["bytes"]],
+    ]
     if "demo_task" in r:
         d = r["demo_task"]
         rows.append([f"demo 3-tool task ({' -> '.join(d['tools'])})", d["events"], d["bytes"]])
-    return "\n\n".join([
-        _table(["run", "history events", "history bytes"], rows),
-        f"A {lr['steps']}-step run uses {pj['long_run_share_of_event_limit_pct']} % of the "
-        f"{lim['events']:,}-event limit and {pj['long_run_share_of_byte_limit_pct']} % of the "
-        f"50 MB limit; largest single event {lr['largest_event_bytes']:,} bytes "
-        f"({lr['largest_event_type']}; payload limit 2 MB). At these rates a run reaches the "
-        f"event limit after ~{pj['steps_to_event_limit']:,} steps and the byte limit after "
-        f"~{pj['steps_to_byte_limit']:,} steps (events bind first).",
-    ])
+    return "\n\n".join(
+        [
+            _table(["run", "history events", "history bytes"], rows),
+            f"A {lr['steps']}-step run uses {pj['long_run_share_of_event_limit_pct']} % of the "
+            f"{lim['events']:,}-event limit and {pj['long_run_share_of_byte_limit_pct']} % of the "
+            f"50 MB limit; largest single event {lr['largest_event_bytes']:,} bytes "
+            f"({lr['largest_event_type']}; payload limit 2 MB). At these rates a run reaches the "
+            f"event limit after ~{pj['steps_to_event_limit']:,} steps and the byte limit after "
+            f"~{pj['steps_to_byte_limit']:,} steps (events bind first).",
+        ]
+    )
 
 
 def _throughput_md(r: dict[str, Any]) -> str:
     rows = []
     for n, v in sorted(r["by_workers"].items(), key=lambda kv: int(kv[0])):
         c = v["cpu_ms_per_run"]
-        rows.append([n, f"**{v['runs_per_s']}**", f"{v['completed']}/{r['runs_per_batch']}",
-                     v["wall_s"], v["cpu_ms_per_run_total"], c.get("workers"), c.get("temporal"),
-                     c.get("postgres"), f"{v['server_cpu_share_pct']} %",
-                     f"{v['cpu_utilisation_pct_of_all_cores']} %"])
-    return "\n\n".join([
-        f"Task: {r['task']}; {r['runs_per_batch']} runs started at once per batch.",
-        _table(["worker processes", "runs/s", "completed", "wall s", "CPU ms/run (all)",
-                "workers", "dev server", "PostgreSQL", "dev server share",
-                "CPU used of all cores"], rows),
-        f"Scaling 2 vs 1 worker processes: **{r.get('scaling', '-')}x**.",
-    ])
+        rows.append(
+            [
+                n,
+                f"**{v['runs_per_s']}**",
+                f"{v['completed']}/{r['runs_per_batch']}",
+                v["wall_s"],
+                v["cpu_ms_per_run_total"],
+                c.get("workers"),
+                c.get("temporal"),
+                c.get("postgres"),
+                f"{v['server_cpu_share_pct']} %",
+                f"{v['cpu_utilisation_pct_of_all_cores']} %",
+            ]
+        )
+    return "\n\n".join(
+        [
+            f"Task: {r['task']}; {r['runs_per_batch']} runs started at once per batch.",
+            _table(
+                [
+                    "worker processes",
+                    "runs/s",
+                    "completed",
+                    "wall s",
+                    "CPU ms/run (all)",
+                    "workers",
+                    "dev server",
+                    "PostgreSQL",
+                    "dev server share",
+                    "CPU used of all cores",
+                ],
+                rows,
+            ),
+            f"Scaling 2 vs 1 worker processes: **{r.get('scaling', '-')}x**.",
+        ]
+    )
 
 
 def _peer_md(r: dict[str, Any]) -> str:
     rows = []
     for kind in ("keel", "peer"):
         v = r[kind]
-        rows.append([kind, f"**{v['per_step_ms']}**", _s(v["per_step_pairs_ms"]),
-                     _s(v["task_ms"]), f"**{v['runs_per_s']}**", v["task_history_events"],
-                     v["task_history_bytes"]])
-    return "\n\n".join([
-        f"Peer model: {r['model']}. Both run in-process on one worker each, interleaved; "
-        f"{r['rounds']} rounds, per step from N=1 vs N={r['steps_big']} noop runs; runs/s "
-        f"from {r['batch']} concurrent demo tasks.",
-        _table(["system", "per step ms", "per step, per round pair", "3-tool task latency",
-                "runs/s", "task history events", "task history bytes"], rows),
-        f"Keel / peer: per step **{r['per_step_ratio_keel_over_peer']}x**, task latency "
-        f"**{r['task_latency_ratio_keel_over_peer']}x**, throughput "
-        f"**{r['throughput_ratio_keel_over_peer']}x** (above 1 = Keel faster for throughput, "
-        "slower for latency).",
-    ])
+        rows.append(
+            [
+                kind,
+                f"**{v['per_step_ms']}**",
+                _s(v["per_step_pairs_ms"]),
+                _s(v["task_ms"]),
+                f"**{v['runs_per_s']}**",
+                v["task_history_events"],
+                v["task_history_bytes"],
+            ]
+        )
+    return "\n\n".join(
+        [
+            f"Peer model: {r['model']}. Both run in-process on one worker each, interleaved; "
+            f"{r['rounds']} rounds, per step from N=1 vs N={r['steps_big']} noop runs; runs/s "
+            f"from {r['batch']} concurrent demo tasks.",
+            _table(
+                [
+                    "system",
+                    "per step ms",
+                    "per step, per round pair",
+                    "3-tool task latency",
+                    "runs/s",
+                    "task history events",
+                    "task history bytes",
+                ],
+                rows,
+            ),
+            f"Keel / peer: per step **{r['per_step_ratio_keel_over_peer']}x**, task latency "
+            f"**{r['task_latency_ratio_keel_over_peer']}x**, throughput "
+            f"**{r['throughput_ratio_keel_over_peer']}x** (above 1 = Keel faster for throughput, "
+            "slower for latency).",
+        ]
+    )
 
 
 def _generic_md(r: dict[str, Any]) -> str:
@@ -280,21 +377,32 @@ _SECTIONS = (
 
 def _render(machine: dict[str, Any], results: dict[str, Any], *, smoke: bool) -> str:
     m = machine
-    out = ["# Keel benchmark results" + (" (SMOKE: tiny sizes, figures meaningless)" if smoke
-                                          else ""),
-           f"`{m['command']}` — {m['date']}, {m['total_seconds']} s in total, git {m['git']}.",
-           _table(["machine", ""], [
-               ["cores (nproc)", m["nproc"]], ["CPU", m["cpu"]],
-               ["memory", f"{m['memory_gib']} GiB"], ["Python", m["python"]],
-               ["temporalio", m["temporalio"]], ["Temporal CLI (dev server)", m["temporal_cli"]],
-               ["PostgreSQL", m["postgresql"]], ["pydantic-ai-slim (peer)", m["pydantic_ai_slim"]],
-               ["load average at start / end",
-                f"{'/'.join(f'{x:.2f}' for x in m['loadavg_start'])} -> "
-                f"{'/'.join(f'{x:.2f}' for x in m.get('loadavg_end', (0, 0, 0)))}"]]),
-           "Services are the benchmark's own: a dev server (SQLite WAL, tuned poll rates, as "
-           "`make up`) and an embedded PostgreSQL, in a temporary folder on free ports. "
-           "Absolute figures depend on this machine and on whatever else ran on it (see the "
-           "load average); ratios are between figures measured in the same run."]
+    out = [
+        "# Keel benchmark results" + (" (SMOKE: tiny sizes, figures meaningless)" if smoke else ""),
+        f"`{m['command']}` — {m['date']}, {m['total_seconds']} s in total, git {m['git']}.",
+        _table(
+            ["machine", ""],
+            [
+                ["cores (nproc)", m["nproc"]],
+                ["CPU", m["cpu"]],
+                ["memory", f"{m['memory_gib']} GiB"],
+                ["Python", m["python"]],
+                ["temporalio", m["temporalio"]],
+                ["Temporal CLI (dev server)", m["temporal_cli"]],
+                ["PostgreSQL", m["postgresql"]],
+                ["pydantic-ai-slim (peer)", m["pydantic_ai_slim"]],
+                [
+                    "load average at start / end",
+                    f"{'/'.join(f'{x:.2f}' for x in m['loadavg_start'])} -> "
+                    f"{'/'.join(f'{x:.2f}' for x in m.get('loadavg_end', (0, 0, 0)))}",
+                ],
+            ],
+        ),
+        "Services are the benchmark's own: a dev server (SQLite WAL, tuned poll rates, as "
+        "`make up`) and an embedded PostgreSQL, in a temporary folder on free ports. "
+        "Absolute figures depend on this machine and on whatever else ran on it (see the "
+        "load average); ratios are between figures measured in the same run.",
+    ]
     for key, title, render in _SECTIONS:
         if key not in results:
             continue
@@ -308,8 +416,12 @@ def _render(machine: dict[str, Any], results: dict[str, Any], *, smoke: bool) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to prove it still runs")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="where to write Markdown (default bench/RESULTS.md; smoke: stdout)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write Markdown (default bench/RESULTS.md; smoke: stdout)",
+    )
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--json", type=Path, default=None, help="also write raw figures as JSON")
     args = ap.parse_args(argv)
@@ -324,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(text, encoding="utf-8")
         print(f"wrote {out}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2,
-                                        default=str), encoding="utf-8")
+        args.json.write_text(
+            json.dumps({"machine": machine, "results": results}, indent=2, default=str), encoding="utf-8"
+        )
     return 1 if any("error" in r for r in results.values()) else 0
 
 

@@ -155,7 +155,8 @@ class FinishOutput(Frozen):
 
 
 class StepGateInput(Frozen):
-    """Record a permission decision and, when allowed, reserve the step's budget — one trip."""
+    """Record a gate decision that does not lead to a tool call: a denial, or a human's
+    answer to an approval request (allowed steps are recorded by the tool activity)."""
 
     workflow_id: str
     tenant: str
@@ -167,9 +168,6 @@ class StepGateInput(Frozen):
     rule: str = ""
     reason: str = ""
     kind: str = "permission"
-    scopes: tuple[str, ...] = ()
-    amount_micros: int = 0
-    reserve_key: str = ""
 
 
 class StepGateResult(Frozen):

@@ -25,8 +25,10 @@ def apply_migrations(url: str) -> list[str]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
-            conn.execute("create table if not exists keel_migrations ("
-                         "name text primary key, applied_at timestamptz not null default now())")
+            conn.execute(
+                "create table if not exists keel_migrations ("
+                "name text primary key, applied_at timestamptz not null default now())"
+            )
             done = {r[0] for r in conn.execute("select name from keel_migrations")}
             for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
                 if path.name in done:
@@ -42,7 +44,8 @@ def apply_migrations(url: str) -> list[str]:
 
 async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
     """Open an autocommit pool; callers open explicit transactions where they need atomicity."""
-    pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                               kwargs={"autocommit": True})
+    pool = AsyncConnectionPool(
+        url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+    )
     await pool.open(wait=True, timeout=15)
     return pool

@@ -121,15 +121,17 @@ class DevServices:
         try:
             pwd.getpwnam(PG_OS_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", PG_OS_USER],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", PG_OS_USER], check=True, capture_output=True
+            )
         return PG_OS_USER
 
     def _pg_run(self, args: list[str], user: str | None, timeout: float = 60) -> None:
         log = self.state / "postgres-ctl.log"
         with open(log, "ab") as out:
-            proc = subprocess.run(args, user=user, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout, cwd="/")
+            proc = subprocess.run(
+                args, user=user, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd="/"
+            )
         if proc.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ServiceError(f"{Path(args[0]).name} failed: {' | '.join(tail)}")
@@ -141,8 +143,7 @@ class DevServices:
         if self.postgres_running():
             return
         if _port_open(self.settings.pg_port):
-            raise ServiceError(f"port {self.settings.pg_port} is taken by another program; "
-                               "set KEEL_PG_PORT")
+            raise ServiceError(f"port {self.settings.pg_port} is taken by another program; set KEEL_PG_PORT")
         self.state.mkdir(parents=True, exist_ok=True)
         if user:
             # The unprivileged server must reach its data dir through the state folder.
@@ -157,17 +158,45 @@ class DevServices:
             if user:
                 os.chown(data, uid, -1)
             data.chmod(0o700)
-            self._pg_run([str(_pg_bin() / "initdb"), "-D", str(data), "-U", "postgres",
-                          "--auth=trust", "--encoding=UTF8", "--no-instructions"], user)
+            self._pg_run(
+                [
+                    str(_pg_bin() / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
+                user,
+            )
         log = self.state / "postgres.log"
         log.touch()
         if user:
             os.chown(log, uid, -1)
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.settings.pg_port} "
-                "-c unix_socket_directories='' -c max_connections=300 "
-                "-c shared_buffers=128MB")
-        self._pg_run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts,
-                      "-w", "-t", "60", "start"], user, timeout=90)
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.settings.pg_port} "
+            "-c unix_socket_directories='' -c max_connections=300 "
+            "-c shared_buffers=128MB"
+        )
+        self._pg_run(
+            [
+                str(_pg_bin() / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(log),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            user,
+            timeout=90,
+        )
         self._ensure_database()
 
     def _ensure_database(self) -> None:
@@ -190,8 +219,9 @@ class DevServices:
         if pid is None or not _alive(pid):
             return
         try:
-            self._pg_run([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                          "stop"], self._pg_user())
+            self._pg_run(
+                [str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], self._pg_user()
+            )
         except ServiceError:
             os.kill(pid, signal.SIGKILL)
 
@@ -211,11 +241,23 @@ class DevServices:
         if _port_open(port):
             raise ServiceError(f"port {port} is taken by another program; set TEMPORAL_ADDRESS")
         self.state.mkdir(parents=True, exist_ok=True)
-        args = [str(temporal_binary()), "server", "start-dev",
-                "--db-filename", str(self.state / "temporal.db"),
-                "--ip", "127.0.0.1", "--port", str(port),
-                "--ui-port", str(self.settings.ui_port),
-                "--log-level", "warn", "--log-format", "pretty"]
+        args = [
+            str(temporal_binary()),
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(self.state / "temporal.db"),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ui-port",
+            str(self.settings.ui_port),
+            "--log-level",
+            "warn",
+            "--log-format",
+            "pretty",
+        ]
         for kv in TEMPORAL_TUNING:
             args += ["--dynamic-config-value", kv]
         for pragma in SQLITE_PRAGMAS:
@@ -223,8 +265,9 @@ class DevServices:
         for name, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={kind}"]
         with open(self.state / "temporal.log", "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         _DETACHED.append(proc)  # keep the handle: a collected Popen warns and cannot reap
         self._temporal_pid_file().write_text(str(proc.pid))
         deadline = time.monotonic() + 60
@@ -239,9 +282,20 @@ class DevServices:
 
     def _temporal_healthy(self) -> bool:
         proc = subprocess.run(
-            [str(temporal_binary()), "operator", "search-attribute", "list",
-             "--address", self.settings.temporal_address, "--output", "json"],
-            capture_output=True, text=True, timeout=10)
+            [
+                str(temporal_binary()),
+                "operator",
+                "search-attribute",
+                "list",
+                "--address",
+                self.settings.temporal_address,
+                "--output",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return proc.returncode == 0 and all(n in proc.stdout for n in SEARCH_ATTRIBUTES)
 
     def stop_temporal(self) -> None:
@@ -283,8 +337,12 @@ class DevServices:
             with open(self.state / f"worker-{n}.log", "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, str(Path(__file__).resolve().parent.parent / "worker.py")],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env=env)
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=env,
+                )
             _DETACHED.append(proc)
             pidfile.write_text(str(proc.pid))
             started.append(proc.pid)
@@ -322,17 +380,27 @@ class DevServices:
 
     def status(self) -> dict[str, str]:
         return {
-            "temporal": (f"running on {self.settings.temporal_address}, UI {self.settings.ui_url}"
-                         if self.temporal_running() else "stopped"),
-            "postgres": (f"running on 127.0.0.1:{self.settings.pg_port}"
-                         if self.postgres_running() else "stopped"),
+            "temporal": (
+                f"running on {self.settings.temporal_address}, UI {self.settings.ui_url}"
+                if self.temporal_running()
+                else "stopped"
+            ),
+            "postgres": (
+                f"running on 127.0.0.1:{self.settings.pg_port}" if self.postgres_running() else "stopped"
+            ),
             "workers": f"{len(self.worker_pids())} running",
             "state": str(self.state),
         }
 
 
 def _reap(pid: int) -> None:
-    """Collect our own child's exit status so it does not linger as a zombie."""
+    """Collect our own child's exit status so it does not linger as a zombie — through its
+    ``Popen`` when we started it (reaping behind Popen's back makes it warn at exit)."""
+    for proc in list(_DETACHED):
+        if proc.pid == pid:
+            if proc.poll() is not None:
+                _DETACHED.remove(proc)
+            return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

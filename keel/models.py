@@ -48,7 +48,7 @@ MICROS_PER_USD = 1_000_000
 
 def usd_to_micros(usd: float) -> int:
     """Convert dollars to integer micro-dollars, rounding half up (ledger never sees floats)."""
-    return int(round(usd * MICROS_PER_USD))
+    return round(usd * MICROS_PER_USD)
 
 
 def micros_to_usd(micros: int) -> float:
@@ -199,8 +199,15 @@ class ModelCallRecord(Frozen):
 
 
 RunOutcome = Literal[
-    "completed", "partial", "denied", "budget_exhausted", "escape_hatch", "failed", "cancelled",
-    "rejected", "needs_human",
+    "completed",
+    "partial",
+    "denied",
+    "budget_exhausted",
+    "escape_hatch",
+    "failed",
+    "cancelled",
+    "rejected",
+    "needs_human",
 ]
 
 

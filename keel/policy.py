@@ -68,9 +68,7 @@ class _Strict(Frozen):
             known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
             unknown = sorted(str(k) for k in data if k not in known)
             if unknown:
-                raise ValueError(
-                    f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(known))})"
-                )
+                raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
         return data
 
 
@@ -208,9 +206,7 @@ class InputGuardrails(_Strict):
     def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         bad = [c for c in v if c not in GUARDRAIL_CATEGORIES]
         if bad:
-            raise ValueError(
-                f"unknown category {bad[0]!r} (known: {', '.join(GUARDRAIL_CATEGORIES)})"
-            )
+            raise ValueError(f"unknown category {bad[0]!r} (known: {', '.join(GUARDRAIL_CATEGORIES)})")
         return v
 
 
@@ -293,9 +289,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PolicyError(f"{source}: {where}invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
-        raise PolicyError(
-            f"{source}: (top level): expected a mapping with 'version', 'tenants', ..."
-        )
+        raise PolicyError(f"{source}: (top level): expected a mapping with 'version', 'tenants', ...")
     try:
         policy = Policy.model_validate(raw, context={"strict": True})
     except ValidationError as e:

@@ -100,9 +100,7 @@ def price_for(model: str, prices: Mapping[str, Price] | None = None) -> Price:
     for candidate in (key, _DATE_SUFFIX.sub("", key)):
         if candidate in table:
             return table[candidate]
-    raise PricingError(
-        f"no price for model {model!r}: add it to the JSON file named by KEEL_PRICES_FILE"
-    )
+    raise PricingError(f"no price for model {model!r}: add it to the JSON file named by KEEL_PRICES_FILE")
 
 
 def cost_micros(model: str, usage: Usage, prices: Mapping[str, Price] | None = None) -> int:

@@ -55,8 +55,9 @@ BREAKER_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 
 # ---------------------------------------------------------------------------- providers
-def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None, *,
-                    set_global: bool = True) -> tuple[Any, Any]:
+def setup_telemetry(
+    service_name: str, env: Mapping[str, str] | None = None, *, set_global: bool = True
+) -> tuple[Any, Any]:
     """Build tracer and meter providers as the ``OTEL_*`` variables ask.
 
     Returns ``(tracer_provider, meter_provider)``; either is ``None`` when its signal is
@@ -98,8 +99,7 @@ def setup_telemetry(service_name: str, env: Mapping[str, str] | None = None, *,
         )
 
         exporter = ConsoleMetricExporter() if metric == "console" else _otlp("metric")
-        mp = MeterProvider(resource=resource,
-                           metric_readers=[PeriodicExportingMetricReader(exporter)])
+        mp = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)])
         if set_global:
             metrics.set_meter_provider(mp)
             use_meter_provider(mp)
@@ -155,8 +155,10 @@ def _otlp(signal: str) -> Any:
 
         return OTLPMetricExporter()
     except ImportError as e:
-        raise RuntimeError("OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not "
-                           "installed: pip install opentelemetry-exporter-otlp-proto-http") from e
+        raise RuntimeError(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not "
+            "installed: pip install opentelemetry-exporter-otlp-proto-http"
+        ) from e
 
 
 # ---------------------------------------------------------------------------- spans
@@ -171,8 +173,9 @@ def annotate(**attrs: Any) -> None:
     for name, value in attrs.items():
         if value is None or value == "":
             continue
-        span.set_attribute(f"keel.{name}", value if isinstance(value, str | bool | int | float)
-                           else str(value))
+        span.set_attribute(
+            f"keel.{name}", value if isinstance(value, str | bool | int | float) else str(value)
+        )
 
 
 def tenant_of(workflow_id: str) -> str:
@@ -185,31 +188,37 @@ def tenant_of(workflow_id: str) -> str:
 class _Instruments:
     def __init__(self, meter: metrics.Meter) -> None:
         self.cost = meter.create_counter(
-            "keel.cost", unit="uUSD", description="Spend in micro-USD by tenant/kind/model/tool")
-        self.budget = meter.create_counter(
-            "keel.budget.decisions", description="Budget decisions by outcome")
+            "keel.cost", unit="uUSD", description="Spend in micro-USD by tenant/kind/model/tool"
+        )
+        self.budget = meter.create_counter("keel.budget.decisions", description="Budget decisions by outcome")
         self.model_calls = meter.create_counter(
-            "keel.model.calls", description="Model calls by provider/model/outcome")
+            "keel.model.calls", description="Model calls by provider/model/outcome"
+        )
         self.tokens = meter.create_counter(
-            "keel.model.tokens", unit="{token}", description="Tokens by model and direction")
+            "keel.model.tokens", unit="{token}", description="Tokens by model and direction"
+        )
         self.cascade = meter.create_counter(
             "keel.cascade.calls",
-            description="Planner calls by tier; cheapest=true / all is the cascade hit rate")
-        self.tool_calls = meter.create_counter(
-            "keel.tool.calls", description="Tool calls by outcome")
-        self.tool_errors = meter.create_counter(
-            "keel.tool.errors", description="Tool failures by error type")
+            description="Planner calls by tier; cheapest=true / all is the cascade hit rate",
+        )
+        self.tool_calls = meter.create_counter("keel.tool.calls", description="Tool calls by outcome")
+        self.tool_errors = meter.create_counter("keel.tool.errors", description="Tool failures by error type")
         self.breaker_transitions = meter.create_counter(
-            "keel.breaker.transitions", description="Circuit-breaker state changes")
+            "keel.breaker.transitions", description="Circuit-breaker state changes"
+        )
         self.breaker_state = meter.create_gauge(
-            "keel.breaker.state", description="0 closed, 1 half-open, 2 open (last transition)")
+            "keel.breaker.state", description="0 closed, 1 half-open, 2 open (last transition)"
+        )
         self.runs = meter.create_counter("keel.runs", description="Finished runs by outcome")
         self.run_duration = meter.create_histogram(
-            "keel.run.duration", unit="s", description="Wall-clock duration of runs")
+            "keel.run.duration", unit="s", description="Wall-clock duration of runs"
+        )
         self.run_iterations = meter.create_histogram(
-            "keel.run.iterations", unit="{iteration}", description="Plan/act loop length")
+            "keel.run.iterations", unit="{iteration}", description="Plan/act loop length"
+        )
         self.run_tool_calls = meter.create_histogram(
-            "keel.run.tool_calls", unit="{call}", description="Tool calls per run")
+            "keel.run.tool_calls", unit="{call}", description="Tool calls per run"
+        )
 
 
 _instruments: _Instruments | None = None
@@ -243,14 +252,20 @@ def record_budget_decision(decision: str, *, tenant: str = "", kind: str = "") -
     _m().budget.add(1, _attrs(decision=decision.lower(), tenant=tenant, kind=kind))
 
 
-def record_model_call(*, model: str, provider: str, outcome: str, tenant: str = "",
-                      input_tokens: int = 0, output_tokens: int = 0,
-                      cached_tokens: int = 0) -> None:
+def record_model_call(
+    *,
+    model: str,
+    provider: str,
+    outcome: str,
+    tenant: str = "",
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cached_tokens: int = 0,
+) -> None:
     """One provider call: ``outcome`` is ``ok``, an error type, or ``circuit_open``."""
     m = _m()
     m.model_calls.add(1, _attrs(model=model, provider=provider, outcome=outcome, tenant=tenant))
-    for direction, n in (("input", input_tokens), ("output", output_tokens),
-                         ("cached_input", cached_tokens)):
+    for direction, n in (("input", input_tokens), ("output", output_tokens), ("cached_input", cached_tokens)):
         if n:
             m.tokens.add(n, _attrs(model=model, direction=direction, tenant=tenant))
 
@@ -274,8 +289,9 @@ def record_breaker_transition(scope: str, from_state: str, to_state: str) -> Non
     m.breaker_state.set(BREAKER_STATE_VALUE.get(to_state, 0), {"scope": scope})
 
 
-def record_run(*, tenant: str, outcome: str, duration_s: float | None, iterations: int,
-               tool_calls: int) -> None:
+def record_run(
+    *, tenant: str, outcome: str, duration_s: float | None, iterations: int, tool_calls: int
+) -> None:
     """A finished run (call once, from ``finish_run``)."""
     m = _m()
     a = _attrs(tenant=tenant, outcome=outcome)

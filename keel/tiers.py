@@ -75,9 +75,7 @@ def tier_index(tier: str) -> int:
     try:
         return TIER_ORDER.index(tier)
     except ValueError:
-        raise ValueError(
-            f"unknown tier {tier!r}: expected one of {', '.join(TIER_ORDER)}"
-        ) from None
+        raise ValueError(f"unknown tier {tier!r}: expected one of {', '.join(TIER_ORDER)}") from None
 
 
 def next_tier(tier: str, max_tier: str) -> str | None:
@@ -104,6 +102,4 @@ def _checked(env_name: str, model: str) -> str:
     provider, sep, name = model.partition(":")
     if model == "offline" or (sep and name and provider in _PROVIDERS):
         return model
-    raise ValueError(
-        f"{env_name}={model!r}: expected 'offline', 'openai:<name>' or 'anthropic:<name>'"
-    )
+    raise ValueError(f"{env_name}={model!r}: expected 'offline', 'openai:<name>' or 'anthropic:<name>'")

@@ -50,10 +50,21 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
 
     agent, budget = AgentActivities(pool, settings), BudgetActivities(pool)
     control, tools = ControlActivities(pool), ToolActivities(pool)
-    return [agent.prepare_run, agent.plan, agent.evaluate, agent.finish_run,
-            control.authorize_step, control.settle_step, tools.run_tool, call_model,
-            budget.open_run, budget.reserve, budget.commit,
-            budget.release, budget.extend]
+    return [
+        agent.prepare_run,
+        agent.plan,
+        agent.evaluate,
+        agent.finish_run,
+        control.authorize_step,
+        control.settle_step,
+        tools.run_tool,
+        call_model,
+        budget.open_run,
+        budget.reserve,
+        budget.commit,
+        budget.release,
+        budget.extend,
+    ]
 
 
 def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
@@ -95,8 +106,7 @@ class _ActivityContext(ActivityInboundInterceptor):
         from keel.telemetry import annotate, tenant_of
 
         info = activity.info()
-        annotate(workflow_id=info.workflow_id, tenant=tenant_of(info.workflow_id or ""),
-                 attempt=info.attempt)
+        annotate(workflow_id=info.workflow_id, tenant=tenant_of(info.workflow_id or ""), attempt=info.attempt)
         token = BREAKER_POOL.set(self._pool)
         try:
             return await super().execute_activity(input)
@@ -104,10 +114,16 @@ class _ActivityContext(ActivityInboundInterceptor):
             BREAKER_POOL.reset(token)
 
 
-def build_workers(client: Client, pool: Any, settings: Settings, *,
-                  task_queue: str | None = None, max_cached_workflows: int = 1000,
-                  extra_activities: Sequence[Any] = (),
-                  interceptors: Sequence[Interceptor] = ()) -> list[Worker]:
+def build_workers(
+    client: Client,
+    pool: Any,
+    settings: Settings,
+    *,
+    task_queue: str | None = None,
+    max_cached_workflows: int = 1000,
+    extra_activities: Sequence[Any] = (),
+    interceptors: Sequence[Interceptor] = (),
+) -> list[Worker]:
     """The main worker plus one per rate-limited tool (Temporal enforces the queue's rate).
 
     Tracing comes from the client's interceptors (see ``keel.telemetry.with_tracing``);
@@ -118,24 +134,32 @@ def build_workers(client: Client, pool: Any, settings: Settings, *,
 
     queue = task_queue or settings.task_queue
     chain = [*interceptors, KeelActivityInterceptor(pool)]
-    workers = [Worker(
-        client, task_queue=queue, workflows=[AgentWorkflow],
-        activities=_merge(_activities(pool, settings), extra_activities),
-        max_cached_workflows=max_cached_workflows,
-        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-        graceful_shutdown_timeout=timedelta(seconds=5),
-        interceptors=chain,
-    )]
+    workers = [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=[AgentWorkflow],
+            activities=_merge(_activities(pool, settings), extra_activities),
+            max_cached_workflows=max_cached_workflows,
+            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+            max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+            graceful_shutdown_timeout=timedelta(seconds=5),
+            interceptors=chain,
+        )
+    ]
     for tool in catalog(include_hidden=True):
         if tool.rate_limit_per_second:
             # Temporal enforces this rate on the queue as a whole, across every worker.
-            workers.append(Worker(
-                client, task_queue=f"{queue}-tool-{tool.name}",
-                activities=[ToolActivities(pool).run_tool],
-                max_task_queue_activities_per_second=tool.rate_limit_per_second,
-                max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-                interceptors=chain))
+            workers.append(
+                Worker(
+                    client,
+                    task_queue=f"{queue}-tool-{tool.name}",
+                    activities=[ToolActivities(pool).run_tool],
+                    max_task_queue_activities_per_second=tool.rate_limit_per_second,
+                    max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                    interceptors=chain,
+                )
+            )
     return workers
 
 

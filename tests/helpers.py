@@ -18,14 +18,21 @@ from keel.worker import build_workers
 
 
 @contextlib.asynccontextmanager
-async def running_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
-                         task_queue: str, *, max_cached_workflows: int = 0,
-                         extra_activities: Sequence[Any] = (),
-                         **overrides: Any) -> AsyncIterator[Settings]:
+async def running_worker(
+    client: Client,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    task_queue: str,
+    *,
+    max_cached_workflows: int = 0,
+    extra_activities: Sequence[Any] = (),
+    **overrides: Any,
+) -> AsyncIterator[Settings]:
     """A worker on ``task_queue``; cache 0 by default so every task replays from history."""
     s = dataclasses.replace(settings, task_queue=task_queue, **overrides)
-    workers = build_workers(client, pool, s, max_cached_workflows=max_cached_workflows,
-                            extra_activities=extra_activities)
+    workers = build_workers(
+        client, pool, s, max_cached_workflows=max_cached_workflows, extra_activities=extra_activities
+    )
     async with contextlib.AsyncExitStack() as stack:
         for w in workers:
             await stack.enter_async_context(w)
@@ -33,8 +40,12 @@ async def running_worker(client: Client, pool: AsyncConnectionPool, settings: Se
 
 
 def request(message: str, **kw: Any) -> AgentRequest:
-    base: dict[str, Any] = {"tenant": "acme", "user": "alice",
-                            "request_id": f"t-{uuid.uuid4().hex[:10]}", "max_budget_usd": 0.5}
+    base: dict[str, Any] = {
+        "tenant": "acme",
+        "user": "alice",
+        "request_id": f"t-{uuid.uuid4().hex[:10]}",
+        "max_budget_usd": 0.5,
+    }
     base.update(kw)
     return AgentRequest(message=message, **base)
 
@@ -43,15 +54,25 @@ async def run_agent(client: Client, task_queue: str, req: AgentRequest) -> Agent
     from workflows.agent import TENANT, USER
 
     return await client.execute_workflow(
-        "AgentWorkflow", req, id=f"agent/{req.tenant}/{req.request_id}", task_queue=task_queue,
+        "AgentWorkflow",
+        req,
+        id=f"agent/{req.tenant}/{req.request_id}",
+        task_queue=task_queue,
         result_type=AgentResponse,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
-                                                 SearchAttributePair(USER, req.user)]))
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(TENANT, req.tenant), SearchAttributePair(USER, req.user)]
+        ),
+    )
 
 
-async def make_order(pool: AsyncConnectionPool, *, total_usd: float = 42.5,
-                     status: str = "shipped", tenant: str = "acme",
-                     email: str = "alice@example.com") -> str:
+async def make_order(
+    pool: AsyncConnectionPool,
+    *,
+    total_usd: float = 42.5,
+    status: str = "shipped",
+    tenant: str = "acme",
+    email: str = "alice@example.com",
+) -> str:
     """A fresh order of our own, so tests never share refund headroom."""
     import random
 
@@ -60,5 +81,6 @@ async def make_order(pool: AsyncConnectionPool, *, total_usd: float = 42.5,
         await conn.execute(
             "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
             "values (%s,%s,%s,%s,'SKU-KEEL-1',%s)",
-            (order_id, tenant, email, status, int(round(total_usd * 1_000_000))))
+            (order_id, tenant, email, status, round(total_usd * 1_000_000)),
+        )
     return order_id

@@ -37,32 +37,47 @@ def write_policy(tmp_path: Path, **kw: Any) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def scripted_worker(client: Client, pool: AsyncConnectionPool, settings: Settings,
-                          task_queue: str, plans: Sequence[Plan], *, policy_file: Path,
-                          monkeypatch: pytest.MonkeyPatch,
-                          **kw: Any) -> AsyncIterator[testing.ScriptedPlanner]:
+async def scripted_worker(
+    client: Client,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    task_queue: str,
+    plans: Sequence[Plan],
+    *,
+    policy_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    **kw: Any,
+) -> AsyncIterator[testing.ScriptedPlanner]:
     monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
     testing.register()
     planner = testing.ScriptedPlanner(plans)
-    async with running_worker(client, pool, settings, task_queue, policy_file=policy_file,
-                              extra_activities=[planner.plan], **kw):
+    async with running_worker(
+        client, pool, settings, task_queue, policy_file=policy_file, extra_activities=[planner.plan], **kw
+    ):
         yield planner
 
 
-async def start(client: Client, task_queue: str, req: AgentRequest | None = None,
-                **kw: Any) -> WorkflowHandle[Any, AgentResponse]:
+async def start(
+    client: Client, task_queue: str, req: AgentRequest | None = None, **kw: Any
+) -> WorkflowHandle[Any, AgentResponse]:
     from workflows.agent import TENANT, USER
 
     req = req or request("scripted test run", **kw)
     return await client.start_workflow(
-        "AgentWorkflow", req, id=f"agent/{req.tenant}/{req.request_id}", task_queue=task_queue,
+        "AgentWorkflow",
+        req,
+        id=f"agent/{req.tenant}/{req.request_id}",
+        task_queue=task_queue,
         result_type=AgentResponse,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
-                                                 SearchAttributePair(USER, req.user)]))
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(TENANT, req.tenant), SearchAttributePair(USER, req.user)]
+        ),
+    )
 
 
-async def wait_status(handle: WorkflowHandle[Any, Any], step_id: str, state: StepState,
-                      within: float = 20.0) -> RunStatus:
+async def wait_status(
+    handle: WorkflowHandle[Any, Any], step_id: str, state: StepState, within: float = 20.0
+) -> RunStatus:
     """Poll the ``status`` query until ``step_id`` is in ``state``."""
     deadline = time.monotonic() + within
     last: RunStatus | None = None
@@ -77,7 +92,11 @@ async def wait_status(handle: WorkflowHandle[Any, Any], step_id: str, state: Ste
 async def effects_of(pool: AsyncConnectionPool, workflow_id: str) -> list[tuple[Any, ...]]:
     """``(step_id, tool, note, status)`` of the run's test effects, in creation order."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(
-            "select idempotency_key, tool, note, status from test_effects "
-            "where idempotency_key like %s order by id", (f"{workflow_id}/%",))).fetchall()
+        rows = await (
+            await conn.execute(
+                "select idempotency_key, tool, note, status from test_effects "
+                "where idempotency_key like %s order by id",
+                (f"{workflow_id}/%",),
+            )
+        ).fetchall()
     return [(k.rsplit("/", 1)[1], t, n, s) for k, t, n, s in rows]

@@ -11,38 +11,55 @@ from keel.models import Approval, StepState
 from keel.settings import Settings
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
 
-PLANS = [plan(step("s1", "test_effect", note="first"),
-              step("s2", "test_effect", note="approve-me"))]
+PLANS = [plan(step("s1", "test_effect", note="first"), step("s2", "test_effect", note="approve-me"))]
 
 
 async def _audit(pool: AsyncConnectionPool, workflow_id: str) -> list[tuple[str, str]]:
     async with pool.connection() as conn:
-        return await (await conn.execute(
-            "select decision, reason from audit_log where workflow_id=%s and kind='approval'",
-            (workflow_id,))).fetchall()
+        return await (
+            await conn.execute(
+                "select decision, reason from audit_log where workflow_id=%s and kind='approval'",
+                (workflow_id,),
+            )
+        ).fetchall()
 
 
 @pytest.mark.parametrize("answer", [True, False])
-async def test_approve_update(answer: bool, client: Client, db_pool: AsyncConnectionPool,
-                              temporal_services: Settings, task_queue: str, tmp_path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
-    async with scripted_worker(client, db_pool, temporal_services, task_queue, PLANS,
-                               policy_file=write_policy(tmp_path), monkeypatch=monkeypatch):
+async def test_approve_update(
+    answer: bool,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        PLANS,
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
         handle = await start(client, task_queue)
         status = await wait_status(handle, "s2", StepState.WAITING_APPROVAL)
         assert status.phase == "waiting_approval" and "effect-needs-approval" in status.waiting_for
         with pytest.raises(WorkflowUpdateFailedError):  # nothing else is waiting
             await handle.execute_update("approve", Approval(step_id="s1"))
         reply = await handle.execute_update(
-            "approve", Approval(approve=answer, reason="checked by bob", by="bob"),
-            result_type=str)
+            "approve", Approval(approve=answer, reason="checked by bob", by="bob"), result_type=str
+        )
         assert reply == ("approved" if answer else "rejected")
         resp = await handle.result()
     effects = await effects_of(db_pool, resp.workflow_id)
     if answer:
         assert resp.outcome == "completed", resp
-        assert effects == [("s1", "test_effect", "first", "done"),
-                           ("s2", "test_effect", "approve-me", "done")]
+        assert effects == [
+            ("s1", "test_effect", "first", "done"),
+            ("s2", "test_effect", "approve-me", "done"),
+        ]
         assert await _audit(db_pool, resp.workflow_id) == [("allow", "checked by bob")]
     else:
         assert resp.outcome == "rejected", resp
@@ -54,14 +71,24 @@ async def test_approve_update(answer: bool, client: Client, db_pool: AsyncConnec
 
 
 async def test_approval_timeout_is_a_safe_rejection(
-        client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings,
-        task_queue: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with scripted_worker(client, db_pool, temporal_services, task_queue, PLANS,
-                               policy_file=write_policy(tmp_path, approval_timeout_seconds=1),
-                               monkeypatch=monkeypatch):
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        PLANS,
+        policy_file=write_policy(tmp_path, approval_timeout_seconds=1),
+        monkeypatch=monkeypatch,
+    ):
         resp = await (await start(client, task_queue)).result()
     assert resp.outcome == "rejected", resp
     assert "no answer within 1 s" in resp.reason and "reject" in resp.reason
     assert resp.compensated == ("s1",)
-    assert await effects_of(db_pool, resp.workflow_id) == [("s1", "test_effect", "first",
-                                                            "undone")]
+    assert await effects_of(db_pool, resp.workflow_id) == [("s1", "test_effect", "first", "undone")]

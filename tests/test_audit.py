@@ -127,9 +127,7 @@ async def test_secrets_never_stored(db_pool: AsyncConnectionPool) -> None:
         stored = await trail(conn, f"agent/{t}/r1")
     got = next(r for r in stored if r.id == row.id)
     assert "sk-ant" not in got.reason and "[REDACTED:anthropic_key]" in got.reason
-    assert got.data["to"] == "[REDACTED:email]" and got.data["nested"] == [
-        "[REDACTED:github_token]"
-    ]
+    assert got.data["to"] == "[REDACTED:email]" and got.data["nested"] == ["[REDACTED:github_token]"]
     assert got.hash == row.hash
 
 
@@ -146,9 +144,7 @@ async def test_table_is_append_only(db_pool: AsyncConnectionPool) -> None:
 async def test_edit_detected(db_pool: AsyncConnectionPool) -> None:
     t = _tenant()
     ids = await _fill(db_pool, t)
-    await _tamper(
-        db_pool, "update audit_log set reason = 'nothing to see' where id = %s", (ids[2],)
-    )
+    await _tamper(db_pool, "update audit_log set reason = 'nothing to see' where id = %s", (ids[2],))
     async with db_pool.connection() as conn:
         res = await verify(conn, t)
         assert not res.ok and res.first_bad_id == ids[2] and "modified" in res.reason

@@ -28,8 +28,9 @@ def test_spread_reports_percentiles() -> None:
     assert spread([]) == {"n": 0}
 
 
-async def test_step_benchmark_smoke(client: Client, db_pool: AsyncConnectionPool,
-                                    bench_settings: Settings) -> None:
+async def test_step_benchmark_smoke(
+    client: Client, db_pool: AsyncConnectionPool, bench_settings: Settings
+) -> None:
     from bench import bench_step
 
     r = await bench_step.run(client, db_pool, bench_settings, smoke=True)
@@ -44,8 +45,9 @@ async def test_step_benchmark_smoke(client: Client, db_pool: AsyncConnectionPool
     assert r["in_process_ms"]["run_tool"]["n"] > 0
 
 
-async def test_history_benchmark_smoke(client: Client, db_pool: AsyncConnectionPool,
-                                       bench_settings: Settings) -> None:
+async def test_history_benchmark_smoke(
+    client: Client, db_pool: AsyncConnectionPool, bench_settings: Settings
+) -> None:
     from bench import bench_history
 
     r = await bench_history.run(client, db_pool, bench_settings, smoke=True)
@@ -55,8 +57,9 @@ async def test_history_benchmark_smoke(client: Client, db_pool: AsyncConnectionP
     assert r["demo_task"]["tools"] == ["lookup_order", "issue_refund", "send_email"]
 
 
-async def test_peer_benchmark_smoke(client: Client, db_pool: AsyncConnectionPool,
-                                    bench_settings: Settings) -> None:
+async def test_peer_benchmark_smoke(
+    client: Client, db_pool: AsyncConnectionPool, bench_settings: Settings
+) -> None:
     pytest.importorskip("pydantic_ai", reason="the peer needs the optional `bench` extra")
     from bench import bench_peer
 

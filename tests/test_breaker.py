@@ -35,9 +35,11 @@ def _scope() -> str:
 
 async def _state(pool: AsyncConnectionPool, scope: str) -> tuple[str, int]:
     async with pool.connection() as conn:
-        row = await (await conn.execute(
-            "select state, consecutive_failures from circuit_breakers where scope=%s",
-            (scope,))).fetchone()
+        row = await (
+            await conn.execute(
+                "select state, consecutive_failures from circuit_breakers where scope=%s", (scope,)
+            )
+        ).fetchone()
     return (row[0], row[1]) if row else ("closed", 0)
 
 
@@ -104,8 +106,7 @@ async def test_probe_success_closes_failure_reopens_and_lease_expires(
         assert not (await breaker.acquire(conn, scope, FAST, "p2")).allowed
         await asyncio.sleep(FAST.probe_lease_seconds + 0.1)
         assert (await breaker.acquire(conn, scope, FAST, "p2")).probe
-        assert await breaker.record_failure(conn, scope, FAST, "p2", "still down") == (
-            "half_open", "open")
+        assert await breaker.record_failure(conn, scope, FAST, "p2", "still down") == ("half_open", "open")
         await asyncio.sleep(FAST.cooldown_seconds + 0.1)
         assert (await breaker.acquire(conn, scope, FAST, "p3")).probe
         assert await breaker.record_success(conn, scope, "p3") == ("half_open", "closed")
@@ -113,8 +114,13 @@ async def test_probe_success_closes_failure_reopens_and_lease_expires(
         views = {v.scope: v for v in await breaker.snapshot(conn)}
     assert views[scope].state == "closed" and views[scope].opened_count == 2
     assert await _events(db_pool, scope) == [
-        ("closed", "open"), ("open", "half_open"), ("half_open", "half_open"),
-        ("half_open", "open"), ("open", "half_open"), ("half_open", "closed")]
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
 
 
 # ------------------------------------------------------------------ the tool activity
@@ -140,7 +146,8 @@ def fast_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_run_tool_counts_only_transient_failures(
-    db_pool: AsyncConnectionPool, fast_breakers: None,
+    db_pool: AsyncConnectionPool,
+    fast_breakers: None,
 ) -> None:
     from activities.tools import ToolActivities
 
@@ -157,8 +164,9 @@ async def test_run_tool_counts_only_transient_failures(
     env = ActivityEnvironment()
 
     def call(n: Any, key: str = "") -> ToolCall:
-        return ToolCall(tool=name, args={"n": n}, tenant="acme",
-                        idempotency_key=key or f"bk/{uuid.uuid4().hex}")
+        return ToolCall(
+            tool=name, args={"n": n}, tenant="acme", idempotency_key=key or f"bk/{uuid.uuid4().hex}"
+        )
 
     with _registered(name, flaky):
         with pytest.raises(ApplicationError, match="invalid arguments"):
@@ -186,7 +194,8 @@ async def test_run_tool_counts_only_transient_failures(
 
 
 async def test_replay_of_a_recorded_effect_is_served_while_open(
-    db_pool: AsyncConnectionPool, fast_breakers: None,
+    db_pool: AsyncConnectionPool,
+    fast_breakers: None,
 ) -> None:
     from activities.tools import ToolActivities
 
@@ -198,16 +207,17 @@ async def test_replay_of_a_recorded_effect_is_served_while_open(
     key = f"bk/{uuid.uuid4().hex}"
     with _registered(name, once):
         env, run = ActivityEnvironment(), ToolActivities(db_pool).run_tool
-        first = await env.run(run, ToolCall(tool=name, args={"n": 7}, tenant="acme",
-                                            idempotency_key=key))
+        first = await env.run(run, ToolCall(tool=name, args={"n": 7}, tenant="acme", idempotency_key=key))
         await _fail(db_pool, f"tool:{name}", 3)
-        again = await env.run(run, ToolCall(tool=name, args={"n": 7}, tenant="acme",
-                                            idempotency_key=key))
+        again = await env.run(run, ToolCall(tool=name, args={"n": 7}, tenant="acme", idempotency_key=key))
     assert again.replayed and again.data == first.data == {"n": 7}
 
 
 async def test_open_breaker_makes_the_agent_use_the_declared_fallback(
-    client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings, task_queue: str,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
     primary, backup = f"primary_{suffix}", f"backup_{suffix}"
@@ -229,12 +239,12 @@ async def test_open_breaker_makes_the_agent_use_the_declared_fallback(
     async with db_pool.connection() as conn:  # an outage another worker already saw
         await conn.execute(
             "insert into circuit_breakers (scope, state, consecutive_failures, opened_until) "
-            "values (%s, 'open', 5, now() + interval '10 minutes')", (f"tool:{primary}",))
+            "values (%s, 'open', 5, now() + interval '10 minutes')",
+            (f"tool:{primary}",),
+        )
     with _registered(primary, use_primary, fallback=backup), _registered(backup, use_backup):
-        async with running_worker(client, db_pool, temporal_services, task_queue,
-                                  extra_activities=[plan]):
-            resp = await run_agent(client, task_queue, request(
-                "check the thing", session=f"s-{suffix}"))
+        async with running_worker(client, db_pool, temporal_services, task_queue, extra_activities=[plan]):
+            resp = await run_agent(client, task_queue, request("check the thing", session=f"s-{suffix}"))
     assert ran == [backup]
     first, second = resp.steps[0], resp.steps[1]
     assert first.tool == primary and first.state == StepState.FAILED
@@ -245,7 +255,8 @@ async def test_open_breaker_makes_the_agent_use_the_declared_fallback(
 
 # ------------------------------------------------------------------ providers
 async def test_provider_breaker_opens_and_falls_back_to_the_other_provider(
-    db_pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch,
+    db_pool: AsyncConnectionPool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from activities import llm
     from activities.models import close_clients
@@ -262,13 +273,16 @@ async def test_provider_breaker_opens_and_falls_back_to_the_other_provider(
     monkeypatch.setenv("KEEL_BREAKER_COOLDOWN_S", "60")
     async with db_pool.connection() as conn:  # earlier runs of this test left state behind
         await conn.execute("delete from circuit_breakers where scope like 'model:%%'")
-    call = ModelCall(model="openai:gpt-4o-mini", role="respond",
-                     messages=(ChatMessage(role="user", content="hi"),))
+    call = ModelCall(
+        model="openai:gpt-4o-mini", role="respond", messages=(ChatMessage(role="user", content="hi"),)
+    )
     env = ActivityEnvironment()
     token = breaker.BREAKER_POOL.set(db_pool)
     try:
-        assert llm.fallback_model("openai:gpt-4o-mini", {"ANTHROPIC_API_KEY": "k"}) == \
-            "anthropic:claude-haiku-4-5"
+        assert (
+            llm.fallback_model("openai:gpt-4o-mini", {"ANTHROPIC_API_KEY": "k"})
+            == "anthropic:claude-haiku-4-5"
+        )
         assert llm.fallback_model("openai:gpt-4o-mini", {"OPENAI_API_KEY": "k"}) is None
         openai.push(fo.error(503, "down"), fo.error(400, "bad request"), fo.error(503, "down"))
         for _ in range(3):  # 503, 400 (the provider answered: resets), 503
@@ -286,8 +300,7 @@ async def test_provider_breaker_opens_and_falls_back_to_the_other_provider(
         monkeypatch.delenv("ANTHROPIC_API_KEY")
         with pytest.raises(ApplicationError) as refused:
             await env.run(llm.call_model, call)
-        assert refused.value.type == "CircuitOpen" and "circuit open for openai" in \
-            refused.value.message
+        assert refused.value.type == "CircuitOpen" and "circuit open for openai" in refused.value.message
     finally:
         breaker.BREAKER_POOL.reset(token)
         openai.stop()

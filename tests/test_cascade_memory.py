@@ -34,7 +34,9 @@ async def test_low_score_escalates_one_tier(
     assert set(resp.spend.by_tier) == {"fast", "balanced"}
     assert resp.spend.cheapest_tier_calls == 1 and resp.spend.model_calls == 2
     assert [(c.role, c.tier, c.escalated) for c in resp.calls] == [
-        ("plan", "fast", False), ("plan", "balanced", True)]
+        ("plan", "fast", False),
+        ("plan", "balanced", True),
+    ]
     assert all(c.input_tokens > 0 and c.cost_micros > 0 for c in resp.calls)
 
 
@@ -44,8 +46,11 @@ async def test_budget_caps_force_cheaper_tier(
     order = await make_order(db_pool)
     # The plan reservation prices the worst case (~$0.00084 offline); with $0.00095 the ledger
     # grants it but little headroom is left, so it caps the tier to the cheapest.
-    req = request(f"Is order {order} shipped?", max_budget_usd=0.00095,
-                  model_policy={"min_tier": "balanced", "max_tier": "powerful"})
+    req = request(
+        f"Is order {order} shipped?",
+        max_budget_usd=0.00095,
+        model_policy={"min_tier": "balanced", "max_tier": "powerful"},
+    )
     async with running_worker(client, db_pool, temporal_services, task_queue):
         resp = await run_agent(client, task_queue, req)
     assert "capped_to_fast" in resp.flags, resp.flags
@@ -60,17 +65,18 @@ async def test_second_request_in_session_sees_the_first(
     session = f"s-{uuid.uuid4().hex[:8]}"
     order = await make_order(db_pool)
     async with running_worker(client, db_pool, temporal_services, task_queue):
-        first = await run_agent(client, task_queue, request(f"Is order {order} shipped?",
-                                                            session=session))
+        first = await run_agent(client, task_queue, request(f"Is order {order} shipped?", session=session))
         async with db_pool.connection() as conn:
             seen = await memory.load(conn, "acme", session)
         assert order in seen and "shipped" in seen
         await run_agent(client, task_queue, request("And what about the e-mail?", session=session))
     assert first.outcome == "completed"
     async with db_pool.connection() as conn:
-        rows = await (await conn.execute(
-            "select count(*) from memory_turns where tenant='acme' and session=%s",
-            (session,))).fetchone()
+        rows = await (
+            await conn.execute(
+                "select count(*) from memory_turns where tenant='acme' and session=%s", (session,)
+            )
+        ).fetchone()
     assert rows == (4,)
 
 
@@ -78,11 +84,13 @@ async def test_memory_is_bounded(db_pool: AsyncConnectionPool) -> None:
     session = f"s-{uuid.uuid4().hex[:8]}"
     async with db_pool.connection() as conn:
         for i in range(memory.MAX_TURNS + 10):
-            await memory.save(conn, "acme", session, f"wf-{session}-{i}", f"question {i} " * 50,
-                              f"answer {i}")
+            await memory.save(
+                conn, "acme", session, f"wf-{session}-{i}", f"question {i} " * 50, f"answer {i}"
+            )
         text = await memory.load(conn, "acme", session)
-        kept = await (await conn.execute(
-            "select count(*) from memory_turns where session=%s", (session,))).fetchone()
+        kept = await (
+            await conn.execute("select count(*) from memory_turns where session=%s", (session,))
+        ).fetchone()
     assert len(text) <= memory.MAX_SUMMARY_CHARS
     assert kept is not None and kept[0] <= memory.MAX_TURNS
     assert "Earlier:" in text

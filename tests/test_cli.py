@@ -28,29 +28,43 @@ PY = sys.executable
 # temporalio/sdk-python#300: the SDK's Rust threads can abort interpreter finalization
 # ("Fatal Python error: PyGILState_Release") after a client was used. starter.py must end
 # with os._exit(); until it does, run the CLI through a shim that behaves like the fixed one.
-_SHIM = ("import os, sys; from keel.cli import main; code = main(sys.argv[1:]); "
-         "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
-STARTER = (["starter.py"] if "os._exit" in (PROJECT_ROOT / "starter.py").read_text()
-           else ["-c", _SHIM])
+_SHIM = (
+    "import os, sys; from keel.cli import main; code = main(sys.argv[1:]); "
+    "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)"
+)
+STARTER = ["starter.py"] if "os._exit" in (PROJECT_ROOT / "starter.py").read_text() else ["-c", _SHIM]
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, *STARTER, *args], cwd=PROJECT_ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [PY, *STARTER, *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="module")
-def cli_env(test_env: dict[str, str], temporal_services: Settings,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def cli_env(
+    test_env: dict[str, str], temporal_services: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """A real ``python worker.py`` on its own task queue; its log goes to a file."""
-    env = {**test_env, "KEEL_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:8]}",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**test_env, "KEEL_TASK_QUEUE": f"cli-{uuid.uuid4().hex[:8]}", "PYTHONUNBUFFERED": "1"}
     for var in [k for k in env if k.startswith("OTEL_")]:
         env.pop(var)
     log = tmp_path_factory.mktemp("cli") / "worker.log"
     with open(log, "wb") as out:
-        worker = subprocess.Popen([PY, "worker.py"], cwd=PROJECT_ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            [PY, "worker.py"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         yield env
     finally:
@@ -68,17 +82,27 @@ def _order(pg_url: str) -> str:
 
     order = f"ORD-{random.randint(10**11, 10**12 - 1)}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("insert into orders (id, tenant, customer_email, status, item_sku, "
-                     "total_micros) values (%s, 'acme', 'alice@example.com', 'shipped', "
-                     "'SKU-KEEL-1', 42500000)", (order,))
+        conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, "
+            "total_micros) values (%s, 'acme', 'alice@example.com', 'shipped', "
+            "'SKU-KEEL-1', 42500000)",
+            (order,),
+        )
     return order
 
 
 def _normalise(value: Any, subs: dict[str, str]) -> Any:
     if isinstance(value, dict):
-        return {k: ("<float>" if k.endswith("latency_ms") else
-                    "<id>" if k.endswith("_id") and isinstance(v, int) else _normalise(v, subs))
-                for k, v in value.items()}
+        return {
+            k: (
+                "<float>"
+                if k.endswith("latency_ms")
+                else "<id>"
+                if k.endswith("_id") and isinstance(v, int)
+                else _normalise(v, subs)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_normalise(v, subs) for v in value]
     if isinstance(value, str):
@@ -100,8 +124,18 @@ def _snapshot(name: str, actual: str) -> None:
 def test_run_json_and_status_snapshots(cli_env: dict[str, str], pg_url: str) -> None:
     order = _order(pg_url)
     rid = f"cli-{uuid.uuid4().hex[:8]}"
-    done = _cli(cli_env, "run", f"Check if order {order} is shipped and refund it if so",
-                "--request-id", rid, "--session", rid, "--budget", "0.50", "--json")
+    done = _cli(
+        cli_env,
+        "run",
+        f"Check if order {order} is shipped and refund it if so",
+        "--request-id",
+        rid,
+        "--session",
+        rid,
+        "--budget",
+        "0.50",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # --json: stdout is the document, stderr stays quiet
     wid = f"agent/acme/{rid}"
@@ -112,8 +146,9 @@ def test_run_json_and_status_snapshots(cli_env: dict[str, str], pg_url: str) -> 
 
     status = _cli(cli_env, "status", wid)
     assert status.returncode == 0, status.stderr
-    text = _normalise(status.stdout, {**subs, wid.replace("/", "%2F"): "<workflow-id>",
-                                      cli_env["KEEL_UI_PORT"]: "<port>"})
+    text = _normalise(
+        status.stdout, {**subs, wid.replace("/", "%2F"): "<workflow-id>", cli_env["KEEL_UI_PORT"]: "<port>"}
+    )
     _snapshot("status.txt", text)
 
     as_json = json.loads(_cli(cli_env, "status", wid, "--json").stdout)
@@ -122,8 +157,14 @@ def test_run_json_and_status_snapshots(cli_env: dict[str, str], pg_url: str) -> 
 
 def test_follow_shows_phases_and_steps(cli_env: dict[str, str], pg_url: str) -> None:
     order = _order(pg_url)
-    done = _cli(cli_env, "run", f"Check if order {order} is shipped and refund it if so",
-                "--follow", "--session", f"s-{uuid.uuid4().hex[:8]}")
+    done = _cli(
+        cli_env,
+        "run",
+        f"Check if order {order} is shipped and refund it if so",
+        "--follow",
+        "--session",
+        f"s-{uuid.uuid4().hex[:8]}",
+    )
     assert done.returncode == 0, done.stderr
     progress = done.stderr  # polled: a fast run may skip phases, never repeat a line
     assert progress.startswith("▶ agent/acme/r-"), progress
@@ -144,17 +185,18 @@ def test_unknown_tenant_is_denied_with_a_reason(cli_env: dict[str, str]) -> None
     assert body["steps"] == [] and body["spend"]["total_micros"] == 0
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["run", ""], "error: message: message must not be empty"),
-    (["run", "   "], "error: message: message must not be empty"),
-    (["run", "hello", "--budget", "-1"],
-     "error: --budget: budget must be a positive number of USD"),
-    (["run", "hello", "--tenant", "no spaces"], "error: --tenant: must be 1-64 characters"),
-    (["run", "hello", "--max-tier", "huge"], "error: unknown tier 'huge'"),
-    (["breakers", "--events", "-2"], "error: --events must be 0 or more"),
-])
-def test_bad_arguments_are_one_line(cli_env: dict[str, str], args: list[str],
-                                    expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", ""], "error: message: message must not be empty"),
+        (["run", "   "], "error: message: message must not be empty"),
+        (["run", "hello", "--budget", "-1"], "error: --budget: budget must be a positive number of USD"),
+        (["run", "hello", "--tenant", "no spaces"], "error: --tenant: must be 1-64 characters"),
+        (["run", "hello", "--max-tier", "huge"], "error: unknown tier 'huge'"),
+        (["breakers", "--events", "-2"], "error: --events must be 0 or more"),
+    ],
+)
+def test_bad_arguments_are_one_line(cli_env: dict[str, str], args: list[str], expected: str) -> None:
     done = _cli(cli_env, *args)
     assert done.returncode == 2
     assert done.stderr.startswith(expected), done.stderr
@@ -162,16 +204,20 @@ def test_bad_arguments_are_one_line(cli_env: dict[str, str], args: list[str],
 
 
 def test_services_down_is_one_line_and_nonzero(test_env: dict[str, str]) -> None:
-    env = {**test_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
-           "KEEL_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/keel"}
+    env = {
+        **test_env,
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "KEEL_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/keel",
+    }
     for args in (["run", "hello"], ["status", "agent/acme/x"], ["breakers"]):
         done = _cli(env, *args)
         assert done.returncode == 1, (args, done.stderr)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.startswith("error: cannot reach "), done.stderr
         if args == ["status", "agent/acme/x"]:
-            _snapshot("error_temporal_down.txt", _normalise(
-                done.stderr, {env["TEMPORAL_ADDRESS"]: "<address>"}))
+            _snapshot(
+                "error_temporal_down.txt", _normalise(done.stderr, {env["TEMPORAL_ADDRESS"]: "<address>"})
+            )
         else:
             what = "PostgreSQL" if args == ["breakers"] else "Temporal"
             assert done.stderr.startswith(f"error: cannot reach {what}"), done.stderr
@@ -192,8 +238,9 @@ def test_every_command_explains_itself_with_an_example() -> None:
                 yield from leaves(child, (*path, name))
 
     found = dict(leaves(build_parser(), ()))
-    assert {("run",), ("status",), ("list",), ("approve",), ("cancel",), ("breakers",),
-            ("dev",)} <= set(found)
+    assert {("run",), ("status",), ("list",), ("approve",), ("cancel",), ("breakers",), ("dev",)} <= set(
+        found
+    )
     for path, parser in found.items():
         text = parser.format_help()
         assert "example" in text, path
@@ -205,11 +252,17 @@ def test_breakers_json(cli_env: dict[str, str], pg_url: str) -> None:
 
     scope = f"tool:cli_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("insert into circuit_breakers (scope, state, consecutive_failures, "
-                     "opened_until, last_error) values (%s, 'open', 5, now() + interval '1 "
-                     "minute', 'upstream 503')", (scope,))
-        conn.execute("insert into breaker_events (scope, from_state, to_state, reason) "
-                     "values (%s, 'closed', 'open', '5 consecutive failures')", (scope,))
+        conn.execute(
+            "insert into circuit_breakers (scope, state, consecutive_failures, "
+            "opened_until, last_error) values (%s, 'open', 5, now() + interval '1 "
+            "minute', 'upstream 503')",
+            (scope,),
+        )
+        conn.execute(
+            "insert into breaker_events (scope, from_state, to_state, reason) "
+            "values (%s, 'closed', 'open', '5 consecutive failures')",
+            (scope,),
+        )
     body = json.loads(_cli(cli_env, "breakers", "--json", "--events", "50").stdout)
     mine = [b for b in body["breakers"] if b["scope"] == scope]
     assert mine and mine[0]["state"] == "open" and mine[0]["last_error"] == "upstream 503"

@@ -39,8 +39,16 @@ def _ports(service: dict[str, Any]) -> set[int]:
 
 def test_every_component_is_there(stack: dict[str, Any]) -> None:
     services = stack["services"]
-    for name in ("postgres", "temporal", "temporal-setup", "temporal-ui", "otel-collector",
-                 "jaeger", "worker", "keel-migrate"):
+    for name in (
+        "postgres",
+        "temporal",
+        "temporal-setup",
+        "temporal-ui",
+        "otel-collector",
+        "jaeger",
+        "worker",
+        "keel-migrate",
+    ):
         assert name in services, name
     assert "postgres" in services["postgres"]["image"]
     assert services["temporal"]["image"].startswith("temporalio/")
@@ -55,8 +63,7 @@ def test_workers_are_replicated_and_configured(stack: dict[str, Any]) -> None:
     assert "container_name" not in worker  # a fixed name would forbid replicas
     env = _env(worker)
     assert env["TEMPORAL_ADDRESS"] == "temporal:7233"
-    assert env["KEEL_DATABASE_URL"].startswith("postgresql://") and "@postgres:" in \
-        env["KEEL_DATABASE_URL"]
+    assert env["KEEL_DATABASE_URL"].startswith("postgresql://") and "@postgres:" in env["KEEL_DATABASE_URL"]
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert env["OTEL_SERVICE_NAME"] == "keel-worker"
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):  # from the shell, never hard-coded

@@ -74,9 +74,7 @@ def test_exports() -> None:
 
 def test_gate_module_imports_only_deterministic_code() -> None:
     src = Path(gate_mod.__file__).read_text()
-    imports = {
-        line.split()[1] for line in src.splitlines() if line.startswith(("import ", "from "))
-    }
+    imports = {line.split()[1] for line in src.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {
         "__future__",
         "math",
@@ -133,9 +131,7 @@ def test_caller_cannot_grant_itself_permissions() -> None:
         user="bob",
         perms=("refunds:write", "orders:read"),
     )
-    assert (
-        not refund.allowed and refund.rule == "tool-permission" and "refunds:write" in refund.reason
-    )
+    assert not refund.allowed and refund.rule == "tool-permission" and "refunds:write" in refund.reason
 
 
 # Level 2: tools hidden before planning.
@@ -148,9 +144,7 @@ def test_visible_tools_per_user() -> None:
         "lookup_order",
         "check_inventory",
     }
-    assert names(visible_tools(POLICY, "acme", "alice", ("orders:read",), tools)) == {
-        "lookup_order"
-    }
+    assert names(visible_tools(POLICY, "acme", "alice", ("orders:read",), tools)) == {"lookup_order"}
     assert visible_tools(POLICY, "acme", "mallory", (), tools) == ()
     assert "run_shell" not in alice  # its policy ACL override needs shell:run, granted to no one
 
@@ -224,9 +218,7 @@ def test_email_only_to_customer_or_staff(to: str, ok: bool) -> None:
 
 def test_email_to_customer_needs_the_fact_from_this_run() -> None:
     args = {"to": "dave@example.org", "subject": "s", "body": "b"}
-    assert _call(
-        "send_email", args, context={"order_customer": ["x@y.test", "dave@example.org"]}
-    ).allowed
+    assert _call("send_email", args, context={"order_customer": ["x@y.test", "dave@example.org"]}).allowed
     d = _call("send_email", args, context={})
     assert not d.allowed and d.rule == "email-recipient" and "order_customer" in d.reason
 

@@ -51,9 +51,11 @@ def _req(key: str, scopes: tuple[str, ...], amount: int, **kw: Any) -> ReserveRe
 
 
 async def _scope(conn: Conn, scope: str) -> tuple[int, int, int, int]:
-    cur = await conn.execute("select spent_micros, reserved_micros, debt_micros,"
-                             " over_limit_micros from keel_budget_scopes where scope = %s",
-                             (scope,))
+    cur = await conn.execute(
+        "select spent_micros, reserved_micros, debt_micros,"
+        " over_limit_micros from keel_budget_scopes where scope = %s",
+        (scope,),
+    )
     row = await cur.fetchone()
     assert row is not None, scope
     return row
@@ -72,8 +74,12 @@ def test_public_surface() -> None:
 
 async def test_scope_naming_matches_sql(conn: Conn) -> None:
     path = scope_path("acme", "default", "bob", "agent/acme/req-1")
-    assert path == ("acme", "acme/ws:default", "acme/ws:default/user:bob",
-                    "acme/ws:default/user:bob/run:agent/acme/req-1")
+    assert path == (
+        "acme",
+        "acme/ws:default",
+        "acme/ws:default/user:bob",
+        "acme/ws:default/user:bob/run:agent/acme/req-1",
+    )
     assert tool_scope("acme", "issue_refund") == "acme/tool:issue_refund"
     names = [*path, "acme/tool:issue_refund", "acme/model:openai:gpt-4o-mini"]
     cur = await conn.execute("select s, keel_scope_parent(s) from unnest(%s::text[]) s", (names,))
@@ -139,8 +145,7 @@ async def test_caps_follow_headroom(conn: Conn, tenant: str) -> None:
     assert low.caps.max_tier == "fast" and low.caps.disable_optional
     assert low.caps.max_tokens == 750 and tenant in low.reason
     # 150 left; 500 does not fit but the 100 minimum does: grant what fits, tokens pro rata.
-    part = await ledger.reserve(conn, _req(f"{tenant}/3", s, 500, min_micros=100,
-                                           max_tokens=1000))
+    part = await ledger.reserve(conn, _req(f"{tenant}/3", s, 500, min_micros=100, max_tokens=1000))
     assert part.decision is Decision.ALLOW_WITH_CAPS
     assert (part.granted_micros, part.caps.max_tokens, part.remaining_micros) == (150, 300, 0)
     deny = await ledger.reserve(conn, _req(f"{tenant}/4", s, 100, min_micros=1))
@@ -183,8 +188,9 @@ async def test_observe_mode_records_but_does_not_enforce(conn: Conn, tenant: str
 
 async def _expire(conn: Conn, key: str) -> None:
     """Move a lease into the past on the database clock (instead of sleeping through it)."""
-    await conn.execute("update keel_budget_reservations set expires_at = now() - interval '1s'"
-                       " where key = %s", (key,))
+    await conn.execute(
+        "update keel_budget_reservations set expires_at = now() - interval '1s' where key = %s", (key,)
+    )
 
 
 async def test_ttl_expiry_by_sweep_and_late_commit(conn: Conn, tenant: str) -> None:
@@ -243,16 +249,21 @@ async def test_open_run_first_limit_wins(conn: Conn, tenant: str) -> None:
 async def test_invariant_detects_corruption(conn: Conn, tenant: str) -> None:
     await ledger.reserve(conn, _req(f"{tenant}/k", (tenant,), 100))
     assert await _violations(conn, tenant) == []
-    await conn.execute("update keel_budget_scopes set reserved_micros = reserved_micros + 7,"
-                       " spent_micros = spent_micros + 1 where scope = %s", (tenant,))
+    await conn.execute(
+        "update keel_budget_scopes set reserved_micros = reserved_micros + 7,"
+        " spent_micros = spent_micros + 1 where scope = %s",
+        (tenant,),
+    )
     found = await _violations(conn, tenant)
     assert any("reserved 107" in v for v in found) and any("spent 1 " in v for v in found)
-    await conn.execute("update keel_budget_scopes set reserved_micros = reserved_micros - 7,"
-                       " spent_micros = spent_micros - 1 where scope = %s", (tenant,))
+    await conn.execute(
+        "update keel_budget_scopes set reserved_micros = reserved_micros - 7,"
+        " spent_micros = spent_micros - 1 where scope = %s",
+        (tenant,),
+    )
 
 
-async def test_activities_map_refusals_to_non_retryable(db_pool: AsyncConnectionPool,
-                                                        tenant: str) -> None:
+async def test_activities_map_refusals_to_non_retryable(db_pool: AsyncConnectionPool, tenant: str) -> None:
     acts = BudgetActivities(db_pool)
     r = await acts.reserve(_req(f"{tenant}/k", (tenant,), 10))
     assert r.decision is Decision.ALLOW
@@ -263,8 +274,9 @@ async def test_activities_map_refusals_to_non_retryable(db_pool: AsyncConnection
     assert done.committed_micros == 10
 
 
-def test_cli_set_show_history(pg_url: str, tenant: str, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_set_show_history(
+    pg_url: str, tenant: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from keel.cli import CliError
     from keel.cli import budget as cli
 

@@ -26,7 +26,7 @@ from activities.ledger import run_sweeper
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_WORKER = r'''
+_WORKER = r"""
 import asyncio, json, random, sys, time
 import psycopg
 from activities import ledger
@@ -104,12 +104,17 @@ async def main(url, mode, cfg):
     print(json.dumps(out), flush=True)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
-'''
+"""
 
 
 def _spawn(url: str, mode: str, cfg: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", _WORKER, url, mode, json.dumps(cfg)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, url, mode, json.dumps(cfg)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run_all(url: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[Any]:
@@ -125,8 +130,10 @@ def _run_all(url: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[Any]:
 
 def _scope_row(url: str, scope: str) -> tuple[int | None, int, int]:
     with psycopg.connect(url, autocommit=True) as c:
-        row = c.execute("select limit_micros, spent_micros, reserved_micros"
-                        " from keel_budget_scopes where scope = %s", (scope,)).fetchone()
+        row = c.execute(
+            "select limit_micros, spent_micros, reserved_micros from keel_budget_scopes where scope = %s",
+            (scope,),
+        ).fetchone()
     assert row is not None
     return row
 
@@ -139,31 +146,58 @@ def _violations(url: str, tenant: str) -> list[str]:
 def _drain_expired(url: str, tenant: str) -> None:
     """Wait out the tenant's last lease on the database clock, then sweep."""
     with psycopg.connect(url, autocommit=True) as c:
-        row = c.execute("select extract(epoch from max(expires_at) - now()) from"
-                        " keel_budget_reservations where scopes @> array[%s]::text[]"
-                        " and status = 'held'", (tenant,)).fetchone()
+        row = c.execute(
+            "select extract(epoch from max(expires_at) - now()) from"
+            " keel_budget_reservations where scopes @> array[%s]::text[]"
+            " and status = 'held'",
+            (tenant,),
+        ).fetchone()
         if row and row[0] is not None:
             time.sleep(max(0.0, float(row[0])) + 0.05)
         c.execute("select keel_budget_sweep(100000)")
-        held = c.execute("select count(*) from keel_budget_reservations where status = 'held'"
-                         " and scopes @> array[%s]::text[]", (tenant,)).fetchone()
+        held = c.execute(
+            "select count(*) from keel_budget_reservations where status = 'held'"
+            " and scopes @> array[%s]::text[]",
+            (tenant,),
+        ).fetchone()
     assert held == (0,)
 
 
-@settings(max_examples=3, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(limit=st.integers(1_000, 8_000), max_amount=st.integers(500, 3_000),
-       p_abandon=st.sampled_from([0.0, 0.15]), p_release=st.sampled_from([0.1, 0.4]))
-def test_processes_hammering_one_limit_never_overspend(pg_url: str, limit: int,
-                                                       max_amount: int, p_abandon: float,
-                                                       p_release: float) -> None:
+@settings(
+    max_examples=3,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    limit=st.integers(1_000, 8_000),
+    max_amount=st.integers(500, 3_000),
+    p_abandon=st.sampled_from([0.0, 0.15]),
+    p_release=st.sampled_from([0.1, 0.4]),
+)
+def test_processes_hammering_one_limit_never_overspend(
+    pg_url: str, limit: int, max_amount: int, p_abandon: float, p_release: float
+) -> None:
     tenant = f"h{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_url, autocommit=True) as c:
         c.execute("select keel_budget_set_limit(%s, %s, false, null)", (tenant, limit))
-    jobs = [("hammer", {"scopes": [f"{tenant}/ws:w/user:u{p}/run:r{p}"], "ops": 25,
-                        "prefix": f"{tenant}/p{p}", "clients": 3, "seed": p,
-                        "max_amount": max_amount, "p_abandon": p_abandon,
-                        "p_release": p_release}) for p in range(3)]
+    jobs = [
+        (
+            "hammer",
+            {
+                "scopes": [f"{tenant}/ws:w/user:u{p}/run:r{p}"],
+                "ops": 25,
+                "prefix": f"{tenant}/p{p}",
+                "clients": 3,
+                "seed": p,
+                "max_amount": max_amount,
+                "p_abandon": p_abandon,
+                "p_release": p_release,
+            },
+        )
+        for p in range(3)
+    ]
     procs = [_spawn(pg_url, mode, cfg) for mode, cfg in jobs]
     while any(p.poll() is None for p in procs):  # invariant holds at every instant we look
         assert _violations(pg_url, tenant) == []
@@ -174,8 +208,11 @@ def test_processes_hammering_one_limit_never_overspend(pg_url: str, limit: int,
     _, spent, _ = _scope_row(pg_url, tenant)
     assert spent <= limit
     with psycopg.connect(pg_url, autocommit=True) as c:
-        denied = c.execute("select count(*) from keel_budget_reservations where status ="
-                           " 'denied' and scopes @> array[%s]::text[]", (tenant,)).fetchone()
+        denied = c.execute(
+            "select count(*) from keel_budget_reservations where status ="
+            " 'denied' and scopes @> array[%s]::text[]",
+            (tenant,),
+        ).fetchone()
     assert denied is not None and denied[0] > 0, "the limit must actually have bound"
     _drain_expired(pg_url, tenant)
     assert _scope_row(pg_url, tenant)[2] == 0
@@ -186,16 +223,18 @@ def test_same_key_retries_make_exactly_one_reservation(pg_url: str) -> None:
     tenant = f"s{uuid.uuid4().hex[:10]}"
     keys = [f"{tenant}/wf/step{i}" for i in range(20)]
     cfg = {"scopes": [tenant], "keys": keys, "amount": 7, "clients": 2}
-    answers = [a for out in _run_all(pg_url, [("same_key", {**cfg, "seed": s}) for s in range(4)])
-               for a in out]
+    answers = [
+        a for out in _run_all(pg_url, [("same_key", {**cfg, "seed": s}) for s in range(4)]) for a in out
+    ]
     assert len(answers) == 4 * 2 * len(keys)
     for key in keys:
         mine = [a for a in answers if a["key"] == key]
         assert sum(not a["replayed"] for a in mine) == 1
         assert len({json.dumps({**a, "replayed": 0}, sort_keys=True) for a in mine}) == 1
     with psycopg.connect(pg_url, autocommit=True) as c:
-        n = c.execute("select count(*) from keel_budget_reservations where key like %s",
-                      (f"{tenant}/%",)).fetchone()
+        n = c.execute(
+            "select count(*) from keel_budget_reservations where key like %s", (f"{tenant}/%",)
+        ).fetchone()
     assert n == (len(keys),)
     assert _scope_row(pg_url, tenant)[2] == 7 * len(keys)
     assert _violations(pg_url, tenant) == []
@@ -204,11 +243,14 @@ def test_same_key_retries_make_exactly_one_reservation(pg_url: str) -> None:
 def test_commit_release_race_has_exactly_one_winner(pg_url: str) -> None:
     tenant = f"r{uuid.uuid4().hex[:10]}"
     keys = [f"{tenant}/wf/step{i}" for i in range(40)]
-    _run_all(pg_url, [("same_key", {"scopes": [tenant], "keys": keys, "amount": 10,
-                                    "clients": 1})])
-    commits, releases = _run_all(pg_url, [
-        ("commit", {"keys": keys, "actual": 9, "clients": 2, "seed": 1}),
-        ("release", {"keys": keys, "clients": 2, "seed": 2})])
+    _run_all(pg_url, [("same_key", {"scopes": [tenant], "keys": keys, "amount": 10, "clients": 1})])
+    commits, releases = _run_all(
+        pg_url,
+        [
+            ("commit", {"keys": keys, "actual": 9, "clients": 2, "seed": 1}),
+            ("release", {"keys": keys, "clients": 2, "seed": 2}),
+        ],
+    )
     by_key_c = {r["key"]: r for r in commits}
     by_key_r = {r["key"]: r for r in releases}
     winners = {"commit": 0, "release": 0}
@@ -229,8 +271,16 @@ async def test_sigkilled_holder_is_swept(pg_url: str, db_pool: AsyncConnectionPo
     tenant = f"k{uuid.uuid4().hex[:10]}"
     cfg = {"key": f"{tenant}/wf/s1", "scopes": [tenant], "amount": 500, "clients": 1}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _WORKER, pg_url, "hold", json.dumps(cfg), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-c",
+        _WORKER,
+        pg_url,
+        "hold",
+        json.dumps(cfg),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"held"
     os.kill(proc.pid, signal.SIGKILL)
@@ -247,8 +297,9 @@ async def test_sigkilled_holder_is_swept(pg_url: str, db_pool: AsyncConnectionPo
         stop.set()
         await sweeper
     with psycopg.connect(pg_url, autocommit=True) as c:
-        status = c.execute("select status from keel_budget_reservations where key = %s",
-                           (cfg["key"],)).fetchone()
+        status = c.execute(
+            "select status from keel_budget_reservations where key = %s", (cfg["key"],)
+        ).fetchone()
     assert status == ("expired",)
     assert _violations(pg_url, tenant) == []
 
@@ -257,21 +308,23 @@ def test_naive_counter_runs_away_but_the_ledger_does_not(pg_url: str) -> None:
     tenant = f"n{uuid.uuid4().hex[:10]}"
     amount, limit = 100, 2_000
     with psycopg.connect(pg_url, autocommit=True) as c:
-        c.execute("create table if not exists ledger_test_naive (id text primary key,"
-                  " limit_micros bigint not null, spent_micros bigint not null)")
+        c.execute(
+            "create table if not exists ledger_test_naive (id text primary key,"
+            " limit_micros bigint not null, spent_micros bigint not null)"
+        )
         c.execute("insert into ledger_test_naive values (%s, %s, 0)", (tenant, limit))
         c.execute("select keel_budget_set_limit(%s, %s, false, null)", (tenant, limit))
     start_at = time.time() + 1.5  # let every process connect, then start together
     common = {"amount": amount, "work": 0.02, "clients": 4, "start_at": start_at}
     jobs = [("naive", {**common, "id": tenant}) for _ in range(3)]
-    jobs += [("ledger_slow", {**common, "scopes": [tenant], "prefix": f"{tenant}/p{p}"})
-             for p in range(3)]
+    jobs += [("ledger_slow", {**common, "scopes": [tenant], "prefix": f"{tenant}/p{p}"}) for p in range(3)]
     results = _run_all(pg_url, jobs)
     naive_granted = sum(sum(r) for r in results[:3])
     ledger_granted = sum(sum(r) for r in results[3:])
     with psycopg.connect(pg_url, autocommit=True) as c:
-        (naive_spent,) = c.execute("select spent_micros from ledger_test_naive where id = %s",
-                                   (tenant,)).fetchone() or (0,)
+        (naive_spent,) = c.execute(
+            "select spent_micros from ledger_test_naive where id = %s", (tenant,)
+        ).fetchone() or (0,)
     assert naive_spent == naive_granted > limit, "the read-then-write counter overspends"
     _, spent, reserved = _scope_row(pg_url, tenant)
     assert spent == ledger_granted == limit and reserved == 0

@@ -49,26 +49,32 @@ async def _fresh_clients() -> AsyncIterator[None]:
 
 
 def _plan(order: str) -> dict:
-    return {"steps": [{"id": "s1", "tool": "lookup_order", "args": {"order_id": order},
-                       "why": "check status"}], "answer": "", "replan": False}
+    return {
+        "steps": [{"id": "s1", "tool": "lookup_order", "args": {"order_id": order}, "why": "check status"}],
+        "answer": "",
+        "replan": False,
+    }
 
 
 async def test_openai_plan_with_usage_cost_and_429_retry(
-    openai_server: FakeOpenAI, client: Client, db_pool: AsyncConnectionPool,
-    temporal_services: Settings, task_queue: str,
+    openai_server: FakeOpenAI,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     order = await make_order(db_pool)
     openai_server.push(
         error(429, "slow down", type_="rate_limit_error", headers={"retry-after": "1"}),
-        chat(json.dumps(_plan(order)), prompt_tokens=1000, completion_tokens=100,
-             cached_tokens=200))
+        chat(json.dumps(_plan(order)), prompt_tokens=1000, completion_tokens=100, cached_tokens=200),
+    )
     async with running_worker(client, db_pool, temporal_services, task_queue):
         resp = await run_agent(client, task_queue, request(f"Where is order {order}?"))
     assert resp.outcome == "completed", resp.reason
     assert [s.tool for s in resp.steps] == ["lookup_order"]
     assert resp.steps[0].state == StepState.SUCCEEDED
     assert "openai:" in resp.model_label and "offline" not in resp.model_label
-    (model, cost), = resp.spend.by_model.items()
+    ((model, cost),) = resp.spend.by_model.items()
     assert model.startswith("openai:") and cost > 0
     posts = [r for r in openai_server.requests if r.method == "POST"]
     assert len(posts) == 2  # one 429 (retried by Temporal after retry-after), one success
@@ -76,8 +82,11 @@ async def test_openai_plan_with_usage_cost_and_429_retry(
 
 
 async def test_openai_invalid_plan_is_repaired_never_executed(
-    openai_server: FakeOpenAI, client: Client, db_pool: AsyncConnectionPool,
-    temporal_services: Settings, task_queue: str,
+    openai_server: FakeOpenAI,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     order = await make_order(db_pool)
     bad = {"steps": [{"id": "s1", "tool": "drop_database", "args": {}}]}
@@ -91,8 +100,11 @@ async def test_openai_invalid_plan_is_repaired_never_executed(
 
 
 async def test_openai_plan_invalid_twice_fails_with_reason(
-    openai_server: FakeOpenAI, client: Client, db_pool: AsyncConnectionPool,
-    temporal_services: Settings, task_queue: str,
+    openai_server: FakeOpenAI,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     bad = json.dumps({"steps": [{"id": "s1", "tool": "drop_database", "args": {}}]})
     openai_server.push(chat(bad), chat(bad))
@@ -104,8 +116,11 @@ async def test_openai_plan_invalid_twice_fails_with_reason(
 
 
 async def test_anthropic_tool_use_plan(
-    anthropic_server: FakeAnthropic, client: Client, db_pool: AsyncConnectionPool,
-    temporal_services: Settings, task_queue: str,
+    anthropic_server: FakeAnthropic,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     order = await make_order(db_pool)
     anthropic_server.push(tool_use("plan", _plan(order)))

@@ -45,16 +45,31 @@ class RateProbe:
     @workflow.run
     async def run(self, args: list[Any]) -> int:
         name, queue, n = args
-        results = await asyncio.gather(*(workflow.execute_activity(
-            "run_tool", ToolCall(tool=name, args={"i": i}, tenant="acme",
-                                 idempotency_key=f"{workflow.info().workflow_id}/s{i}"),
-            result_type=ToolResult, task_queue=queue,
-            start_to_close_timeout=timedelta(seconds=30)) for i in range(n)))
+        results = await asyncio.gather(
+            *(
+                workflow.execute_activity(
+                    "run_tool",
+                    ToolCall(
+                        tool=name,
+                        args={"i": i},
+                        tenant="acme",
+                        idempotency_key=f"{workflow.info().workflow_id}/s{i}",
+                    ),
+                    result_type=ToolResult,
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=30),
+                )
+                for i in range(n)
+            )
+        )
         return len(results)
 
 
 async def test_tool_rate_limit_holds_across_two_workers(
-    client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings, task_queue: str,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
 ) -> None:
     name = f"rl_{uuid.uuid4().hex[:6]}"
     starts: list[float] = []
@@ -63,25 +78,36 @@ async def test_tool_rate_limit_holds_across_two_workers(
         starts.append(time.monotonic())
         return {"i": args.i}
 
-    tool(name, description="rate-limited test tool", args=_Args, rate_limit_per_second=RATE,
-         hidden=True)(limited)
+    tool(name, description="rate-limited test tool", args=_Args, rate_limit_per_second=RATE, hidden=True)(
+        limited
+    )
     try:
         # Two "hosts" (two connections: one client may not run two workers on one queue),
         # each with the full worker set, including its own poller of the tool's queue with
         # max_task_queue_activities_per_second=RATE.
         second_host = await connect(temporal_services)
-        fleet = [*build_workers(client, db_pool, temporal_services, task_queue=task_queue),
-                 *build_workers(second_host, db_pool, temporal_services, task_queue=task_queue)]
+        fleet = [
+            *build_workers(client, db_pool, temporal_services, task_queue=task_queue),
+            *build_workers(second_host, db_pool, temporal_services, task_queue=task_queue),
+        ]
         tool_queue = f"{task_queue}-tool-{name}"
         assert sum(w.task_queue == tool_queue for w in fleet) == 2  # type: ignore[attr-defined]
-        probe = Worker(client, task_queue=f"{task_queue}-probe", workflows=[RateProbe],
-                       workflow_runner=UnsandboxedWorkflowRunner())
+        probe = Worker(
+            client,
+            task_queue=f"{task_queue}-probe",
+            workflows=[RateProbe],
+            workflow_runner=UnsandboxedWorkflowRunner(),
+        )
         async with contextlib.AsyncExitStack() as stack:
             for w in [*fleet, probe]:
                 await stack.enter_async_context(w)
             done = await client.execute_workflow(
-                "RateProbe", [name, tool_queue, CALLS], id=f"rate-probe-{uuid.uuid4()}",
-                task_queue=f"{task_queue}-probe", result_type=int)
+                "RateProbe",
+                [name, tool_queue, CALLS],
+                id=f"rate-probe-{uuid.uuid4()}",
+                task_queue=f"{task_queue}-probe",
+                result_type=int,
+            )
     finally:
         REGISTRY.pop(name, None)
         registry._HIDDEN.discard(name)

@@ -23,9 +23,9 @@ from tests.scripted import effects_of, plan, scripted_worker, start, wait_status
 
 @pytest.mark.timeout(180)
 async def test_sigkill_mid_step_finishes_on_another_worker_exactly_once(
-        client: Client, temporal_services: Settings, test_env: dict[str, str], tmp_path) -> None:
-    rounds = await kill_rounds(client, temporal_services, k=2, log_dir=tmp_path,
-                               base_env=test_env)
+    client: Client, temporal_services: Settings, test_env: dict[str, str], tmp_path
+) -> None:
+    rounds = await kill_rounds(client, temporal_services, k=2, log_dir=tmp_path, base_env=test_env)
     assert len(rounds) == 2
     for r in rounds:  # each round already asserted effects, attempt placement and invariant
         assert r["refund_attempt"] >= 2
@@ -34,15 +34,31 @@ async def test_sigkill_mid_step_finishes_on_another_worker_exactly_once(
 
 @pytest.mark.timeout(120)
 async def test_dev_server_restart_mid_run(
-        client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings,
-        task_queue: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plans = [plan(step("s1", "test_effect", note="before restart"),
-                  step("s2", "slow_step", seconds=2, note="across restart"),
-                  step("s3", "test_effect", note="after restart"))]
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plans = [
+        plan(
+            step("s1", "test_effect", note="before restart"),
+            step("s2", "slow_step", seconds=2, note="across restart"),
+            step("s3", "test_effect", note="after restart"),
+        )
+    ]
     services = DevServices(temporal_services)
     try:
-        async with scripted_worker(client, db_pool, temporal_services, task_queue, plans,
-                                   policy_file=write_policy(tmp_path), monkeypatch=monkeypatch):
+        async with scripted_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            plans,
+            policy_file=write_policy(tmp_path),
+            monkeypatch=monkeypatch,
+        ):
             handle = await start(client, task_queue)
             await wait_status(handle, "s2", StepState.RUNNING)
             services.stop_temporal()
@@ -54,13 +70,16 @@ async def test_dev_server_restart_mid_run(
     assert resp.outcome == "completed", resp
     assert [s.state for s in resp.steps] == [StepState.SUCCEEDED] * 3
     assert [e[1:] for e in await effects_of(db_pool, resp.workflow_id)] == [
-        ("test_effect", "before restart", "done"), ("slow_step", "across restart", "done"),
-        ("test_effect", "after restart", "done")]
+        ("test_effect", "before restart", "done"),
+        ("slow_step", "across restart", "done"),
+        ("test_effect", "after restart", "done"),
+    ]
     # The session's client reconnected by itself: a normal run works on it afterwards.
     order = await make_order(db_pool, total_usd=10.0)
     async with running_worker(client, db_pool, temporal_services, task_queue + "-after"):
-        after = await run_agent(client, task_queue + "-after",
-                                request(f"Check if order {order} is shipped and refund it if so"))
+        after = await run_agent(
+            client, task_queue + "-after", request(f"Check if order {order} is shipped and refund it if so")
+        )
     assert after.outcome == "completed"
     async with db_pool.connection() as conn:
         violations = await check_invariant(conn)

@@ -32,20 +32,23 @@ def _wide_open_policy(tmp_path: Path) -> Path:
 
 
 async def test_looping_agent_stops_at_its_budget_with_exact_spend(
-    client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings, task_queue: str,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
     tmp_path: Path,
 ) -> None:
     order = await make_order(db_pool, status="processing")
     req = request(f"Keep checking order {order} until it ships", max_budget_usd=BUDGET_USD)
-    async with running_worker(client, db_pool, temporal_services, task_queue,
-                              policy_file=_wide_open_policy(tmp_path)):
+    async with running_worker(
+        client, db_pool, temporal_services, task_queue, policy_file=_wide_open_policy(tmp_path)
+    ):
         resp = await run_agent(client, task_queue, req)
     assert resp.outcome == "budget_exhausted", (resp.outcome, resp.reason)
     assert resp.iterations > 5  # it really looped
     limit = int(BUDGET_USD * 1_000_000)
     async with db_pool.connection() as conn:
-        run_scope = await ledger.show(conn, scope_path("acme", "default", "alice",
-                                                       resp.workflow_id)[-1])
+        run_scope = await ledger.show(conn, scope_path("acme", "default", "alice", resp.workflow_id)[-1])
         violations = await ledger.check_invariant(conn)
     assert [v for v in violations if resp.workflow_id in v] == []
     assert run_scope is not None, resp.iterations

@@ -44,24 +44,27 @@ def _points(reader: InMemoryMetricReader, name: str) -> list[tuple[dict[str, Any
             for metric in sm.metrics:
                 if metric.name == name:
                     for p in metric.data.data_points:  # type: ignore[attr-defined]
-                        out.append((dict(p.attributes or {}),
-                                    getattr(p, "value", None) or getattr(p, "sum", 0)))
+                        out.append(
+                            (dict(p.attributes or {}), getattr(p, "value", None) or getattr(p, "sum", 0))
+                        )
     return out
 
 
 def test_setup_reads_standard_variables() -> None:
     assert telemetry.setup_telemetry("t", {}, set_global=False) == (None, None)
     assert telemetry.setup_telemetry(
-        "t", {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"},
-        set_global=False) == (None, None)
+        "t", {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, set_global=False
+    ) == (None, None)
     tp, mp = telemetry.setup_telemetry(
-        "t", {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "keel-x"},
-        set_global=False)
+        "t", {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "keel-x"}, set_global=False
+    )
     assert isinstance(tp, TracerProvider) and mp is None
     assert tp.resource.attributes["service.name"] == "keel-x"
     tp2, mp2 = telemetry.setup_telemetry(
-        "keel-worker", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1",
-                        "OTEL_METRICS_EXPORTER": "none"}, set_global=False)
+        "keel-worker",
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_METRICS_EXPORTER": "none"},
+        set_global=False,
+    )
     assert isinstance(tp2, TracerProvider) and mp2 is None
     assert tp2.resource.attributes["service.name"] == "keel-worker"
     telemetry.shutdown_telemetry(tp, mp)
@@ -76,7 +79,10 @@ def test_tenant_of_and_annotate_without_tracing() -> None:
 
 
 async def test_one_trace_per_run_without_duplicates_under_replay(
-    client: Client, db_pool: AsyncConnectionPool, temporal_services: Settings, task_queue: str,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
     meter: InMemoryMetricReader,
 ) -> None:
     exporter = InMemorySpanExporter()
@@ -84,15 +90,19 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     traced = telemetry.with_tracing(client, provider)
     order = await make_order(db_pool, total_usd=12.5)
-    req = request(f"Check if order {order} is shipped and refund it if so",
-                  session=f"s-{uuid.uuid4().hex[:8]}")  # own memory: other tests' runs stay out
+    req = request(
+        f"Check if order {order} is shipped and refund it if so", session=f"s-{uuid.uuid4().hex[:8]}"
+    )  # own memory: other tests' runs stay out
     # running_worker defaults to max_cached_workflows=0: every workflow task replays the run
     # from its history, which is exactly when a naive tracer would emit spans again.
     async with running_worker(traced, db_pool, temporal_services, task_queue):
         resp = await run_agent(traced, task_queue, req)
     assert resp.outcome == "completed", resp
-    spans = [s for s in exporter.get_finished_spans()
-             if (s.attributes or {}).get("temporalWorkflowID") in (resp.workflow_id, None)]
+    spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if (s.attributes or {}).get("temporalWorkflowID") in (resp.workflow_id, None)
+    ]
     assert len({s.context.trace_id for s in spans}) == 1, "one run, one trace"
     names = Counter(s.name for s in spans)
     assert names["StartWorkflow:AgentWorkflow"] == 1
@@ -102,8 +112,10 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     # Exactly one StartActivity span per activity the history scheduled (no replay copies).
     history = await traced.get_workflow_handle(resp.workflow_id).fetch_history()
     scheduled = Counter(
-        e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    )
     for activity_type, n in scheduled.items():
         assert names[f"StartActivity:{activity_type}"] == n, (activity_type, names)
     assert scheduled["run_tool"] == 2 and names["RunActivity:run_tool"] == 2
@@ -122,30 +134,27 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
 
     calls = _points(meter, "keel.tool.calls")
     assert ({"tool": "issue_refund", "outcome": "ok", "tenant": "acme"}, 1) in calls
-    assert ({"tenant": "acme", "kind": "tool", "tool": "issue_refund"}, 2000) in \
-        _points(meter, "keel.cost")
+    assert ({"tenant": "acme", "kind": "tool", "tool": "issue_refund"}, 2000) in _points(meter, "keel.cost")
     models = _points(meter, "keel.model.calls")
     assert any(a["model"] == "offline" and a["outcome"] == "ok" for a, _ in models)
     provider.shutdown()
 
 
 async def test_breaker_and_budget_metrics(
-    db_pool: AsyncConnectionPool, meter: InMemoryMetricReader,
+    db_pool: AsyncConnectionPool,
+    meter: InMemoryMetricReader,
 ) -> None:
     scope = f"tool:m{uuid.uuid4().hex[:6]}"
     cfg = breaker.BreakerConfig(failure_threshold=1, cooldown_seconds=60)
     async with db_pool.connection() as conn:
         await breaker.record_failure(conn, scope, cfg, "w", "boom")
-    assert ({"scope": scope, "from": "closed", "to": "open"}, 1) in \
-        _points(meter, "keel.breaker.transitions")
+    assert ({"scope": scope, "from": "closed", "to": "open"}, 1) in _points(meter, "keel.breaker.transitions")
     assert ({"scope": scope}, 2) in _points(meter, "keel.breaker.state")
     telemetry.record_budget_decision("DENY", tenant="acme", kind="model")
     telemetry.record_cascade(tier="fast", cheapest=True, tenant="acme")
-    telemetry.record_run(tenant="acme", outcome="completed", duration_s=1.5, iterations=2,
-                         tool_calls=3)
-    assert ({"decision": "deny", "tenant": "acme", "kind": "model"}, 1) in \
-        _points(meter, "keel.budget.decisions")
-    assert ({"tier": "fast", "cheapest": True, "tenant": "acme"}, 1) in \
-        _points(meter, "keel.cascade.calls")
-    assert _points(meter, "keel.run.duration") == [({"tenant": "acme", "outcome": "completed"},
-                                                    1.5)]
+    telemetry.record_run(tenant="acme", outcome="completed", duration_s=1.5, iterations=2, tool_calls=3)
+    assert ({"decision": "deny", "tenant": "acme", "kind": "model"}, 1) in _points(
+        meter, "keel.budget.decisions"
+    )
+    assert ({"tier": "fast", "cheapest": True, "tenant": "acme"}, 1) in _points(meter, "keel.cascade.calls")
+    assert _points(meter, "keel.run.duration") == [({"tenant": "acme", "outcome": "completed"}, 1.5)]

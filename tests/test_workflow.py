@@ -23,9 +23,11 @@ async def test_demo_request_refunds_exactly_once(
     assert "offline" in resp.model_label
     assert resp.spend.total_micros > 0 and resp.spend.by_tool["issue_refund"] == 2000
     async with db_pool.connection() as conn:
-        rows = await (await conn.execute(
-            "select amount_micros from refunds where idempotency_key like %s",
-            (f"{resp.workflow_id}/%",))).fetchall()
+        rows = await (
+            await conn.execute(
+                "select amount_micros from refunds where idempotency_key like %s", (f"{resp.workflow_id}/%",)
+            )
+        ).fetchall()
     assert rows == [(42_500_000,)]
 
 

@@ -37,7 +37,13 @@ with workflow.unsafe.imports_passed_through():
         StepGateInput,
         StepGateResult,
     )
-    from keel.budget import CommitRequest, CommitResult, ReleaseRequest, ReserveRequest, ReserveResult
+    from keel.budget import (
+        CommitRequest,
+        CommitResult,
+        ReleaseRequest,
+        ReserveRequest,
+        ReserveResult,
+    )
     from keel.models import (
         AgentRequest,
         AgentResponse,
@@ -54,10 +60,10 @@ with workflow.unsafe.imports_passed_through():
         ToolInfo,
         ToolResult,
     )
+    from keel.policy import Policy
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from workflows import decisions as d
     from workflows.gate import check_tool_call
-    from keel.policy import Policy
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 
@@ -71,15 +77,22 @@ PREPARE_TIMEOUT = timedelta(seconds=30)  # reads a file and a few rows; slow mea
 MODEL_TIMEOUT = timedelta(minutes=3)  # long completions; the activity heartbeats
 MODEL_HEARTBEAT = timedelta(seconds=30)  # a dead worker is noticed within half a minute
 CONTROL_TIMEOUT = timedelta(seconds=10)  # ledger/audit calls are single round trips
-MODEL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                          maximum_interval=timedelta(seconds=30), maximum_attempts=5,
-                          non_retryable_error_types=["ProviderAuthError", "ProviderBadRequest",
-                                                     "InvalidPlan"])
-CONTROL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=10,
-                            maximum_interval=timedelta(seconds=2),
-                            non_retryable_error_types=["IdempotencyConflict"])
-COMPENSATION_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=0,
-                                 maximum_interval=timedelta(seconds=30))  # must eventually undo
+MODEL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+    non_retryable_error_types=["ProviderAuthError", "ProviderBadRequest", "InvalidPlan"],
+)
+CONTROL_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=50),
+    maximum_attempts=10,
+    maximum_interval=timedelta(seconds=2),
+    non_retryable_error_types=["IdempotencyConflict"],
+)
+COMPENSATION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_attempts=0, maximum_interval=timedelta(seconds=30)
+)  # must eventually undo
 TOOL_HEARTBEAT = timedelta(seconds=4)  # tools beat every second; a killed worker is seen in 4 s
 COMPENSATION_TIMEOUT = timedelta(seconds=30)  # one undo is one short transaction
 PLAN_TOKENS = 1024  # output cap of a plan call; reservations price it in full
@@ -107,8 +120,15 @@ class AgentWorkflow:
         self._compensations: list[tuple[str, str, dict[str, Any]]] = []
         self._compensated: list[str] = []
         self._open_reservations: set[str] = set()
-        self._spend: dict[str, Any] = {"total": 0, "by_tier": {}, "by_model": {}, "by_tool": {},
-                                       "by_step": {}, "model_calls": 0, "cheapest": 0}
+        self._spend: dict[str, Any] = {
+            "total": 0,
+            "by_tier": {},
+            "by_model": {},
+            "by_tool": {},
+            "by_step": {},
+            "model_calls": 0,
+            "cheapest": 0,
+        }
         self._waiting_for = ""
         self._approvals: dict[str, Approval] = {}
         self._stop: _Abort | None = None
@@ -129,10 +149,16 @@ class AgentWorkflow:
     # ------------------------------------------------------------------ queries / updates
     @workflow.query(name="status")
     def status(self) -> RunStatus:
-        return RunStatus(workflow_id=self._wid, phase=self._phase, steps=self._records(),
-                         spend=self._spend_model(), waiting_for=self._waiting_for,
-                         iterations=self._iterations, model_label=self._model_label,
-                         outcome=self._outcome)
+        return RunStatus(
+            workflow_id=self._wid,
+            phase=self._phase,
+            steps=self._records(),
+            spend=self._spend_model(),
+            waiting_for=self._waiting_for,
+            iterations=self._iterations,
+            model_label=self._model_label,
+            outcome=self._outcome,
+        )
 
     @workflow.update(name="approve")
     async def approve(self, decision: Approval) -> str:
@@ -142,10 +168,15 @@ class AgentWorkflow:
     @approve.validator
     def _validate_approve(self, decision: Approval) -> None:
         step = decision.step_id or self._waiting_step()
-        if not step or self._steps.get(step, None) is None or (
-                self._steps[step].state != StepState.WAITING_APPROVAL):
-            raise ValueError("no step of this run is waiting for approval"
-                             + (f" (asked for {decision.step_id})" if decision.step_id else ""))
+        if (
+            not step
+            or self._steps.get(step, None) is None
+            or (self._steps[step].state != StepState.WAITING_APPROVAL)
+        ):
+            raise ValueError(
+                "no step of this run is waiting for approval"
+                + (f" (asked for {decision.step_id})" if decision.step_id else "")
+            )
 
     @workflow.update(name="cancel")
     async def cancel(self, reason: str) -> str:
@@ -158,18 +189,23 @@ class AgentWorkflow:
             raise ValueError(f"run already finished ({self._outcome})")
 
     def _waiting_step(self) -> str:
-        return next((s for s, r in self._steps.items()
-                     if r.state == StepState.WAITING_APPROVAL), "")
+        return next((s for s, r in self._steps.items() if r.state == StepState.WAITING_APPROVAL), "")
 
     # ------------------------------------------------------------------ main
     @workflow.run
     async def run(self, req: AgentRequest) -> AgentResponse:
         self._wid = workflow.info().workflow_id
         self._phase = "authorizing"
-        ctx: RunContext = await self._shielded(workflow.start_activity(
-            "prepare_run", PrepareInput(request=req, workflow_id=self._wid),
-            result_type=RunContext, start_to_close_timeout=PREPARE_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary="authorize, guardrails, memory"))
+        ctx: RunContext = await self._shielded(
+            workflow.start_activity(
+                "prepare_run",
+                PrepareInput(request=req, workflow_id=self._wid),
+                result_type=RunContext,
+                start_to_close_timeout=PREPARE_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary="authorize, guardrails, memory",
+            )
+        )
         self._model_label = ctx.model_label
         if not ctx.authorized:
             return await self._finish(req, ctx, "denied", ctx.reason, "")
@@ -199,8 +235,11 @@ class AgentWorkflow:
 
     async def _deadline(self, seconds: int) -> None:
         await workflow.sleep(seconds, summary="run deadline")
-        self._request_stop(_Abort("escape_hatch", (
-            f"deadline: the run exceeded its {seconds} s wall-clock limit"), "deadline"))
+        self._request_stop(
+            _Abort(
+                "escape_hatch", (f"deadline: the run exceeded its {seconds} s wall-clock limit"), "deadline"
+            )
+        )
 
     async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
         limits = ctx.limits
@@ -225,11 +264,13 @@ class AgentWorkflow:
                 self._check_cancel()
                 if step.id in self._steps:
                     step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
-                hatch = d.escape_hatch(d.Limits(**limits.model_dump(exclude={"approval_timeout_seconds"})),
-                                       tool_calls=tool_calls,
-                                       consecutive_failures=consecutive_failures,
-                                       signatures=signatures,
-                                       next_signature=d.call_signature(step.tool, step.args))
+                hatch = d.escape_hatch(
+                    d.Limits(**limits.model_dump(exclude={"approval_timeout_seconds"})),
+                    tool_calls=tool_calls,
+                    consecutive_failures=consecutive_failures,
+                    signatures=signatures,
+                    next_signature=d.call_signature(step.tool, step.args),
+                )
                 if hatch:
                     raise _Abort("escape_hatch", hatch, hatch.split(":", 1)[0])
                 state = await self._run_step(req, ctx, step)
@@ -243,8 +284,9 @@ class AgentWorkflow:
                     signatures.append(d.call_signature(step.tool, step.args))
             self._check_cancel()
             evaluation = await self._evaluate(req, ctx)
-            failed = any(r.state == StepState.FAILED and r.id not in self._recovered
-                         for r in self._steps.values())
+            failed = any(
+                r.state == StepState.FAILED and r.id not in self._recovered for r in self._steps.values()
+            )
             if evaluation.score < limits.escalate_below and escalations < req.model_policy.max_escalations:
                 higher = next_tier(tier, req.model_policy.max_tier)
                 if higher is not None:
@@ -254,37 +296,52 @@ class AgentWorkflow:
                     continue
             if evaluation.confidence < limits.min_confidence:
                 self._flags.append("low_confidence")
-                return "needs_human", (f"confidence {evaluation.confidence:.2f} below "
-                                       f"{limits.min_confidence:.2f}: handing off to a human"), answer
+                return (
+                    "needs_human",
+                    (
+                        f"confidence {evaluation.confidence:.2f} below "
+                        f"{limits.min_confidence:.2f}: handing off to a human"
+                    ),
+                    answer,
+                )
             if not failed and not plan.plan.replan:
                 return "completed", "", answer
             if failed and iteration == limits.max_iterations:
                 return "partial", "some steps failed; see the step list", answer
         self._flags.append("iteration_cap")
-        return "escape_hatch", (f"iteration_cap: stopped after {limits.max_iterations} "
-                                "plan/act iterations"), answer
+        return (
+            "escape_hatch",
+            (f"iteration_cap: stopped after {limits.max_iterations} plan/act iterations"),
+            answer,
+        )
 
     def _plan_input_tokens(self, req: AgentRequest, ctx: RunContext) -> int:
         """An upper bound on a plan prompt's tokens: every part the prompt is built from, at
         3 characters a token (tokenizers average ~4 on prose), plus the fixed instructions."""
-        tools = sum(len(t.name) + len(t.description) + len(json.dumps(t.args_schema))
-                    for t in ctx.tools)
-        steps = sum(len(r.model_dump_json()) + 240
-                    for r in self._records()[-MAX_EXECUTED_IN_PROMPT:])
+        tools = sum(len(t.name) + len(t.description) + len(json.dumps(t.args_schema)) for t in ctx.tools)
+        steps = sum(len(r.model_dump_json()) + 240 for r in self._records()[-MAX_EXECUTED_IN_PROMPT:])
         chars = len(req.message) + len(ctx.memory) + tools + steps
         return PROMPT_OVERHEAD_TOKENS + chars // 3
 
     # ------------------------------------------------------------------ planning
-    async def _plan(self, req: AgentRequest, ctx: RunContext, tier: str,
-                    iteration: int) -> tuple[PlanOutput, str]:
+    async def _plan(
+        self, req: AgentRequest, ctx: RunContext, tier: str, iteration: int
+    ) -> tuple[PlanOutput, str]:
         self._phase = "planning"
         model = ctx.tiers.get(tier, "offline")
         key = f"{self._wid}/plan{iteration}.{tier}"
         in_tokens = self._plan_input_tokens(req, ctx)
-        reserve = await self._reserve(req, ctx, key, kind="model", subject=model, tier=tier,
-                                      amount=_estimate(ctx, model, in_tokens, PLAN_TOKENS),
-                                      min_amount=_estimate(ctx, model, in_tokens, MIN_OUTPUT_TOKENS),
-                                      max_tokens=PLAN_TOKENS)
+        reserve = await self._reserve(
+            req,
+            ctx,
+            key,
+            kind="model",
+            subject=model,
+            tier=tier,
+            amount=_estimate(ctx, model, in_tokens, PLAN_TOKENS),
+            min_amount=_estimate(ctx, model, in_tokens, MIN_OUTPUT_TOKENS),
+            max_tokens=PLAN_TOKENS,
+        )
         self._check_cancel()  # a Temporal cancel noted during the reservation: do not plan
         # Output the grant can pay for once the (fixed) prompt is paid: a smaller grant must
         # shrink max_tokens by more than its proportion, or the call could overrun it.
@@ -296,28 +353,54 @@ class AgentWorkflow:
                 self._flags.append(f"capped_to_{capped}")
                 tier, model = capped, ctx.tiers.get(capped, "offline")
         try:
-            out: PlanOutput = await self._interruptible(workflow.start_activity(
-                "plan", PlanInput(workflow_id=self._wid, message=req.message, memory=ctx.memory,
-                                  tools=ctx.tools, executed=self._records()[-MAX_EXECUTED_IN_PROMPT:], model=model,
-                                  tier=tier, max_tokens=max_tokens, iteration=iteration,
-                                  budget_micros=reserve.granted_micros),
-                result_type=PlanOutput, start_to_close_timeout=MODEL_TIMEOUT,
-                heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-                summary=f"plan #{iteration} ({model}, {tier})"))
+            out: PlanOutput = await self._interruptible(
+                workflow.start_activity(
+                    "plan",
+                    PlanInput(
+                        workflow_id=self._wid,
+                        message=req.message,
+                        memory=ctx.memory,
+                        tools=ctx.tools,
+                        model=model,
+                        executed=self._records()[-MAX_EXECUTED_IN_PROMPT:],
+                        tier=tier,
+                        max_tokens=max_tokens,
+                        iteration=iteration,
+                        budget_micros=reserve.granted_micros,
+                    ),
+                    result_type=PlanOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=MODEL_RETRY,
+                    summary=f"plan #{iteration} ({model}, {tier})",
+                )
+            )
         except ActivityError as e:
             self._note_cancel(e)
             await self._release(req, key)
             self._check_cancel()
             raise _Abort("failed", f"planning failed: {_cause(e)}", "plan_failed") from e
         await self._commit(key, out.cost_micros)
-        self._charge(out.cost_micros, tier=tier, model=out.model or model, step=f"plan{iteration}",
-                     cheapest=tier == TIER_ORDER[0])
-        self._calls.append(ModelCallRecord(
-            role="plan", tier=tier, model=out.model or model, input_tokens=out.usage.input_tokens,
-            cached_input_tokens=out.usage.cached_input_tokens,
-            output_tokens=out.usage.output_tokens, cost_micros=out.cost_micros,
-            latency_ms=out.latency_ms,
-            escalated=TIER_ORDER.index(tier) > TIER_ORDER.index(self._start_tier or tier)))
+        self._charge(
+            out.cost_micros,
+            tier=tier,
+            model=out.model or model,
+            step=f"plan{iteration}",
+            cheapest=tier == TIER_ORDER[0],
+        )
+        self._calls.append(
+            ModelCallRecord(
+                role="plan",
+                tier=tier,
+                model=out.model or model,
+                input_tokens=out.usage.input_tokens,
+                cached_input_tokens=out.usage.cached_input_tokens,
+                output_tokens=out.usage.output_tokens,
+                cost_micros=out.cost_micros,
+                latency_ms=out.latency_ms,
+                escalated=TIER_ORDER.index(tier) > TIER_ORDER.index(self._start_tier or tier),
+            )
+        )
         return out, tier
 
     async def _evaluate(self, req: AgentRequest, ctx: RunContext) -> EvalOutput:
@@ -326,17 +409,31 @@ class AgentWorkflow:
         key = f"{self._wid}/eval{self._iterations}"
         if judge:
             judge_amount = _estimate(ctx, judge, self._plan_input_tokens(req, ctx), JUDGE_TOKENS)
-            await self._reserve(req, ctx, key, kind="model", subject=judge, tier=TIER_ORDER[0],
-                                min_amount=judge_amount,
-                                amount=judge_amount, max_tokens=JUDGE_TOKENS)
+            await self._reserve(
+                req,
+                ctx,
+                key,
+                kind="model",
+                subject=judge,
+                tier=TIER_ORDER[0],
+                min_amount=judge_amount,
+                amount=judge_amount,
+                max_tokens=JUDGE_TOKENS,
+            )
         try:
-            out: EvalOutput = await self._interruptible(workflow.start_activity(
-                "evaluate", EvalInput(workflow_id=self._wid, message=req.message,
-                                      executed=self._evaluated(), model=judge),
-                result_type=EvalOutput, start_to_close_timeout=MODEL_TIMEOUT,
-                heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-                summary=f"evaluate #{self._iterations}"
-                        + (f" (judge {judge})" if judge else " (rules)")))
+            out: EvalOutput = await self._interruptible(
+                workflow.start_activity(
+                    "evaluate",
+                    EvalInput(
+                        workflow_id=self._wid, message=req.message, executed=self._evaluated(), model=judge
+                    ),
+                    result_type=EvalOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=MODEL_RETRY,
+                    summary=f"evaluate #{self._iterations}" + (f" (judge {judge})" if judge else " (rules)"),
+                )
+            )
         except ActivityError as e:
             self._note_cancel(e)
             if judge:
@@ -345,8 +442,9 @@ class AgentWorkflow:
             raise _Abort("failed", f"evaluation failed: {_cause(e)}", "eval_failed") from e
         if judge:
             await self._commit(key, out.cost_micros)
-            self._charge(out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1],
-                         cheapest=True)
+            self._charge(
+                out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1], cheapest=True
+            )
         return out
 
     # ------------------------------------------------------------------ one step
@@ -354,8 +452,14 @@ class AgentWorkflow:
         record = StepRecord(id=step.id, tool=step.tool, args=step.args)
         self._put(record)
         if not d.condition_holds(step.when, self._results):
-            self._put(record.model_copy(update={
-                "state": StepState.SKIPPED, "summary": f"condition not met: {_when_text(step.when)}"}))
+            self._put(
+                record.model_copy(
+                    update={
+                        "state": StepState.SKIPPED,
+                        "summary": f"condition not met: {_when_text(step.when)}",
+                    }
+                )
+            )
             return StepState.SKIPPED
         try:
             args = d.resolve_args(step.args, self._results)
@@ -364,37 +468,50 @@ class AgentWorkflow:
             return StepState.FAILED
         record = record.model_copy(update={"args": args})
         tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
-        gate = check_tool_call(Policy.model_validate(ctx.policy), req.tenant, req.user,
-                               ctx.permissions, tool if tool in ctx.tools else None, args,
-                               self._gate_context())
+        gate = check_tool_call(
+            Policy.model_validate(ctx.policy),
+            req.tenant,
+            req.user,
+            ctx.permissions,
+            tool if tool in ctx.tools else None,
+            args,
+            self._gate_context(),
+        )
         key = f"{self._wid}/{step.id}"
         if not gate.allowed:
-            await self._gate(req, ctx, step.id, step.tool, args, allowed=False, rule=gate.rule,
-                             reason=gate.reason)
+            await self._gate(
+                req, ctx, step.id, step.tool, args, allowed=False, rule=gate.rule, reason=gate.reason
+            )
             self._put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
-            raise _Abort("denied", f"step {step.id} ({step.tool}) denied: {gate.reason}",
-                         "permission_denied")
+            raise _Abort("denied", f"step {step.id} ({step.tool}) denied: {gate.reason}", "permission_denied")
         assert tool is not None
         if gate.needs_approval:
-            await self._await_approval(req, ctx, record, gate.reason,
-                                       gate.approval_timeout_seconds or
-                                       ctx.limits.approval_timeout_seconds,
-                                       gate.on_timeout == "approve")
+            await self._await_approval(
+                req,
+                ctx,
+                record,
+                gate.reason,
+                gate.approval_timeout_seconds or ctx.limits.approval_timeout_seconds,
+                gate.on_timeout == "approve",
+            )
         # The allow decision is made here; the tool activity records it in the audit log and
         # holds the step's budget before the effect (one round trip per step, see bench/).
         self._open_reservations.add(f"{key}/reserve")
         self._check_cancel()
         self._put(record.model_copy(update={"state": StepState.RUNNING}))
-        stepgate = StepGate(rule=gate.rule, reason=gate.reason, scopes=ctx.scopes,
-                            amount_micros=tool.cost_micros)
+        stepgate = StepGate(
+            rule=gate.rule, reason=gate.reason, scopes=ctx.scopes, amount_micros=tool.cost_micros
+        )
         try:
             out = await self._interruptible(
-                self._start_tool(req, tool, args, key, f"{key}/reserve", stepgate))
+                self._start_tool(req, tool, args, key, f"{key}/reserve", stepgate)
+            )
         except ActivityError as e:
             cancelled = self._note_cancel(e)
             why = f"cancelled: {self._stop.reason}" if cancelled and self._stop else _cause(e)
-            await self._settle(req, step.id, step.tool, f"{key}/reserve", None,
-                               "cancelled" if cancelled else "failed", why)
+            await self._settle(
+                req, step.id, step.tool, f"{key}/reserve", None, "cancelled" if cancelled else "failed", why
+            )
             self._put(record.model_copy(update={"state": StepState.FAILED, "error": why}))
             self._check_cancel()
             if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
@@ -403,8 +520,7 @@ class AgentWorkflow:
         if out.refused == "budget":
             self._open_reservations.discard(f"{key}/reserve")  # DENY held nothing
             self._put(record.model_copy(update={"state": StepState.DENIED, "error": out.error}))
-            raise _Abort("budget_exhausted", f"budget denied {step.tool}: {out.error}",
-                         "budget_denied")
+            raise _Abort("budget_exhausted", f"budget denied {step.tool}: {out.error}", "budget_denied")
         if out.refused == "optional":
             self._open_reservations.discard(f"{key}/reserve")  # released by the activity
             self._put(record.model_copy(update={"state": StepState.SKIPPED, "summary": out.error}))
@@ -414,13 +530,22 @@ class AgentWorkflow:
         if tool.compensation:
             self._compensations.append((step.id, tool.compensation, out.data))
         self._charge(out.cost_micros, tool=step.tool, step=step.id)
-        self._put(record.model_copy(update={
-            "state": StepState.SUCCEEDED, "summary": out.summary + (" (replayed)" if out.replayed else ""),
-            "result": out.data, "cost_micros": out.cost_micros, "score": 1.0}))
+        self._put(
+            record.model_copy(
+                update={
+                    "state": StepState.SUCCEEDED,
+                    "summary": out.summary + (" (replayed)" if out.replayed else ""),
+                    "result": out.data,
+                    "cost_micros": out.cost_micros,
+                    "score": 1.0,
+                }
+            )
+        )
         return StepState.SUCCEEDED
 
-    async def _fallback(self, req: AgentRequest, ctx: RunContext, step: PlanStep,
-                        tool: ToolInfo) -> StepState:
+    async def _fallback(
+        self, req: AgentRequest, ctx: RunContext, step: PlanStep, tool: ToolInfo
+    ) -> StepState:
         """Graceful degradation: run the declared fallback with the same arguments."""
         assert tool.fallback is not None
         fb = step.model_copy(update={"id": f"{step.id}f", "tool": tool.fallback})
@@ -431,54 +556,103 @@ class AgentWorkflow:
             self._flags += ["degraded", f"fallback:{step.tool}->{tool.fallback}"]
         return state
 
-    def _start_tool(self, req: AgentRequest, tool: ToolInfo, args: dict[str, Any], key: str,
-                    reserve_key: str, gate: StepGate) -> workflow.ActivityHandle[ToolResult]:
+    def _start_tool(
+        self,
+        req: AgentRequest,
+        tool: ToolInfo,
+        args: dict[str, Any],
+        key: str,
+        reserve_key: str,
+        gate: StepGate,
+    ) -> workflow.ActivityHandle[ToolResult]:
         # WAIT_CANCELLATION_COMPLETED: a cancelled tool has really stopped (its transaction
         # rolled back) or really finished before the run moves on, so no effect goes unrecorded.
         return workflow.start_activity(
-            "run_tool", ToolCall(tool=tool.name, args=args, idempotency_key=key, tenant=req.tenant,
-                                 user=req.user, workflow_id=self._wid, step_id=key.rsplit("/", 1)[1],
-                                 reservation_key=reserve_key, gate=gate),
-            result_type=ToolResult, start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
+            "run_tool",
+            ToolCall(
+                tool=tool.name,
+                args=args,
+                idempotency_key=key,
+                tenant=req.tenant,
+                user=req.user,
+                workflow_id=self._wid,
+                step_id=key.rsplit("/", 1)[1],
+                reservation_key=reserve_key,
+                gate=gate,
+            ),
+            result_type=ToolResult,
+            start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
             heartbeat_timeout=TOOL_HEARTBEAT,
-            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
-                                     maximum_interval=timedelta(seconds=10),
-                                     maximum_attempts=tool.max_attempts,
-                                     non_retryable_error_types=list(tool.non_retryable_errors)),
-            task_queue=_tool_queue(tool), summary=d.step_summary(tool.name, args),
-            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=500),
+                maximum_interval=timedelta(seconds=10),
+                maximum_attempts=tool.max_attempts,
+                non_retryable_error_types=list(tool.non_retryable_errors),
+            ),
+            task_queue=_tool_queue(tool),
+            summary=d.step_summary(tool.name, args),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
 
-    async def _await_approval(self, req: AgentRequest, ctx: RunContext, record: StepRecord,
-                              why: str, timeout_seconds: int, approve_on_timeout: bool) -> None:
+    async def _await_approval(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        record: StepRecord,
+        why: str,
+        timeout_seconds: int,
+        approve_on_timeout: bool,
+    ) -> None:
         self._put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
         self._waiting_for = f"approval of {record.id} ({record.tool}): {why}"
         self._phase = "waiting_approval"
         try:
             await workflow.wait_condition(
                 lambda: record.id in self._approvals or self._stop is not None,
-                timeout=timedelta(seconds=timeout_seconds))
+                timeout=timedelta(seconds=timeout_seconds),
+            )
         except asyncio.CancelledError:
             self._note_workflow_cancel()
         except TimeoutError:
             self._approvals[record.id] = Approval(
-                approve=approve_on_timeout, step_id=record.id,
+                approve=approve_on_timeout,
+                step_id=record.id,
                 reason=f"no answer within {timeout_seconds} s (policy default: "
-                       f"{'approve' if approve_on_timeout else 'reject'})")
+                f"{'approve' if approve_on_timeout else 'reject'})",
+            )
         self._waiting_for = ""
         self._phase = "executing"
         if self._stop is not None:
-            self._put(record.model_copy(update={"state": StepState.FAILED, "error": (
-                f"stopped while waiting for approval: {self._stop.reason}")}))
+            self._put(
+                record.model_copy(
+                    update={
+                        "state": StepState.FAILED,
+                        "error": (f"stopped while waiting for approval: {self._stop.reason}"),
+                    }
+                )
+            )
         self._check_cancel()
         decision = self._approvals[record.id]
-        await self._gate(req, ctx, record.id, record.tool, record.args, allowed=decision.approve,
-                         rule="human_approval", reason=decision.reason or (
-                             "approved" if decision.approve else "rejected"), kind="approval")
+        await self._gate(
+            req,
+            ctx,
+            record.id,
+            record.tool,
+            record.args,
+            allowed=decision.approve,
+            rule="human_approval",
+            reason=decision.reason or ("approved" if decision.approve else "rejected"),
+            kind="approval",
+        )
         if not decision.approve:
-            self._put(record.model_copy(update={"state": StepState.DENIED,
-                                                "error": decision.reason or "rejected"}))
-            raise _Abort("rejected", f"{record.tool} rejected by a human: "
-                         f"{decision.reason or 'no reason given'}", "rejected")
+            self._put(
+                record.model_copy(update={"state": StepState.DENIED, "error": decision.reason or "rejected"})
+            )
+            raise _Abort(
+                "rejected",
+                f"{record.tool} rejected by a human: {decision.reason or 'no reason given'}",
+                "rejected",
+            )
 
     # ------------------------------------------------------------------ rollback / finish
     async def _rollback(self, req: AgentRequest) -> None:
@@ -494,106 +668,227 @@ class AgentWorkflow:
             key = f"{self._wid}/{step_id}/compensate"
             rec = self._steps[step_id]
             try:
-                await self._shielded(workflow.start_activity(
-                    "run_tool", ToolCall(tool=comp, args={"effect": effect}, idempotency_key=key,
-                                         tenant=req.tenant, user=req.user, workflow_id=self._wid,
-                                         step_id=step_id),
-                    result_type=ToolResult, start_to_close_timeout=COMPENSATION_TIMEOUT,
-                    retry_policy=COMPENSATION_RETRY, summary=f"compensate {step_id} with {comp}"))
+                await self._shielded(
+                    workflow.start_activity(
+                        "run_tool",
+                        ToolCall(
+                            tool=comp,
+                            args={"effect": effect},
+                            idempotency_key=key,
+                            tenant=req.tenant,
+                            user=req.user,
+                            workflow_id=self._wid,
+                            step_id=step_id,
+                        ),
+                        result_type=ToolResult,
+                        start_to_close_timeout=COMPENSATION_TIMEOUT,
+                        retry_policy=COMPENSATION_RETRY,
+                        summary=f"compensate {step_id} with {comp}",
+                    )
+                )
             except ActivityError as e:
                 self._flags.append("compensation_failed")
-                self._put(rec.model_copy(update={
-                    "error": f"compensation {comp} failed: {_cause(e)}"}))
-                await self._settle(req, step_id, comp, "", None, "failed",
-                                   f"{comp} could not undo {rec.tool}: {_cause(e)}",
-                                   kind="compensation")
+                self._put(rec.model_copy(update={"error": f"compensation {comp} failed: {_cause(e)}"}))
+                await self._settle(
+                    req,
+                    step_id,
+                    comp,
+                    "",
+                    None,
+                    "failed",
+                    f"{comp} could not undo {rec.tool}: {_cause(e)}",
+                    kind="compensation",
+                )
                 continue
             self._compensated.append(step_id)
             self._put(rec.model_copy(update={"state": StepState.COMPENSATED}))
-            await self._settle(req, step_id, comp, "", None, "compensated",
-                               f"{comp} undid {rec.tool}", kind="compensation")
+            await self._settle(
+                req, step_id, comp, "", None, "compensated", f"{comp} undid {rec.tool}", kind="compensation"
+            )
 
     async def _release_open(self, req: AgentRequest) -> None:
         for key in sorted(self._open_reservations):
             await self._release(req, key)
         self._open_reservations.clear()
 
-    async def _finish(self, req: AgentRequest, ctx: RunContext, outcome: str, reason: str,
-                      answer: str) -> AgentResponse:
+    async def _finish(
+        self, req: AgentRequest, ctx: RunContext, outcome: str, reason: str, answer: str
+    ) -> AgentResponse:
         self._phase = "finishing"
         self._outcome = outcome
-        out: FinishOutput = await self._shielded(workflow.start_activity(
-            "finish_run", FinishInput(workflow_id=self._wid, request=req, executed=self._records(),
-                                      outcome=outcome, reason=reason, answer=answer,
-                                      iterations=self._iterations,
-                                      model=ctx.tiers.get(TIER_ORDER[0], "offline")),
-            result_type=FinishOutput, start_to_close_timeout=MODEL_TIMEOUT,
-            heartbeat_timeout=MODEL_HEARTBEAT, retry_policy=MODEL_RETRY,
-            summary=f"respond ({outcome})"))
+        out: FinishOutput = await self._shielded(
+            workflow.start_activity(
+                "finish_run",
+                FinishInput(
+                    workflow_id=self._wid,
+                    request=req,
+                    executed=self._records(),
+                    outcome=outcome,
+                    reason=reason,
+                    answer=answer,
+                    iterations=self._iterations,
+                    model=ctx.tiers.get(TIER_ORDER[0], "offline"),
+                ),
+                result_type=FinishOutput,
+                start_to_close_timeout=MODEL_TIMEOUT,
+                heartbeat_timeout=MODEL_HEARTBEAT,
+                retry_policy=MODEL_RETRY,
+                summary=f"respond ({outcome})",
+            )
+        )
         spend = self._spend_model()
-        workflow.upsert_search_attributes([OUTCOME.value_set(outcome),
-                                           SPEND.value_set(spend.total_micros)])
+        workflow.upsert_search_attributes([OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)])
         self._phase = "done"
         return AgentResponse(
-            workflow_id=self._wid, message=out.message, outcome=outcome,  # type: ignore[arg-type]
-            reason=reason, steps=self._records(), spend=spend, model_label=ctx.model_label,
-            compensated=tuple(self._compensated), iterations=self._iterations,
-            policy_version=ctx.policy_version, flags=tuple(dict.fromkeys(self._flags)),
-            calls=tuple(self._calls))
+            workflow_id=self._wid,
+            message=out.message,
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason,
+            steps=self._records(),
+            spend=spend,
+            model_label=ctx.model_label,
+            compensated=tuple(self._compensated),
+            iterations=self._iterations,
+            policy_version=ctx.policy_version,
+            flags=tuple(dict.fromkeys(self._flags)),
+            calls=tuple(self._calls),
+        )
 
     # ------------------------------------------------------------------ control-plane calls
-    async def _reserve(self, req: AgentRequest, ctx: RunContext, key: str, *, kind: str,
-                       subject: str, tier: str, amount: int, min_amount: int,
-                       max_tokens: int) -> ReserveResult:
-        res: ReserveResult = await self._shielded(workflow.start_local_activity(
-            "budget_reserve",
-            ReserveRequest(key=key, scopes=ctx.scopes, amount_micros=amount,
-                           min_micros=min(min_amount, amount), max_tokens=max_tokens, kind=kind,
-                           subject=subject, run_id=self._wid, step_id=key.rsplit("/", 1)[1],
-                           tier=tier),
-            result_type=ReserveResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"reserve {kind} {subject}"))
+    async def _reserve(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        key: str,
+        *,
+        kind: str,
+        subject: str,
+        tier: str,
+        amount: int,
+        min_amount: int,
+        max_tokens: int,
+    ) -> ReserveResult:
+        res: ReserveResult = await self._shielded(
+            workflow.start_local_activity(
+                "budget_reserve",
+                ReserveRequest(
+                    key=key,
+                    scopes=ctx.scopes,
+                    amount_micros=amount,
+                    min_micros=min(min_amount, amount),
+                    max_tokens=max_tokens,
+                    kind=kind,
+                    subject=subject,
+                    run_id=self._wid,
+                    step_id=key.rsplit("/", 1)[1],
+                    tier=tier,
+                ),
+                result_type=ReserveResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"reserve {kind} {subject}",
+            )
+        )
         if res.decision == Decision.DENY:
-            raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}",
-                         "budget_denied")
+            raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}", "budget_denied")
         self._open_reservations.add(key)
         return res
 
     async def _commit(self, key: str, actual: int) -> CommitResult:
-        res: CommitResult = await self._shielded(workflow.start_local_activity(
-            "budget_commit", CommitRequest(key=key, actual_micros=actual),
-            result_type=CommitResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary="commit"))
+        res: CommitResult = await self._shielded(
+            workflow.start_local_activity(
+                "budget_commit",
+                CommitRequest(key=key, actual_micros=actual),
+                result_type=CommitResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary="commit",
+            )
+        )
         self._open_reservations.discard(key)
         return res
 
     async def _release(self, req: AgentRequest, key: str) -> None:
-        await self._shielded(workflow.start_local_activity(
-            "budget_release", ReleaseRequest(key=key, reason="run ended before use"),
-            start_to_close_timeout=CONTROL_TIMEOUT, retry_policy=CONTROL_RETRY, summary="release"))
+        await self._shielded(
+            workflow.start_local_activity(
+                "budget_release",
+                ReleaseRequest(key=key, reason="run ended before use"),
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary="release",
+            )
+        )
         self._open_reservations.discard(key)
 
-    async def _gate(self, req: AgentRequest, ctx: RunContext, step_id: str, tool: str,
-                    args: dict[str, Any], *, allowed: bool, rule: str, reason: str,
-                    amount: int = 0, reserve_key: str = "", kind: str = "permission") -> StepGateResult:
-        return await self._shielded(workflow.start_local_activity(
-            "authorize_step",
-            StepGateInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
-                          tool=tool, args=args, allowed=allowed, rule=rule, reason=reason,
-                          kind=kind, scopes=ctx.scopes, amount_micros=amount,
-                          reserve_key=reserve_key),
-            result_type=StepGateResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"gate {tool} ({'allow' if allowed else 'deny'})"))
+    async def _gate(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        step_id: str,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        allowed: bool,
+        rule: str,
+        reason: str,
+        kind: str = "permission",
+    ) -> StepGateResult:
+        """Record a denial or a human's answer in the audit log (allowed steps are recorded
+        by the tool activity itself, together with their reservation)."""
+        return await self._shielded(
+            workflow.start_local_activity(
+                "authorize_step",
+                StepGateInput(
+                    workflow_id=self._wid,
+                    tenant=req.tenant,
+                    user=req.user,
+                    step_id=step_id,
+                    tool=tool,
+                    args=args,
+                    allowed=allowed,
+                    rule=rule,
+                    reason=reason,
+                    kind=kind,
+                ),
+                result_type=StepGateResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
+            )
+        )
 
-    async def _settle(self, req: AgentRequest, step_id: str, subject: str, reserve_key: str,
-                      commit: int | None, decision: str, reason: str, kind: str = "tool") -> None:
-        await self._shielded(workflow.start_local_activity(
-            "settle_step",
-            SettleInput(workflow_id=self._wid, tenant=req.tenant, user=req.user, step_id=step_id,
-                        subject=subject, reserve_key=reserve_key, commit_micros=commit, kind=kind,
-                        decision=decision, reason=reason),
-            result_type=SettleResult, start_to_close_timeout=CONTROL_TIMEOUT,
-            retry_policy=CONTROL_RETRY, summary=f"settle {subject} ({decision})"))
+    async def _settle(
+        self,
+        req: AgentRequest,
+        step_id: str,
+        subject: str,
+        reserve_key: str,
+        commit: int | None,
+        decision: str,
+        reason: str,
+        kind: str = "tool",
+    ) -> None:
+        await self._shielded(
+            workflow.start_local_activity(
+                "settle_step",
+                SettleInput(
+                    workflow_id=self._wid,
+                    tenant=req.tenant,
+                    user=req.user,
+                    step_id=step_id,
+                    subject=subject,
+                    reserve_key=reserve_key,
+                    commit_micros=commit,
+                    kind=kind,
+                    decision=decision,
+                    reason=reason,
+                ),
+                result_type=SettleResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"settle {subject} ({decision})",
+            )
+        )
         if reserve_key:
             self._open_reservations.discard(reserve_key)
 
@@ -669,12 +964,19 @@ class AgentWorkflow:
         run (else a degraded-but-answered step would escalate the model for a tool outage)."""
         return tuple(r for r in self._records() if r.id not in self._recovered)
 
-    def _charge(self, micros: int, *, tier: str = "", model: str = "", tool: str = "",
-                step: str = "", cheapest: bool = False) -> None:
+    def _charge(
+        self,
+        micros: int,
+        *,
+        tier: str = "",
+        model: str = "",
+        tool: str = "",
+        step: str = "",
+        cheapest: bool = False,
+    ) -> None:
         s = self._spend
         s["total"] += micros
-        for bucket, name in (("by_tier", tier), ("by_model", model), ("by_tool", tool),
-                             ("by_step", step)):
+        for bucket, name in (("by_tier", tier), ("by_model", model), ("by_tool", tool), ("by_step", step)):
             if name:
                 s[bucket][name] = s[bucket].get(name, 0) + micros
         if model:
@@ -683,10 +985,15 @@ class AgentWorkflow:
 
     def _spend_model(self) -> Spend:
         s = self._spend
-        return Spend(total_micros=s["total"], by_tier=dict(s["by_tier"]),
-                     by_model=dict(s["by_model"]), by_tool=dict(s["by_tool"]),
-                     by_step=dict(s["by_step"]), model_calls=s["model_calls"],
-                     cheapest_tier_calls=s["cheapest"])
+        return Spend(
+            total_micros=s["total"],
+            by_tier=dict(s["by_tier"]),
+            by_model=dict(s["by_model"]),
+            by_tool=dict(s["by_tool"]),
+            by_step=dict(s["by_step"]),
+            model_calls=s["model_calls"],
+            cheapest_tier_calls=s["cheapest"],
+        )
 
 
 def _estimate(ctx: RunContext, model: str, input_tokens: int, max_tokens: int) -> int:

@@ -113,13 +113,17 @@ def escape_hatch(
     if tool_calls >= limits.max_tool_calls:
         return f"tool_call_cap: {tool_calls} tool calls reached the cap of {limits.max_tool_calls}"
     if consecutive_failures >= limits.max_consecutive_failures:
-        return (f"error_cascade: {consecutive_failures} consecutive failures "
-                f"(limit {limits.max_consecutive_failures})")
+        return (
+            f"error_cascade: {consecutive_failures} consecutive failures "
+            f"(limit {limits.max_consecutive_failures})"
+        )
     if next_signature is not None:
         repeats = sum(1 for s in signatures if s == next_signature)
         if repeats >= limits.thrash_repeats:
-            return (f"thrashing: the same call was about to run for the {repeats + 1}th time "
-                    f"({next_signature[:80]})")
+            return (
+                f"thrashing: the same call was about to run for the {repeats + 1}th time "
+                f"({next_signature[:80]})"
+            )
     return None
 
 

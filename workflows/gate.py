@@ -82,9 +82,7 @@ def _deny(rule: str, reason: str, perms: tuple[str, ...] = ()) -> GateDecision:
     return GateDecision(allowed=False, rule=rule, reason=reason, effective_permissions=perms)
 
 
-def authorize_user(
-    policy: Policy, tenant: str, user: str, permissions: Sequence[str]
-) -> GateDecision:
+def authorize_user(policy: Policy, tenant: str, user: str, permissions: Sequence[str]) -> GateDecision:
     """Level 1: is ``user`` of ``tenant`` allowed to run the agent, and with which permissions."""
     t = policy.tenants.get(tenant)
     if t is None:
@@ -104,9 +102,7 @@ def authorize_user(
     reason = f"roles {', '.join(roles) or 'none'}"
     if dropped:
         reason += f"; requested but not granted (ignored): {', '.join(dropped)}"
-    return GateDecision(
-        allowed=True, rule="user-allowed", reason=reason, effective_permissions=effective
-    )
+    return GateDecision(allowed=True, rule="user-allowed", reason=reason, effective_permissions=effective)
 
 
 def required_permissions(policy: Policy, tool: ToolInfo) -> tuple[str, ...]:
@@ -116,9 +112,7 @@ def required_permissions(policy: Policy, tool: ToolInfo) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*tool.permissions, *extra)))
 
 
-def _tool_level(
-    policy: Policy, tenant: str, tool: ToolInfo, held: tuple[str, ...]
-) -> GateDecision | None:
+def _tool_level(policy: Policy, tenant: str, tool: ToolInfo, held: tuple[str, ...]) -> GateDecision | None:
     t = policy.tenants.get(tenant)
     if t is not None and tool.name in t.deny_tools:
         return _deny("tool-disabled", f"tool {tool.name!r} is disabled for tenant {tenant!r}", held)

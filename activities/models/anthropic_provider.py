@@ -50,9 +50,7 @@ class AnthropicProvider:
         message = await _create(client, kwargs)
         usage = _usage(message)
         if call.output_schema is None:
-            return ModelResult(
-                text=_text(message), usage=usage, model=call.model, provider="anthropic"
-            )
+            return ModelResult(text=_text(message), usage=usage, model=call.model, provider="anthropic")
         try:
             parsed = _structured(message, call)
         except ValueError as first:
@@ -94,9 +92,7 @@ def _client() -> AsyncAnthropic:
     cached = _CLIENTS.get(cache_key)
     if cached is not None and cached[0] is loop:
         return cached[1]
-    client = AsyncAnthropic(
-        api_key=key, base_url=base_url, max_retries=0, timeout=REQUEST_TIMEOUT_S
-    )
+    client = AsyncAnthropic(api_key=key, base_url=base_url, max_retries=0, timeout=REQUEST_TIMEOUT_S)
     _CLIENTS[cache_key] = (loop, client)
     return client
 
@@ -105,9 +101,7 @@ def _request(name: str, call: ModelCall) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": name,
         "max_tokens": call.max_tokens,
-        "messages": [
-            {"role": m.role, "content": m.content} for m in call.messages if m.role != "system"
-        ],
+        "messages": [{"role": m.role, "content": m.content} for m in call.messages if m.role != "system"],
     }
     system = system_text(call)
     if system:

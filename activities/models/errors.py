@@ -89,9 +89,7 @@ def translate_provider_error(exc: BaseException, provider: str | None = None) ->
     if isinstance(exc, (*_sdk("APITimeoutError"), TimeoutError)):
         return ApplicationError(f"{name}: request timed out", type=TIMEOUT)
     if isinstance(exc, (*_sdk("APIConnectionError"), ConnectionError)):
-        return ApplicationError(
-            f"{name}: cannot reach the API ({type(exc).__name__})", type=UNAVAILABLE
-        )
+        return ApplicationError(f"{name}: cannot reach the API ({type(exc).__name__})", type=UNAVAILABLE)
     if isinstance(exc, _sdk("ContentFilterFinishReasonError")):
         return refusal_error(name, "content filter")
     # Anything else is unexpected (SDK bug, odd response shape): let the retry policy decide.
@@ -110,9 +108,7 @@ def refusal_error(provider: str, detail: str = "") -> ApplicationError:
     )
 
 
-def invalid_output_error(
-    provider: str, detail: str, usage: Usage | None = None
-) -> ApplicationError:
+def invalid_output_error(provider: str, detail: str, usage: Usage | None = None) -> ApplicationError:
     """Structured output was still invalid after the repair round.
 
     Retryable on purpose: sampling differs between attempts, and the workflow may escalate
@@ -121,8 +117,7 @@ def invalid_output_error(
     """
     details = (usage.model_dump(),) if usage is not None else ()
     return ApplicationError(
-        f"{provider}: model output is not valid JSON for the schema after one repair: "
-        f"{_redact(detail)}",
+        f"{provider}: model output is not valid JSON for the schema after one repair: {_redact(detail)}",
         *details,
         type=INVALID_OUTPUT,
         non_retryable=False,

@@ -26,8 +26,14 @@ _ORDER = re.compile(r"\bORD-\d{1,12}\b")
 _SKU = re.compile(r"\bSKU-[A-Z0-9-]{1,32}\b")
 _AMOUNT = re.compile(r"\$\s?(\d+(?:\.\d{1,2})?)")
 _CONDITIONAL = re.compile(r"\bif (so|it is|it's|it has|shipped|delivered)\b|\bonly if\b", re.I)
-_EMAIL_WORDS = ("email", "e-mail", "notify", "tell the customer", "let the customer know",
-                "message the customer")
+_EMAIL_WORDS = (
+    "email",
+    "e-mail",
+    "notify",
+    "tell the customer",
+    "let the customer know",
+    "message the customer",
+)
 
 
 def _tokens(text: str) -> int:
@@ -37,7 +43,7 @@ def _tokens(text: str) -> int:
 def _request_text(call: ModelCall) -> str:
     for m in call.messages:
         if m.role == "user" and m.content.startswith("REQUEST:"):
-            return m.content[len("REQUEST:"):].strip().split("\n<<<", 1)[0]
+            return m.content[len("REQUEST:") :].strip().split("\n<<<", 1)[0]
     users = [m.content for m in call.messages if m.role == "user"]
     return users[0] if users else ""
 
@@ -74,41 +80,54 @@ def offline_plan(request: str, tools: set[str], executed: list[dict[str, Any]]) 
         if tool not in tools:
             missing.append(tool)
             return
-        steps.append({"id": f"s{len(steps) + 1}", "tool": tool, "args": args, "why": why,
-                      "when": when})
+        steps.append({"id": f"s{len(steps) + 1}", "tool": tool, "args": args, "why": why, "when": when})
 
     for order in orders:
         add("lookup_order", {"order_id": order}, f"find the status of {order}")
         lookup = steps[-1]["id"] if steps and steps[-1]["tool"] == "lookup_order" else None
-        guard = ({"step": lookup, "field": "shipped", "equals": True}
-                 if conditional and lookup else None)
+        guard = {"step": lookup, "field": "shipped", "equals": True} if conditional and lookup else None
         if wants_refund:
             # Refund only what is left: a second request for the same order refunds nothing.
-            refund_guard = ({"step": lookup, "field": "refundable", "equals": True}
-                            if lookup and (conditional or not amount) else guard)
+            refund_guard = (
+                {"step": lookup, "field": "refundable", "equals": True}
+                if lookup and (conditional or not amount)
+                else guard
+            )
             total = f"${{{lookup}.refundable_usd}}" if lookup else None
             value: Any = float(amount.group(1)) if amount else total
             if value is not None:
-                add("issue_refund", {"order_id": order, "amount_usd": value,
-                                     "reason": "customer request"},
-                    f"refund {order} as asked", refund_guard)
+                add(
+                    "issue_refund",
+                    {"order_id": order, "amount_usd": value, "reason": "customer request"},
+                    f"refund {order} as asked",
+                    refund_guard,
+                )
         if wants_email and lookup:
             what = "a refund has been issued" if wants_refund else "here is an update"
-            add("send_email", {"to": f"${{{lookup}.customer_email}}",
-                               "subject": f"Your order {order}",
-                               "body": f"Hello, about your order {order}: {what}."},
-                f"tell the customer about {order}", guard)
+            add(
+                "send_email",
+                {
+                    "to": f"${{{lookup}.customer_email}}",
+                    "subject": f"Your order {order}",
+                    "body": f"Hello, about your order {order}: {what}.",
+                },
+                f"tell the customer about {order}",
+                guard,
+            )
     for sku in skus:
         add("check_inventory", {"sku": sku}, f"check stock of {sku}")
     if not orders and not skus and ("stock" in lower or "inventory" in lower):
         missing.append("a SKU like SKU-KEEL-1")
     answer = ""
     if not steps:
-        answer = ("I can look up orders (ORD-123), check stock (SKU-KEEL-1), issue refunds and "
-                  "e-mail customers. Please name an order or SKU.")
+        answer = (
+            "I can look up orders (ORD-123), check stock (SKU-KEEL-1), issue refunds and "
+            "e-mail customers. Please name an order or SKU."
+        )
     if missing:
-        answer = ("Not permitted or not possible here: " + ", ".join(sorted(set(missing))) +
-                  ". " + answer).strip()
+        answer = (
+            "Not permitted or not possible here: " + ", ".join(sorted(set(missing))) + ". " + answer
+        ).strip()
     watching = "until" in lower and "ship" in lower
     return {"steps": steps, "answer": answer, "replan": watching and bool(steps)}
 
@@ -121,9 +140,18 @@ def _replan(request: str, executed: list[dict[str, Any]]) -> dict[str, Any]:
         if last and not (last[-1].get("data") or {}).get("shipped"):
             order = (last[-1].get("args") or {}).get("order_id", "")
             n = len(executed) + 1
-            return {"steps": [{"id": f"s{n}", "tool": "lookup_order",
-                               "args": {"order_id": order}, "why": "still waiting to ship"}],
-                    "answer": "", "replan": True}
+            return {
+                "steps": [
+                    {
+                        "id": f"s{n}",
+                        "tool": "lookup_order",
+                        "args": {"order_id": order},
+                        "why": "still waiting to ship",
+                    }
+                ],
+                "answer": "",
+                "replan": True,
+            }
     return {"steps": [], "answer": ""}
 
 
@@ -137,12 +165,17 @@ def _respond(request: str, executed: list[dict[str, Any]]) -> str:
             lines.append(f"Could not {tool}: {e.get('error') or state}.")
         elif tool == "lookup_order":
             refunded = data.get("refunded_usd") or 0
-            lines.append(f"Order {data.get('order_id')} is {data.get('status')} "
-                         f"(total ${data.get('total_usd')}"
-                         + (f", ${refunded} already refunded" if refunded else "") + ").")
+            lines.append(
+                f"Order {data.get('order_id')} is {data.get('status')} "
+                f"(total ${data.get('total_usd')}"
+                + (f", ${refunded} already refunded" if refunded else "")
+                + ")."
+            )
         elif tool == "issue_refund":
-            lines.append(f"Refunded ${data.get('amount_usd')} on {data.get('order_id')} "
-                         f"(refund #{data.get('refund_id')}).")
+            lines.append(
+                f"Refunded ${data.get('amount_usd')} on {data.get('order_id')} "
+                f"(refund #{data.get('refund_id')})."
+            )
         elif tool == "send_email":
             lines.append(f"E-mailed {data.get('to')} (message #{data.get('message_id')}).")
         elif tool == "check_inventory":
@@ -157,8 +190,11 @@ def _judge(executed: list[dict[str, Any]]) -> dict[str, Any]:
     if not ran:
         return {"score": 1.0, "confidence": 0.6, "reason": "no tool was needed"}
     ok = sum(1 for e in ran if e.get("state") == "succeeded")
-    return {"score": round(ok / len(ran), 3), "confidence": 0.9,
-            "reason": f"{ok} of {len(ran)} steps succeeded"}
+    return {
+        "score": round(ok / len(ran), 3),
+        "confidence": 0.9,
+        "reason": f"{ok} of {len(ran)} steps succeeded",
+    }
 
 
 class OfflineModel:
@@ -180,8 +216,12 @@ class OfflineModel:
             text = json.dumps(parsed)
         else:
             text = _respond(request, executed)
-        prompt = call.system + "".join(m.content for m in call.messages) + json.dumps(
-            list(call.tools_doc), sort_keys=True)
+        prompt = (
+            call.system
+            + "".join(m.content for m in call.messages)
+            + json.dumps(list(call.tools_doc), sort_keys=True)
+        )
         usage = Usage(input_tokens=_tokens(prompt), output_tokens=min(_tokens(text), call.max_tokens))
-        return ModelResult(text=text, parsed=parsed, usage=usage, model="offline",
-                           provider="offline", latency_ms=0.0)
+        return ModelResult(
+            text=text, parsed=parsed, usage=usage, model="offline", provider="offline", latency_ms=0.0
+        )

@@ -66,9 +66,7 @@ class OpenAIProvider:
                 parsed = parse_structured(text, call.output_schema)
             except ValueError as second:
                 raise invalid_output_error("openai", str(second), usage) from second
-        return ModelResult(
-            text=text, parsed=parsed, usage=usage, model=call.model, provider="openai"
-        )
+        return ModelResult(text=text, parsed=parsed, usage=usage, model=call.model, provider="openai")
 
 
 async def close_clients() -> None:
@@ -96,9 +94,7 @@ def _client() -> tuple[AsyncOpenAI, bool]:
         return cached[1], base_url is not None
     options: dict[str, Any] = {"base_url": base_url} if base_url else {}
     # Local servers often need no key, but the SDK insists on one.
-    client = AsyncOpenAI(
-        api_key=key or "not-needed", max_retries=0, timeout=REQUEST_TIMEOUT_S, **options
-    )
+    client = AsyncOpenAI(api_key=key or "not-needed", max_retries=0, timeout=REQUEST_TIMEOUT_S, **options)
     _CLIENTS[cache_key] = (loop, client)
     return client, base_url is not None
 
@@ -121,9 +117,7 @@ def _messages(call: ModelCall) -> list[dict[str, Any]]:
         schema = json.dumps(call.output_schema, sort_keys=True)
         system = f"{system}\n\nReply with one JSON object matching this JSON schema:\n{schema}"
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    messages += [
-        {"role": m.role, "content": m.content} for m in call.messages if m.role != "system"
-    ]
+    messages += [{"role": m.role, "content": m.content} for m in call.messages if m.role != "system"]
     return messages
 
 

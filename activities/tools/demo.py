@@ -52,91 +52,163 @@ def _usd(micros: int) -> float:
     return round(micros / 1_000_000, 2)
 
 
-@tool("lookup_order", description="Look up an order: status, customer e-mail, item and total.",
-      args=LookupOrder, permissions=("orders:read",), cost_usd=0.0001, timeout_seconds=10)
+@tool(
+    "lookup_order",
+    description="Look up an order: status, customer e-mail, item and total.",
+    args=LookupOrder,
+    permissions=("orders:read",),
+    cost_usd=0.0001,
+    timeout_seconds=10,
+)
 async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
-    row = await (await ctx.conn.execute(
-        "select id, status, customer_email, item_sku, total_micros from orders "
-        "where id=%s and tenant=%s", (a.order_id, ctx.tenant))).fetchone()
+    row = await (
+        await ctx.conn.execute(
+            "select id, status, customer_email, item_sku, total_micros from orders where id=%s and tenant=%s",
+            (a.order_id, ctx.tenant),
+        )
+    ).fetchone()
     if row is None:
         raise ToolError(f"order {a.order_id} not found for tenant {ctx.tenant}")
-    refunded = await (await ctx.conn.execute(
-        "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",
-        (a.order_id,))).fetchone()
+    refunded = await (
+        await ctx.conn.execute(
+            "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",
+            (a.order_id,),
+        )
+    ).fetchone()
     shipped = row[1] in ("shipped", "delivered")
     left = row[4] - (refunded[0] if refunded else 0)
-    return {"order_id": row[0], "status": row[1], "shipped": shipped,
-            "customer_email": row[2], "item_sku": row[3], "total_usd": _usd(row[4]),
-            "refunded_usd": _usd(row[4] - left), "refundable_usd": _usd(left),
-            "refundable": shipped and left > 0}
+    return {
+        "order_id": row[0],
+        "status": row[1],
+        "shipped": shipped,
+        "customer_email": row[2],
+        "item_sku": row[3],
+        "total_usd": _usd(row[4]),
+        "refunded_usd": _usd(row[4] - left),
+        "refundable_usd": _usd(left),
+        "refundable": shipped and left > 0,
+    }
 
 
-@tool("check_inventory", description="Check how many units of a SKU are in stock.",
-      args=CheckInventory, permissions=("inventory:read",), cost_usd=0.0001, timeout_seconds=10,
-      optional=True)
+@tool(
+    "check_inventory",
+    description="Check how many units of a SKU are in stock.",
+    args=CheckInventory,
+    permissions=("inventory:read",),
+    cost_usd=0.0001,
+    timeout_seconds=10,
+    optional=True,
+)
 async def check_inventory(ctx: ToolContext, a: CheckInventory) -> dict[str, Any]:
-    row = await (await ctx.conn.execute(
-        "select name, quantity from inventory where tenant=%s and sku=%s",
-        (ctx.tenant, a.sku))).fetchone()
+    row = await (
+        await ctx.conn.execute(
+            "select name, quantity from inventory where tenant=%s and sku=%s", (ctx.tenant, a.sku)
+        )
+    ).fetchone()
     if row is None:
         raise ToolError(f"unknown SKU {a.sku}")
     return {"sku": a.sku, "name": row[0], "quantity": row[1], "in_stock": row[1] > 0}
 
 
-@tool("issue_refund", description="Refund part or all of an order to the customer's card.",
-      args=IssueRefund, permissions=("refunds:write",), idempotent=False, side_effects=True,
-      compensation="void_refund", cost_usd=0.002, risk="high", timeout_seconds=20,
-      max_attempts=5)
+@tool(
+    "issue_refund",
+    description="Refund part or all of an order to the customer's card.",
+    args=IssueRefund,
+    permissions=("refunds:write",),
+    idempotent=False,
+    side_effects=True,
+    compensation="void_refund",
+    cost_usd=0.002,
+    risk="high",
+    timeout_seconds=20,
+    max_attempts=5,
+)
 async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
-    order = await (await ctx.conn.execute(
-        "select total_micros from orders where id=%s and tenant=%s for update",
-        (a.order_id, ctx.tenant))).fetchone()
+    order = await (
+        await ctx.conn.execute(
+            "select total_micros from orders where id=%s and tenant=%s for update", (a.order_id, ctx.tenant)
+        )
+    ).fetchone()
     if order is None:
         raise ToolError(f"order {a.order_id} not found for tenant {ctx.tenant}")
-    amount = int(round(a.amount_usd * 1_000_000))
-    done = await (await ctx.conn.execute(
-        "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",
-        (a.order_id,))).fetchone()
+    amount = round(a.amount_usd * 1_000_000)
+    done = await (
+        await ctx.conn.execute(
+            "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",
+            (a.order_id,),
+        )
+    ).fetchone()
     already = done[0] if done else 0
     if already + amount > order[0]:
-        raise ToolError(f"refund of ${a.amount_usd:.2f} exceeds what is left on {a.order_id} "
-                        f"(${_usd(order[0] - already):.2f})")
-    row = await (await ctx.conn.execute(
-        "insert into refunds (tenant, order_id, amount_micros, reason, idempotency_key) "
-        "values (%s,%s,%s,%s,%s) returning id", (ctx.tenant, a.order_id, amount, a.reason,
-                                                 ctx.idempotency_key))).fetchone()
+        raise ToolError(
+            f"refund of ${a.amount_usd:.2f} exceeds what is left on {a.order_id} "
+            f"(${_usd(order[0] - already):.2f})"
+        )
+    row = await (
+        await ctx.conn.execute(
+            "insert into refunds (tenant, order_id, amount_micros, reason, idempotency_key) "
+            "values (%s,%s,%s,%s,%s) returning id",
+            (ctx.tenant, a.order_id, amount, a.reason, ctx.idempotency_key),
+        )
+    ).fetchone()
     assert row is not None
-    return {"refund_id": row[0], "order_id": a.order_id, "amount_usd": _usd(amount),
-            "status": "issued"}
+    return {"refund_id": row[0], "order_id": a.order_id, "amount_usd": _usd(amount), "status": "issued"}
 
 
-@tool("void_refund", description="Void a refund issued earlier in this run (compensation).",
-      args=VoidRefund, permissions=("refunds:write",), side_effects=True, cost_usd=0.0005,
-      timeout_seconds=20, max_attempts=10, hidden=True)
+@tool(
+    "void_refund",
+    description="Void a refund issued earlier in this run (compensation).",
+    args=VoidRefund,
+    permissions=("refunds:write",),
+    side_effects=True,
+    cost_usd=0.0005,
+    timeout_seconds=20,
+    max_attempts=10,
+    hidden=True,
+)
 async def void_refund(ctx: ToolContext, a: VoidRefund) -> dict[str, Any]:
     refund_id = a.effect.get("refund_id")
     if not isinstance(refund_id, int):
         raise ToolError("void_refund needs the refund_id of the refund to undo")
     # Idempotent by construction: voiding a voided refund changes nothing.
     await ctx.conn.execute(
-        "update refunds set status='voided', voided_at=now() "
-        "where id=%s and tenant=%s and status='issued'", (refund_id, ctx.tenant))
+        "update refunds set status='voided', voided_at=now() where id=%s and tenant=%s and status='issued'",
+        (refund_id, ctx.tenant),
+    )
     return {"refund_id": refund_id, "status": "voided"}
 
 
-@tool("send_email", description="Send an e-mail to a customer (queued in the outbox).",
-      args=SendEmail, permissions=("email:send",), idempotent=False, side_effects=True,
-      cost_usd=0.001, risk="medium", timeout_seconds=20)
+@tool(
+    "send_email",
+    description="Send an e-mail to a customer (queued in the outbox).",
+    args=SendEmail,
+    permissions=("email:send",),
+    idempotent=False,
+    side_effects=True,
+    cost_usd=0.001,
+    risk="medium",
+    timeout_seconds=20,
+)
 async def send_email(ctx: ToolContext, a: SendEmail) -> dict[str, Any]:
-    row = await (await ctx.conn.execute(
-        "insert into email_outbox (tenant, to_addr, subject, body, idempotency_key) "
-        "values (%s,%s,%s,%s,%s) returning id",
-        (ctx.tenant, str(a.to), a.subject, a.body, ctx.idempotency_key))).fetchone()
+    row = await (
+        await ctx.conn.execute(
+            "insert into email_outbox (tenant, to_addr, subject, body, idempotency_key) "
+            "values (%s,%s,%s,%s,%s) returning id",
+            (ctx.tenant, str(a.to), a.subject, a.body, ctx.idempotency_key),
+        )
+    ).fetchone()
     assert row is not None
     return {"message_id": row[0], "to": str(a.to), "queued": True}
 
 
-@tool("noop", description="Do nothing (benchmarks and tests).", args=Noop,
-      permissions=("debug:noop",), cost_usd=0.0, timeout_seconds=5, hidden=True)
+@tool(
+    "noop",
+    description="Do nothing (benchmarks and tests).",
+    args=Noop,
+    permissions=("debug:noop",),
+    cost_usd=0.0,
+    timeout_seconds=5,
+    hidden=True,
+)
 async def noop(ctx: ToolContext, a: Noop) -> dict[str, Any]:
     return {"ok": True, "note": a.note}

@@ -65,15 +65,18 @@ class ToolActivities:
         annotate(tenant=call.tenant, user=call.user, tool=call.tool, step=call.step_id)
         spec = REGISTRY.get(call.tool)
         if spec is None:
-            raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool",
-                                   non_retryable=True)
+            raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
         try:
             args = spec.args_model.model_validate(call.args)
         except ValidationError as e:
-            telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
-                                       error_type="InvalidToolArguments")
-            raise ApplicationError(f"{call.tool}: invalid arguments: {_first_error(e)}",
-                                   type="InvalidToolArguments", non_retryable=True) from e
+            telemetry.record_tool_call(
+                call.tool, "error", tenant=call.tenant, error_type="InvalidToolArguments"
+            )
+            raise ApplicationError(
+                f"{call.tool}: invalid arguments: {_first_error(e)}",
+                type="InvalidToolArguments",
+                non_retryable=True,
+            ) from e
         async with self._pool.connection() as conn:
             recorded = await self._recorded(conn, call.idempotency_key)
             if recorded is not None:  # a replay is not a call: the breaker never sees it
@@ -86,17 +89,24 @@ class ToolActivities:
                     return refused
             # The breaker check sits outside the effect's transaction: its claim and its
             # verdict must commit even when the tool's own writes roll back.
-            guard = _Guard(conn, f"tool:{call.tool}", breaker.config_from_env(
-                probe_lease_seconds=spec.info.timeout_seconds + 5))
+            guard = _Guard(
+                conn,
+                f"tool:{call.tool}",
+                breaker.config_from_env(probe_lease_seconds=spec.info.timeout_seconds + 5),
+            )
             await guard.enter(call)
             try:
                 async with conn.transaction():
-                    ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user,
-                                      idempotency_key=call.idempotency_key)
+                    ctx = ToolContext(
+                        conn=conn, tenant=call.tenant, user=call.user, idempotency_key=call.idempotency_key
+                    )
                     data = await _with_heartbeats(spec.fn(ctx, args))
-                    result = ToolResult(ok=True, data=data,
-                                        summary=summarize_result(call.tool, data),
-                                        cost_micros=spec.info.cost_micros)
+                    result = ToolResult(
+                        ok=True,
+                        data=data,
+                        summary=summarize_result(call.tool, data),
+                        cost_micros=spec.info.cost_micros,
+                    )
                     # The record and the ledger commit go out in one batch.
                     await _record_and_settle(conn, call, result)
             except psycopg.errors.UniqueViolation:
@@ -113,10 +123,8 @@ class ToolActivities:
                 # found, refund too large) proves the tool's dependency answered.
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
                 kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
-                telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
-                                           error_type=kind)
-                raise ApplicationError(f"{call.tool}: {e}", type=kind,
-                                       non_retryable=not e.retryable) from e
+                telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
+                raise ApplicationError(f"{call.tool}: {e}", type=kind, non_retryable=not e.retryable) from e
             except asyncio.CancelledError:
                 raise  # not the tool's fault; a claimed probe is freed by its lease
             except Exception as e:  # infrastructure: database, network, a bug in the tool
@@ -124,8 +132,12 @@ class ToolActivities:
                     await guard.succeeded()
                 else:
                     await guard.failed(f"{type(e).__name__}: {e}")
-                telemetry.record_tool_call(call.tool, "error", tenant=call.tenant,
-                                           error_type=getattr(e, "type", None) or type(e).__name__)
+                telemetry.record_tool_call(
+                    call.tool,
+                    "error",
+                    tenant=call.tenant,
+                    error_type=getattr(e, "type", None) or type(e).__name__,
+                )
                 raise
             await guard.succeeded()
         annotate(cost_micros=result.cost_micros)
@@ -135,8 +147,9 @@ class ToolActivities:
 
     @staticmethod
     async def _recorded(conn: psycopg.AsyncConnection[Any], key: str) -> ToolResult | None:
-        row = await (await conn.execute(
-            "select result from tool_effects where idempotency_key=%s", (key,))).fetchone()
+        row = await (
+            await conn.execute("select result from tool_effects where idempotency_key=%s", (key,))
+        ).fetchone()
         if row is None:
             return None
         return _shrink(ToolResult.model_validate(row[0]).model_copy(update={"replayed": True}), key)
@@ -166,15 +179,19 @@ def _shrink(result: ToolResult, key: str) -> ToolResult:
     """Keep large content out of workflow history: the full result stays in PostgreSQL."""
     if len(json.dumps(result.data, default=str)) <= MAX_RESULT_BYTES:
         return result
-    small = {k: v for k, v in result.data.items() if not isinstance(v, dict | list | str)
-             or (isinstance(v, str) and len(v) <= 200)}
+    small = {
+        k: v
+        for k, v in result.data.items()
+        if not isinstance(v, dict | list | str) or (isinstance(v, str) and len(v) <= 200)
+    }
     small["_ref"] = f"tool_effects:{key}"
     small["_truncated"] = True
     return result.model_copy(update={"data": small})
 
 
-async def _gate_and_reserve(conn: psycopg.AsyncConnection[Any], call: ToolCall,
-                            optional: bool) -> ToolResult | None:
+async def _gate_and_reserve(
+    conn: psycopg.AsyncConnection[Any], call: ToolCall, optional: bool
+) -> ToolResult | None:
     """Record the permission decision and hold the step's budget before any effect.
 
     One short transaction of its own (the tenant's audit head is not held while the tool
@@ -190,8 +207,13 @@ async def _gate_and_reserve(conn: psycopg.AsyncConnection[Any], call: ToolCall,
 
     gate = call.gate
     assert gate is not None
-    base = dict(tenant=call.tenant, user=call.user, workflow_id=call.workflow_id,
-                step_id=call.step_id, subject=call.tool)
+    base = dict(
+        tenant=call.tenant,
+        user=call.user,
+        workflow_id=call.workflow_id,
+        step_id=call.step_id,
+        subject=call.tool,
+    )
     try:
         # One round trip: BEGIN, SET, audit append, reserve and COMMIT go out as one batch.
         async with conn.pipeline():
@@ -201,15 +223,34 @@ async def _gate_and_reserve(conn: psycopg.AsyncConnection[Any], call: ToolCall,
                 # a hold and an audit row whose effect never happened (the retry re-reserves
                 # under the same key); an effect is never durable without its decision.
                 await conn.execute("set local synchronous_commit = off")
-                await conn.execute(*audit.append_statement(AuditEntry(
-                    **base, kind="permission", decision="allow", reason=gate.reason,
-                    data={"rule": gate.rule, "args": redact_data(call.args)},
-                    idem_key=f"{call.workflow_id}/{call.step_id}/permission")), prepare=True)
-                cur = await conn.execute(*ledger.reserve_statement(ReserveRequest(
-                    key=call.reservation_key, scopes=gate.scopes,
-                    amount_micros=gate.amount_micros, min_micros=gate.amount_micros,
-                    kind="tool", subject=call.tool, run_id=call.workflow_id,
-                    step_id=call.step_id)), prepare=True)
+                await conn.execute(
+                    *audit.append_statement(
+                        AuditEntry(
+                            **base,
+                            kind="permission",
+                            decision="allow",
+                            reason=gate.reason,
+                            data={"rule": gate.rule, "args": redact_data(call.args)},
+                            idem_key=f"{call.workflow_id}/{call.step_id}/permission",
+                        )
+                    ),
+                    prepare=True,
+                )
+                cur = await conn.execute(
+                    *ledger.reserve_statement(
+                        ReserveRequest(
+                            key=call.reservation_key,
+                            scopes=gate.scopes,
+                            amount_micros=gate.amount_micros,
+                            min_micros=gate.amount_micros,
+                            kind="tool",
+                            subject=call.tool,
+                            run_id=call.workflow_id,
+                            step_id=call.step_id,
+                        )
+                    ),
+                    prepare=True,
+                )
     except psycopg.Error as e:
         translated = ledger.translate_error(e)
         if translated is e:
@@ -218,22 +259,30 @@ async def _gate_and_reserve(conn: psycopg.AsyncConnection[Any], call: ToolCall,
     res = ledger.reserve_result(await cur.fetchone())
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
     if res.decision == Decision.DENY:
-        await audit.append_many(conn, [AuditEntry(
-            **base, kind="budget", decision="deny", reason=res.reason,
-            data={"requested_micros": gate.amount_micros},
-            idem_key=f"{call.workflow_id}/{call.step_id}/budget")])
+        await audit.append_many(
+            conn,
+            [
+                AuditEntry(
+                    **base,
+                    kind="budget",
+                    decision="deny",
+                    reason=res.reason,
+                    data={"requested_micros": gate.amount_micros},
+                    idem_key=f"{call.workflow_id}/{call.step_id}/budget",
+                )
+            ],
+        )
     if res.decision == Decision.DENY:
         return ToolResult(ok=False, refused="budget", error=res.reason)
     if optional and res.caps.disable_optional:
-        await ledger.release(conn, ReleaseRequest(key=call.reservation_key,
-                                                  reason="optional step disabled by caps"))
-        return ToolResult(ok=False, refused="optional",
-                          error="optional step disabled by budget caps")
+        await ledger.release(
+            conn, ReleaseRequest(key=call.reservation_key, reason="optional step disabled by caps")
+        )
+        return ToolResult(ok=False, refused="optional", error="optional step disabled by budget caps")
     return None
 
 
-async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
-                             result: ToolResult) -> None:
+async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall, result: ToolResult) -> None:
     """Write the effect record and commit the step's reservation, pipelined, inside the
     effect's transaction: all three become durable together or not at all."""
     from activities import ledger
@@ -244,11 +293,16 @@ async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
             await conn.execute(
                 "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
                 "values (%s,%s,%s,true,%s)",
-                (call.idempotency_key, call.tool, call.tenant,
-                 Jsonb(result.model_dump(mode="json"))), prepare=True)
+                (call.idempotency_key, call.tool, call.tenant, Jsonb(result.model_dump(mode="json"))),
+                prepare=True,
+            )
             if call.reservation_key:
-                await conn.execute(*ledger.commit_statement(CommitRequest(
-                    key=call.reservation_key, actual_micros=result.cost_micros)), prepare=True)
+                await conn.execute(
+                    *ledger.commit_statement(
+                        CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
+                    ),
+                    prepare=True,
+                )
     except psycopg.Error as e:
         translated = ledger.translate_error(e)
         if translated is e:
@@ -260,8 +314,7 @@ class _Guard:
     """The tool's circuit breaker around one call; its bookkeeping never masks the call's
     own outcome (a breaker write that fails is logged, the tool's error still propagates)."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str,
-                 cfg: breaker.BreakerConfig) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str, cfg: breaker.BreakerConfig) -> None:
         self.conn, self.scope, self.cfg = conn, scope, cfg
         self.owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
 
@@ -273,7 +326,8 @@ class _Guard:
             telemetry.record_tool_call(call.tool, "circuit_open", tenant=call.tenant)
             # A compensation must eventually run: it waits out the cooldown instead.
             raise breaker.circuit_open_error(
-                self.scope, permit, retryable=call.idempotency_key.endswith("/compensate"))
+                self.scope, permit, retryable=call.idempotency_key.endswith("/compensate")
+            )
 
     async def succeeded(self) -> None:
         permit = getattr(self, "permit", None)

@@ -78,10 +78,19 @@ def tool(
         schema = args.model_json_schema()
         schema.pop("title", None)
         info = ToolInfo(
-            name=name, description=description, args_schema=schema, permissions=permissions,
-            idempotent=idempotent, side_effects=side_effects, compensation=compensation,
-            fallback=fallback, timeout_seconds=timeout_seconds, max_attempts=max_attempts,
-            cost_micros=int(round(cost_usd * 1_000_000)), risk=risk, optional=optional,
+            name=name,
+            description=description,
+            args_schema=schema,
+            permissions=permissions,
+            idempotent=idempotent,
+            side_effects=side_effects,
+            compensation=compensation,
+            fallback=fallback,
+            timeout_seconds=timeout_seconds,
+            max_attempts=max_attempts,
+            cost_micros=round(cost_usd * 1_000_000),
+            risk=risk,
+            optional=optional,
             rate_limit_per_second=rate_limit_per_second,
             non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
         )
@@ -99,8 +108,7 @@ _HIDDEN: set[str] = set()
 def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
     """All tool declarations, sorted by name (the snapshot a run works from)."""
     _load_builtin_tools()
-    return tuple(t.info for n, t in sorted(REGISTRY.items())
-                 if include_hidden or n not in _HIDDEN)
+    return tuple(t.info for n, t in sorted(REGISTRY.items()) if include_hidden or n not in _HIDDEN)
 
 
 def _load_builtin_tools() -> None:

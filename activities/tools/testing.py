@@ -29,8 +29,16 @@ from keel.models import Plan, PlanStep
 __all__ = ["TEST_PERMISSION", "TEST_TOOLS", "ScriptedPlanner", "register", "step"]
 
 TEST_PERMISSION = "test:run"
-TEST_TOOLS = ("slow_step", "flaky", "always_fail", "test_effect", "undo_test_effect",
-              "fragile_fetch", "cached_fetch", "echo")
+TEST_TOOLS = (
+    "slow_step",
+    "flaky",
+    "always_fail",
+    "test_effect",
+    "undo_test_effect",
+    "fragile_fetch",
+    "cached_fetch",
+    "echo",
+)
 
 
 class _Args(BaseModel):
@@ -53,8 +61,9 @@ class Note(_Args):
 
 class Effect(_Args):
     note: str = ""
-    undo_failures: int = Field(default=0, ge=0, le=10,
-                               description="Attempts of the compensation that fail first")
+    undo_failures: int = Field(
+        default=0, ge=0, le=10, description="Attempts of the compensation that fail first"
+    )
 
 
 class Undo(_Args):
@@ -66,9 +75,12 @@ class Fetch(_Args):
 
 
 async def _record(ctx: ToolContext, tool_name: str, note: str) -> int:
-    row = await (await ctx.conn.execute(
-        "insert into test_effects (tool, note, idempotency_key) values (%s,%s,%s) returning id",
-        (tool_name, note, ctx.idempotency_key))).fetchone()
+    row = await (
+        await ctx.conn.execute(
+            "insert into test_effects (tool, note, idempotency_key) values (%s,%s,%s) returning id",
+            (tool_name, note, ctx.idempotency_key),
+        )
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -107,11 +119,11 @@ async def _undo_test_effect(ctx: ToolContext, a: Undo) -> dict[str, Any]:
         raise ToolError("undo_test_effect needs the effect_id of the effect to undo")
     attempt = _attempt()
     if attempt <= int(a.effect.get("undo_failures", 0)):
-        raise ToolError(f"undo of effect {effect_id} failed transiently (attempt {attempt})",
-                        retryable=True)
+        raise ToolError(f"undo of effect {effect_id} failed transiently (attempt {attempt})", retryable=True)
     await ctx.conn.execute(
-        "update test_effects set status='undone', undone_at=clock_timestamp() "
-        "where id=%s and status='done'", (effect_id,))
+        "update test_effects set status='undone', undone_at=clock_timestamp() where id=%s and status='done'",
+        (effect_id,),
+    )
     return {"effect_id": effect_id, "status": "undone", "attempt": attempt}
 
 
@@ -132,25 +144,72 @@ def register() -> None:
     if "slow_step" in REGISTRY:
         return
     perms = (TEST_PERMISSION,)
-    tool("slow_step", description="Sleep N seconds, then record an effect (recovery tests).",
-         args=SlowStep, permissions=perms, side_effects=True, timeout_seconds=120,
-         max_attempts=3)(_slow_step)
-    tool("flaky", description="Fail transiently for the first N attempts, then succeed.",
-         args=Flaky, permissions=perms, timeout_seconds=10, max_attempts=5)(_flaky)
-    tool("always_fail", description="Fail permanently (error-cascade tests).", args=Note,
-         permissions=perms, timeout_seconds=10)(_always_fail)
-    tool("test_effect", description="Record a side effect that can be undone.", args=Effect,
-         permissions=perms, idempotent=False, side_effects=True,
-         compensation="undo_test_effect", timeout_seconds=10)(_test_effect)
-    tool("undo_test_effect", description="Undo a test_effect (compensation).", args=Undo,
-         permissions=perms, side_effects=True, timeout_seconds=10, max_attempts=10,
-         hidden=True)(_undo_test_effect)
-    tool("fragile_fetch", description="Fetch a value from an upstream that is always down.",
-         args=Fetch, permissions=perms, fallback="cached_fetch", timeout_seconds=10)(_fragile_fetch)
-    tool("cached_fetch", description="Fetch a (stale) value from the local cache.", args=Fetch,
-         permissions=perms, timeout_seconds=10)(_cached_fetch)
-    tool("echo", description="Return the note (loop and cap tests).", args=Note,
-         permissions=perms, timeout_seconds=10)(_echo)
+    tool(
+        "slow_step",
+        description="Sleep N seconds, then record an effect (recovery tests).",
+        args=SlowStep,
+        permissions=perms,
+        side_effects=True,
+        timeout_seconds=120,
+        max_attempts=3,
+    )(_slow_step)
+    tool(
+        "flaky",
+        description="Fail transiently for the first N attempts, then succeed.",
+        args=Flaky,
+        permissions=perms,
+        timeout_seconds=10,
+        max_attempts=5,
+    )(_flaky)
+    tool(
+        "always_fail",
+        description="Fail permanently (error-cascade tests).",
+        args=Note,
+        permissions=perms,
+        timeout_seconds=10,
+    )(_always_fail)
+    tool(
+        "test_effect",
+        description="Record a side effect that can be undone.",
+        args=Effect,
+        permissions=perms,
+        idempotent=False,
+        side_effects=True,
+        compensation="undo_test_effect",
+        timeout_seconds=10,
+    )(_test_effect)
+    tool(
+        "undo_test_effect",
+        description="Undo a test_effect (compensation).",
+        args=Undo,
+        permissions=perms,
+        side_effects=True,
+        timeout_seconds=10,
+        max_attempts=10,
+        hidden=True,
+    )(_undo_test_effect)
+    tool(
+        "fragile_fetch",
+        description="Fetch a value from an upstream that is always down.",
+        args=Fetch,
+        permissions=perms,
+        fallback="cached_fetch",
+        timeout_seconds=10,
+    )(_fragile_fetch)
+    tool(
+        "cached_fetch",
+        description="Fetch a (stale) value from the local cache.",
+        args=Fetch,
+        permissions=perms,
+        timeout_seconds=10,
+    )(_cached_fetch)
+    tool(
+        "echo",
+        description="Return the note (loop and cap tests).",
+        args=Note,
+        permissions=perms,
+        timeout_seconds=10,
+    )(_echo)
 
 
 # ---------------------------------------------------------------------- scripted planner
@@ -187,8 +246,15 @@ def policy_yaml(*, approval_timeout_seconds: int = 3600, **limits: Any) -> str:
     ``echo`` only accepts lower-case notes (so a test can make a step be denied), and a
     ``test_effect`` whose note is ``approve-me`` needs a human, with the given timeout.
     """
-    lim = {"max_iterations": 3, "max_tool_calls": 12, "deadline_seconds": 60,
-           "thrash_repeats": 3, "max_consecutive_failures": 3, "min_confidence": 0.5, **limits}
+    lim = {
+        "max_iterations": 3,
+        "max_tool_calls": 12,
+        "deadline_seconds": 60,
+        "thrash_repeats": 3,
+        "max_consecutive_failures": 3,
+        "min_confidence": 0.5,
+        **limits,
+    }
     lines = "\n".join(f"  {k}: {v}" for k, v in lim.items())
     return f"""version: "2026-11-01.1"
 roles:

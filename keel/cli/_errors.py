@@ -14,8 +14,7 @@ def describe(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, RuntimeError) and "connect" in text.lower():
         addr = _safe(lambda: load_settings().temporal_address)
-        return (f"cannot reach Temporal at {addr} — start it with 'make up' "
-                "(or set TEMPORAL_ADDRESS)")
+        return f"cannot reach Temporal at {addr} — start it with 'make up' (or set TEMPORAL_ADDRESS)"
     if isinstance(e, RPCError):
         if e.status == RPCStatusCode.NOT_FOUND:
             return f"not found: {e.message}"
@@ -36,8 +35,7 @@ def describe(e: BaseException) -> str:
         import psycopg
 
         if isinstance(e, psycopg.OperationalError):
-            return (f"cannot reach PostgreSQL ({text}) — start it with 'make up' "
-                    "(or set KEEL_DATABASE_URL)")
+            return f"cannot reach PostgreSQL ({text}) — start it with 'make up' (or set KEEL_DATABASE_URL)"
     except ImportError:  # pragma: no cover
         pass
     return f"{type(e).__name__}: {text}"

@@ -48,18 +48,21 @@ def _usd(micros: int | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    body = ["  ".join(c.rjust(w) if c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit())
-                      else c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    body = [
+        "  ".join(
+            c.rjust(w) if c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit()) else c.ljust(w)
+            for c, w in zip(r, widths, strict=True)
+        )
+        for r in rows
+    ]
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
 
 
 async def _with_conn(fn: Any, *args: Any) -> Any:
     url = load_settings().database_url
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True,
-                                                     connect_timeout=10) as conn:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10) as conn:
         return await fn(conn, *args)
 
 
@@ -68,8 +71,16 @@ def _set(args: argparse.Namespace) -> int:
     overdraft = None if args.overdraft is None else parse_usd(args.overdraft)
     asyncio.run(_with_conn(ledger.set_limit, args.scope, limit, args.observe, overdraft))
     if args.json:
-        print(json.dumps({"scope": args.scope, "limit_micros": limit, "observe": args.observe,
-                          "overdraft_micros": overdraft}))
+        print(
+            json.dumps(
+                {
+                    "scope": args.scope,
+                    "limit_micros": limit,
+                    "observe": args.observe,
+                    "overdraft_micros": overdraft,
+                }
+            )
+        )
         return 0
     mode = "observe (dry-run: decisions recorded, not enforced)" if args.observe else "enforced"
     extra = "" if overdraft is None else f", overdraft {_usd(overdraft)} USD"
@@ -78,44 +89,59 @@ def _set(args: argparse.Namespace) -> int:
 
 
 def _row(v: ScopeView) -> list[str]:
-    return [v.scope, _usd(v.limit_micros), _usd(v.spent_micros), _usd(v.reserved_micros),
-            _usd(v.remaining_micros), _usd(v.debt_micros), "observe" if v.observe else ""]
+    return [
+        v.scope,
+        _usd(v.limit_micros),
+        _usd(v.spent_micros),
+        _usd(v.reserved_micros),
+        _usd(v.remaining_micros),
+        _usd(v.debt_micros),
+        "observe" if v.observe else "",
+    ]
 
 
 def _show(args: argparse.Namespace) -> int:
     view: ScopeView | None = asyncio.run(_with_conn(ledger.show, args.scope))
     if view is None:
-        raise CliError(f"no budget scope {args.scope!r} (scopes appear on first use or "
-                       "`budget set`)")
+        raise CliError(f"no budget scope {args.scope!r} (scopes appear on first use or `budget set`)")
     if args.json:
         print(view.model_dump_json(indent=2))
         return 0
     headers = ["scope", "limit", "spent", "reserved", "remaining", "debt", "mode"]
     print(_table(headers, [_row(view), *(_row(c) for c in view.children)]))
-    print(f"\neffective remaining (with ancestors): {_usd(view.effective_remaining_micros)} USD"
-          + (f"; overdraft {_usd(view.overdraft_micros)} USD" if view.overdraft_micros else "")
-          + (f"; OVER LIMIT by {_usd(view.over_limit_micros)} USD"
-             if view.over_limit_micros else ""))
+    print(
+        f"\neffective remaining (with ancestors): {_usd(view.effective_remaining_micros)} USD"
+        + (f"; overdraft {_usd(view.overdraft_micros)} USD" if view.overdraft_micros else "")
+        + (f"; OVER LIMIT by {_usd(view.over_limit_micros)} USD" if view.over_limit_micros else "")
+    )
     return 0
 
 
 def _history(args: argparse.Namespace) -> int:
     if args.limit <= 0:
         raise CliError("--limit must be a positive number")
-    entries: list[HistoryEntry] = asyncio.run(
-        _with_conn(ledger.history, args.scope, args.limit))
+    entries: list[HistoryEntry] = asyncio.run(_with_conn(ledger.history, args.scope, args.limit))
     if args.json:
         print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
         return 0
     if not entries:
         print(f"no reservations charged {args.scope}")
         return 0
-    rows = [[e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.key, e.kind, e.subject,
-             e.decision.value + ("*" if e.would_decision else ""), e.status,
-             _usd(e.amount_micros), "" if e.actual_micros is None else _usd(e.actual_micros),
-             "OVER" if e.over_limit else ""] for e in entries]
-    print(_table(["created", "key", "kind", "subject", "decision", "status", "held", "actual",
-                  ""], rows))
+    rows = [
+        [
+            e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.key,
+            e.kind,
+            e.subject,
+            e.decision.value + ("*" if e.would_decision else ""),
+            e.status,
+            _usd(e.amount_micros),
+            "" if e.actual_micros is None else _usd(e.actual_micros),
+            "OVER" if e.over_limit else "",
+        ]
+        for e in entries
+    ]
+    print(_table(["created", "key", "kind", "subject", "decision", "status", "held", "actual", ""], rows))
     if any(e.would_decision for e in entries):
         print("\n* observe mode: a stricter decision was recorded but not enforced")
     return 0
@@ -123,42 +149,56 @@ def _history(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``budget set|show|history`` to the starter's subcommands."""
-    p = sub.add_parser("budget", help="budget ledger: limits, spend, reservations",
-                       description="Inspect and set hierarchical budget limits.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  python starter.py budget set acme 25\n"
-                              "  python starter.py budget show acme\n"
-                              "  python starter.py budget history acme --limit 20")
+    p = sub.add_parser(
+        "budget",
+        help="budget ledger: limits, spend, reservations",
+        description="Inspect and set hierarchical budget limits.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python starter.py budget set acme 25\n"
+        "  python starter.py budget show acme\n"
+        "  python starter.py budget history acme --limit 20",
+    )
     bsub = p.add_subparsers(dest="budget_command", metavar="ACTION")
     bsub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
 
     s = bsub.add_parser(
-        "set", help="set a scope's limit", formatter_class=fmt,
+        "set",
+        help="set a scope's limit",
+        formatter_class=fmt,
         description="Set (or remove, with 'unlimited') the USD limit of a scope.",
         epilog="scopes: acme, acme/ws:default, acme/ws:default/user:bob,\n"
-               "        acme/tool:issue_refund, acme/model:openai:gpt-4o-mini\n"
-               "example: python starter.py budget set acme 25 --overdraft 0.50\n"
-               "         python starter.py budget set acme/tool:issue_refund 5 --observe")
+        "        acme/tool:issue_refund, acme/model:openai:gpt-4o-mini\n"
+        "example: python starter.py budget set acme 25 --overdraft 0.50\n"
+        "         python starter.py budget set acme/tool:issue_refund 5 --observe",
+    )
     s.add_argument("scope")
     s.add_argument("usd", help="limit in USD (up to 6 decimals), or 'unlimited'")
-    s.add_argument("--observe", action="store_true",
-                   help="dry-run: compute and record decisions but do not enforce them")
-    s.add_argument("--overdraft", metavar="USD",
-                   help="how far commits may overrun the limit, recorded as debt")
+    s.add_argument(
+        "--observe", action="store_true", help="dry-run: compute and record decisions but do not enforce them"
+    )
+    s.add_argument(
+        "--overdraft", metavar="USD", help="how far commits may overrun the limit, recorded as debt"
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_set)
 
     sh = bsub.add_parser(
-        "show", help="limit, spend and children of a scope", formatter_class=fmt,
-        epilog="example: python starter.py budget show acme/ws:default")
+        "show",
+        help="limit, spend and children of a scope",
+        formatter_class=fmt,
+        epilog="example: python starter.py budget show acme/ws:default",
+    )
     sh.add_argument("scope")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=_show)
 
     h = bsub.add_parser(
-        "history", help="recent reservations that charged a scope", formatter_class=fmt,
-        epilog="example: python starter.py budget history acme --limit 20")
+        "history",
+        help="recent reservations that charged a scope",
+        formatter_class=fmt,
+        epilog="example: python starter.py budget history acme --limit 20",
+    )
     h.add_argument("scope")
     h.add_argument("--json", action="store_true", help="machine-readable output")
     h.add_argument("--limit", type=int, default=50, help="how many (default 50)")

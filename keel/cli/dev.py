@@ -14,16 +14,19 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "dev", help="start, stop or inspect the embedded Temporal + PostgreSQL",
+        "dev",
+        help="start, stop or inspect the embedded Temporal + PostgreSQL",
         description="Control the embedded services of the one-machine default: the Temporal "
-                    "dev server and PostgreSQL, both from PyPI (state in .keel/ or "
-                    "KEEL_STATE_DIR). Starting twice reuses what runs.",
+        "dev server and PostgreSQL, both from PyPI (state in .keel/ or "
+        "KEEL_STATE_DIR). Starting twice reuses what runs.",
         epilog="examples:\n  starter.py dev up --workers 2   # services and two workers\n"
-               "  starter.py dev status --json\n  starter.py dev down",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  starter.py dev status --json\n  starter.py dev down",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("action", choices=["up", "down", "status"], help="what to do")
-    p.add_argument("--workers", type=int, default=0,
-                   help="with 'up': also keep this many worker processes running")
+    p.add_argument(
+        "--workers", type=int, default=0, help="with 'up': also keep this many worker processes running"
+    )
     p.add_argument("--json", action="store_true", help="print the services' status as JSON")
     p.set_defaults(func=_dev)
 

@@ -24,12 +24,14 @@ through; the probe's success closes it, its failure opens it again."""
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "breakers", help="show circuit-breaker state per tool and model provider",
+        "breakers",
+        help="show circuit-breaker state per tool and model provider",
         description="Circuit breakers are shared by all workers through PostgreSQL: one per "
-                    "tool (tool:<name>) and per model provider (model:<provider>).",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--events", type=int, default=0, metavar="N",
-                   help="also show the last N state changes")
+        "tool (tool:<name>) and per model provider (model:<provider>).",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--events", type=int, default=0, metavar="N", help="also show the last N state changes")
     p.add_argument("--json", action="store_true", help="print breakers and events as JSON")
     p.set_defaults(func=_breakers)
 
@@ -40,15 +42,26 @@ def render_breakers(views: list[Any], events: list[Any], now: datetime) -> str:
         lines = ["no breaker has seen a failure: every tool and provider is closed"]
     else:
         head = ("SCOPE", "STATE", "FAILURES", "OPENED", "UNTIL", "LAST ERROR")
-        rows = [(v.scope, v.state.replace("_", "-"), str(v.consecutive_failures),
-                 f"{v.opened_count}x", _until(v, now), (v.last_error or "-")[:60]) for v in views]
+        rows = [
+            (
+                v.scope,
+                v.state.replace("_", "-"),
+                str(v.consecutive_failures),
+                f"{v.opened_count}x",
+                _until(v, now),
+                (v.last_error or "-")[:60],
+            )
+            for v in views
+        ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
         lines = [fmt.format(*head), *(fmt.format(*r) for r in rows)]
     if events:
         lines += ["", "Recent transitions (newest first)"]
-        lines += [f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.scope}  {e.from_state} -> {e.to_state}  "
-                  f"{e.reason[:80]}" for e in events]
+        lines += [
+            f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.scope}  {e.from_state} -> {e.to_state}  {e.reason[:80]}"
+            for e in events
+        ]
     return "\n".join(lines)
 
 
@@ -69,12 +82,20 @@ async def _breakers(args: argparse.Namespace) -> int:
     if args.events < 0:
         raise CliError("--events must be 0 or more")
     async with await psycopg.AsyncConnection.connect(
-            load_settings().database_url, autocommit=True, connect_timeout=10) as conn:
+        load_settings().database_url, autocommit=True, connect_timeout=10
+    ) as conn:
         views = await breaker.snapshot(conn)
         events = await breaker.events(conn, limit=args.events) if args.events else []
     if args.json:
-        print(json.dumps({"breakers": [v.model_dump(mode="json") for v in views],
-                          "events": [e.model_dump(mode="json") for e in events]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "breakers": [v.model_dump(mode="json") for v in views],
+                    "events": [e.model_dump(mode="json") for e in events],
+                },
+                indent=2,
+            )
+        )
     else:
         print(render_breakers(views, events, datetime.now(UTC)))
     return 0

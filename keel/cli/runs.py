@@ -37,64 +37,94 @@ exit status: 0 completed or partial, 3 any other outcome (denied, budget, ...),
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
-        "run", help="start an agent run and print its result",
+        "run",
+        help="start an agent run and print its result",
         description="Start an agent run (one durable Temporal workflow) and wait for its answer. "
-                    "Every model call and tool action is checked against the tenant's policy "
-                    "and budget first; the run survives worker crashes.",
-        epilog=_RUN_EXAMPLES, formatter_class=raw)
+        "Every model call and tool action is checked against the tenant's policy "
+        "and budget first; the run survives worker crashes.",
+        epilog=_RUN_EXAMPLES,
+        formatter_class=raw,
+    )
     p.add_argument("message", help="what the agent should do")
     p.add_argument("--tenant", default="acme", help="tenant the run belongs to (default: acme)")
     p.add_argument("--user", default="alice", help="user on whose behalf it runs (default: alice)")
-    p.add_argument("--perm", action="append", default=[], metavar="PERMISSION",
-                   help="narrow the run to these permissions (repeatable; default: all the "
-                        "policy grants the user)")
-    p.add_argument("--budget", type=float, default=1.0, metavar="USD",
-                   help="hard budget for this run in USD (default: 1.00)")
+    p.add_argument(
+        "--perm",
+        action="append",
+        default=[],
+        metavar="PERMISSION",
+        help="narrow the run to these permissions (repeatable; default: all the policy grants the user)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        metavar="USD",
+        help="hard budget for this run in USD (default: 1.00)",
+    )
     p.add_argument("--session", default="default", help="memory session (default: default)")
     p.add_argument("--workspace", default="default", help="budget workspace (default: default)")
     p.add_argument("--request-id", default="", help="idempotent request id (default: random)")
     p.add_argument("--min-tier", default="fast", help="cheapest model tier to start from")
     p.add_argument("--max-tier", default="powerful", help="highest tier escalation may reach")
     p.add_argument("--max-iterations", type=int, default=None, help="override the policy's cap")
-    p.add_argument("--deadline", type=int, default=None, metavar="SECONDS",
-                   help="override the policy's wall-clock deadline")
+    p.add_argument(
+        "--deadline",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="override the policy's wall-clock deadline",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the AgentResponse as JSON")
     out.add_argument("--no-wait", action="store_true", help="print the workflow id and return")
-    out.add_argument("--follow", action="store_true",
-                     help="show live progress (phases, steps, spend) on stderr while it runs")
+    out.add_argument(
+        "--follow",
+        action="store_true",
+        help="show live progress (phases, steps, spend) on stderr while it runs",
+    )
     p.set_defaults(func=_run)
 
     s = sub.add_parser(
-        "status", help="show a run's live plan, steps and spend",
-        description="Ask a run (running or finished) for its phase, steps, spend and what it "
-                    "waits for.",
+        "status",
+        help="show a run's live plan, steps and spend",
+        description="Ask a run (running or finished) for its phase, steps, spend and what it waits for.",
         epilog="examples:\n  starter.py status agent/acme/r-1234\n"
-               "  starter.py status agent/acme/r-1234 --json", formatter_class=raw)
+        "  starter.py status agent/acme/r-1234 --json",
+        formatter_class=raw,
+    )
     s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/r-1234")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=_status)
 
     ls = sub.add_parser(
-        "list", help="list recent runs",
+        "list",
+        help="list recent runs",
         description="List runs from Temporal's visibility store, newest first.",
         epilog="examples:\n  starter.py list --tenant acme --status running\n"
-               "  starter.py list --status failed --limit 50 --json", formatter_class=raw)
+        "  starter.py list --status failed --limit 50 --json",
+        formatter_class=raw,
+    )
     ls.add_argument("--tenant", default=None, help="only this tenant's runs")
-    ls.add_argument("--status", default=None, help="only runs in this state",
-                    choices=["running", "completed", "failed", "cancelled", "terminated",
-                             "timed_out"])
+    ls.add_argument(
+        "--status",
+        default=None,
+        help="only runs in this state",
+        choices=["running", "completed", "failed", "cancelled", "terminated", "timed_out"],
+    )
     ls.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
     ls.add_argument("--json", action="store_true", help="print the runs as JSON")
     ls.set_defaults(func=_list)
 
     a = sub.add_parser(
-        "approve", help="approve (or --reject) a step waiting for a human",
+        "approve",
+        help="approve (or --reject) a step waiting for a human",
         description="Answer a run that waits for a human approval (e.g. a refund over $100). "
-                    "The decision is recorded in the audit log.",
+        "The decision is recorded in the audit log.",
         epilog="examples:\n  starter.py approve agent/acme/r-1234\n"
-               "  starter.py approve agent/acme/r-1234 --reject --reason 'too much'",
-        formatter_class=raw)
+        "  starter.py approve agent/acme/r-1234 --reject --reason 'too much'",
+        formatter_class=raw,
+    )
     a.add_argument("workflow_id", metavar="WORKFLOW_ID")
     a.add_argument("--step", default="", help="step id (default: the one waiting)")
     a.add_argument("--reject", action="store_true", help="reject instead of approve")
@@ -104,11 +134,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a.set_defaults(func=_approve)
 
     c = sub.add_parser(
-        "cancel", help="cancel a run; its side effects are compensated",
+        "cancel",
+        help="cancel a run; its side effects are compensated",
         description="Stop a run: completed side effects are undone in reverse order "
-                    "(refunds voided, ...) and unused budget is released.",
+        "(refunds voided, ...) and unused budget is released.",
         epilog="example:\n  starter.py cancel agent/acme/r-1234 --reason 'customer withdrew'",
-        formatter_class=raw)
+        formatter_class=raw,
+    )
     c.add_argument("workflow_id", metavar="WORKFLOW_ID")
     c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit log")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -122,22 +154,35 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _request(args: argparse.Namespace) -> AgentRequest:
     try:
         return AgentRequest(
-            tenant=args.tenant, user=args.user, message=args.message,
-            request_id=args.request_id or f"r-{uuid.uuid4().hex[:10]}", session=args.session,
-            workspace=args.workspace, permissions=tuple(args.perm), max_budget_usd=args.budget,
+            tenant=args.tenant,
+            user=args.user,
+            message=args.message,
+            request_id=args.request_id or f"r-{uuid.uuid4().hex[:10]}",
+            session=args.session,
+            workspace=args.workspace,
+            permissions=tuple(args.perm),
+            max_budget_usd=args.budget,
             model_policy=ModelPolicy(min_tier=args.min_tier, max_tier=args.max_tier),
-            max_iterations=args.max_iterations, deadline_seconds=args.deadline)
+            max_iterations=args.max_iterations,
+            deadline_seconds=args.deadline,
+        )
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "request"
-        flag = {"max_budget_usd": "--budget", "tenant": "--tenant", "user": "--user",
-                "message": "message", "session": "--session"}.get(field, field)
+        flag = {
+            "max_budget_usd": "--budget",
+            "tenant": "--tenant",
+            "user": "--user",
+            "message": "message",
+            "session": "--session",
+        }.get(field, field)
         raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def workflow_url(settings: Settings, workflow_id: str) -> str:
-    return (f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/"
-            f"{quote(workflow_id, safe='')}")
+    return (
+        f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/{quote(workflow_id, safe='')}"
+    )
 
 
 async def _client() -> tuple[Client, Settings]:
@@ -172,10 +217,16 @@ async def _run(args: argparse.Namespace) -> int:
     client, settings = await _client()
     wid = f"agent/{req.tenant}/{req.request_id}"
     handle: WorkflowHandle[Any, AgentResponse] = await client.start_workflow(
-        WORKFLOW, req, id=wid, task_queue=settings.task_queue, result_type=AgentResponse,
-        search_attributes=TypedSearchAttributes([SearchAttributePair(TENANT, req.tenant),
-                                                 SearchAttributePair(USER, req.user)]),
-        static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}")
+        WORKFLOW,
+        req,
+        id=wid,
+        task_queue=settings.task_queue,
+        result_type=AgentResponse,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(TENANT, req.tenant), SearchAttributePair(USER, req.user)]
+        ),
+        static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}",
+    )
     if args.no_wait:
         print(wid)
         return 0
@@ -191,8 +242,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _follow(handle: WorkflowHandle[Any, AgentResponse], url: str) -> None:
     """Poll the status query and draw progress on stderr until the run ends."""
-    progress = Progress(handle.id, url, tty=sys.stderr.isatty(),
-                        unicode=(sys.stderr.encoding or "").lower().startswith("utf"))
+    progress = Progress(
+        handle.id, url, tty=sys.stderr.isatty(), unicode=(sys.stderr.encoding or "").lower().startswith("utf")
+    )
     progress.emit(progress.header())
     while True:
         try:
@@ -223,14 +275,21 @@ async def _status(args: argparse.Namespace) -> int:
     except Exception:
         st = None
     if st is None and desc.status == WorkflowExecutionStatus.COMPLETED:
-        resp = await client.get_workflow_handle(args.workflow_id,
-                                                result_type=AgentResponse).result()
-        st = RunStatus(workflow_id=args.workflow_id, phase="done", steps=resp.steps,
-                       spend=resp.spend, iterations=resp.iterations, model_label=resp.model_label,
-                       outcome=resp.outcome)
+        resp = await client.get_workflow_handle(args.workflow_id, result_type=AgentResponse).result()
+        st = RunStatus(
+            workflow_id=args.workflow_id,
+            phase="done",
+            steps=resp.steps,
+            spend=resp.spend,
+            iterations=resp.iterations,
+            model_label=resp.model_label,
+            outcome=resp.outcome,
+        )
     if st is None:
-        raise CliError(f"{args.workflow_id} is {status_name} and no worker answered the status "
-                       "query (is a worker running?)")
+        raise CliError(
+            f"{args.workflow_id} is {status_name} and no worker answered the status "
+            "query (is a worker running?)"
+        )
     if args.json:
         print(json.dumps({"temporal_status": status_name, **st.model_dump(mode="json")}, indent=2))
     else:
@@ -250,12 +309,17 @@ async def _list(args: argparse.Namespace) -> int:
     rows = []
     async for wf in client.list_workflows(" AND ".join(query), limit=args.limit):
         sa = wf.typed_search_attributes
-        rows.append({
-            "workflow_id": wf.id, "status": wf.status.name.lower() if wf.status else "",
-            "started": wf.start_time.isoformat(timespec="seconds") if wf.start_time else "",
-            "tenant": _sa(sa, "KeelTenant"), "user": _sa(sa, "KeelUser"),
-            "outcome": _sa(sa, "KeelOutcome"),
-            "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6})
+        rows.append(
+            {
+                "workflow_id": wf.id,
+                "status": wf.status.name.lower() if wf.status else "",
+                "started": wf.start_time.isoformat(timespec="seconds") if wf.start_time else "",
+                "tenant": _sa(sa, "KeelTenant"),
+                "user": _sa(sa, "KeelUser"),
+                "outcome": _sa(sa, "KeelOutcome"),
+                "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -264,13 +328,21 @@ async def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'WORKFLOW ID':<34} {'STATUS':<10} {'OUTCOME':<16} {'SPEND USD':>10}  STARTED")
     for r in rows:
-        print(f"{r['workflow_id']:<34} {r['status']:<10} {r['outcome'] or '-':<16} "
-              f"{r['spend_usd']:>10.6f}  {r['started']}")
+        print(
+            f"{r['workflow_id']:<34} {r['status']:<10} {r['outcome'] or '-':<16} "
+            f"{r['spend_usd']:>10.6f}  {r['started']}"
+        )
     return 0
 
 
-_STATUS = {"running": "Running", "completed": "Completed", "failed": "Failed",
-           "cancelled": "Canceled", "terminated": "Terminated", "timed_out": "TimedOut"}
+_STATUS = {
+    "running": "Running",
+    "completed": "Completed",
+    "failed": "Failed",
+    "cancelled": "Canceled",
+    "terminated": "Terminated",
+    "timed_out": "TimedOut",
+}
 
 
 def _sa(attrs: TypedSearchAttributes, name: str) -> Any:
@@ -284,10 +356,15 @@ async def _approve(args: argparse.Namespace) -> int:
     client, _ = await _client()
     handle = client.get_workflow_handle(args.workflow_id)
     result = await handle.execute_update(
-        "approve", Approval(approve=not args.reject, step_id=args.step, reason=args.reason,
-                            by=args.by), result_type=str)
-    print(json.dumps({"workflow_id": args.workflow_id, "result": result}) if args.json
-          else f"{args.workflow_id}: {result}")
+        "approve",
+        Approval(approve=not args.reject, step_id=args.step, reason=args.reason, by=args.by),
+        result_type=str,
+    )
+    print(
+        json.dumps({"workflow_id": args.workflow_id, "result": result})
+        if args.json
+        else f"{args.workflow_id}: {result}"
+    )
     return 0
 
 
@@ -295,6 +372,9 @@ async def _cancel(args: argparse.Namespace) -> int:
     client, _ = await _client()
     handle = client.get_workflow_handle(args.workflow_id)
     result = await handle.execute_update("cancel", args.reason, result_type=str)
-    print(json.dumps({"workflow_id": args.workflow_id, "result": result}) if args.json
-          else f"{args.workflow_id}: {result} (side effects will be compensated)")
+    print(
+        json.dumps({"workflow_id": args.workflow_id, "result": result})
+        if args.json
+        else f"{args.workflow_id}: {result} (side effects will be compensated)"
+    )
     return 0

@@ -100,9 +100,7 @@ class FakeServer:
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 payload = (
-                    reply.body.encode()
-                    if isinstance(reply.body, str)
-                    else json.dumps(reply.body).encode()
+                    reply.body.encode() if isinstance(reply.body, str) else json.dumps(reply.body).encode()
                 )
                 self.send_response(reply.status)
                 self.send_header("content-type", "application/json")

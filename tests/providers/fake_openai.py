@@ -61,7 +61,5 @@ def error(
     headers: dict[str, str] | None = None,
 ) -> Scripted:
     """An OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
-    body: dict[str, Any] = {
-        "error": {"message": message, "type": type_, "param": None, "code": code}
-    }
+    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return Scripted(status, body, headers or {})

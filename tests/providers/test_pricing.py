@@ -56,9 +56,7 @@ def test_every_default_tier_model_has_a_price() -> None:
 
 def test_dated_snapshots_resolve_but_other_suffixes_do_not() -> None:
     assert price_for("openai:gpt-4.1-2025-04-14") == price_for("openai:gpt-4.1")
-    assert price_for("anthropic:claude-sonnet-4-5-20250929") == price_for(
-        "anthropic:claude-sonnet-4-5"
-    )
+    assert price_for("anthropic:claude-sonnet-4-5-20250929") == price_for("anthropic:claude-sonnet-4-5")
     with pytest.raises(PricingError, match="KEEL_PRICES_FILE"):
         price_for("openai:o3-pro")  # must never be priced as o3
     with pytest.raises(PricingError, match=r"no price for model 'openai:llama3\.1'"):

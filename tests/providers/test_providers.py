@@ -110,9 +110,7 @@ async def test_openai_structured_plan(fake_openai: fo.FakeOpenAI) -> None:
     }
 
 
-async def test_openai_json_object_mode(
-    fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_openai_json_object_mode(fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_OPENAI_JSON_MODE", "json_object")
     fake_openai.push(fo.chat('```json\n{"steps": [], "answer": "hi"}\n```'))
     result = await OpenAIProvider().complete(_call("openai:llama3.1", schema=True))
@@ -161,9 +159,7 @@ async def test_openai_500_is_retryable(fake_openai: fo.FakeOpenAI) -> None:
 
 
 async def test_openai_401_fails_fast_without_leaking_the_key(fake_openai: fo.FakeOpenAI) -> None:
-    fake_openai.push(
-        fo.error(401, f"Incorrect API key provided: {FAKE_OPENAI_KEY}", code="invalid_api_key")
-    )
+    fake_openai.push(fo.error(401, f"Incorrect API key provided: {FAKE_OPENAI_KEY}", code="invalid_api_key"))
     started = time.monotonic()
     err = await _fails(OpenAIProvider(), _call("openai:gpt-4o-mini"))
     assert time.monotonic() - started < 2
@@ -232,9 +228,7 @@ async def test_openai_missing_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_anthropic_text_usage_normalised(fake_anthropic: fa.FakeAnthropic) -> None:
     fake_anthropic.push(
-        fa.text(
-            "Order 42 shipped.", input_tokens=50, output_tokens=30, cache_read=2000, cache_write=100
-        )
+        fa.text("Order 42 shipped.", input_tokens=50, output_tokens=30, cache_read=2000, cache_write=100)
     )
     result = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5"))
     assert result.text == "Order 42 shipped." and result.provider == "anthropic"
