@@ -24,7 +24,6 @@ from keel.models import (
 
 __all__ = [
     "RunLimits",
-    "ApprovalRule",
     "PrepareInput",
     "RunContext",
     "PlanInput",
@@ -51,15 +50,6 @@ class RunLimits(Frozen):
     min_confidence: float = 0.5
     escalate_below: float = 0.75
     approval_timeout_seconds: int = 3600
-
-
-class ApprovalRule(Frozen):
-    """A tool call needing a human: ``tool`` when ``arg`` is above ``above`` (or always)."""
-
-    tool: str
-    arg: str = ""
-    above: float | None = None
-    rule: str = ""
 
 
 class PrepareInput(Frozen):

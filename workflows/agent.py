@@ -265,7 +265,7 @@ class AgentWorkflow:
                 if step.id in self._steps:
                     step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
                 hatch = d.escape_hatch(
-                    d.Limits(**limits.model_dump(exclude={"approval_timeout_seconds"})),
+                    limits,
                     tool_calls=tool_calls,
                     consecutive_failures=consecutive_failures,
                     signatures=signatures,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from keel.agent_io import RunLimits
 
 __all__ = [
     "Limits",
@@ -32,18 +33,8 @@ class ReferenceError_(ValueError):
     """A plan referenced a step or field that does not exist (the plan is invalid)."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Escape-hatch limits in force for a run (policy defaults, request overrides)."""
-
-    max_iterations: int = 3
-    max_tool_calls: int = 12
-    deadline_seconds: int = 300
-    thrash_repeats: int = 3
-    max_consecutive_failures: int = 3
-    min_confidence: float = 0.5
-    escalate_below: float = 0.75
-    """Evaluator score under which the cascade escalates to the next model tier."""
+Limits = RunLimits
+"""Escape-hatch limits in force for a run (one model: policy defaults, request overrides)."""
 
 
 def _lookup(results: Mapping[str, Mapping[str, Any]], step: str, field: str) -> Any:
