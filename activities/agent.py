@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -21,7 +22,7 @@ from activities import audit, ledger, memory
 from activities.concurrency import acquire_run_slot, release_run_slot, tenant_run_limit, ttl_for
 from activities.guardrails import detect_injection, redact, redact_data, scan_input
 from activities.llm import call_model
-from activities.models.offline import _respond
+from activities.models.offline import respond_text
 from activities.tools.registry import catalog
 from keel import telemetry
 from keel.agent_io import (
@@ -38,7 +39,7 @@ from keel.agent_io import (
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, Usage, usd_to_micros
-from keel.policy import PolicyError, load_policy
+from keel.policy import Policy, PolicyError, load_policy
 from keel.pricing import cost_micros, load_prices, price_for
 from keel.settings import Settings
 from keel.tiers import TIER_ORDER, model_label, resolve_tiers
@@ -139,6 +140,24 @@ class _Any(dict):  # type: ignore[type-arg]
         return "?"
 
 
+_POLICY_CACHE: dict[str, tuple[tuple[int, int], Policy]] = {}
+
+
+def _cached_policy(path: Path) -> Policy:
+    """Parse the policy file once per change (mtime and size), not once per run."""
+    try:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return load_policy(path)  # raises the one-line PolicyError
+    hit = _POLICY_CACHE.get(str(path))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    policy = load_policy(path)
+    _POLICY_CACHE[str(path)] = (stamp, policy)
+    return policy
+
+
 class AgentActivities:
     def __init__(self, pool: AsyncConnectionPool, settings: Settings) -> None:
         self._pool = pool
@@ -148,28 +167,10 @@ class AgentActivities:
     async def prepare_run(self, inp: PrepareInput) -> RunContext:
         req, wid = inp.request, inp.workflow_id
         try:
-            policy = load_policy(self._settings.policy_file)
+            policy = _cached_policy(self._settings.policy_file)
         except PolicyError as e:
             raise ApplicationError(str(e), type="PolicyError", non_retryable=True) from e
         gate = authorize_user(policy, req.tenant, req.user, req.permissions)
-        if gate.allowed:
-            limit = tenant_run_limit(req.tenant)
-            async with self._pool.connection() as conn:
-                if not await acquire_run_slot(
-                    conn,
-                    req.tenant,
-                    wid,
-                    limit,
-                    ttl_for(req.deadline_seconds or policy.limits.deadline_seconds),
-                ):
-                    gate = gate.model_copy(
-                        update={
-                            "allowed": False,
-                            "rule": "tenant-concurrency",
-                            "reason": f"tenant {req.tenant!r} already has {limit} run(s) in flight; "
-                            "try again later",
-                        }
-                    )
         tiers = resolve_tiers(os.environ)
         labels = sorted({model_label(m) for m in tiers.values()})
         verdict = (
@@ -178,36 +179,43 @@ class AgentActivities:
             else None
         )
         scopes = scope_path(req.tenant, req.workspace, req.user, wid)
-        entries = [
-            AuditEntry(
-                tenant=req.tenant,
-                user=req.user,
-                workflow_id=wid,
-                step_id="",
-                kind="run",
-                subject="agent",
-                decision="allow" if gate.allowed else "deny",
-                reason=gate.reason,
-                data={"rule": gate.rule, "policy_version": policy.version},
-                idem_key=f"{wid}/authorize",
-            )
-        ]
-        if verdict is not None and not verdict.ok:
-            entries.append(
+        run = {"tenant": req.tenant, "user": req.user, "workflow_id": wid, "step_id": ""}
+        async with self._pool.connection() as conn:  # one connection for the whole preparation
+            if gate.allowed:
+                limit = tenant_run_limit(req.tenant)
+                ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
+                if not await acquire_run_slot(conn, req.tenant, wid, limit, ttl):
+                    gate = gate.model_copy(
+                        update={
+                            "allowed": False,
+                            "rule": "tenant-concurrency",
+                            "reason": f"tenant {req.tenant!r} already has {limit} run(s) in flight; "
+                            "try again later",
+                        }
+                    )
+            entries = [
                 AuditEntry(
-                    tenant=req.tenant,
-                    user=req.user,
-                    workflow_id=wid,
-                    step_id="",
-                    kind="guardrail",
-                    subject="input",
-                    decision="deny",
-                    reason=verdict.reason,
-                    data={"category": verdict.category, "score": verdict.score},
-                    idem_key=f"{wid}/guardrail-input",
+                    **run,
+                    kind="run",
+                    subject="agent",
+                    decision="allow" if gate.allowed else "deny",
+                    reason=gate.reason,
+                    data={"rule": gate.rule, "policy_version": policy.version},
+                    idem_key=f"{wid}/authorize",
                 )
-            )
-        async with self._pool.connection() as conn:
+            ]
+            if verdict is not None and not verdict.ok:
+                entries.append(
+                    AuditEntry(
+                        **run,
+                        kind="guardrail",
+                        subject="input",
+                        decision="deny",
+                        reason=verdict.reason,
+                        data={"category": verdict.category, "score": verdict.score},
+                        idem_key=f"{wid}/guardrail-input",
+                    )
+                )
             async with conn.transaction():
                 await audit.append_many(conn, entries)
                 if gate.allowed:
@@ -379,7 +387,7 @@ class AgentActivities:
     async def finish_run(self, inp: FinishInput) -> FinishOutput:
         req = inp.request
         body = (
-            _respond(
+            respond_text(
                 req.message,
                 [
                     {

@@ -113,6 +113,7 @@ class _Abort(Exception):
 @workflow.defn(name="AgentWorkflow")
 class AgentWorkflow:
     def __init__(self) -> None:
+        self._policy_model: Policy | None = None
         self._phase = "starting"
         self._steps: dict[str, StepRecord] = {}
         self._order: list[str] = []
@@ -469,7 +470,7 @@ class AgentWorkflow:
         record = record.model_copy(update={"args": args})
         tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
         gate = check_tool_call(
-            Policy.model_validate(ctx.policy),
+            self._policy(ctx),
             req.tenant,
             req.user,
             ctx.permissions,
@@ -941,6 +942,12 @@ class AgentWorkflow:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
+
+    def _policy(self, ctx: RunContext) -> Policy:
+        """The run's policy snapshot, validated once per run (not once per step)."""
+        if self._policy_model is None:
+            self._policy_model = Policy.model_validate(ctx.policy)
+        return self._policy_model
 
     def _gate_context(self) -> dict[str, Any]:
         ctx: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 from keel.models import ModelCall, ModelResult, Usage
 
-__all__ = ["OfflineModel", "OFFLINE_LABEL", "offline_plan"]
+__all__ = ["OFFLINE_LABEL", "OfflineModel", "offline_plan", "respond_text"]
 
 OFFLINE_LABEL = "offline (deterministic, no API key)"
 
@@ -155,7 +155,7 @@ def _replan(request: str, executed: list[dict[str, Any]]) -> dict[str, Any]:
     return {"steps": [], "answer": ""}
 
 
-def _respond(request: str, executed: list[dict[str, Any]]) -> str:
+def respond_text(request: str, executed: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     for e in executed:
         tool, data, state = e.get("tool"), e.get("data") or {}, e.get("state")
@@ -215,7 +215,7 @@ class OfflineModel:
             parsed = {"injection": False, "reason": "offline classifier defers to heuristics"}
             text = json.dumps(parsed)
         else:
-            text = _respond(request, executed)
+            text = respond_text(request, executed)
         prompt = (
             call.system
             + "".join(m.content for m in call.messages)

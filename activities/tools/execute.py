@@ -27,10 +27,13 @@ from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import breaker
+from activities import audit, breaker, ledger
+from activities.guardrails import redact_data
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
-from keel.models import ToolCall, ToolResult
+from keel.audit_models import AuditEntry
+from keel.budget import CommitRequest, ReleaseRequest, ReserveRequest
+from keel.models import Decision, ToolCall, ToolResult
 from keel.telemetry import annotate
 
 __all__ = ["MAX_RESULT_BYTES", "ToolActivities", "summarize_result"]
@@ -199,11 +202,6 @@ async def _gate_and_reserve(
     made the (deterministic) decision, the activity makes it durable. Returns a refusal
     result when the ledger says DENY, or when budget caps switch an optional step off.
     """
-    from activities import audit, ledger
-    from activities.guardrails import redact_data
-    from keel.audit_models import AuditEntry
-    from keel.budget import ReleaseRequest, ReserveRequest
-    from keel.models import Decision
 
     gate = call.gate
     assert gate is not None
@@ -285,8 +283,6 @@ async def _gate_and_reserve(
 async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall, result: ToolResult) -> None:
     """Write the effect record and commit the step's reservation, pipelined, inside the
     effect's transaction: all three become durable together or not at all."""
-    from activities import ledger
-    from keel.budget import CommitRequest
 
     try:
         async with conn.pipeline():
