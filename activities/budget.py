@@ -1,7 +1,10 @@
 """Temporal activities over the budget ledger, run as LOCAL activities by the workflow.
 
-Each is one pooled connection checkout plus one round trip (a plpgsql call), so local
-activities are the right fit: no task-queue hop, and retries stay inside the workflow task.
+Each is one round trip (a plpgsql call), so local activities are the right fit: no task-queue
+hop, and retries stay inside the workflow task. Reserve, commit and release go through the
+worker's ``LedgerBatcher``: the calls of all the workflows a worker runs at one moment share
+one transaction (see ``activities/ledger_batch.py``), which is what lets one hot tenant go past
+one WAL flush per operation.
 Idempotency comes from the request key (``workflow_id/step_id``), so Temporal retrying a
 call, or a new worker replaying history, gets the original answer back.
 
@@ -28,6 +31,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import ledger
+from activities.ledger_batch import LedgerBatcher
 from keel import telemetry
 from keel.budget import (
     CommitRequest,
@@ -59,13 +63,11 @@ class BudgetActivities:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        self._batcher = LedgerBatcher(pool)
 
     async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]], req: _In) -> _Out:
-        try:
-            async with self._pool.connection() as conn:
-                return await fn(conn, req)
-        except LedgerError as e:
-            raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e
+        async with self._pool.connection() as conn:
+            return await _refusals(fn(conn, req))
 
     @activity.defn(name="budget_open_run")
     async def open_run(self, req: OpenRunRequest) -> OpenRunResult:
@@ -75,7 +77,7 @@ class BudgetActivities:
     @activity.defn(name="budget_reserve")
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
         """Hold budget before a model or tool call; DENY is a result, not an error."""
-        res = await self._run(ledger.reserve, req)
+        res = await _refusals(self._batcher.reserve(req))
         telemetry.record_budget_decision(
             res.decision.value, tenant=req.scopes[0].split("/")[0] if req.scopes else "", kind=req.kind
         )
@@ -87,14 +89,22 @@ class BudgetActivities:
     @activity.defn(name="budget_commit")
     async def commit(self, req: CommitRequest) -> CommitResult:
         """Record a model call's actual cost (tools commit inside their own transaction)."""
-        return await self._run(ledger.commit, req)
+        return await _refusals(self._batcher.commit(req))
 
     @activity.defn(name="budget_release")
     async def release(self, req: ReleaseRequest) -> ReleaseResult:
         """Give back a hold that will not be used (skipped step, cancel, compensation)."""
-        return await self._run(ledger.release, req)
+        return await _refusals(self._batcher.release(req))
 
     @activity.defn(name="budget_extend")
     async def extend(self, req: ExtendRequest) -> ExtendResult:
         """Lengthen a hold's lease while a long call is still running."""
         return await self._run(ledger.extend, req)
+
+
+async def _refusals(call: Awaitable[_Out]) -> _Out:
+    """Ledger refusals are deterministic: non-retryable, typed by the exception's class name."""
+    try:
+        return await call
+    except LedgerError as e:
+        raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e

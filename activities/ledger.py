@@ -1,5 +1,7 @@
 """The budget ledger client: one plpgsql call (one round trip) per operation.
 
+(``activities/ledger_batch.py`` puts many concurrent operations of a worker into one call.)
+
 Functions take a psycopg ``AsyncConnection`` rather than a pool so that a caller can run them
 inside a transaction it owns: the tool activity commits the cost in the same transaction as
 the tool's effect, so either both happen or neither does. On an autocommit connection each
@@ -29,6 +31,7 @@ from keel.budget import (
     ExtendResult,
     HistoryEntry,
     IdempotencyConflict,
+    InvalidLedgerRequest,
     LedgerError,
     OpenRunRequest,
     OpenRunResult,
@@ -42,12 +45,16 @@ from keel.budget import (
 )
 
 __all__ = [
+    "answer_error",
+    "batch_op",
     "check_invariant",
     "commit",
     "extend",
     "history",
+    "op_statement",
     "open_run",
     "release",
+    "release_statement",
     "reserve",
     "run_sweeper",
     "set_limit",
@@ -61,6 +68,7 @@ _ERRORS: dict[str, type[LedgerError]] = {
     "KL001": IdempotencyConflict,
     "KL002": ReservationNotFound,
     "KL003": ReservationClosed,
+    "22023": InvalidLedgerRequest,
 }
 
 SWEEP_BATCH = 500
@@ -95,10 +103,8 @@ async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunRe
     return OpenRunResult.model_validate(out)
 
 
-def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
-    """The SQL of a reservation, for callers that batch it with other statements (the tool
-    activity pipelines it with the audit row); parse the row with ``reserve_result``."""
-    digest = _hash(
+def _reserve_hash(req: ReserveRequest) -> str:
+    return _hash(
         op="reserve",
         scopes=list(req.scopes),
         amount=req.amount_micros,
@@ -111,24 +117,78 @@ def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
         step_id=req.step_id,
         tier=req.tier,
     )
-    return (
-        "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
-        " %s, %s, %s, %s, %s, %s)",
-        (
-            req.key,
-            list(req.scopes),
-            req.amount_micros,
-            req.min_micros,
-            req.max_tokens,
-            req.ttl_seconds,
-            req.kind,
-            req.subject,
-            req.run_id,
-            req.step_id,
-            req.tier,
-            digest,
-        ),
-    )
+
+
+def _commit_hash(req: CommitRequest) -> str:
+    return _hash(op="commit", actual=req.actual_micros)
+
+
+_RELEASE_HASH = _hash(op="release")
+
+
+def batch_op(req: ReserveRequest | CommitRequest | ReleaseRequest) -> dict[str, Any]:
+    """One element of ``keel_budget_batch``'s input: the same fields and idempotency payload
+    hash as the single-operation functions, so a batched call and a direct call (or a
+    retry of one as the other) are the same operation to the ledger."""
+    if isinstance(req, ReserveRequest):
+        return {
+            "op": "reserve",
+            "key": req.key,
+            "hash": _reserve_hash(req),
+            "scopes": list(req.scopes),
+            "amount": req.amount_micros,
+            "min": req.min_micros,
+            "max_tokens": req.max_tokens,
+            "ttl": req.ttl_seconds,
+            "kind": req.kind,
+            "subject": req.subject,
+            "run_id": req.run_id,
+            "step_id": req.step_id,
+            "tier": req.tier,
+        }
+    if isinstance(req, CommitRequest):
+        return {"op": "commit", "key": req.key, "hash": _commit_hash(req), "actual": req.actual_micros}
+    return {"op": "release", "key": req.key, "hash": _RELEASE_HASH, "reason": req.reason}
+
+
+def answer_error(answer: dict[str, Any]) -> Exception | None:
+    """The refusal carried by a batch answer (``{"error": SQLSTATE, "message"}``), if any."""
+    code = answer.get("error")
+    if code is None:
+        return None
+    return _ERRORS.get(code, LedgerError)(answer.get("message") or code)
+
+
+def op_statement(op: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """The single-operation SQL of a ``batch_op`` (a lone operation skips the batch wrapper)."""
+    if op["op"] == "reserve":
+        return (
+            "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
+            " %s, %s, %s, %s, %s, %s)",
+            (
+                op["key"],
+                op["scopes"],
+                op["amount"],
+                op["min"],
+                op["max_tokens"],
+                op["ttl"],
+                op["kind"],
+                op["subject"],
+                op["run_id"],
+                op["step_id"],
+                op["tier"],
+                op["hash"],
+            ),
+        )
+    if op["op"] == "commit":
+        return "select keel_budget_commit(%s, %s::bigint, %s)", (op["key"], op["actual"], op["hash"])
+    return "select keel_budget_release(%s, %s, %s)", (op["key"], op["reason"], op["hash"])
+
+
+def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of a reservation, for callers that batch it with other statements (the tool
+    activity pipelines it with the audit row); parse the row with ``reserve_result``."""
+    return op_statement(batch_op(req))
 
 
 def reserve_result(row: Any) -> ReserveResult:
@@ -137,10 +197,12 @@ def reserve_result(row: Any) -> ReserveResult:
 
 def commit_statement(req: CommitRequest) -> tuple[str, tuple[Any, ...]]:
     """The SQL of a commit, for batching (see ``reserve_statement``)."""
-    return (
-        "select keel_budget_commit(%s, %s::bigint, %s)",
-        (req.key, req.actual_micros, _hash(op="commit", actual=req.actual_micros)),
-    )
+    return op_statement(batch_op(req))
+
+
+def release_statement(req: ReleaseRequest) -> tuple[str, tuple[Any, ...]]:
+    """The SQL of a release (see ``reserve_statement``)."""
+    return op_statement(batch_op(req))
 
 
 def translate_error(e: psycopg.Error) -> Exception:
@@ -161,10 +223,7 @@ async def commit(conn: AsyncConnection[Any], req: CommitRequest) -> CommitResult
 
 async def release(conn: AsyncConnection[Any], req: ReleaseRequest) -> ReleaseResult:
     """Return a hold; a no-op (reporting the status) when it was already committed or expired."""
-    out = await _call(
-        conn, "select keel_budget_release(%s, %s, %s)", (req.key, req.reason, _hash(op="release"))
-    )
-    return ReleaseResult.model_validate(out)
+    return ReleaseResult.model_validate(await _call(conn, *release_statement(req)))
 
 
 async def extend(conn: AsyncConnection[Any], req: ExtendRequest) -> ExtendResult:

@@ -1,7 +1,9 @@
 """Budget ledger payloads and scope naming, shared by the workflow and the activities.
 
 Pure and I/O-free so the workflow can import it. The ledger itself lives in PostgreSQL
-(``keel/migrations/002_ledger.sql``); ``activities/ledger.py`` is the only code that talks to it.
+(``keel/migrations/002_ledger.sql``, hot path in ``008_ledger_lean.sql``);
+``activities/ledger.py`` and its batcher ``activities/ledger_batch.py`` are the only code that
+talks to it.
 
 Scope names form a tree under the tenant, and a reservation charges every scope on its path
 (the database adds missing ancestors itself, so naming only the run still charges the tenant)::
@@ -34,6 +36,7 @@ __all__ = [
     "ExtendResult",
     "HistoryEntry",
     "IdempotencyConflict",
+    "InvalidLedgerRequest",
     "LedgerError",
     "OpenRunRequest",
     "OpenRunResult",
@@ -67,6 +70,10 @@ class ReservationNotFound(LedgerError):
 
 class ReservationClosed(LedgerError):
     """Commit after the reservation was released or denied: the release won the race."""
+
+
+class InvalidLedgerRequest(LedgerError):
+    """The ledger refused the request's values (a malformed scope, a negative amount)."""
 
 
 def _segment(value: str, what: str) -> str:

@@ -1,7 +1,9 @@
 """The ledger under real concurrency: several OS processes, each with its own connections.
 
 Every worker process runs ``_WORKER`` (below) with ``python -c``, so nothing is shared but
-the database, exactly as between Keel workers on different machines.
+the database, exactly as between Keel workers on different machines. With ``batched`` in its
+config, a process's clients share one ``LedgerBatcher`` (as a worker's activities do), so
+batched transactions race single-operation ones from the other processes.
 """
 
 from __future__ import annotations
@@ -29,20 +31,35 @@ ROOT = Path(__file__).resolve().parent.parent
 _WORKER = r"""
 import asyncio, json, random, sys, time
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 from activities import ledger
+from activities.ledger_batch import LedgerBatcher
 from keel.budget import *
+
+class Direct:
+    def __init__(self, c):
+        self.reserve = lambda req: ledger.reserve(c, req)
+        self.commit = lambda req: ledger.commit(c, req)
+        self.release = lambda req: ledger.release(c, req)
 
 async def main(url, mode, cfg):
     rng = random.Random(cfg.get("seed", 0))
     out = []
     order = list(cfg.get("keys", ())); rng.shuffle(order)
+    batcher = None
+    if cfg.get("batched"):
+        pool = AsyncConnectionPool(url, min_size=1, max_size=3, open=False,
+                                   kwargs={"autocommit": True})
+        await pool.open(wait=True)
+        batcher = LedgerBatcher(pool)
     async def client(i):
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+            api = batcher or Direct(c)
             if mode == "hammer":
                 for n in range(cfg["ops"]):
                     key = f"{cfg['prefix']}/c{i}/{n}"
                     amt = rng.randint(1, cfg["max_amount"])
-                    r = await ledger.reserve(c, ReserveRequest(key=key, scopes=cfg["scopes"],
+                    r = await api.reserve(ReserveRequest(key=key, scopes=cfg["scopes"],
                         amount_micros=amt, min_micros=rng.choice([0, amt // 2]), ttl_seconds=1))
                     if r.granted_micros == 0:
                         continue
@@ -50,24 +67,24 @@ async def main(url, mode, cfg):
                     if roll < cfg["p_abandon"]:
                         continue  # a worker "dies": the lease must expire
                     if roll < cfg["p_abandon"] + cfg["p_release"]:
-                        await ledger.release(c, ReleaseRequest(key=key))
+                        await api.release(ReleaseRequest(key=key))
                     else:
-                        await ledger.commit(c, CommitRequest(key=key,
+                        await api.commit(CommitRequest(key=key,
                             actual_micros=rng.randint(0, r.granted_micros)))
             elif mode == "same_key":
                 keys = list(cfg["keys"]); rng.shuffle(keys)
                 for key in keys:
-                    r = await ledger.reserve(c, ReserveRequest(key=key, scopes=cfg["scopes"],
+                    r = await api.reserve(ReserveRequest(key=key, scopes=cfg["scopes"],
                         amount_micros=cfg["amount"]))
                     out.append(r.model_dump(mode="json"))
             elif mode in ("commit", "release"):
                 for key in order[i::cfg["clients"]]:
                     try:
                         if mode == "commit":
-                            r = await ledger.commit(c, CommitRequest(
+                            r = await api.commit(CommitRequest(
                                 key=key, actual_micros=cfg["actual"]))
                         else:
-                            r = await ledger.release(c, ReleaseRequest(key=key))
+                            r = await api.release(ReleaseRequest(key=key))
                         out.append({"key": key, "ok": True, **r.model_dump(mode="json")})
                     except ReservationClosed:
                         out.append({"key": key, "ok": False})
@@ -191,6 +208,7 @@ def test_processes_hammering_one_limit_never_overspend(
                 "prefix": f"{tenant}/p{p}",
                 "clients": 3,
                 "seed": p,
+                "batched": p % 2 == 0,
                 "max_amount": max_amount,
                 "p_abandon": p_abandon,
                 "p_release": p_release,
@@ -224,7 +242,11 @@ def test_same_key_retries_make_exactly_one_reservation(pg_url: str) -> None:
     keys = [f"{tenant}/wf/step{i}" for i in range(20)]
     cfg = {"scopes": [tenant], "keys": keys, "amount": 7, "clients": 2}
     answers = [
-        a for out in _run_all(pg_url, [("same_key", {**cfg, "seed": s}) for s in range(4)]) for a in out
+        a
+        for out in _run_all(
+            pg_url, [("same_key", {**cfg, "seed": s, "batched": s % 2 == 0}) for s in range(4)]
+        )
+        for a in out
     ]
     assert len(answers) == 4 * 2 * len(keys)
     for key in keys:
@@ -247,7 +269,7 @@ def test_commit_release_race_has_exactly_one_winner(pg_url: str) -> None:
     commits, releases = _run_all(
         pg_url,
         [
-            ("commit", {"keys": keys, "actual": 9, "clients": 2, "seed": 1}),
+            ("commit", {"keys": keys, "actual": 9, "clients": 2, "seed": 1, "batched": True}),
             ("release", {"keys": keys, "clients": 2, "seed": 2}),
         ],
     )
