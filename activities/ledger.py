@@ -14,9 +14,11 @@ subclasses, mapped from the custom SQLSTATEs raised by ``keel/migrations/002_led
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -52,6 +54,7 @@ __all__ = [
     "extend",
     "history",
     "op_statement",
+    "refusals",
     "open_run",
     "release",
     "release_statement",
@@ -82,15 +85,23 @@ def _hash(**fields: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-async def _call(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Any:
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Raise the ledger's own refusals (``KL00x``, ``22023``) inside the block as typed
+    exceptions; any other database error passes unchanged."""
     try:
+        yield
+    except psycopg.Error as e:
+        translated = translate_error(e)
+        if translated is e:
+            raise
+        raise translated from e
+
+
+async def _call(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Any:
+    with refusals():
         cur = await conn.execute(sql, params)
         row = await cur.fetchone()
-    except psycopg.Error as e:
-        cls = _ERRORS.get(e.sqlstate or "")
-        if cls is None:
-            raise
-        raise cls(e.diag.message_primary or str(e)) from e
     assert row is not None
     return row[0]
 

@@ -212,7 +212,7 @@ async def _gate_and_reserve(
         step_id=call.step_id,
         subject=call.tool,
     )
-    try:
+    with ledger.refusals():
         # One round trip: BEGIN, SET, audit append, reserve and COMMIT go out as one batch.
         async with conn.pipeline():
             async with conn.transaction():
@@ -249,11 +249,6 @@ async def _gate_and_reserve(
                     ),
                     prepare=True,
                 )
-    except psycopg.Error as e:
-        translated = ledger.translate_error(e)
-        if translated is e:
-            raise
-        raise translated from e
     res = ledger.reserve_result(await cur.fetchone())
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
     if res.decision == Decision.DENY:
@@ -270,7 +265,6 @@ async def _gate_and_reserve(
                 )
             ],
         )
-    if res.decision == Decision.DENY:
         return ToolResult(ok=False, refused="budget", error=res.reason)
     if optional and res.caps.disable_optional:
         await ledger.release(
@@ -284,7 +278,7 @@ async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
     """Write the effect record and commit the step's reservation, pipelined, inside the
     effect's transaction: all three become durable together or not at all."""
 
-    try:
+    with ledger.refusals():
         async with conn.pipeline():
             await conn.execute(
                 "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
@@ -299,11 +293,6 @@ async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
                     ),
                     prepare=True,
                 )
-    except psycopg.Error as e:
-        translated = ledger.translate_error(e)
-        if translated is e:
-            raise
-        raise translated from e
 
 
 class _Guard:

@@ -115,6 +115,7 @@ declare
     v_prev_answer jsonb;
     v_scopes  text[];
     v_tenants text[];
+    v_rest    text[];
     v_done    text[] := '{}';
     v_t       text;
     r         record;
@@ -143,14 +144,17 @@ begin
 
     v_scopes := keel_scope_closure(p_scopes);
     v_tenants := array(select s from unnest(v_scopes) s where strpos(s, '/') = 0);
+    v_rest := array(select s from unnest(v_scopes) s where strpos(s, '/') > 0);
     -- Optimistic: hold the full amount while locking and reading; a DENY or a partial grant
     -- gives the difference back below. Tenant rows first, one by one in order (the UPDATE is
-    -- the lock), then the rest of the path in one statement (order free: see the header).
+    -- the lock), then (the null group) the rest of the path in one statement (order free: see
+    -- the header).
     for i in 0 .. 1 loop
-        foreach v_t in array v_tenants loop
+        foreach v_t in array array_append(v_tenants, null) loop
             for r in update keel_budget_scopes b
                         set reserved_micros = b.reserved_micros + p_amount, updated_at = now()
-                      where b.scope = v_t and not (b.scope = any(v_done))
+                      where b.scope = any(case when v_t is null then v_rest else array[v_t] end)
+                        and not (b.scope = any(v_done))
                   returning b.scope, b.limit_micros,
                             b.limit_micros - b.spent_micros - b.reserved_micros + p_amount as avail,
                             b.observe loop
@@ -166,25 +170,6 @@ begin
                     end if;
                 end if;
             end loop;
-        end loop;
-        for r in update keel_budget_scopes b
-                    set reserved_micros = b.reserved_micros + p_amount, updated_at = now()
-                  where b.scope = any(v_scopes) and strpos(b.scope, '/') > 0
-                    and not (b.scope = any(v_done))
-              returning b.scope, b.limit_micros,
-                        b.limit_micros - b.spent_micros - b.reserved_micros + p_amount as avail,
-                        b.observe loop
-            v_done := v_done || r.scope::text;
-            if r.limit_micros is not null then
-                a_scopes := a_scopes || r.scope::text; a_limits := a_limits || r.limit_micros;
-                a_avail := a_avail || r.avail;
-                if r.observe then
-                    v_any_observe := true;
-                else
-                    e_scopes := e_scopes || r.scope::text; e_limits := e_limits || r.limit_micros;
-                    e_avail := e_avail || r.avail;
-                end if;
-            end if;
         end loop;
         exit when cardinality(v_done) = cardinality(v_scopes);
         -- First call on this path: create the missing rows (new rows appear unlimited),
