@@ -37,13 +37,14 @@ from psycopg_pool import AsyncConnectionPool
 from activities import ledger
 from activities.ledger_batch import LedgerBatcher
 from keel.budget import CommitRequest, ReserveRequest, model_scope, scope_path
-from keel.db import apply_migrations
+from keel.db import apply_migrations, open_pool
 
 __all__ = ["run"]
 
 CLIENTS = (1, 8, 32)
 TARGET_P50_MS = 2.0
 TARGET_LIFECYCLES_32 = 1_000
+LATENCY_ROUNDS = 10
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -75,8 +76,10 @@ async def _lifecycles(
     tag: str,
     seconds: float,
     timings: list[float] | None = None,
+    key_tag: str = "",
 ) -> int:
-    """Every client loops reserve→commit until the deadline; returns completed lifecycles."""
+    """Every client loops reserve→commit until the deadline; returns completed lifecycles.
+    ``tag`` names the run scopes, ``key_tag`` (default ``tag``) the idempotency keys."""
     deadline = time.perf_counter() + seconds
     done = 0
 
@@ -88,7 +91,7 @@ async def _lifecycles(
         )
         n = 0
         while time.perf_counter() < deadline:
-            key = f"{tenant}/{tag}/{i}/{n}"
+            key = f"{tenant}/{key_tag or tag}/{i}/{n}"
             t0 = time.perf_counter()
             await via.reserve(
                 ReserveRequest(key=key, scopes=scopes, amount_micros=900, max_tokens=1024, subject="bench")
@@ -101,6 +104,17 @@ async def _lifecycles(
 
     await asyncio.gather(*(client(i, c) for i, c in enumerate(callers)))
     return done
+
+
+async def _floor_latency(
+    conn: psycopg.AsyncConnection[Any], table: str, seconds: float, out: list[float]
+) -> None:
+    """One client's single-row UPDATE+COMMIT round trips, timed like a reserve."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        await conn.execute(f"update {table} set n = n + 1 where id = 1")
+        out.append((time.perf_counter() - t0) * 1000)
 
 
 async def _floor(conns: list[psycopg.AsyncConnection[Any]], table: str, seconds: float) -> int:
@@ -120,12 +134,10 @@ async def _floor(conns: list[psycopg.AsyncConnection[Any]], table: str, seconds:
 
 
 async def _pool(url: str, mode: str) -> AsyncConnectionPool:
-    kwargs: dict[str, Any] = {"autocommit": True}
-    if mode:
-        kwargs["options"] = f"-c synchronous_commit={mode}"
-    pool = AsyncConnectionPool(url, min_size=2, max_size=4, open=False, kwargs=kwargs)
-    await pool.open(wait=True, timeout=15)
-    return pool
+    """The worker's kind of pool (``keel.db.open_pool``: autocommit, LIFO)."""
+    return await open_pool(
+        url, min_size=2, max_size=4, **({"options": f"-c synchronous_commit={mode}"} if mode else {})
+    )
 
 
 async def run(url: str, smoke: bool = False) -> dict[str, Any]:
@@ -159,16 +171,30 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
             label = mode or sync_commit
             pool = await _pool(url, mode)
             try:
-                # Latency: one client, sequential lifecycles (warm-up first: prepared statements).
+                # Latency: one client, sequential lifecycles (warm-up first: prepared
+                # statements), in rounds interleaved with the floor's UPDATE+COMMIT so that
+                # this machine's drift hits both alike.
                 batcher = LedgerBatcher(pool)
                 await limit_runs(f"lat{mode}", 1)
-                await _lifecycles([batcher], tenant, f"warm{mode}", 0.3)
+                await _lifecycles([batcher], tenant, f"lat{mode}", 0.3, key_tag=f"warm{mode}")
                 timings: list[float] = []
-                await _lifecycles([batcher], tenant, f"lat{mode}", seconds, timings)
+                floor_ms: list[float] = []
+                floor_conn = await _connect(url, mode)
+                try:
+                    for r in range(LATENCY_ROUNDS):
+                        slot = seconds / LATENCY_ROUNDS
+                        await _lifecycles([batcher], tenant, f"lat{mode}", slot, timings, f"lat{mode}r{r}")
+                        await _floor_latency(floor_conn, table, slot / 2, floor_ms)
+                finally:
+                    await floor_conn.close()
+                p50 = statistics.median(timings)
+                floor_p50 = statistics.median(floor_ms)
                 out["reserve_ms"][label] = {
-                    "p50": round(statistics.median(timings), 3),
+                    "p50": round(p50, 3),
                     "p99": round(_pct(timings, 0.99), 3),
                     "n": len(timings),
+                    "floor_p50": round(floor_p50, 3),
+                    "vs_floor": round(p50 / floor_p50, 2),
                 }
                 for clients, how in [(c, "batched") for c in CLIENTS] + [(CLIENTS[-1], "unbatched")]:
                     conns = [await _connect(url, mode) for _ in range(clients)]
@@ -226,7 +252,8 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
 def _markdown(r: dict[str, Any]) -> str:
     lines = [
         f"reserve latency, 1 client, synchronous_commit={label}: p50 {lat['p50']} ms, "
-        f"p99 {lat['p99']} ms (n={lat['n']})"
+        f"p99 {lat['p99']} ms (n={lat['n']}); floor UPDATE+COMMIT p50 {lat['floor_p50']} ms "
+        f"(reserve = {lat['vs_floor']}x)"
         for label, lat in r["reserve_ms"].items()
     ]
     lines += [

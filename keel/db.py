@@ -9,11 +9,12 @@ the embedded default.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["apply_migrations", "open_pool", "MIGRATIONS_DIR"]
+__all__ = ["apply_migrations", "open_pool", "LifoPool", "MIGRATIONS_DIR"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_345_001  # arbitrary advisory-lock id owned by Keel's migrator
@@ -42,10 +43,34 @@ def apply_migrations(url: str) -> list[str]:
     return applied_now
 
 
-async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
-    """Open an autocommit pool; callers open explicit transactions where they need atomicity."""
-    pool = AsyncConnectionPool(
-        url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+class LifoPool(AsyncConnectionPool):
+    """A pool that hands out the most recently returned connection first.
+
+    psycopg_pool serves its idle connections in FIFO order, so a worker making one call at a
+    time rotates through every connection it ever opened, and each call lands on a backend
+    that has been asleep the longest. Measured on the ledger's reserve through a 4-connection
+    pool on this 2-core VM: ~0.2-0.3 ms more per call than reusing the connection that was
+    just returned. LIFO keeps the busy few hot and lets the rest age out (``max_idle``).
+
+    Overrides one private method of psycopg_pool; ``tests/test_db.py`` fails if a release
+    changes it, so an upgrade cannot silently bring FIFO back.
+    """
+
+    async def _get_ready_connection(self, timeout: float | None) -> Any:  # noqa: ASYNC109 (base's signature)
+        # The base takes the leftmost (oldest) idle connection: put the newest there first.
+        self._pool.rotate(1)
+        try:
+            return await super()._get_ready_connection(timeout)
+        except BaseException:
+            self._pool.rotate(-1)
+            raise
+
+
+async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> AsyncConnectionPool:
+    """Open an autocommit (LIFO) pool; callers open explicit transactions where they need
+    atomicity. ``kwargs`` are connection parameters (e.g. ``options``)."""
+    pool = LifoPool(
+        url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True, **kwargs}
     )
     await pool.open(wait=True, timeout=15)
     return pool

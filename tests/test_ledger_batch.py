@@ -238,3 +238,30 @@ async def test_direct_and_batched_calls_are_the_same_operation(
         batcher.reserve(ReserveRequest(key=f"{tenant}/y", scopes=(tenant,), amount_micros=1)),
     )
     assert replay[0].replayed and replay[0].committed_micros == done.committed_micros
+
+
+async def test_lone_calls_go_out_alone_and_survive_cancellation(
+    db_pool: AsyncConnectionPool, tenant: str
+) -> None:
+    """A call with nothing in flight runs on the caller's own task, one transaction each. A
+    caller cancelled mid-call may or may not have had its operation applied; its retry with
+    the same key settles which, and nothing is held twice."""
+    batcher = LedgerBatcher(db_pool)
+    for i in range(3):
+        await batcher.reserve(ReserveRequest(key=f"{tenant}/s{i}", scopes=(tenant,), amount_micros=5))
+    assert (batcher.operations, batcher.batches) == (3, 3) and not batcher._tasks
+
+    reqs = [ReserveRequest(key=f"{tenant}/c{i}", scopes=(tenant,), amount_micros=7) for i in range(40)]
+    cancelled = 0
+    for i, req in enumerate(reqs):
+        try:  # cancel at varying points of the round trip
+            await asyncio.wait_for(batcher.reserve(req), timeout=0.0002 * (i % 8))
+        except TimeoutError:
+            cancelled += 1
+    assert cancelled > 0
+    answers = [await batcher.reserve(r) for r in reqs]  # the retries
+    assert all(a.granted_micros == 7 for a in answers)
+    async with db_pool.connection() as c:
+        assert [v for v in await ledger.check_invariant(c) if tenant in v] == []
+        view = await ledger.show(c, tenant)
+    assert view is not None and view.reserved_micros == 15 + 40 * 7
