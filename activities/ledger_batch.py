@@ -9,16 +9,12 @@ local activities) go to ``keel_budget_batch`` as ONE transaction: one round trip
 one tenant-row lock for the lot. The database runs them one after another, exactly as if
 they had arrived alone, and each caller gets its own answer or its own refusal.
 
-No call waits for company: a call that finds a free slot and nobody queued goes out at once,
-alone, on its own task, through the single-operation function (the lowest-latency path: no
-hand-off to a drain task). Calls that arrive while ``max_in_flight`` calls or batches are out
-wait for the next slot, so batches grow only as far as the load makes them. A queued caller
-that is cancelled does not cancel its batch; a lone caller cancelled mid-call may or may not
-have had its operation applied. Either way its retry (same key) gets the applied answer back.
-
-If a batch fails as a whole (a malformed scope, a deadlock, a dropped connection) its
-operations are re-run one by one, which is safe because every operation is idempotent by key
-and payload: the failed batch either committed entirely or not at all.
+No call waits for company: a call that finds no batch in flight goes out at once, alone,
+through the single-operation function (the lowest-latency path). Calls that arrive while
+``max_in_flight`` batches are out wait for the next one, so batches grow only as far as the
+load makes them. If a batch fails as a whole (a malformed scope, a deadlock, a dropped
+connection) its operations are re-run one by one, which is safe because every operation is
+idempotent by key and payload: the failed batch either committed entirely or not at all.
 """
 
 from __future__ import annotations
@@ -78,41 +74,20 @@ class LedgerBatcher:
         return await self._call(req, ReleaseResult)
 
     async def _call(self, req: ReserveRequest | CommitRequest | ReleaseRequest, out: type[_R]) -> _R:
-        op = ledger.batch_op(req)
-        if self._queue or self._in_flight >= self._max_in_flight:
-            answer = await self._enqueue(op)
-        else:
-            # Nothing waiting: go out alone on the caller's own task (no hand-off to a drain
-            # task and back, which cost two event-loop turns per call). Calls arriving
-            # meanwhile queue up; the next free slot drains them.
-            self._in_flight += 1
-            self.batches += 1
-            self.operations += 1
-            try:
-                (answer,) = await self._execute([op])
-            finally:
-                self._in_flight -= 1
-                self._kick()
-        error = ledger.answer_error(answer)
-        if error is not None:
-            raise error
-        return out.model_validate(answer)
-
-    async def _enqueue(self, op: dict[str, Any]) -> dict[str, Any]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, fut))
-        self._kick()
-        # A cancelled caller does not cancel the batch: its operation may still be applied,
-        # and the caller's retry (same key) gets that answer back.
-        return await fut
-
-    def _kick(self) -> None:
-        """Start a drain for queued calls if a slot is free."""
-        if self._queue and self._in_flight < self._max_in_flight:
+        self._queue.append((ledger.batch_op(req), fut))
+        if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        # A cancelled caller does not cancel the batch: its operation may still be applied,
+        # and the caller's retry (same key) gets that answer back.
+        answer = await fut
+        error = ledger.answer_error(answer)
+        if error is not None:
+            raise error
+        return out.model_validate(answer)
 
     async def _drain(self) -> None:
         try:
