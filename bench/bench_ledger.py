@@ -106,18 +106,14 @@ async def _lifecycles(
     return done
 
 
-async def _floor_latency(
-    conn: psycopg.AsyncConnection[Any], table: str, seconds: float, out: list[float]
-) -> None:
-    """One client's single-row UPDATE+COMMIT round trips, timed like a reserve."""
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        await conn.execute(f"update {table} set n = n + 1 where id = 1")
-        out.append((time.perf_counter() - t0) * 1000)
-
-
-async def _floor(conns: list[psycopg.AsyncConnection[Any]], table: str, seconds: float) -> int:
+async def _floor(
+    conns: list[psycopg.AsyncConnection[Any]],
+    table: str,
+    seconds: float,
+    timings: list[float] | None = None,
+) -> int:
+    """Single-row UPDATE+COMMIT round trips until the deadline (timed like a reserve when
+    ``timings`` is given); returns how many."""
     deadline = time.perf_counter() + seconds
     done = 0
 
@@ -125,7 +121,10 @@ async def _floor(conns: list[psycopg.AsyncConnection[Any]], table: str, seconds:
         nonlocal done
         n = 0
         while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
             await conn.execute(f"update {table} set n = n + 1 where id = 1")  # autocommit
+            if timings is not None:
+                timings.append((time.perf_counter() - t0) * 1000)
             n += 1
         done += n
 
@@ -184,7 +183,7 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
                     for r in range(LATENCY_ROUNDS):
                         slot = seconds / LATENCY_ROUNDS
                         await _lifecycles([batcher], tenant, f"lat{mode}", slot, timings, f"lat{mode}r{r}")
-                        await _floor_latency(floor_conn, table, slot / 2, floor_ms)
+                        await _floor([floor_conn], table, slot / 2, floor_ms)
                 finally:
                     await floor_conn.close()
                 p50 = statistics.median(timings)
