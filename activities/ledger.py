@@ -26,6 +26,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from keel import pgcall
 from keel.budget import (
     CommitRequest,
     CommitResult,
@@ -53,7 +54,9 @@ __all__ = [
     "commit",
     "extend",
     "history",
+    "op_call",
     "op_statement",
+    "run_op",
     "refusals",
     "open_run",
     "release",
@@ -170,30 +173,68 @@ def answer_error(answer: dict[str, Any]) -> Exception | None:
     return _ERRORS.get(code, LedgerError)(answer.get("message") or code)
 
 
+# Each single operation's SQL function and its arguments, in order, as (batch_op field, cast).
+_OP_SQL: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "reserve": (
+        "keel_budget_reserve",
+        (
+            ("key", ""),
+            ("scopes", "::text[]"),
+            ("amount", "::bigint"),
+            ("min", "::bigint"),
+            ("max_tokens", "::int"),
+            ("ttl", "::int"),
+            ("kind", ""),
+            ("subject", ""),
+            ("run_id", ""),
+            ("step_id", ""),
+            ("tier", ""),
+            ("hash", ""),
+        ),
+    ),
+    "commit": ("keel_budget_commit", (("key", ""), ("actual", "::bigint"), ("hash", ""))),
+    "release": ("keel_budget_release", (("key", ""), ("reason", ""), ("hash", ""))),
+}
+_OP_PREPARED = {
+    op: pgcall.Prepared(
+        f"keel_ledger_{op}", f"select {fn}({', '.join(f'${i}{cast}' for i, (_, cast) in enumerate(args, 1))})"
+    )
+    for op, (fn, args) in _OP_SQL.items()
+}
+BATCH_PREPARED = pgcall.Prepared("keel_ledger_batch", "select keel_budget_batch($1::jsonb)")
+"""All of one worker's waiting operations in one call (``activities/ledger_batch.py``)."""
+
+
 def op_statement(op: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
-    """The single-operation SQL of a ``batch_op`` (a lone operation skips the batch wrapper)."""
-    if op["op"] == "reserve":
-        return (
-            "select keel_budget_reserve(%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int,"
-            " %s, %s, %s, %s, %s, %s)",
-            (
-                op["key"],
-                op["scopes"],
-                op["amount"],
-                op["min"],
-                op["max_tokens"],
-                op["ttl"],
-                op["kind"],
-                op["subject"],
-                op["run_id"],
-                op["step_id"],
-                op["tier"],
-                op["hash"],
-            ),
-        )
-    if op["op"] == "commit":
-        return "select keel_budget_commit(%s, %s::bigint, %s)", (op["key"], op["actual"], op["hash"])
-    return "select keel_budget_release(%s, %s, %s)", (op["key"], op["reason"], op["hash"])
+    """The single-operation SQL of a ``batch_op``, for ``conn.execute`` (a lone operation
+    skips the batch wrapper)."""
+    fn, args = _OP_SQL[op["op"]]
+    return f"select {fn}({', '.join(f'%s{cast}' for _, cast in args)})", tuple(op[f] for f, _ in args)
+
+
+def op_call(op: dict[str, Any]) -> tuple[pgcall.Prepared, list[str | None]]:
+    """The same statement as ``op_statement``, prepared, with text parameters for
+    ``keel.pgcall``."""
+    _, args = _OP_SQL[op["op"]]
+    return _OP_PREPARED[op["op"]], [pgcall.text(op[f]) for f, _ in args]
+
+
+async def run_op(conn: AsyncConnection[Any], op: dict[str, Any]) -> dict[str, Any]:
+    """One ``batch_op`` through its single-operation function on the hot path (``keel.pgcall``:
+    prepared, no cursor layer). A ledger refusal comes back as an answer value
+    (``{"error", "message"}``, read it with ``answer_error``), as ``keel_budget_batch`` returns
+    it; any other database error is raised."""
+    stmt, params = op_call(op)
+    try:
+        out = await pgcall.fetch_value(conn, stmt, params)
+    except psycopg.Error as e:
+        err = translate_error(e)
+        if err is e:
+            raise
+        return {"error": e.sqlstate, "message": str(err)}
+    assert out is not None
+    answer: dict[str, Any] = json.loads(out)
+    return answer
 
 
 def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:

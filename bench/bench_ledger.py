@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from activities import ledger
 from activities.ledger_batch import LedgerBatcher
-from keel.budget import CommitRequest, ReserveRequest, model_scope, scope_path
+from keel.budget import CommitRequest, CommitResult, ReserveRequest, ReserveResult, model_scope, scope_path
 from keel.db import apply_migrations, open_pool
 
 __all__ = ["run"]
@@ -58,16 +58,25 @@ async def _connect(url: str, sync_commit: str = "") -> psycopg.AsyncConnection[A
 
 
 class _Direct:
-    """One operation per transaction, one connection per client (the unbatched contrast)."""
+    """One operation per transaction, one connection per client (the unbatched contrast). Same
+    statements and client path as a batcher's lone call (``ledger.run_op``): only batching
+    differs."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
 
+    async def _run(self, req: ReserveRequest | CommitRequest) -> dict[str, Any]:
+        answer = await ledger.run_op(self.conn, ledger.batch_op(req))
+        error = ledger.answer_error(answer)
+        if error is not None:
+            raise error
+        return answer
+
     async def reserve(self, req: ReserveRequest) -> Any:
-        return await ledger.reserve(self.conn, req)
+        return ReserveResult.model_validate(await self._run(req))
 
     async def commit(self, req: CommitRequest) -> Any:
-        return await ledger.commit(self.conn, req)
+        return CommitResult.model_validate(await self._run(req))
 
 
 async def _lifecycles(
