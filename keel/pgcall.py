@@ -65,9 +65,13 @@ async def fetch_value(conn: AsyncConnection[Any], stmt: Prepared, params: Sequen
                 value = result.get_value(0, 0)
                 return None if value is None else bytes(value).decode(encoding)
             error = e.error_from_result(result, encoding=encoding)
-            if error.sqlstate == _UNDEFINED_STATEMENT and attempt == 1:
+            # Re-prepare once; not inside a transaction, which the error has just aborted.
+            idle = conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            if error.sqlstate == _UNDEFINED_STATEMENT and attempt == 1 and idle:
                 done.discard(stmt.name)
                 continue
+            if error.sqlstate == _UNDEFINED_STATEMENT:
+                done.discard(stmt.name)  # the next call prepares it again
             raise error
     raise AssertionError("unreachable")
 

@@ -69,6 +69,13 @@ async def test_survives_the_server_forgetting_prepared_statements(conn: psycopg.
     assert await pgcall.fetch_value(conn, ECHO, ["{one}"]) == "{one}"
     await conn.execute("deallocate all")  # what DISCARD ALL or a pooler's reset does
     assert await pgcall.fetch_value(conn, ECHO, ["{two}"]) == "{two}"
+    # Inside a transaction the error has aborted it, so it is raised, not retried...
+    await conn.execute("deallocate all")
+    with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+        async with conn.transaction():
+            await pgcall.fetch_value(conn, ECHO, ["{three}"])
+    # ...and the next call prepares it again.
+    assert await pgcall.fetch_value(conn, ECHO, ["{four}"]) == "{four}"
 
 
 async def test_runs_inside_the_callers_transaction(conn: psycopg.AsyncConnection) -> None:
