@@ -47,7 +47,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue  # noqa: E402
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest  # noqa: E402
 from temporalio.client import Client, WorkflowHandle  # noqa: E402
 
-from keel.settings import PROJECT_ROOT, Settings  # noqa: E402
+from keel.settings import PROJECT_ROOT, Settings, offline_env  # noqa: E402
 
 __all__ = ["WorkerProcess", "kill_round", "relevant_violations", "run", "worker_environment"]
 
@@ -82,22 +82,13 @@ def worker_environment(
     settings: Settings, task_queue: str, base: dict[str, str] | None = None
 ) -> dict[str, str]:
     """``worker.py`` pointed at ``settings`` on ``task_queue``, demo policy, test tools on."""
-    env = dict(base if base is not None else os.environ)
-    env.update(
-        {
-            "KEEL_STATE_DIR": str(settings.state_dir),
-            "KEEL_PG_PORT": str(settings.pg_port),
-            "KEEL_DATABASE_URL": settings.database_url,
-            "TEMPORAL_ADDRESS": settings.temporal_address,
-            "KEEL_UI_PORT": str(settings.ui_port),
-            "KEEL_TASK_QUEUE": task_queue,
-            "KEEL_POLICY_FILE": str(PROJECT_ROOT / "config" / "policy.yaml"),
-            "KEEL_TEST_TOOLS": "1",
-        }
+    return offline_env(
+        settings,
+        base,
+        KEEL_TASK_QUEUE=task_queue,
+        KEEL_POLICY_FILE=str(PROJECT_ROOT / "config" / "policy.yaml"),
+        KEEL_TEST_TOOLS="1",
     )
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
-        env.pop(key, None)
-    return env
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str) -> WorkerProcess:

@@ -45,7 +45,7 @@ from keel.agent_io import (
     StepGateResult,
 )
 from keel.models import ToolCall, ToolResult
-from keel.settings import PROJECT_ROOT, Settings, load_settings
+from keel.settings import PROJECT_ROOT, Settings, load_settings, offline_env
 
 __all__ = [
     "BENCH_POLICY",
@@ -111,21 +111,9 @@ def own_services(policy_file: Path = BENCH_POLICY) -> Iterator[Settings]:
 
 def worker_env(settings: Settings, task_queue: str, policy_file: Path | None = None) -> dict[str, str]:
     """Environment for ``worker.py`` subprocesses pointed at ``settings`` (offline model)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "KEEL_STATE_DIR": str(settings.state_dir),
-            "KEEL_PG_PORT": str(settings.pg_port),
-            "KEEL_DATABASE_URL": settings.database_url,
-            "TEMPORAL_ADDRESS": settings.temporal_address,
-            "KEEL_UI_PORT": str(settings.ui_port),
-            "KEEL_TASK_QUEUE": task_queue,
-            "KEEL_POLICY_FILE": str(policy_file or settings.policy_file),
-        }
+    return offline_env(
+        settings, KEEL_TASK_QUEUE=task_queue, KEEL_POLICY_FILE=str(policy_file or settings.policy_file)
     )
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
-        env.pop(key, None)
-    return env
 
 
 # ---------------------------------------------------------------------------- Keel worker

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Settings", "load_settings", "PROJECT_ROOT", "SEARCH_ATTRIBUTES"]
+__all__ = ["Settings", "load_settings", "offline_env", "PROJECT_ROOT", "PROVIDER_ENV", "SEARCH_ATTRIBUTES"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,20 @@ class Settings:
     def temporal_port(self) -> int:
         return int(self.temporal_address.rsplit(":", 1)[1])
 
+    def to_env(self) -> dict[str, str]:
+        """The variables ``load_settings`` reads, set to these settings (its inverse)."""
+        return {
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "TEMPORAL_NAMESPACE": self.temporal_namespace,
+            "KEEL_TASK_QUEUE": self.task_queue,
+            "KEEL_DATABASE_URL": self.database_url,
+            "KEEL_STATE_DIR": str(self.state_dir),
+            "KEEL_UI_PORT": str(self.ui_port),
+            "KEEL_PG_PORT": str(self.pg_port),
+            "KEEL_POLICY_FILE": str(self.policy_file),
+            "KEEL_UI_URL": self.ui_url,
+        }
+
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Build settings from ``env`` (default: ``os.environ``); bad values raise ``ValueError``."""
@@ -82,3 +96,17 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         policy_file=Path(e.get("KEEL_POLICY_FILE") or PROJECT_ROOT / "config" / "policy.yaml"),
         ui_url=e.get("KEEL_UI_URL") or f"http://127.0.0.1:{ui_port}",
     )
+
+
+PROVIDER_ENV = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL")
+"""The variables that make a worker call a real provider instead of the offline model."""
+
+
+def offline_env(settings: Settings, base: dict[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """Environment for a Keel subprocess (worker, CLI) of a test or benchmark: ``base`` (default
+    ``os.environ``) pointed at ``settings`` plus ``overrides``, without the provider variables,
+    so it runs the offline model whatever the caller's shell holds."""
+    env = {**(os.environ if base is None else base), **settings.to_env(), **overrides}
+    for key in PROVIDER_ENV:
+        env.pop(key, None)
+    return env

@@ -20,7 +20,7 @@ from temporalio.client import Client
 
 from keel.db import apply_migrations, open_pool
 from keel.devservices import DevServices, free_port
-from keel.settings import Settings, load_settings
+from keel.settings import Settings, load_settings, offline_env
 
 
 @pytest.fixture(scope="session")
@@ -48,20 +48,7 @@ def settings() -> Iterator[Settings]:
 @pytest.fixture(scope="session")
 def test_env(settings: Settings) -> dict[str, str]:
     """Environment for subprocesses (workers, CLI) pointed at the test services."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "KEEL_STATE_DIR": str(settings.state_dir),
-            "KEEL_PG_PORT": str(settings.pg_port),
-            "KEEL_DATABASE_URL": settings.database_url,
-            "TEMPORAL_ADDRESS": settings.temporal_address,
-            "KEEL_UI_PORT": str(settings.ui_port),
-            "KEEL_TASK_QUEUE": settings.task_queue,
-        }
-    )
-    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
-        env.pop(key, None)
-    return env
+    return offline_env(settings)
 
 
 @pytest.fixture(scope="session")
