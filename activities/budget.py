@@ -61,9 +61,9 @@ async def ledger_for_tool_commit(conn: AsyncConnection[Any], key: str, actual_mi
 class BudgetActivities:
     """Ledger activities bound to the worker's pool (register the bound methods)."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, lease_holds: bool = True) -> None:
         self._pool = pool
-        self._batcher = LedgerBatcher(pool)
+        self._batcher = LedgerBatcher(pool, lease_holds=lease_holds)
 
     async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]], req: _In) -> _Out:
         async with self._pool.connection() as conn:

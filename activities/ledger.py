@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, pq
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -161,7 +161,14 @@ def batch_op(req: ReserveRequest | CommitRequest | ReleaseRequest) -> dict[str, 
             "tier": req.tier,
         }
     if isinstance(req, CommitRequest):
-        return {"op": "commit", "key": req.key, "hash": _commit_hash(req), "actual": req.actual_micros}
+        return {
+            "op": "commit",
+            "key": req.key,
+            "hash": _commit_hash(req),
+            "actual": req.actual_micros,
+            "scopes": list(req.scopes),
+            "kind": req.kind,
+        }
     return {"op": "release", "key": req.key, "hash": _RELEASE_HASH, "reason": req.reason}
 
 
@@ -192,7 +199,10 @@ _OP_SQL: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
             ("hash", ""),
         ),
     ),
-    "commit": ("keel_budget_commit", (("key", ""), ("actual", "::bigint"), ("hash", ""))),
+    "commit": (
+        "keel_budget_commit",
+        (("key", ""), ("actual", "::bigint"), ("hash", ""), ("scopes", "::text[]"), ("kind", "")),
+    ),
     "release": ("keel_budget_release", (("key", ""), ("reason", ""), ("hash", ""))),
 }
 _OP_PREPARED = {
@@ -205,6 +215,19 @@ BATCH_PREPARED = pgcall.Prepared("keel_ledger_batch", "select keel_budget_batch(
 """All of one worker's waiting operations in one call (``activities/ledger_batch.py``)."""
 
 
+def _as_lease(stmt: pgcall.Prepared) -> pgcall.Prepared:
+    """``stmt`` committing without waiting for its WAL flush: for transactions that only place
+    holds, which are leases (migration 009 explains what a database crash can then lose, and
+    how a commit still records the spend). It is ``SET LOCAL``: one autocommit statement is
+    the whole transaction."""
+    return pgcall.Prepared(f"{stmt.name}_lease", f"{stmt.sql}, set_config('synchronous_commit', 'off', true)")
+
+
+_RESERVE_LEASE = _as_lease(_OP_PREPARED["reserve"])
+BATCH_LEASE_PREPARED = _as_lease(BATCH_PREPARED)
+"""``BATCH_PREPARED`` for a batch of reservations only, as a lease."""
+
+
 def op_statement(op: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
     """The single-operation SQL of a ``batch_op``, for ``conn.execute`` (a lone operation
     skips the batch wrapper)."""
@@ -212,19 +235,24 @@ def op_statement(op: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
     return f"select {fn}({', '.join(f'%s{cast}' for _, cast in args)})", tuple(op[f] for f, _ in args)
 
 
-def op_call(op: dict[str, Any]) -> tuple[pgcall.Prepared, list[str | None]]:
+def op_call(op: dict[str, Any], *, lease: bool = False) -> tuple[pgcall.Prepared, list[str | None]]:
     """The same statement as ``op_statement``, prepared, with text parameters for
-    ``keel.pgcall``."""
+    ``keel.pgcall``; a reserve with ``lease`` commits without waiting for its flush."""
     _, args = _OP_SQL[op["op"]]
-    return _OP_PREPARED[op["op"]], [pgcall.text(op[f]) for f, _ in args]
+    stmt = _RESERVE_LEASE if lease and op["op"] == "reserve" else _OP_PREPARED[op["op"]]
+    return stmt, [pgcall.text(op[f]) for f, _ in args]
 
 
-async def run_op(conn: AsyncConnection[Any], op: dict[str, Any]) -> dict[str, Any]:
+async def run_op(conn: AsyncConnection[Any], op: dict[str, Any], *, lease: bool = False) -> dict[str, Any]:
     """One ``batch_op`` through its single-operation function on the hot path (``keel.pgcall``:
     prepared, no cursor layer). A ledger refusal comes back as an answer value
     (``{"error", "message"}``, read it with ``answer_error``), as ``keel_budget_batch`` returns
-    it; any other database error is raised."""
-    stmt, params = op_call(op)
+    it; any other database error is raised. ``lease`` (a reserve placed as a lease) needs an
+    autocommit connection outside any transaction: it would weaken the caller's whole
+    transaction."""
+    if lease and conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("a lease reserve must be its own transaction (autocommit, idle)")
+    stmt, params = op_call(op, lease=lease)
     try:
         out = await pgcall.fetch_value(conn, stmt, params)
     except psycopg.Error as e:

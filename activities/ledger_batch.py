@@ -50,13 +50,24 @@ class LedgerBatcher:
 
     ``max_batch`` bounds one transaction's work (and so how long it holds the tenant row);
     ``max_in_flight`` is how many batches may be out at once: 2 lets the next batch travel
-    and queue while the previous one flushes.
+    and queue while the previous one flushes. With ``lease_holds`` (``KEEL_LEDGER_HOLDS=lease``,
+    the default) a transaction holding only reservations commits without waiting for its WAL
+    flush; any transaction with a commit or release waits (migration 009 says why that is
+    safe and what a database crash can cost).
     """
 
-    def __init__(self, pool: AsyncConnectionPool, *, max_batch: int = 64, max_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        max_batch: int = 64,
+        max_in_flight: int = 2,
+        lease_holds: bool = True,
+    ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be >= 1")
         self._pool = pool
+        self._lease_holds = lease_holds
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._queue: list[_Pending] = []
@@ -123,10 +134,12 @@ class LedgerBatcher:
     async def _execute(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run ``ops`` in one transaction; a lone op uses its single-operation function.
         Both go through ``keel.pgcall`` (prepared, no cursor layer): this is the hot path."""
+        lease = self._lease_holds and all(op["op"] == "reserve" for op in ops)
         async with self._pool.connection() as conn:
             if len(ops) == 1:
-                return [await ledger.run_op(conn, ops[0])]
-            out = await pgcall.fetch_value(conn, ledger.BATCH_PREPARED, [json.dumps(ops)])
+                return [await ledger.run_op(conn, ops[0], lease=lease)]
+            stmt = ledger.BATCH_LEASE_PREPARED if lease else ledger.BATCH_PREPARED
+            out = await pgcall.fetch_value(conn, stmt, [json.dumps(ops)])
             assert out is not None
             return list(json.loads(out))
 

@@ -175,6 +175,12 @@ class CommitRequest(Frozen):
 
     key: str = Field(min_length=1)
     actual_micros: int = Field(ge=0)
+    scopes: tuple[str, ...] = ()
+    """The hold's scopes (its ``ReserveRequest.scopes``). Holds are leases: if the database
+    lost this one in a crash, the commit still records the spend on these scopes (as a late
+    commit). Without them such a commit is refused (``KL002``). Not part of the idempotency
+    payload."""
+    kind: Literal["model", "tool"] = "model"
 
 
 class CommitResult(Frozen):

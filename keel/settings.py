@@ -57,6 +57,10 @@ class Settings:
     """Permission policy (``KEEL_POLICY_FILE``)."""
     ui_url: str = "http://127.0.0.1:8233"
     """Where people look at runs (``KEEL_UI_URL``)."""
+    ledger_holds: str = "lease"
+    """``lease`` (default): a transaction placing only budget holds commits without waiting for
+    its WAL flush; ``durable``: it waits, like every commit and release (``KEEL_LEDGER_HOLDS``;
+    see migration 009 for what a database crash can cost in ``lease``)."""
 
     @property
     def temporal_port(self) -> int:
@@ -74,6 +78,7 @@ class Settings:
             "KEEL_PG_PORT": str(self.pg_port),
             "KEEL_POLICY_FILE": str(self.policy_file),
             "KEEL_UI_URL": self.ui_url,
+            "KEEL_LEDGER_HOLDS": self.ledger_holds,
         }
 
 
@@ -85,6 +90,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     address = e.get("TEMPORAL_ADDRESS") or "127.0.0.1:7233"
     if ":" not in address:
         raise ValueError(f"TEMPORAL_ADDRESS must be host:port, got {address!r}")
+    holds = e.get("KEEL_LEDGER_HOLDS") or "lease"
+    if holds not in ("lease", "durable"):
+        raise ValueError(f"KEEL_LEDGER_HOLDS must be lease or durable, got {holds!r}")
     return Settings(
         temporal_address=address,
         temporal_namespace=e.get("TEMPORAL_NAMESPACE") or "default",
@@ -95,6 +103,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         pg_port=pg_port,
         policy_file=Path(e.get("KEEL_POLICY_FILE") or PROJECT_ROOT / "config" / "policy.yaml"),
         ui_url=e.get("KEEL_UI_URL") or f"http://127.0.0.1:{ui_port}",
+        ledger_holds=holds,
     )
 
 

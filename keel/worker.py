@@ -48,7 +48,8 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
     from activities.llm import call_model
     from activities.tools import ToolActivities
 
-    agent, budget = AgentActivities(pool, settings), BudgetActivities(pool)
+    agent = AgentActivities(pool, settings)
+    budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease")
     control, tools = ControlActivities(pool), ToolActivities(pool)
     return [
         agent.prepare_run,

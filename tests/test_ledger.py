@@ -213,6 +213,46 @@ async def test_ttl_expiry_by_sweep_and_late_commit(conn: Conn, tenant: str) -> N
     assert await _violations(conn, tenant) == []
 
 
+async def test_commit_of_a_lost_hold_records_the_spend(conn: Conn, tenant: str) -> None:
+    """A hold the database lost (a lease, before its flush) still has its spend recorded by
+    the commit that names its scopes, on every scope of the path (rows created if the crash
+    took them too), by the overrun rules; without scopes it is refused as before."""
+    path = scope_path(tenant, "w", "u", "r1")
+    await ledger.set_limit(conn, tenant, 1_000, overdraft_micros=100)
+    with pytest.raises(ReservationNotFound):
+        await ledger.commit(conn, CommitRequest(key=f"{tenant}/gone", actual_micros=5))
+    lost = CommitRequest(key=f"{tenant}/gone", actual_micros=300, scopes=path[2:], kind="tool")
+    done = await ledger.commit(conn, lost)
+    assert done.late and done.committed_micros == 300 and done.overrun_micros == 300
+    assert not done.replayed and not done.over_limit
+    for scope in path:  # the closure: tenant, workspace and user rows were created
+        assert await _scope(conn, scope) == (300, 0, 0, 0), scope
+    again = await ledger.commit(conn, lost)
+    assert again.replayed and again.committed_micros == 300 and again.late
+    with pytest.raises(IdempotencyConflict):
+        await ledger.commit(conn, lost.model_copy(update={"actual_micros": 301}))
+    # Beyond the limit: booked into the overdraft, then flagged over limit; never dropped.
+    big = await ledger.commit(conn, CommitRequest(key=f"{tenant}/gone2", actual_micros=900, scopes=(tenant,)))
+    assert big.late and big.debt_micros == 100 and big.over_limit
+    assert await _scope(conn, tenant) == (1_200, 0, 100, 100)
+    cur = await conn.execute(
+        "select status, kind, amount_micros, actual_micros from keel_budget_reservations where key = %s",
+        (f"{tenant}/gone",),
+    )
+    assert await cur.fetchone() == ("committed", "tool", 0, 300)
+    assert await _violations(conn, tenant) == []
+
+
+async def test_a_lease_reserve_refuses_to_join_a_transaction(conn: Conn, tenant: str) -> None:
+    op = ledger.batch_op(_req(f"{tenant}/k", (tenant,), 10))
+    async with conn.transaction():
+        with pytest.raises(psycopg.ProgrammingError, match="own transaction"):
+            await ledger.run_op(conn, op, lease=True)
+    assert (await ledger.run_op(conn, op, lease=True))["decision"] == "ALLOW"
+    cur = await conn.execute("show synchronous_commit")
+    assert await cur.fetchone() == ("on",), "SET LOCAL ended with the lease's own transaction"
+
+
 async def test_commit_after_release_loses(conn: Conn, tenant: str) -> None:
     await ledger.reserve(conn, _req(f"{tenant}/k", (tenant,), 100))
     rel = await ledger.release(conn, ReleaseRequest(key=f"{tenant}/k", reason="cancelled"))

@@ -60,14 +60,19 @@ def _program(rng: random.Random, n_ops: int) -> list[list[dict[str, Any]]]:
             else:
                 key = rng.choice(keys)
                 kind = rng.random()
-                if kind < 0.45:
-                    req = CommitRequest(key=key, actual_micros=rng.choice([0, 50, 300, 900, 3000]))
+                lost = rng.choice([(), (f"T/ws:w/user:{rng.choice(['a', 'b'])}/run:r1", "T/model:m1")])
+                if kind < 0.45:  # with or without the hold's scopes: only a lost hold uses them
+                    req = CommitRequest(
+                        key=key, actual_micros=rng.choice([0, 50, 300, 900, 3000]), scopes=lost and scopes
+                    )
                 elif kind < 0.75:
                     req = ReleaseRequest(key=key, reason="test")
                 elif kind < 0.9:  # replay or conflicting reuse of a reserve key
                     req = ReserveRequest(key=key, scopes=("T/ws:w/user:a/run:r0",), amount_micros=100)
-                else:
-                    req = CommitRequest(key=f"T/missing{rng.randint(0, 9)}", actual_micros=1)
+                else:  # unknown key: refused, or (naming scopes) a hold the database lost
+                    req = CommitRequest(
+                        key=f"T/missing{rng.randint(0, 9)}", actual_micros=rng.choice([1, 700]), scopes=lost
+                    )
             if req.key in used:
                 continue  # keep keys distinct within a batch: the engine's own path
             used.add(req.key)

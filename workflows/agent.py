@@ -121,6 +121,8 @@ class AgentWorkflow:
         self._compensations: list[tuple[str, str, dict[str, Any]]] = []
         self._compensated: list[str] = []
         self._open_reservations: set[str] = set()
+        self._hold_scopes: dict[str, tuple[tuple[str, ...], str]] = {}
+        """Scopes and kind of each open model hold, sent with its commit (see CommitRequest)."""
         self._spend: dict[str, Any] = {
             "total": 0,
             "by_tier": {},
@@ -793,13 +795,15 @@ class AgentWorkflow:
         if res.decision == Decision.DENY:
             raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}", "budget_denied")
         self._open_reservations.add(key)
+        self._hold_scopes[key] = (ctx.scopes, kind)
         return res
 
     async def _commit(self, key: str, actual: int) -> CommitResult:
+        scopes, kind = self._hold_scopes.pop(key, ((), "model"))
         res: CommitResult = await self._shielded(
             workflow.start_local_activity(
                 "budget_commit",
-                CommitRequest(key=key, actual_micros=actual),
+                CommitRequest(key=key, actual_micros=actual, scopes=scopes, kind=kind),
                 result_type=CommitResult,
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=CONTROL_RETRY,
@@ -820,6 +824,7 @@ class AgentWorkflow:
             )
         )
         self._open_reservations.discard(key)
+        self._hold_scopes.pop(key, None)
 
     async def _gate(
         self,
