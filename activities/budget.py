@@ -43,6 +43,7 @@ from keel.budget import (
     OpenRunResult,
     ReleaseRequest,
     ReleaseResult,
+    ReservationNotFound,
     ReserveRequest,
     ReserveResult,
 )
@@ -89,12 +90,29 @@ class BudgetActivities:
     @activity.defn(name="budget_commit")
     async def commit(self, req: CommitRequest) -> CommitResult:
         """Record a model call's actual cost (tools commit inside their own transaction)."""
-        return await _refusals(self._batcher.commit(req))
+        res = await _refusals(self._batcher.commit(req))
+        if res.lost_hold and not res.replayed:
+            activity.logger.warning(
+                "budget hold %s was not found at commit (lost in a database crash, or a wrong key): "
+                "%d micro-USD recorded as late spend on %s",
+                req.key,
+                res.committed_micros,
+                ", ".join(req.scopes),
+            )
+        return res
 
     @activity.defn(name="budget_release")
     async def release(self, req: ReleaseRequest) -> ReleaseResult:
-        """Give back a hold that will not be used (skipped step, cancel, compensation)."""
-        return await _refusals(self._batcher.release(req))
+        """Give back a hold that will not be used (skipped step, cancel, compensation). A hold
+        the workflow was granted can only be missing if the database lost it as a lease
+        (migration 009): then nothing is held, which is what a release wants."""
+        try:
+            return await _refusals(self._batcher.release(req))
+        except ApplicationError as e:
+            if e.type != ReservationNotFound.__name__:
+                raise
+            activity.logger.warning("budget hold %s was not found at release (lost as a lease)", req.key)
+            return ReleaseResult(key=req.key, status="missing")
 
     @activity.defn(name="budget_extend")
     async def extend(self, req: ExtendRequest) -> ExtendResult:

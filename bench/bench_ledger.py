@@ -11,10 +11,15 @@ process, so concurrent calls share transactions. For contrast, the 32-client poi
 measured ``unbatched`` (one transaction per operation, each client on its own connection):
 there every operation holds the tenant row through its own WAL flush, which is what caps it.
 
-Each point is measured twice: with the server's ``synchronous_commit`` (durable: the default
-the ledger runs with) and with ``synchronous_commit=off`` on the benchmark's sessions (a
-PostgreSQL or OS crash, not an application crash, can lose the last few hundred milliseconds
-of commits), each next to its own floor.
+Each configuration is measured next to its own floor:
+  * ``lease`` (the default): the server's ``synchronous_commit`` (durable), and a transaction
+    that only places holds commits without waiting for its flush (``KEEL_LEDGER_HOLDS=lease``,
+    migration 009). Every commit and release is durable.
+  * ``durable``: the same with ``KEEL_LEDGER_HOLDS=durable``: every hold waits for its flush.
+    Reserve latency and the 32-client point only.
+  * ``off``: ``synchronous_commit=off`` on the benchmark's sessions for everything (a
+    PostgreSQL or OS crash, not an application crash, can lose the last few hundred
+    milliseconds of commits): what the ledger costs without any flush.
 
     python bench/bench_ledger.py --url postgresql://postgres@127.0.0.1:55432/keel [--smoke]
 
@@ -45,6 +50,8 @@ CLIENTS = (1, 8, 32)
 TARGET_P50_MS = 2.0
 TARGET_LIFECYCLES_32 = 1_000
 LATENCY_ROUNDS = 10
+CONFIGS = (("lease", "", True), ("durable", "", False), ("off", "off", True))
+"""(label, the sessions' synchronous_commit ("" = the server's), holds as leases)."""
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -62,11 +69,12 @@ class _Direct:
     statements and client path as a batcher's lone call (``ledger.run_op``): only batching
     differs."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[Any], lease: bool) -> None:
         self.conn = conn
+        self.lease = lease
 
     async def _run(self, req: ReserveRequest | CommitRequest) -> dict[str, Any]:
-        answer = await ledger.run_op(self.conn, ledger.batch_op(req))
+        answer = await ledger.run_op(self.conn, ledger.batch_op(req), lease=self.lease)
         error = ledger.answer_error(answer)
         if error is not None:
             raise error
@@ -107,7 +115,7 @@ async def _lifecycles(
             )
             if timings is not None:
                 timings.append((time.perf_counter() - t0) * 1000)
-            await via.commit(CommitRequest(key=key, actual_micros=700))
+            await via.commit(CommitRequest(key=key, actual_micros=700, scopes=scopes))
             n += 1
         done += n
 
@@ -175,45 +183,48 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
             await ledger.set_limit(admin, run_scope, 10**12)
 
     try:
-        for mode in ("", "off"):
-            label = mode or sync_commit
+        for label, mode, lease in CONFIGS:
             pool = await _pool(url, mode)
             try:
                 # Latency: one client, sequential lifecycles (warm-up first: prepared
                 # statements), in rounds interleaved with the floor's UPDATE+COMMIT so that
                 # this machine's drift hits both alike.
-                batcher = LedgerBatcher(pool)
-                await limit_runs(f"lat{mode}", 1)
-                await _lifecycles([batcher], tenant, f"lat{mode}", 0.3, key_tag=f"warm{mode}")
+                batcher = LedgerBatcher(pool, lease_holds=lease)
+                await limit_runs(f"lat{label}", 1)
+                await _lifecycles([batcher], tenant, f"lat{label}", 0.3, key_tag=f"warm{label}")
                 timings: list[float] = []
                 floor_ms: list[float] = []
                 floor_conn = await _connect(url, mode)
                 try:
                     for r in range(LATENCY_ROUNDS):
                         slot = seconds / LATENCY_ROUNDS
-                        await _lifecycles([batcher], tenant, f"lat{mode}", slot, timings, f"lat{mode}r{r}")
+                        await _lifecycles([batcher], tenant, f"lat{label}", slot, timings, f"lat{label}r{r}")
                         await _floor([floor_conn], table, slot / 2, floor_ms)
                 finally:
                     await floor_conn.close()
                 p50 = statistics.median(timings)
                 floor_p50 = statistics.median(floor_ms)
                 out["reserve_ms"][label] = {
+                    "synchronous_commit": mode or sync_commit,
                     "p50": round(p50, 3),
                     "p99": round(_pct(timings, 0.99), 3),
                     "n": len(timings),
                     "floor_p50": round(floor_p50, 3),
                     "vs_floor": round(p50 / floor_p50, 2),
                 }
-                for clients, how in [(c, "batched") for c in CLIENTS] + [(CLIENTS[-1], "unbatched")]:
+                points = [(c, "batched") for c in CLIENTS] + [(CLIENTS[-1], "unbatched")]
+                if label == "durable":
+                    points = [(CLIENTS[-1], "batched")]
+                for clients, how in points:
                     conns = [await _connect(url, mode) for _ in range(clients)]
                     try:
                         await _floor(conns, table, 0.2)
                         floor = await _floor(conns, table, seconds) / seconds
-                        batcher = LedgerBatcher(pool)
+                        batcher = LedgerBatcher(pool, lease_holds=lease)
                         callers: list[Any] = (
-                            [batcher] * clients if how == "batched" else [_Direct(c) for c in conns]
+                            [batcher] * clients if how == "batched" else [_Direct(c, lease) for c in conns]
                         )
-                        tag = f"{how[0]}{clients}{mode}"
+                        tag = f"{how[0]}{clients}{label}"
                         await limit_runs(tag, clients)
                         await _lifecycles(callers, tenant, f"w{tag}", 0.2)
                         ops0, batches0 = batcher.operations, batcher.batches
@@ -224,7 +235,7 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
                     batches = batcher.batches - batches0
                     out["points"].append(
                         {
-                            "synchronous_commit": label,
+                            "config": label,
                             "clients": clients,
                             "calls": how,
                             "lifecycles_per_s": round(life),
@@ -247,7 +258,7 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
             "lifecycles_32_at_least_1000": next(
                 p["lifecycles_per_s"]
                 for p in out["points"]
-                if p["clients"] == 32 and p["synchronous_commit"] == label and p["calls"] == "batched"
+                if p["clients"] == 32 and p["config"] == label and p["calls"] == "batched"
             )
             >= TARGET_LIFECYCLES_32,
         }
@@ -259,19 +270,20 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
 
 def _markdown(r: dict[str, Any]) -> str:
     lines = [
-        f"reserve latency, 1 client, synchronous_commit={label}: p50 {lat['p50']} ms, "
+        f"reserve latency, 1 client, {label} (synchronous_commit={lat['synchronous_commit']}): "
+        f"p50 {lat['p50']} ms, "
         f"p99 {lat['p99']} ms (n={lat['n']}); floor UPDATE+COMMIT p50 {lat['floor_p50']} ms "
         f"(reserve = {lat['vs_floor']}x)"
         for label, lat in r["reserve_ms"].items()
     ]
     lines += [
         "",
-        "| synchronous_commit | clients | calls | lifecycles/s | floor UPDATE+COMMIT/s | vs floor"
+        "| config | clients | calls | lifecycles/s | floor UPDATE+COMMIT/s | vs floor"
         " | ops per transaction |",
         "|--|--:|--|--:|--:|--:|--:|",
     ]
     lines += [
-        f"| {p['synchronous_commit']} | {p['clients']} | {p['calls']} | {p['lifecycles_per_s']} | "
+        f"| {p['config']} | {p['clients']} | {p['calls']} | {p['lifecycles_per_s']} | "
         f"{p['floor_updates_per_s']} | {p['ratio_vs_floor']} | {p['ops_per_transaction']} |"
         for p in r["points"]
     ]

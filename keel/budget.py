@@ -196,6 +196,9 @@ class CommitResult(Frozen):
     """Some scope's overdraft could not absorb the overrun; recorded anyway, flagged."""
     late: bool = False
     """The lease had expired and been swept; the whole actual was charged as new spend."""
+    lost_hold: bool = False
+    """The hold itself was gone (a lease lost in a database crash, or a wrong key): the spend
+    was recorded on the request's scopes as late spend. Worth an alert."""
     replayed: bool = False
 
 
@@ -214,7 +217,8 @@ class ReleaseResult(Frozen):
     key: str
     released_micros: int = 0
     status: str = ""
-    """Status after the call: ``released``, or ``committed``/``expired`` when nothing was held."""
+    """Status after the call: ``released``, or ``committed``/``expired`` when nothing was held,
+    or ``missing`` (from the workflow's release activity only) when the hold was lost."""
     replayed: bool = False
 
 

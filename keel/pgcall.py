@@ -96,9 +96,9 @@ async def _run(conn: AsyncConnection[Any], send: Any) -> pq.abc.PGresult:
         result = await _result(pgconn)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         if pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
-            with contextlib.suppress(Exception):  # the wait below decides the connection's fate
-                await conn.cancel_safe(timeout=5.0)
             try:
+                with contextlib.suppress(Exception):  # the wait below decides the connection's fate
+                    await conn.cancel_safe(timeout=5.0)
                 await asyncio.wait_for(_result(pgconn), 5.0)
             except BaseException:  # not stopped in time, or interrupted again: unknown state
                 pgconn.finish()
@@ -109,24 +109,34 @@ async def _run(conn: AsyncConnection[Any], send: Any) -> pq.abc.PGresult:
 
 
 async def _result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
-    """Flush the sent command and return its last result, waiting on the socket through one
-    future per wait (the connection is non-blocking, as psycopg's async connections are)."""
+    """Flush the sent command and read all its results, waiting on the socket through one
+    future per wait (the connection is non-blocking, as psycopg's async connections are).
+    ``get_result`` is only called when libpq has a whole result (it would block the event
+    loop otherwise). Returns the first error if any (a server error followed by the
+    connection dropping keeps the server's error), else the last result."""
     loop = asyncio.get_running_loop()
     fd = pgconn.socket
     while pgconn.flush():  # a request larger than the socket buffer: rare
         await _ready(loop, fd, loop.add_writer, loop.remove_writer)
         pgconn.consume_input()
+    results: list[pq.abc.PGresult] = []
     while True:
-        pgconn.consume_input()
-        if not pgconn.is_busy():
+        try:
+            pgconn.consume_input()
+            while pgconn.is_busy():
+                await _ready(loop, fd, loop.add_reader, loop.remove_reader)
+                pgconn.consume_input()
+        except e.OperationalError:  # the connection is gone
+            if any(r.status == pq.ExecStatus.FATAL_ERROR for r in results):
+                break
+            raise
+        result = pgconn.get_result()
+        if result is None:
             break
-        await _ready(loop, fd, loop.add_reader, loop.remove_reader)
-    last = None
-    while (result := pgconn.get_result()) is not None:
-        last = result
-    if last is None:
+        results.append(result)
+    if not results:
         raise e.InterfaceError("the server sent no result")
-    return last
+    return next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), results[-1])
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, add: Any, remove: Any) -> None:

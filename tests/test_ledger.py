@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 import activities.budget as budget_activities
 import activities.ledger as ledger_module
@@ -208,7 +210,7 @@ async def test_ttl_expiry_by_sweep_and_late_commit(conn: Conn, tenant: str) -> N
     assert rel.status == "expired" and rel.released_micros == 0
     # The call did happen after all: its cost is charged truthfully as late new spend.
     late = await ledger.commit(conn, CommitRequest(key=f"{tenant}/dead", actual_micros=250))
-    assert late.late and late.overrun_micros == 250 and not late.over_limit
+    assert late.late and late.overrun_micros == 250 and not late.over_limit and not late.lost_hold
     assert await _scope(conn, tenant) == (250, 300, 0, 0)
     assert await _violations(conn, tenant) == []
 
@@ -223,12 +225,12 @@ async def test_commit_of_a_lost_hold_records_the_spend(conn: Conn, tenant: str) 
         await ledger.commit(conn, CommitRequest(key=f"{tenant}/gone", actual_micros=5))
     lost = CommitRequest(key=f"{tenant}/gone", actual_micros=300, scopes=path[2:], kind="tool")
     done = await ledger.commit(conn, lost)
-    assert done.late and done.committed_micros == 300 and done.overrun_micros == 300
+    assert done.late and done.lost_hold and done.committed_micros == 300 and done.overrun_micros == 300
     assert not done.replayed and not done.over_limit
     for scope in path:  # the closure: tenant, workspace and user rows were created
         assert await _scope(conn, scope) == (300, 0, 0, 0), scope
     again = await ledger.commit(conn, lost)
-    assert again.replayed and again.committed_micros == 300 and again.late
+    assert again.replayed and again.committed_micros == 300 and again.late and again.lost_hold
     with pytest.raises(IdempotencyConflict):
         await ledger.commit(conn, lost.model_copy(update={"actual_micros": 301}))
     # Beyond the limit: booked into the overdraft, then flagged over limit; never dropped.
@@ -312,6 +314,24 @@ async def test_activities_map_refusals_to_non_retryable(db_pool: AsyncConnection
     assert info.value.non_retryable and info.value.type == "IdempotencyConflict"
     done = await acts.commit(CommitRequest(key=f"{tenant}/k", actual_micros=10))
     assert done.committed_micros == 10
+
+
+async def test_activities_on_a_lost_hold(
+    db_pool: AsyncConnectionPool, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hold lost as a lease: the workflow's release finds nothing held (not a failure), and
+    its commit records the spend and warns."""
+    acts, env = BudgetActivities(db_pool), ActivityEnvironment()
+    with caplog.at_level(logging.WARNING):
+        rel = await env.run(acts.release, ReleaseRequest(key=f"{tenant}/gone"))
+        assert rel.status == "missing" and rel.released_micros == 0
+        lost = CommitRequest(key=f"{tenant}/gone2", actual_micros=40, scopes=(tenant,))
+        done = await env.run(acts.commit, lost)
+    assert done.lost_hold and done.late and done.committed_micros == 40
+    assert f"{tenant}/gone2 was not found at commit" in caplog.text
+    assert f"{tenant}/gone was not found at release" in caplog.text
+    with pytest.raises(ApplicationError, match="different payload"):
+        await env.run(acts.commit, lost.model_copy(update={"actual_micros": 41}))
 
 
 def test_cli_set_show_history(

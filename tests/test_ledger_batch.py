@@ -270,3 +270,38 @@ async def test_lone_calls_go_out_alone_and_survive_cancellation(
         assert [v for v in await ledger.check_invariant(c) if tenant in v] == []
         view = await ledger.show(c, tenant)
     assert view is not None and view.reserved_micros == 15 + 40 * 7
+
+
+async def test_falling_back_to_serial_for_a_lost_hold_cannot_deadlock(pg_url: str, tenant: str) -> None:
+    """T2 runs serially (a key twice) and holds E's key lock waiting for R's; T1 commits E and a
+    lost hold M, so it falls back to the serial path after locking E's row. Had T1 taken E's key
+    lock only then (a key lock after a row lock), T1 and T2 would deadlock once R is free."""
+    path = (tenant, f"{tenant}/ws:w")
+    e, m, r = f"{tenant}/a-E", f"{tenant}/b-M", f"{tenant}/c-R"  # sorted: E < M < R
+
+    def reserve(key: str) -> dict[str, Any]:
+        return ledger.batch_op(ReserveRequest(key=key, scopes=path, amount_micros=100))
+
+    commit_e = ledger.batch_op(CommitRequest(key=e, actual_micros=50, scopes=path))
+    commit_m = ledger.batch_op(CommitRequest(key=m, actual_micros=70, scopes=path))
+    release_r = ledger.batch_op(ReleaseRequest(key=r))
+    conns = [await psycopg.AsyncConnection.connect(pg_url, autocommit=True) for _ in range(3)]
+    t1, t2, t3 = conns
+    try:
+        await t3.execute("select keel_budget_batch(%s)", (Jsonb([reserve(e)]),))
+        await t3.execute("begin")
+        await t3.execute("select keel_budget_batch(%s)", (Jsonb([reserve(r)]),))  # holds R
+        second = asyncio.create_task(
+            t2.execute("select keel_budget_batch(%s)", (Jsonb([commit_e, reserve(r), release_r]),))
+        )
+        await asyncio.sleep(0.5)
+        batch = "select keel_budget_batch(%s)"
+        first = asyncio.create_task(t1.execute(batch, (Jsonb([commit_e, commit_m]),)))
+        await asyncio.sleep(0.5)
+        await t3.execute("commit")
+        answers = [(await (await task).fetchone() or [None])[0] for task in (first, second)]
+    finally:
+        for c in conns:
+            await c.close()
+    assert answers[0][1]["lost_hold"] and answers[0][1]["committed_micros"] == 70
+    assert {answers[0][0]["committed_micros"], answers[1][0]["committed_micros"]} == {50}

@@ -108,7 +108,7 @@ async def test_a_crash_loses_only_lease_holds_and_commits_still_record_the_spend
             key = f"{tenant}/{name}"
             done = await batcher.commit(CommitRequest(key=key, actual_micros=micros, scopes=path))
             assert done.committed_micros == micros
-            assert done.late == (key in lost)
+            assert done.late == done.lost_hold == (key in lost)
         async with pool.connection() as conn:
             cur = await conn.execute(
                 "select scope, spent_micros, reserved_micros from keel_budget_scopes"

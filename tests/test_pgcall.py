@@ -108,3 +108,17 @@ async def test_refuses_to_run_inside_a_pipeline(conn: psycopg.AsyncConnection) -
     async with conn.pipeline():
         with pytest.raises(psycopg.ProgrammingError, match="pipeline"):
             await pgcall.fetch_value(conn, ECHO, ["{x}"])
+
+
+async def test_a_dropped_connection_keeps_the_server_error(
+    conn: psycopg.AsyncConnection, pg_url: str
+) -> None:
+    sleep = pgcall.Prepared("test_pgcall_sleep2", "select pg_sleep($1::float8)::text")
+    pid = conn.info.backend_pid
+    task = asyncio.create_task(pgcall.fetch_value(conn, sleep, ["30"]))
+    await asyncio.sleep(0.3)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        await admin.execute("select pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.errors.AdminShutdown) as caught:
+        await asyncio.wait_for(task, 10)
+    assert caught.value.sqlstate == "57P01"

@@ -3,19 +3,27 @@
 -- A hold is soft state by design: it has a TTL, and a hold whose worker dies expires and
 -- gives its money back. 009 lets a worker treat it as such. A transaction that only places
 -- holds may commit without waiting for its WAL flush (synchronous_commit = off for that
--- transaction, chosen by the caller: keel.ledger_batch, KEEL_LEDGER_HOLDS=lease, the
--- default). Everything that records money spent or returned (commit, release, extend, sweep)
--- stays durable, and a durable commit flushes every earlier WAL record with it, including
--- the holds before it. What a PostgreSQL crash (not a worker or application crash) can lose
--- is therefore only holds placed in the last moments before it (at most 3 x wal_writer_delay,
--- 600 ms by default) and not yet followed by any durable commit: as if they had expired early.
+-- transaction, chosen by the caller: activities/ledger_batch.py with KEEL_LEDGER_HOLDS=lease,
+-- the default). Everything that records money spent or returned (commit, release, extend,
+-- sweep) stays durable, and a durable commit flushes every earlier WAL record with it,
+-- including the holds before it. What a PostgreSQL crash (not a worker or application
+-- crash) can lose is therefore only holds placed shortly before it and not yet followed by
+-- any durable commit: the WAL writer flushes them within 3 x wal_writer_delay (600 ms by
+-- default) unless the disk itself stalls. For the ledger that is as if they had expired
+-- early: for a moment after the crash their money is not held, so other reservations may be
+-- granted against it.
 --
 -- A commit must then still record the spend of a hold it cannot find. Commits now carry the
 -- hold's scopes (and kind): a commit whose reservation row does not exist, but which names
--- scopes, records the reservation as an expired hold of nothing and charges the whole actual
--- as late spend, through the same overrun rules as a commit after expiry (bounded overdraft,
--- over-limit flagged, never dropped). A commit without scopes for an unknown key is refused as
--- before (KL002).
+-- scopes, records the reservation as an expired hold of nothing (payload_hash '') and
+-- charges the whole actual as late spend, through the same overrun rules as a commit after
+-- expiry: booked into the overdraft, and beyond it recorded and flagged over_limit (so a
+-- crash can push a scope past its overdraft: flagged, never dropped, not prevented). Its
+-- answer says "lost_hold": true. A commit without scopes for an unknown key is refused as
+-- before (KL002): that includes a 3-argument commit from a worker started before 009 (a
+-- rolling upgrade), whose own holds are durable but which may commit a lease hold placed by
+-- a new worker for the same run. A release of a lost hold answers KL002; the workflow's
+-- release activity treats that as nothing held (activities/budget.py).
 --
 -- Functions: keel_budget_commit_core takes the two new arguments (its 3-argument form is
 -- dropped: only these functions call it); keel_budget_commit gains a 5-argument form, and its
@@ -24,6 +32,13 @@
 -- sends a batch holding a commit for a missing hold down the serial path.
 
 drop function if exists keel_budget_commit_core(text, bigint, text);
+
+-- What a commit's answer adds when its hold was lost: the recorded row has no reserve
+-- payload (payload_hash ''), which no reserve ever writes.
+create or replace function keel_budget_lost_hold(p_payload_hash text) returns jsonb
+language sql immutable as $$
+    select case when p_payload_hash = '' then '{"lost_hold": true}'::jsonb else '{}'::jsonb end
+$$;
 
 create or replace function keel_budget_commit_core(
     p_key text, p_actual bigint, p_hash text, p_scopes text[], p_kind text
@@ -50,7 +65,7 @@ begin
         return keel_budget_err('22023', 'actual_micros must be >= 0');
     end if;
     select status, amount_micros, actual_micros, scopes, commit_hash, overrun_micros,
-           debt_micros, over_limit, late into v_res
+           debt_micros, over_limit, late, payload_hash into v_res
       from keel_budget_reservations where key = p_key for update;
     if not found and cardinality(p_scopes) > 0 then
         -- The hold is gone (lost in a database crash while it was a lease: see the header).
@@ -74,7 +89,7 @@ begin
                 '{}', '');
         end if;
         select status, amount_micros, actual_micros, scopes, commit_hash, overrun_micros,
-               debt_micros, over_limit, late into v_res
+               debt_micros, over_limit, late, payload_hash into v_res
           from keel_budget_reservations where key = p_key for update;
     end if;
     if not found then
@@ -93,7 +108,8 @@ begin
             return keel_budget_commit_answer(
                 p_key, v_res.actual_micros,
                 case when v_res.late then 0 else v_res.amount_micros end,
-                v_res.overrun_micros, v_res.debt_micros, v_res.over_limit, v_res.late, true);
+                v_res.overrun_micros, v_res.debt_micros, v_res.over_limit, v_res.late, true)
+                || keel_budget_lost_hold(v_res.payload_hash);
         end if;
     end if;
     if v_res.status not in ('held', 'expired') then
@@ -150,7 +166,8 @@ begin
            commit_hash = p_hash, updated_at = now()
      where key = p_key;
     return keel_budget_commit_answer(p_key, p_actual, v_held, v_extra, v_max_debt, v_over,
-                                     v_res.status = 'expired', false);
+                                     v_res.status = 'expired', false)
+           || keel_budget_lost_hold(v_res.payload_hash);
 end $$;
 
 create or replace function keel_budget_commit(
@@ -173,7 +190,8 @@ declare
 begin
     perform pg_advisory_xact_lock(hashtextextended(k, 7345002))
        from (select distinct o->>'key' as k from jsonb_array_elements(p_ops) o
-              where o->>'op' = 'reserve' or (o->>'op' = 'commit' and o ? 'scopes')
+              where o->>'op' = 'reserve'
+                 or (o->>'op' = 'commit' and jsonb_array_length(o->'scopes') > 0)
               order by 1) x;
     v_keys := array(select o->>'key' from jsonb_array_elements(p_ops) o where o->>'op' <> 'reserve');
     perform 1 from keel_budget_reservations where key = any(v_keys) order by key for update;
@@ -198,8 +216,11 @@ begin
     return to_jsonb(v_out);
 end $$;
 
--- keel_budget_batch as in 008, plus: a batch holding a commit whose hold is missing runs
--- serially (keel_budget_commit_core records the lost hold).
+-- keel_budget_batch as in 008, plus: a commit naming scopes takes its key's advisory lock
+-- with the reservations' (the same keys, in the same single sorted pass, as the serial
+-- path), and a batch holding a commit whose hold is missing then runs serially
+-- (keel_budget_commit_core records the lost hold): by then it holds every key lock the
+-- serial path takes, so falling back adds no key lock after a row lock.
 create or replace function keel_budget_batch(p_ops jsonb) returns jsonb
 language plpgsql
 set plan_cache_mode = force_generic_plan as $$
@@ -265,9 +286,11 @@ begin
     if cardinality(v_keys) < v_n then
         return keel_budget_batch_serial(p_ops);  -- one key twice: order-dependent, run serially
     end if;
-    -- Key locks, sorted: advisory for reservations, the rows for settlements.
+    -- Key locks, sorted: advisory for reservations and scoped commits, then the rows.
     perform pg_advisory_xact_lock(hashtextextended(e->>'key', 7345002))
-       from jsonb_array_elements(p_ops) e where e->>'op' = 'reserve' order by e->>'key';
+       from jsonb_array_elements(p_ops) e
+      where e->>'op' = 'reserve' or (e->>'op' = 'commit' and jsonb_array_length(e->'scopes') > 0)
+      order by e->>'key';
     for q in select key, status, amount_micros, actual_micros, scopes, payload_hash,
                     commit_hash, release_hash, answer, overrun_micros, debt_micros,
                     over_limit, late
@@ -410,7 +433,8 @@ begin
                                   p_key[i]))
                               else keel_budget_commit_answer(
                                   p_key[i], r_actual[ri], case when r_late[ri] then 0 else r_amount[ri] end,
-                                  r_overrun[ri], r_debt[ri], r_over[ri], r_late[ri], true) end;
+                                  r_overrun[ri], r_debt[ri], r_over[ri], r_late[ri], true)
+                                   || keel_budget_lost_hold(r_hash[ri]) end;
             elsif r_status[ri] not in ('held', 'expired') then
                 v_ans := keel_budget_err('KL003', format(
                     'reservation %s is %s; nothing to commit', p_key[i], r_status[ri]));
