@@ -2,13 +2,15 @@
 
 Tests run their own services in a temporary state folder on free ports, so a developer's
 ``make demo`` services keep running untouched, and everything started here is stopped at
-the end of the session (Temporal first, then PostgreSQL).
+the end of the session (Temporal first, then PostgreSQL), also when the session is ended by
+SIGTERM. Only a SIGKILLed session leaves them running.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +38,9 @@ def settings() -> Iterator[Settings]:
     }
     s = load_settings(env)
     services = DevServices(s)
+    # SIGTERM (``timeout``, a cancelled CI job) would end pytest without teardown and leave
+    # the services running; as an interrupt, the finally below still stops them.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         services.start_postgres()
         apply_migrations(s.database_url)
@@ -43,6 +48,7 @@ def settings() -> Iterator[Settings]:
     finally:
         services.down()
         shutil.rmtree(state, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
