@@ -17,6 +17,11 @@ the benchmark VM takes ~0.3-0.5 ms off every call. Calls that arrive while
 load makes them. If a batch fails as a whole (a malformed scope, a deadlock, a dropped
 connection) its operations are re-run one by one, which is safe because every operation is
 idempotent by key and payload: the failed batch either committed entirely or not at all.
+
+Holds are leases (``lease_holds``, ``KEEL_LEDGER_HOLDS=lease`` by default): a transaction
+holding only reservations commits without waiting for its WAL flush, so a lone reservation does
+not pay for the disk; any transaction with a commit or release waits. Migration 009 says what a
+PostgreSQL crash can then cost (holds, never spend) and how a commit records a lost hold.
 """
 
 from __future__ import annotations
