@@ -106,11 +106,12 @@ class BudgetActivities:
         """Give back a hold that will not be used (skipped step, cancel, compensation). A hold
         the workflow was granted can only be missing if the database lost it as a lease
         (migration 009): then nothing is held, which is what a release wants."""
+        return await _refusals(self._release(req))
+
+    async def _release(self, req: ReleaseRequest) -> ReleaseResult:
         try:
-            return await _refusals(self._batcher.release(req))
-        except ApplicationError as e:
-            if e.type != ReservationNotFound.__name__:
-                raise
+            return await self._batcher.release(req)
+        except ReservationNotFound:
             activity.logger.warning("budget hold %s was not found at release (lost as a lease)", req.key)
             return ReleaseResult(key=req.key, status="missing")
 

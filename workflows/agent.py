@@ -120,9 +120,9 @@ class AgentWorkflow:
         self._results: dict[str, dict[str, Any]] = {}
         self._compensations: list[tuple[str, str, dict[str, Any]]] = []
         self._compensated: list[str] = []
-        self._open_reservations: set[str] = set()
-        self._hold_scopes: dict[str, tuple[tuple[str, ...], str]] = {}
-        """Scopes and kind of each open model hold, sent with its commit (see CommitRequest)."""
+        self._open_reservations: dict[str, tuple[tuple[str, ...], str]] = {}
+        """Each open hold's key, with the scopes and kind a model hold's commit sends (see
+        CommitRequest); tool holds are committed by the tool activity."""
         self._spend: dict[str, Any] = {
             "total": 0,
             "by_tier": {},
@@ -499,7 +499,7 @@ class AgentWorkflow:
             )
         # The allow decision is made here; the tool activity records it in the audit log and
         # holds the step's budget before the effect (one round trip per step, see bench/).
-        self._open_reservations.add(f"{key}/reserve")
+        self._open_reservations[f"{key}/reserve"] = ((), "tool")
         self._check_cancel()
         self._put(record.model_copy(update={"state": StepState.RUNNING}))
         stepgate = StepGate(
@@ -521,14 +521,14 @@ class AgentWorkflow:
                 return await self._fallback(req, ctx, step, tool)
             return StepState.FAILED
         if out.refused == "budget":
-            self._open_reservations.discard(f"{key}/reserve")  # DENY held nothing
+            self._open_reservations.pop(f"{key}/reserve", None)  # DENY held nothing
             self._put(record.model_copy(update={"state": StepState.DENIED, "error": out.error}))
             raise _Abort("budget_exhausted", f"budget denied {step.tool}: {out.error}", "budget_denied")
         if out.refused == "optional":
-            self._open_reservations.discard(f"{key}/reserve")  # released by the activity
+            self._open_reservations.pop(f"{key}/reserve", None)  # released by the activity
             self._put(record.model_copy(update={"state": StepState.SKIPPED, "summary": out.error}))
             return StepState.SKIPPED
-        self._open_reservations.discard(f"{key}/reserve")
+        self._open_reservations.pop(f"{key}/reserve", None)
         self._results[step.id] = out.data
         if tool.compensation:
             self._compensations.append((step.id, tool.compensation, out.data))
@@ -794,12 +794,11 @@ class AgentWorkflow:
         )
         if res.decision == Decision.DENY:
             raise _Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}", "budget_denied")
-        self._open_reservations.add(key)
-        self._hold_scopes[key] = (ctx.scopes, kind)
+        self._open_reservations[key] = (ctx.scopes, kind)
         return res
 
     async def _commit(self, key: str, actual: int) -> CommitResult:
-        scopes, kind = self._hold_scopes.pop(key, ((), "model"))
+        scopes, kind = self._open_reservations.get(key, ((), "model"))
         res: CommitResult = await self._shielded(
             workflow.start_local_activity(
                 "budget_commit",
@@ -810,7 +809,7 @@ class AgentWorkflow:
                 summary="commit",
             )
         )
-        self._open_reservations.discard(key)
+        self._open_reservations.pop(key, None)
         return res
 
     async def _release(self, req: AgentRequest, key: str) -> None:
@@ -823,8 +822,7 @@ class AgentWorkflow:
                 summary="release",
             )
         )
-        self._open_reservations.discard(key)
-        self._hold_scopes.pop(key, None)
+        self._open_reservations.pop(key, None)
 
     async def _gate(
         self,
@@ -896,7 +894,7 @@ class AgentWorkflow:
             )
         )
         if reserve_key:
-            self._open_reservations.discard(reserve_key)
+            self._open_reservations.pop(reserve_key, None)
 
     # ------------------------------------------------------------------ bookkeeping
     def _check_cancel(self) -> None:
