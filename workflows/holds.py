@@ -1,0 +1,145 @@
+"""Budget holds of one run: the only place the workflow reserves, commits or releases money.
+
+The workflow places model-call holds and marks the tool hold that ``run_tool`` places in
+the effect's own transaction; every hold it knows to be open is released when the run
+ends (``release_open``), whatever way it ends. ``settle`` records a step's end in the audit
+log and releases that step's hold in the same local activity.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from keel.agent_io import RunContext, SettleInput, SettleResult
+    from keel.budget import CommitRequest, CommitResult, ReleaseRequest, ReserveRequest, ReserveResult
+    from keel.models import AgentRequest, Decision
+
+from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT
+from workflows.state import RunState
+from workflows.stop import Abort, Stopper
+
+__all__ = ["Holds"]
+
+
+class Holds:
+    def __init__(self, state: RunState, stopper: Stopper) -> None:
+        self._state, self._stopper = state, stopper
+        self.open: dict[str, tuple[tuple[str, ...], str]] = {}
+        """Each open hold's key, with the scopes and kind a model hold's commit sends (see
+        CommitRequest); tool holds are committed by the tool activity."""
+
+    async def reserve(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        key: str,
+        *,
+        kind: str,
+        subject: str,
+        tier: str,
+        amount: int,
+        min_amount: int,
+        max_tokens: int,
+    ) -> ReserveResult:
+        res: ReserveResult = await self._stopper.shielded(
+            workflow.start_local_activity(
+                "budget_reserve",
+                ReserveRequest(
+                    key=key,
+                    scopes=ctx.scopes,
+                    amount_micros=amount,
+                    min_micros=min(min_amount, amount),
+                    max_tokens=max_tokens,
+                    kind=kind,
+                    subject=subject,
+                    run_id=self._state.wid,
+                    step_id=key.rsplit("/", 1)[1],
+                    tier=tier,
+                ),
+                result_type=ReserveResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"reserve {kind} {subject}",
+            )
+        )
+        if res.decision == Decision.DENY:
+            raise Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}", "budget_denied")
+        self.open[key] = (ctx.scopes, kind)
+        return res
+
+    def placed_by_tool(self, key: str) -> None:
+        """The tool activity places this hold; until it answers, the run treats it as open."""
+        self.open[key] = ((), "tool")
+
+    def closed(self, key: str) -> None:
+        """The hold was committed or released by the activity that answered."""
+        self.open.pop(key, None)
+
+    async def commit(self, key: str, actual: int) -> CommitResult:
+        scopes, kind = self.open.get(key, ((), "model"))
+        res: CommitResult = await self._stopper.shielded(
+            workflow.start_local_activity(
+                "budget_commit",
+                CommitRequest(key=key, actual_micros=actual, scopes=scopes, kind=kind),
+                result_type=CommitResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary="commit",
+            )
+        )
+        self.open.pop(key, None)
+        return res
+
+    async def release(self, key: str) -> None:
+        await self._stopper.shielded(
+            workflow.start_local_activity(
+                "budget_release",
+                ReleaseRequest(key=key, reason="run ended before use"),
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary="release",
+            )
+        )
+        self.open.pop(key, None)
+
+    async def release_open(self) -> None:
+        for key in sorted(self.open):
+            await self.release(key)
+        self.open.clear()
+
+    async def settle(
+        self,
+        req: AgentRequest,
+        step_id: str,
+        subject: str,
+        reserve_key: str,
+        commit: int | None,
+        decision: str,
+        reason: str,
+        kind: str = "tool",
+    ) -> SettleResult:
+        res: SettleResult = await self._stopper.shielded(
+            workflow.start_local_activity(
+                "settle_step",
+                SettleInput(
+                    workflow_id=self._state.wid,
+                    tenant=req.tenant,
+                    user=req.user,
+                    step_id=step_id,
+                    subject=subject,
+                    reserve_key=reserve_key,
+                    commit_micros=commit,
+                    kind=kind,
+                    decision=decision,
+                    reason=reason,
+                ),
+                result_type=SettleResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"settle {subject} ({decision})",
+            )
+        )
+        if reserve_key:
+            self.open.pop(reserve_key, None)
+        return res

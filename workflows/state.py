@@ -1,0 +1,112 @@
+"""The run's in-memory record: steps, results, spend, flags and model calls.
+
+Everything here is rebuilt by replay from the activities' results, so it needs no
+persistence of its own; the ``status`` query reads it, and the final response is made from
+it. Spend counts only what the ledger committed, so the report equals the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from keel.agent_io import RunContext
+    from keel.models import Approval, ModelCallRecord, Spend, StepRecord, StepState
+    from keel.policy import Policy
+
+__all__ = ["RunState"]
+
+
+class RunState:
+    """Shared by the workflow's helpers (planning, steps, saga, holds)."""
+
+    def __init__(self) -> None:
+        self.wid = ""
+        self.phase = "starting"
+        self.steps: dict[str, StepRecord] = {}
+        self.order: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.recovered: set[str] = set()
+        """Failed steps whose fallback tool succeeded (graceful degradation, not a failure)."""
+        self.approvals: dict[str, Approval] = {}
+        self.waiting_for = ""
+        self.iterations = 0
+        self.model_label = ""
+        self.outcome = ""
+        self.flags: list[str] = []
+        self.calls: list[ModelCallRecord] = []
+        self.start_tier = ""
+        self._policy: Policy | None = None
+        self._spend: dict[str, Any] = {
+            "total": 0,
+            "by_tier": {},
+            "by_model": {},
+            "by_tool": {},
+            "by_step": {},
+            "model_calls": 0,
+            "cheapest": 0,
+        }
+
+    def policy(self, ctx: RunContext) -> Policy:
+        """The run's policy snapshot, validated once per run (not once per step)."""
+        if self._policy is None:
+            self._policy = Policy.model_validate(ctx.policy)
+        return self._policy
+
+    def gate_context(self) -> dict[str, Any]:
+        ctx: dict[str, Any] = {}
+        for data in self.results.values():
+            if "customer_email" in data:  # customers of orders looked up in this run
+                ctx.setdefault("order_customer", []).append(data["customer_email"])
+            if "order_id" in data:
+                ctx.setdefault("order_ids", []).append(data["order_id"])
+        return ctx
+
+    def put(self, record: StepRecord) -> None:
+        if record.id not in self.steps:
+            self.order.append(record.id)
+        self.steps[record.id] = record
+
+    def records(self) -> tuple[StepRecord, ...]:
+        return tuple(self.steps[s] for s in self.order)
+
+    def evaluated(self) -> tuple[StepRecord, ...]:
+        """What the evaluator judges: a failure its fallback made good is not held against the
+        run (else a degraded-but-answered step would escalate the model for a tool outage)."""
+        return tuple(r for r in self.records() if r.id not in self.recovered)
+
+    def waiting_step(self) -> str:
+        return next((s for s, r in self.steps.items() if r.state == StepState.WAITING_APPROVAL), "")
+
+    def charge(
+        self,
+        micros: int,
+        *,
+        tier: str = "",
+        model: str = "",
+        tool: str = "",
+        step: str = "",
+        cheapest: bool = False,
+    ) -> None:
+        s = self._spend
+        s["total"] += micros
+        for bucket, name in (("by_tier", tier), ("by_model", model), ("by_tool", tool), ("by_step", step)):
+            if name:
+                s[bucket][name] = s[bucket].get(name, 0) + micros
+        if model:
+            s["model_calls"] += 1
+            s["cheapest"] += 1 if cheapest else 0
+
+    def spend(self) -> Spend:
+        s = self._spend
+        return Spend(
+            total_micros=s["total"],
+            by_tier=dict(s["by_tier"]),
+            by_model=dict(s["by_model"]),
+            by_tool=dict(s["by_tool"]),
+            by_step=dict(s["by_step"]),
+            model_calls=s["model_calls"],
+            cheapest_tier_calls=s["cheapest"],
+        )

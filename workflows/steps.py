@@ -1,0 +1,302 @@
+"""One planned step: condition, references, the gate, a human's approval, the tool, its
+fallback. The gate is pure and runs here; its decision is made durable by the tool activity
+(allowed steps) or by ``authorize_step`` (denials and a human's answers)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from keel.agent_io import RunContext, StepGateInput, StepGateResult
+    from keel.models import (
+        AgentRequest,
+        Approval,
+        PlanStep,
+        StepGate,
+        StepRecord,
+        StepState,
+        ToolCall,
+        ToolInfo,
+        ToolResult,
+    )
+    from workflows import decisions as d
+    from workflows.gate import check_tool_call
+
+from workflows.holds import Holds
+from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT
+from workflows.saga import Saga
+from workflows.state import RunState
+from workflows.stop import Abort, Stopper, cause
+
+__all__ = ["StepRunner"]
+
+
+class StepRunner:
+    def __init__(self, state: RunState, stopper: Stopper, holds: Holds, saga: Saga) -> None:
+        self._state, self._stopper, self._holds, self._saga = state, stopper, holds, saga
+
+    async def run(self, req: AgentRequest, ctx: RunContext, step: PlanStep) -> StepState:
+        st = self._state
+        record = StepRecord(id=step.id, tool=step.tool, args=step.args)
+        st.put(record)
+        if not d.condition_holds(step.when, st.results):
+            st.put(
+                record.model_copy(
+                    update={
+                        "state": StepState.SKIPPED,
+                        "summary": f"condition not met: {_when_text(step.when)}",
+                    }
+                )
+            )
+            return StepState.SKIPPED
+        try:
+            args = d.resolve_args(step.args, st.results)
+        except d.ReferenceError_ as e:
+            st.put(record.model_copy(update={"state": StepState.FAILED, "error": str(e)}))
+            return StepState.FAILED
+        record = record.model_copy(update={"args": args})
+        tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
+        gate = check_tool_call(
+            st.policy(ctx),
+            req.tenant,
+            req.user,
+            ctx.permissions,
+            tool if tool in ctx.tools else None,
+            args,
+            st.gate_context(),
+        )
+        key = f"{st.wid}/{step.id}"
+        if not gate.allowed:
+            await self._audit_gate(
+                req, step.id, step.tool, args, allowed=False, rule=gate.rule, reason=gate.reason
+            )
+            st.put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
+            raise Abort("denied", f"step {step.id} ({step.tool}) denied: {gate.reason}", "permission_denied")
+        assert tool is not None
+        if gate.needs_approval:
+            await self._await_approval(
+                req,
+                record,
+                gate.reason,
+                gate.approval_timeout_seconds or ctx.limits.approval_timeout_seconds,
+                gate.on_timeout == "approve",
+            )
+        # The allow decision is made here; the tool activity records it in the audit log and
+        # holds the step's budget before the effect (one round trip per step, see bench/).
+        hold = f"{key}/reserve"
+        self._holds.placed_by_tool(hold)
+        self._stopper.check()
+        st.put(record.model_copy(update={"state": StepState.RUNNING}))
+        stepgate = StepGate(
+            rule=gate.rule, reason=gate.reason, scopes=ctx.scopes, amount_micros=tool.cost_micros
+        )
+        try:
+            out = await self._stopper.interruptible(self._start_tool(req, tool, args, key, hold, stepgate))
+        except ActivityError as e:
+            cancelled = self._stopper.note_cancel(e)
+            stop = self._stopper.stop
+            why = f"cancelled: {stop.reason}" if cancelled and stop else cause(e)
+            await self._holds.settle(
+                req, step.id, step.tool, hold, None, "cancelled" if cancelled else "failed", why
+            )
+            st.put(record.model_copy(update={"state": StepState.FAILED, "error": why}))
+            self._stopper.check()
+            if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
+                return await self._fallback(req, ctx, step, tool)
+            return StepState.FAILED
+        if out.refused == "budget":
+            self._holds.closed(hold)  # DENY held nothing
+            st.put(record.model_copy(update={"state": StepState.DENIED, "error": out.error}))
+            raise Abort("budget_exhausted", f"budget denied {step.tool}: {out.error}", "budget_denied")
+        if out.refused == "optional":
+            self._holds.closed(hold)  # released by the activity
+            st.put(record.model_copy(update={"state": StepState.SKIPPED, "summary": out.error}))
+            return StepState.SKIPPED
+        self._holds.closed(hold)
+        self._succeeded(record, tool, out)
+        return StepState.SUCCEEDED
+
+    def _succeeded(self, record: StepRecord, tool: ToolInfo, out: ToolResult) -> None:
+        st = self._state
+        st.results[record.id] = out.data
+        if tool.compensation:
+            self._saga.push(record.id, tool.compensation, out.data)
+        st.charge(out.cost_micros, tool=record.tool, step=record.id)
+        st.put(
+            record.model_copy(
+                update={
+                    "state": StepState.SUCCEEDED,
+                    "summary": out.summary + (" (replayed)" if out.replayed else ""),
+                    "result": out.data,
+                    "cost_micros": out.cost_micros,
+                    "score": 1.0,
+                    "error": "",
+                }
+            )
+        )
+
+    async def _fallback(
+        self, req: AgentRequest, ctx: RunContext, step: PlanStep, tool: ToolInfo
+    ) -> StepState:
+        """Graceful degradation: run the declared fallback with the same arguments."""
+        assert tool.fallback is not None
+        st = self._state
+        fb = step.model_copy(update={"id": f"{step.id}f", "tool": tool.fallback})
+        state = await self.run(req, ctx, fb)
+        if state == StepState.SUCCEEDED:
+            st.recovered.add(step.id)
+            st.results[step.id] = st.results[fb.id]  # later ${sN.x} references still resolve
+            st.flags.extend(["degraded", f"fallback:{step.tool}->{tool.fallback}"])
+        return state
+
+    def _start_tool(
+        self,
+        req: AgentRequest,
+        tool: ToolInfo,
+        args: dict[str, Any],
+        key: str,
+        reserve_key: str,
+        gate: StepGate,
+    ) -> workflow.ActivityHandle[ToolResult]:
+        # WAIT_CANCELLATION_COMPLETED: a cancelled tool has really stopped (its transaction
+        # rolled back) or really finished before the run moves on, so no effect goes unrecorded.
+        return workflow.start_activity(
+            "run_tool",
+            ToolCall(
+                tool=tool.name,
+                args=args,
+                idempotency_key=key,
+                tenant=req.tenant,
+                user=req.user,
+                workflow_id=self._state.wid,
+                step_id=key.rsplit("/", 1)[1],
+                reservation_key=reserve_key,
+                gate=gate,
+            ),
+            result_type=ToolResult,
+            start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
+            heartbeat_timeout=TOOL_HEARTBEAT,
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=500),
+                maximum_interval=timedelta(seconds=10),
+                maximum_attempts=tool.max_attempts,
+                non_retryable_error_types=list(tool.non_retryable_errors),
+            ),
+            task_queue=_tool_queue(tool),
+            summary=d.step_summary(tool.name, args),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+    async def _await_approval(
+        self,
+        req: AgentRequest,
+        record: StepRecord,
+        why: str,
+        timeout_seconds: int,
+        approve_on_timeout: bool,
+    ) -> None:
+        st = self._state
+        st.put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
+        st.waiting_for = f"approval of {record.id} ({record.tool}): {why}"
+        st.phase = "waiting_approval"
+        try:
+            await workflow.wait_condition(
+                lambda: record.id in st.approvals or self._stopper.stop is not None,
+                timeout=timedelta(seconds=timeout_seconds),
+            )
+        except asyncio.CancelledError:
+            self._stopper.note_workflow_cancel()
+        except TimeoutError:
+            st.approvals[record.id] = Approval(
+                approve=approve_on_timeout,
+                step_id=record.id,
+                reason=f"no answer within {timeout_seconds} s (policy default: "
+                f"{'approve' if approve_on_timeout else 'reject'})",
+            )
+        st.waiting_for = ""
+        st.phase = "executing"
+        stop = self._stopper.stop
+        if stop is not None:
+            st.put(
+                record.model_copy(
+                    update={
+                        "state": StepState.FAILED,
+                        "error": f"stopped while waiting for approval: {stop.reason}",
+                    }
+                )
+            )
+        self._stopper.check()
+        decision = st.approvals[record.id]
+        await self._audit_gate(
+            req,
+            record.id,
+            record.tool,
+            record.args,
+            allowed=decision.approve,
+            rule="human_approval",
+            reason=decision.reason or ("approved" if decision.approve else "rejected"),
+            kind="approval",
+        )
+        if not decision.approve:
+            st.put(
+                record.model_copy(update={"state": StepState.DENIED, "error": decision.reason or "rejected"})
+            )
+            raise Abort(
+                "rejected",
+                f"{record.tool} rejected by a human: {decision.reason or 'no reason given'}",
+                "rejected",
+            )
+
+    async def _audit_gate(
+        self,
+        req: AgentRequest,
+        step_id: str,
+        tool: str,
+        args: dict[str, Any],
+        *,
+        allowed: bool,
+        rule: str,
+        reason: str,
+        kind: str = "permission",
+    ) -> StepGateResult:
+        """Record a denial or a human's answer in the audit log (allowed steps are recorded
+        by the tool activity itself, together with their reservation)."""
+        return await self._stopper.shielded(
+            workflow.start_local_activity(
+                "authorize_step",
+                StepGateInput(
+                    workflow_id=self._state.wid,
+                    tenant=req.tenant,
+                    user=req.user,
+                    step_id=step_id,
+                    tool=tool,
+                    args=args,
+                    allowed=allowed,
+                    rule=rule,
+                    reason=reason,
+                    kind=kind,
+                ),
+                result_type=StepGateResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
+            )
+        )
+
+
+def _when_text(when: dict[str, Any] | None) -> str:
+    if not when:
+        return ""
+    op = "==" if "equals" in when else "!="
+    return f"{when.get('step')}.{when.get('field')} {op} {when.get('equals', when.get('not_equals'))}"
+
+
+def _tool_queue(tool: ToolInfo) -> str | None:
+    """Rate-limited tools run on their own task queue, whose rate limit Temporal enforces."""
+    return f"{workflow.info().task_queue}-tool-{tool.name}" if tool.rate_limit_per_second else None

@@ -1,0 +1,93 @@
+"""Cancellation: why a run must stop, where it may stop, and which awaits a stop interrupts.
+
+Three things can stop a run: the ``cancel`` update, the deadline timer and a Temporal
+cancel. Each only *records* a reason (the first wins) and cancels the one long activity in
+flight; the loop notices at its next safe point (``check``). Control-plane calls, the saga
+and the final answer are awaited ``shielded`` so a stop can never leave a reservation, an
+audit row or an undo half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+__all__ = ["Abort", "Stopper", "cause"]
+
+
+class Abort(Exception):
+    """Internal: stop the loop with an outcome and a reason (never leaves the workflow)."""
+
+    def __init__(self, outcome: str, reason: str, flag: str = "") -> None:
+        super().__init__(reason)
+        self.outcome, self.reason, self.flag = outcome, reason, flag
+
+
+class Stopper:
+    """The run's stop request and the long activity a stop interrupts."""
+
+    def __init__(self) -> None:
+        self.stop: Abort | None = None
+        """Why the run must stop: ``cancel`` update, deadline or Temporal cancel."""
+        self._inflight: asyncio.Task[Any] | None = None
+        """The long activity (plan, evaluate, tool) a stop request cancels."""
+
+    def check(self) -> None:
+        """A safe point: stop here if a cancel, a deadline or a Temporal cancel arrived."""
+        if self.stop is not None:
+            raise Abort(self.stop.outcome, self.stop.reason, self.stop.flag)
+
+    def request(self, stop: Abort) -> None:
+        """Record why the run must stop (the first reason wins) and cancel the long activity."""
+        if self.stop is None:
+            self.stop = stop
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()
+
+    def note_workflow_cancel(self) -> None:
+        if self.stop is None:
+            self.stop = Abort("cancelled", "workflow cancelled", "cancelled")
+
+    def note_cancel(self, e: ActivityError) -> bool:
+        """True when ``e`` is a cancellation; one we did not ask for is Temporal's cancel."""
+        if not is_cancelled_exception(e):
+            return False
+        self.note_workflow_cancel()
+        return True
+
+    async def interruptible(self, handle: workflow.ActivityHandle[Any]) -> Any:
+        """Await a long activity that a stop request may cancel (see ``request``)."""
+        self._inflight = handle
+        try:
+            return await handle
+        finally:
+            self._inflight = None
+
+    async def shielded(self, handle: workflow.ActivityHandle[Any]) -> Any:
+        """Await an activity to its end even if the run is cancelled meanwhile.
+
+        Control-plane calls (ledger, audit), compensations and the final answer must finish:
+        cancelling one half-way would leave a reservation or an undo in an unknown state. A
+        Temporal cancel that arrives here is remembered and honoured at the next safe point.
+        """
+        while True:
+            try:
+                return await asyncio.shield(handle)
+            except asyncio.CancelledError:
+                if handle.cancelled():
+                    raise
+                self.note_workflow_cancel()
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+
+
+def cause(e: BaseException) -> str:
+    """The innermost message of an activity failure, one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    msg = e.message if isinstance(e, ApplicationError) else str(e)
+    return (msg or type(e).__name__).splitlines()[0][:300]
