@@ -9,14 +9,18 @@ reservation of a successful step together with its effect.
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
 from activities import audit, ledger
 from activities.guardrails import redact_data
+from activities.tools import effects
 from keel.agent_io import SettleInput, SettleResult, StepGateInput, StepGateResult
 from keel.audit_models import AuditEntry
-from keel.budget import CommitRequest, ReleaseRequest
+from keel.budget import CommitRequest, ReleaseRequest, ReservationNotFound
 from keel.models import Decision
 
 __all__ = ["ControlActivities"]
@@ -46,10 +50,19 @@ class ControlActivities:
 
     @activity.defn(name="settle_step")
     async def settle_step(self, inp: SettleInput) -> SettleResult:
+        """Release or commit a step's hold and audit its end, in one transaction.
+
+        With ``effect_key`` the step is about to be declared failed: the durable record decides.
+        An effect recorded under the key means the step succeeded (its hold was committed with
+        it); otherwise the key is fenced so no attempt still in flight can act later.
+        """
+        found = None
         async with self._pool.connection() as conn, conn.transaction():
-            if inp.reserve_key:
+            if inp.effect_key:
+                found = await effects.fence(conn, inp.effect_key, inp.subject, inp.tenant, inp.reason)
+            if inp.reserve_key and found is None:
                 if inp.commit_micros is None:
-                    await ledger.release(conn, ReleaseRequest(key=inp.reserve_key, reason=inp.reason[:200]))
+                    await _release(conn, inp.reserve_key, inp.reason)
                 else:
                     await ledger.commit(
                         conn, CommitRequest(key=inp.reserve_key, actual_micros=inp.commit_micros)
@@ -64,11 +77,25 @@ class ControlActivities:
                         step_id=inp.step_id,
                         kind=inp.kind,
                         subject=inp.subject,
-                        decision=inp.decision,
-                        reason=inp.reason,
+                        decision="succeeded" if found is not None else inp.decision,
+                        reason=(
+                            f"effect recorded under its key; the attempt's error came after it: {inp.reason}"
+                            if found is not None
+                            else inp.reason
+                        )[:500],
                         data={},
                         idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}-settle",
                     )
                 ],
             )
-        return SettleResult()
+        return SettleResult(recorded=found)
+
+
+async def _release(conn: psycopg.AsyncConnection[Any], key: str, reason: str) -> None:
+    """Release ``key``; a hold that does not exist (never placed, lost as a lease) is nothing
+    held, not an error. A savepoint keeps the caller's transaction usable after the refusal."""
+    try:
+        async with conn.transaction():
+            await ledger.release(conn, ReleaseRequest(key=key, reason=reason[:200]))
+    except ReservationNotFound:
+        return

@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from keel.text import scrub
+
 __all__ = ["load", "save", "MAX_TURNS", "MAX_SUMMARY_CHARS"]
 
 MAX_TURNS = 20
@@ -54,7 +56,7 @@ async def save(
             await conn.execute(
                 "insert into memory_turns (tenant, session, workflow_id, role, content) "
                 "values (%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
-                (tenant, session, workflow_id, role, content),
+                (tenant, session, workflow_id, role, scrub(content)),
             )
         old = await (
             await conn.execute(

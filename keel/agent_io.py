@@ -19,6 +19,7 @@ from keel.models import (
     Plan,
     StepRecord,
     ToolInfo,
+    ToolResult,
     Usage,
 )
 
@@ -182,7 +183,12 @@ class SettleInput(Frozen):
     kind: str = "tool"
     decision: str = ""
     reason: str = ""
+    effect_key: str = ""
+    """Set when the workflow is about to declare a side-effect step failed: the durable record
+    under this key decides (see ``activities/tools/effects.py``)."""
 
 
 class SettleResult(Frozen):
     ok: bool = True
+    recorded: ToolResult | None = None
+    """The effect recorded under ``effect_key``: the step succeeded after all."""

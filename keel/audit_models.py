@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from keel.models import Frozen
+from keel.text import scrub
 
 __all__ = [
     "AUDIT_KINDS",
@@ -59,6 +60,12 @@ class AuditEntry(Frozen):
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.strip().lower()
+
+    @field_validator("reason", "data", "subject")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        """A NUL from tool or model output must not make the audit write fail forever."""
+        return scrub(v)
 
 
 class AuditRow(AuditEntry):

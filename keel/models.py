@@ -10,12 +10,18 @@ edges (CLI flags, printed output).
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from keel.text import problem as text_problem
+
 __all__ = [
+    "MAX_DEADLINE_SECONDS",
+    "MAX_ITERATIONS",
+    "MAX_RUN_BUDGET_USD",
     "MICROS_PER_USD",
     "usd_to_micros",
     "micros_to_usd",
@@ -62,6 +68,15 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+MAX_RUN_BUDGET_USD = 10_000.0
+"""Largest budget one run may carry; larger numbers are typos, not plans."""
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600
+"""Longest wall-clock deadline of one run (a week: human approvals included)."""
+MAX_ITERATIONS = 20
+"""Most plan/act iterations one run may ask for."""
+_TIERS = ("fast", "balanced", "powerful")
+
+
 class ModelPolicy(Frozen):
     """Which models a run may use; the cascade starts at ``min_tier`` and may climb to ``max_tier``."""
 
@@ -69,8 +84,15 @@ class ModelPolicy(Frozen):
     """Cheapest tier the cascade may start from."""
     max_tier: str = "powerful"
     """Highest tier escalation may reach; caps from the budget can lower it further."""
-    max_escalations: int = 2
+    max_escalations: int = Field(default=2, ge=0, le=5)
     """Bound on escalations per role, so a stubborn low score cannot climb forever."""
+
+    @field_validator("min_tier", "max_tier")
+    @classmethod
+    def _tier(cls, v: str) -> str:
+        if v not in _TIERS:
+            raise ValueError(f"unknown tier {v!r} (fast, balanced, powerful)")
+        return v
 
 
 class AgentRequest(Frozen):
@@ -108,13 +130,46 @@ class AgentRequest(Frozen):
             raise ValueError("message must not be empty")
         if len(v) > 8000:
             raise ValueError("message is longer than 8000 characters")
+        if why := text_problem(v):
+            raise ValueError(f"message {why}")
+        return v
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, v: str) -> str:
+        if v and (len(v) > 128 or not all(c.isascii() and (c.isalnum() or c in "-_.:") for c in v)):
+            raise ValueError("request id must be 1-128 characters of letters, digits, '-', '_', '.' or ':'")
+        return v
+
+    @field_validator("permissions")
+    @classmethod
+    def _permissions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not p or len(p) > 64 or not all(c.isascii() and (c.isalnum() or c in ":_.*-") for c in p):
+                raise ValueError(f"permission {p[:40]!r} must be 1-64 characters of letters, digits, ':_.*-'")
         return v
 
     @field_validator("max_budget_usd")
     @classmethod
     def _budget(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("budget must be a positive number of USD")
+        if not math.isfinite(v) or not v > 0:
+            raise ValueError("budget must be a positive, finite number of USD")
+        if v > MAX_RUN_BUDGET_USD:
+            raise ValueError(f"budget must be at most {MAX_RUN_BUDGET_USD:,.2f} USD")
+        return v
+
+    @field_validator("max_iterations")
+    @classmethod
+    def _iterations(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_ITERATIONS:
+            raise ValueError(f"max iterations must be between 1 and {MAX_ITERATIONS}")
+        return v
+
+    @field_validator("deadline_seconds")
+    @classmethod
+    def _deadline(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_DEADLINE_SECONDS:
+            raise ValueError(f"deadline must be between 1 and {MAX_DEADLINE_SECONDS} seconds (7 days)")
         return v
 
 

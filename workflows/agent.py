@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from temporalio.common import RawValue, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run.
@@ -33,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.saga import Saga
     from workflows.state import RunState
     from workflows.steps import StepRunner
-    from workflows.stop import Abort, Stopper
+    from workflows.stop import Abort, Stopper, cause
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 
@@ -95,31 +96,51 @@ class AgentWorkflow:
 
     # ------------------------------------------------------------------ main
     @workflow.run
-    async def run(self, req: AgentRequest) -> AgentResponse:
+    async def run(self, raw: RawValue) -> AgentResponse:
+        """One exit: however the run ends — success, denial, budget, escape hatch, cancel,
+        rejection, an activity out of retries, a ledger refusal, a bug in workflow code — it
+        goes through ``_end``: compensations newest first, open holds released, the finish
+        audit row, memory and the run slot. Only then does the workflow complete, or fail
+        with one line for an internal error.
+
+        The input arrives raw and is validated here: a client that bypasses the CLI with a
+        request the model refuses fails the run at once instead of failing its task forever.
+        """
         st = self._state
         st.wid = workflow.info().workflow_id
-        st.phase = "authorizing"
-        ctx: RunContext = await self._stopper.shielded(
-            workflow.start_activity(
-                "prepare_run",
-                PrepareInput(request=req, workflow_id=st.wid),
-                result_type=RunContext,
-                start_to_close_timeout=PREPARE_TIMEOUT,
-                retry_policy=CONTROL_RETRY,
-                summary="authorize, guardrails, memory",
-            )
-        )
-        st.model_label = ctx.model_label
-        if not ctx.authorized:
-            return await self._finish(req, ctx, "denied", ctx.reason, "")
-        if not ctx.input_ok:
-            return await self._finish(req, ctx, "denied", ctx.input_reason, "")
-        outcome, reason, answer = "completed", "", ""
-        # The deadline is a timer beside the loop, not asyncio.wait_for: Temporal turns the
-        # cancellation of an awaited activity into an ActivityError the loop would swallow.
-        deadline = asyncio.create_task(self._deadline(ctx.limits.deadline_seconds))
         try:
-            outcome, reason, answer = await self._loop(req, ctx)
+            req = workflow.payload_converter().from_payload(raw.payload, AgentRequest)
+        except Exception as e:
+            raise ApplicationError(
+                f"invalid request: {_one_line(e)}", type="InvalidRequest", non_retryable=True
+            ) from None
+        st.phase = "authorizing"
+        ctx = RunContext(authorized=False)
+        outcome, reason, answer = "completed", "", ""
+        internal: BaseException | None = None
+        deadline: asyncio.Task[None] | None = None
+        try:
+            ctx = await self._stopper.shielded(
+                workflow.start_activity(
+                    "prepare_run",
+                    PrepareInput(request=req, workflow_id=st.wid),
+                    result_type=RunContext,
+                    start_to_close_timeout=PREPARE_TIMEOUT,
+                    retry_policy=CONTROL_RETRY,
+                    summary="authorize, guardrails, memory",
+                )
+            )
+            st.model_label = ctx.model_label
+            if not ctx.authorized:
+                outcome, reason = "denied", ctx.reason
+            elif not ctx.input_ok:
+                outcome, reason = "denied", ctx.input_reason
+            else:
+                # The deadline is a timer beside the loop, not asyncio.wait_for: Temporal turns
+                # the cancellation of an awaited activity into an ActivityError the loop would
+                # swallow.
+                deadline = asyncio.create_task(self._deadline(ctx.limits.deadline_seconds))
+                outcome, reason, answer = await self._loop(req, ctx)
         except Abort as a:
             outcome, reason = a.outcome, a.reason
             st.flags.append(a.flag or a.outcome)
@@ -127,13 +148,41 @@ class AgentWorkflow:
             # Temporal cancellation outside any activity (e.g. a timer): undo, then report.
             outcome, reason = "cancelled", "workflow cancelled"
             st.flags.append("cancelled")
+        except ActivityError as e:  # a control-plane call out of retries, a ledger refusal
+            outcome, reason = "failed", f"{_activity_name(e)} failed: {cause(e)}"
+            st.flags.append("activity_failed")
+        except Exception as e:  # a bug in workflow code: end cleanly, then fail the run
+            internal = e
+            outcome, reason = "failed", f"internal error: {_one_line(e)}"
+            st.flags.append("internal_error")
         finally:
-            deadline.cancel()
-        # From here on nothing is cancellable: compensations, releases and the answer finish.
-        if outcome not in ("completed", "partial", "needs_human"):
-            await self._saga.rollback(req)
-        await self._holds.release_open()
-        return await self._finish(req, ctx, outcome, reason, answer)
+            if deadline is not None:
+                deadline.cancel()
+        return await self._end(req, ctx, outcome, reason, answer, internal)
+
+    async def _end(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        outcome: str,
+        reason: str,
+        answer: str,
+        internal: BaseException | None,
+    ) -> AgentResponse:
+        """The one ending. From here on nothing is cancellable: undo, release, answer."""
+        try:
+            if outcome not in ("completed", "partial", "needs_human"):
+                await self._saga.rollback(req)
+            await self._holds.release_open()
+        except ActivityError as e:  # a settle or release out of retries: still answer
+            self._state.flags.append("cleanup_failed")
+            reason = f"{reason}; cleanup incomplete: {cause(e)}"
+        resp = await self._finish(req, ctx, outcome, reason, answer)
+        if internal is not None:
+            raise ApplicationError(
+                f"run failed: {reason}", resp, type="KeelInternalError", non_retryable=True
+            ) from None
+        return resp
 
     async def _deadline(self, seconds: int) -> None:
         await workflow.sleep(seconds, summary="run deadline")
@@ -254,3 +303,12 @@ class AgentWorkflow:
             flags=tuple(dict.fromkeys(st.flags)),
             calls=tuple(st.calls),
         )
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _activity_name(e: ActivityError) -> str:
+    return e.activity_type or "an activity"

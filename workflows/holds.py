@@ -9,6 +9,7 @@ log and releases that step's hold in the same local activity.
 from __future__ import annotations
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, SettleInput, SettleResult
@@ -104,8 +105,13 @@ class Holds:
         self.open.pop(key, None)
 
     async def release_open(self) -> None:
+        """Release every hold still open. One that cannot be released (the ledger out of
+        retries) is flagged and left to its lease; the others are still released."""
         for key in sorted(self.open):
-            await self.release(key)
+            try:
+                await self.release(key)
+            except ActivityError:
+                self._state.flags.append("release_failed")
         self.open.clear()
 
     async def settle(
@@ -118,6 +124,7 @@ class Holds:
         decision: str,
         reason: str,
         kind: str = "tool",
+        effect_key: str = "",
     ) -> SettleResult:
         res: SettleResult = await self._stopper.shielded(
             workflow.start_local_activity(
@@ -133,6 +140,7 @@ class Holds:
                     kind=kind,
                     decision=decision,
                     reason=reason,
+                    effect_key=effect_key,
                 ),
                 result_type=SettleResult,
                 start_to_close_timeout=CONTROL_TIMEOUT,

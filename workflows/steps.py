@@ -5,6 +5,7 @@ fallback. The gate is pure and runs here; its decision is made durable by the to
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -25,8 +26,9 @@ with workflow.unsafe.imports_passed_through():
         ToolInfo,
         ToolResult,
     )
+    from keel.text import problem as text_problem
     from workflows import decisions as d
-    from workflows.gate import check_tool_call
+    from workflows.gate import GateDecision, check_tool_call
 
 from workflows.holds import Holds
 from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT
@@ -62,15 +64,23 @@ class StepRunner:
             return StepState.FAILED
         record = record.model_copy(update={"args": args})
         tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
-        gate = check_tool_call(
-            st.policy(ctx),
-            req.tenant,
-            req.user,
-            ctx.permissions,
-            tool if tool in ctx.tools else None,
-            args,
-            st.gate_context(),
-        )
+        try:
+            _check_payload(args)
+            gate = check_tool_call(
+                st.policy(ctx),
+                req.tenant,
+                req.user,
+                ctx.permissions,
+                tool if tool in ctx.tools else None,
+                args,
+                st.gate_context(),
+            )
+        except Exception as e:  # pure code meeting arguments it cannot judge: deny, never loop
+            gate = GateDecision(
+                allowed=False,
+                rule="unjudgeable_arguments",
+                reason=f"arguments the gate cannot judge ({type(e).__name__}: {str(e)[:120]})",
+            )
         key = f"{st.wid}/{step.id}"
         if not gate.allowed:
             await self._audit_gate(
@@ -102,9 +112,23 @@ class StepRunner:
             cancelled = self._stopper.note_cancel(e)
             stop = self._stopper.stop
             why = f"cancelled: {stop.reason}" if cancelled and stop else cause(e)
-            await self._holds.settle(
-                req, step.id, step.tool, hold, None, "cancelled" if cancelled else "failed", why
+            # The durable record decides: an effect recorded under the key means the step
+            # succeeded, whatever the failed attempt said; otherwise the key is fenced.
+            settled = await self._holds.settle(
+                req,
+                step.id,
+                step.tool,
+                hold,
+                None,
+                "cancelled" if cancelled else "failed",
+                why,
+                effect_key=key,
             )
+            if settled.recorded is not None:
+                self._holds.closed(hold)  # committed with the effect
+                self._succeeded(record, tool, settled.recorded)
+                st.flags.append("effect_recovered")
+                return StepState.SUCCEEDED
             st.put(record.model_copy(update={"state": StepState.FAILED, "error": why}))
             self._stopper.check()
             if tool.fallback and any(t.name == tool.fallback for t in ctx.tools):
@@ -288,6 +312,26 @@ class StepRunner:
                 summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
             )
         )
+
+
+def _check_payload(args: dict[str, Any]) -> None:
+    """Arguments must survive a JSON round trip unchanged (no NaN or infinity, which JSON
+    would carry as null) before they are judged, recorded or sent to a tool."""
+    json.dumps(args, allow_nan=False)
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            if why := text_problem(v):
+                raise ValueError(f"an argument {why}")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k)
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(args)
 
 
 def _when_text(when: dict[str, Any] | None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from typing import Any
@@ -29,6 +28,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import audit, breaker, ledger
 from activities.guardrails import redact_data
+from activities.tools import effects
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
 from keel.audit_models import AuditEntry
@@ -36,12 +36,9 @@ from keel.budget import CommitRequest, ReleaseRequest, ReserveRequest
 from keel.models import Decision, ToolCall, ToolResult
 from keel.telemetry import annotate
 
-__all__ = ["MAX_RESULT_BYTES", "ToolActivities", "summarize_result"]
+__all__ = ["ToolActivities", "summarize_result"]
 
 log = logging.getLogger(__name__)
-
-MAX_RESULT_BYTES = 4096
-"""Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
 
 
 def summarize_result(tool: str, data: dict[str, Any]) -> str:
@@ -66,6 +63,11 @@ class ToolActivities:
     @activity.defn(name="run_tool")
     async def run_tool(self, call: ToolCall) -> ToolResult:
         annotate(tenant=call.tenant, user=call.user, tool=call.tool, step=call.step_id)
+        # Every stage beats, waiting for a pooled connection and for the key's lock included:
+        # an attempt the server has given up on learns it at its next beat and is cancelled.
+        return await _with_heartbeats(self._run(call))
+
+    async def _run(self, call: ToolCall) -> ToolResult:
         spec = REGISTRY.get(call.tool)
         if spec is None:
             raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
@@ -81,11 +83,9 @@ class ToolActivities:
                 non_retryable=True,
             ) from e
         async with self._pool.connection() as conn:
-            recorded = await self._recorded(conn, call.idempotency_key)
-            if recorded is not None:  # a replay is not a call: the breaker never sees it
-                annotate(replayed=True)
-                telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
-                return recorded
+            found = await effects.recorded(conn, call.idempotency_key)
+            if found is not None:  # a replay is not a call: the breaker never sees it
+                return _replayed(call, found)
             if call.gate is not None:
                 refused = await _gate_and_reserve(conn, call, spec.info.optional)
                 if refused is not None:
@@ -100,27 +100,32 @@ class ToolActivities:
             await guard.enter(call)
             try:
                 async with conn.transaction():
-                    ctx = ToolContext(
-                        conn=conn, tenant=call.tenant, user=call.user, idempotency_key=call.idempotency_key
-                    )
-                    data = await _with_heartbeats(spec.fn(ctx, args))
-                    result = ToolResult(
-                        ok=True,
-                        data=data,
-                        summary=summarize_result(call.tool, data),
-                        cost_micros=spec.info.cost_micros,
-                    )
-                    # The record and the ledger commit go out in one batch.
-                    await _record_and_settle(conn, call, result)
+                    # Attempts on one key are serialised for the whole attempt: the loser
+                    # waits here, then finds the winner's record instead of acting again.
+                    await effects.lock(conn, call.idempotency_key)
+                    found = await effects.recorded(conn, call.idempotency_key)
+                    if found is None:
+                        ctx = ToolContext(
+                            conn=conn,
+                            tenant=call.tenant,
+                            user=call.user,
+                            idempotency_key=call.idempotency_key,
+                        )
+                        data = await spec.fn(ctx, args)
+                        result = ToolResult(
+                            ok=True,
+                            data=data,
+                            summary=summarize_result(call.tool, data),
+                            cost_micros=spec.info.cost_micros,
+                        )
+                        # The record and the ledger commit go out in one batch.
+                        await _record_and_settle(conn, call, result)
             except psycopg.errors.UniqueViolation:
-                # Another attempt (or worker) recorded this key first: its effect stands.
-                recorded = await self._recorded(conn, call.idempotency_key)
-                if recorded is None:
+                # Only a writer that skipped the lock (an older worker) gets here.
+                found = await effects.recorded(conn, call.idempotency_key)
+                if found is None:
                     await guard.failed("UniqueViolation without a recorded effect")
                     raise
-                await guard.succeeded()
-                telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
-                return recorded
             except ToolError as e:
                 # Transient failures count against the breaker; a permanent one (order not
                 # found, refund too large) proves the tool's dependency answered.
@@ -143,19 +148,25 @@ class ToolActivities:
                 )
                 raise
             await guard.succeeded()
+            if found is not None:
+                return _replayed(call, found)
         annotate(cost_micros=result.cost_micros)
         telemetry.record_tool_call(call.tool, "ok", tenant=call.tenant)
         telemetry.record_cost(result.cost_micros, tenant=call.tenant, kind="tool", tool=call.tool)
-        return _shrink(result, call.idempotency_key)
+        return effects.shrink(result, call.idempotency_key)
 
-    @staticmethod
-    async def _recorded(conn: psycopg.AsyncConnection[Any], key: str) -> ToolResult | None:
-        row = await (
-            await conn.execute("select result from tool_effects where idempotency_key=%s", (key,))
-        ).fetchone()
-        if row is None:
-            return None
-        return _shrink(ToolResult.model_validate(row[0]).model_copy(update={"replayed": True}), key)
+
+def _replayed(call: ToolCall, found: ToolResult) -> ToolResult:
+    """Answer an attempt whose key already has a record: the effect, or the fence's verdict."""
+    if not found.ok:  # the workflow abandoned this step: acting now would be an unreported effect
+        raise ApplicationError(
+            f"{call.tool}: step abandoned by the run; not acting on it",
+            type="StepAbandoned",
+            non_retryable=True,
+        )
+    annotate(replayed=True)
+    telemetry.record_tool_call(call.tool, "replayed", tenant=call.tenant)
+    return found
 
 
 HEARTBEAT_EVERY_S = 1.0
@@ -176,20 +187,6 @@ async def _with_heartbeats(work: Any) -> Any:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _shrink(result: ToolResult, key: str) -> ToolResult:
-    """Keep large content out of workflow history: the full result stays in PostgreSQL."""
-    if len(json.dumps(result.data, default=str)) <= MAX_RESULT_BYTES:
-        return result
-    small = {
-        k: v
-        for k, v in result.data.items()
-        if not isinstance(v, dict | list | str) or (isinstance(v, str) and len(v) <= 200)
-    }
-    small["_ref"] = f"tool_effects:{key}"
-    small["_truncated"] = True
-    return result.model_copy(update={"data": small})
 
 
 async def _gate_and_reserve(

@@ -1,0 +1,75 @@
+"""The durable record of tool effects (``tool_effects``): the one thing that decides whether a
+step's effect happened.
+
+Every attempt at a key — a Temporal retry, a zombie attempt the server already timed out,
+a second worker — takes a transaction-scoped advisory lock on the key inside the effect's
+own transaction and looks for a record before it runs the tool. So attempts on one key are
+serialised for their whole duration, and a loser returns the winner's effect instead of
+running the tool's checks against it. When the workflow gives up on a step it *fences* the
+key under the same lock: if an effect was recorded the step succeeded after all; if not, an
+``abandoned`` record makes every later attempt stop before it acts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from keel.models import ToolResult
+
+__all__ = ["MAX_RESULT_BYTES", "fence", "lock", "recorded", "shrink"]
+
+MAX_RESULT_BYTES = 4096
+"""Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
+
+
+async def lock(conn: psycopg.AsyncConnection[Any], key: str) -> None:
+    """Serialise every attempt on ``key`` until the current transaction ends."""
+    await conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,), prepare=True)
+
+
+async def recorded(conn: psycopg.AsyncConnection[Any], key: str) -> ToolResult | None:
+    """The effect recorded under ``key`` (marked replayed), or None."""
+    row = await (
+        await conn.execute("select result from tool_effects where idempotency_key=%s", (key,), prepare=True)
+    ).fetchone()
+    if row is None:
+        return None
+    return shrink(ToolResult.model_validate(row[0]).model_copy(update={"replayed": True}), key)
+
+
+async def fence(
+    conn: psycopg.AsyncConnection[Any], key: str, tool: str, tenant: str, reason: str
+) -> ToolResult | None:
+    """Decide a step the workflow is about to declare failed, in the caller's transaction.
+
+    Returns the recorded effect if there is one (the step succeeded), else records the key
+    as abandoned so no attempt still in flight can act on it later, and returns None.
+    """
+    await lock(conn, key)
+    found = await recorded(conn, key)
+    if found is not None:
+        return found if found.ok else None
+    abandoned = ToolResult(ok=False, error=f"abandoned: {reason}"[:300])
+    await conn.execute(
+        "insert into tool_effects (idempotency_key, tool, tenant, ok, result) values (%s,%s,%s,false,%s)",
+        (key, tool, tenant, Jsonb(abandoned.model_dump(mode="json"))),
+    )
+    return None
+
+
+def shrink(result: ToolResult, key: str) -> ToolResult:
+    """Keep large content out of workflow history: the full result stays in PostgreSQL."""
+    if len(json.dumps(result.data, default=str)) <= MAX_RESULT_BYTES:
+        return result
+    small = {
+        k: v
+        for k, v in result.data.items()
+        if not isinstance(v, dict | list | str) or (isinstance(v, str) and len(v) <= 200)
+    }
+    small["_ref"] = f"tool_effects:{key}"
+    small["_truncated"] = True
+    return result.model_copy(update={"data": small})
