@@ -22,6 +22,7 @@ effect, so a crash cannot leave an effect without its cost or a cost without its
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,8 @@ from activities import ledger
 from activities.ledger_batch import LedgerBatcher
 from keel import telemetry
 from keel.budget import (
+    AdmitRequest,
+    AdmitResult,
     CommitRequest,
     CommitResult,
     ExtendRequest,
@@ -47,6 +50,7 @@ from keel.budget import (
     ReserveRequest,
     ReserveResult,
 )
+from keel.models import Decision
 
 __all__ = ["BudgetActivities", "ledger_for_tool_commit"]
 
@@ -115,6 +119,23 @@ class BudgetActivities:
             activity.logger.warning("budget hold %s was not found at release (lost as a lease)", req.key)
             return ReleaseResult(key=req.key, status="missing")
 
+    @activity.defn(name="budget_admit")
+    async def admit(self, req: AdmitRequest) -> AdmitResult:
+        """Hold a whole plan, all or none, in one transaction: a run that cannot afford its
+        plan stops before acting, and one that can is not starved halfway by its neighbours."""
+        total = sum(h.amount_micros for h in req.holds)
+        async with self._pool.connection() as conn:
+            with contextlib.suppress(_Refused):
+                async with conn.transaction():
+                    for hold in req.holds:
+                        res = await _refusals(ledger.reserve(conn, hold))
+                        if res.decision == Decision.DENY:
+                            refusal = res.reason
+                            raise _Refused  # rolls back every hold placed so far
+                    return AdmitResult(admitted=True, amount_micros=total)
+        telemetry.record_budget_decision("DENY", tenant=_tenant(req), kind="admission")
+        return AdmitResult(admitted=False, amount_micros=total, reason=refusal)
+
     @activity.defn(name="budget_extend")
     async def extend(self, req: ExtendRequest) -> ExtendResult:
         """Lengthen a hold's lease while a long call is still running."""
@@ -127,3 +148,11 @@ async def _refusals(call: Awaitable[_Out]) -> _Out:
         return await call
     except LedgerError as e:
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e
+
+
+class _Refused(Exception):
+    """Internal: roll the admission's transaction back."""
+
+
+def _tenant(req: AdmitRequest) -> str:
+    return req.holds[0].scopes[0].split("/")[0] if req.holds and req.holds[0].scopes else ""

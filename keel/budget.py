@@ -47,6 +47,9 @@ __all__ = [
     "ReserveRequest",
     "ReserveResult",
     "ScopeView",
+    "AdmitRequest",
+    "AdmitResult",
+    "tool_hold",
     "model_scope",
     "parent_scope",
     "scope_path",
@@ -276,3 +279,36 @@ class HistoryEntry(Frozen):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+
+
+def tool_hold(
+    *, key: str, scopes: tuple[str, ...], amount_micros: int, tool: str, run_id: str, step_id: str, ttl: int
+) -> ReserveRequest:
+    """The one shape of a tool step's hold. The workflow places it when it admits a plan and
+    the tool activity places it again before the effect: the same request under the same key
+    is an idempotent replay in the ledger, never a second hold."""
+    return ReserveRequest(
+        key=key,
+        scopes=scopes,
+        amount_micros=amount_micros,
+        min_micros=amount_micros,
+        ttl_seconds=max(1, min(ttl, 86_400)),
+        kind="tool",
+        subject=tool,
+        run_id=run_id,
+        step_id=step_id,
+    )
+
+
+class AdmitRequest(Frozen):
+    """Hold every step of a plan at once, all or none, before its first side effect."""
+
+    holds: tuple[ReserveRequest, ...]
+
+
+class AdmitResult(Frozen):
+    admitted: bool
+    amount_micros: int = 0
+    """What the plan needs in all."""
+    reason: str = ""
+    """Why the plan was refused: the first hold the ledger denied."""

@@ -343,6 +343,9 @@ class StepGate(Frozen):
     reason: str = ""
     scopes: tuple[str, ...] = ()
     amount_micros: int = 0
+    hold_ttl_seconds: int = 300
+    """Lease of the step's hold; a hold placed when the plan was admitted lives as long as
+    the run may (see ``keel.budget.tool_hold``)."""
 
 
 class ToolCall(Frozen):

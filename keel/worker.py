@@ -62,6 +62,7 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
         call_model,
         budget.open_run,
         budget.reserve,
+        budget.admit,
         budget.commit,
         budget.release,
         budget.extend,

@@ -24,7 +24,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
-    from keel.models import AgentRequest, AgentResponse, Approval, RunStatus, StepState
+    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from workflows import decisions as d
     from workflows.holds import Holds
@@ -208,11 +208,12 @@ class AgentWorkflow:
                 if any(r.state == StepState.FAILED for r in st.steps.values()):
                     return "partial", "some steps failed; see the step list", answer
                 return "completed", "", answer
+            steps = _unique_ids(plan.plan.steps, set(st.steps), iteration)
+            if workflow.patched("plan-admission"):
+                await self._steps.admit(ctx, steps)
             st.phase = "executing"
-            for step in plan.plan.steps:
+            for step in steps:
                 self._stopper.check()
-                if step.id in st.steps:
-                    step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
                 hatch = d.escape_hatch(
                     limits,
                     tool_calls=tool_calls,
@@ -312,3 +313,15 @@ def _one_line(e: BaseException) -> str:
 
 def _activity_name(e: ActivityError) -> str:
     return e.activity_type or "an activity"
+
+
+def _unique_ids(steps: tuple[PlanStep, ...], taken: set[str], iteration: int) -> tuple[PlanStep, ...]:
+    """A step id already used in this run gets the iteration as a suffix (keys stay unique)."""
+    out = []
+    seen = set(taken)
+    for step in steps:
+        if step.id in seen:
+            step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
+        seen.add(step.id)
+        out.append(step)
+    return tuple(out)

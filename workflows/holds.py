@@ -13,7 +13,15 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, SettleInput, SettleResult
-    from keel.budget import CommitRequest, CommitResult, ReleaseRequest, ReserveRequest, ReserveResult
+    from keel.budget import (
+        AdmitRequest,
+        AdmitResult,
+        CommitRequest,
+        CommitResult,
+        ReleaseRequest,
+        ReserveRequest,
+        ReserveResult,
+    )
     from keel.models import AgentRequest, Decision
 
 from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT
@@ -68,6 +76,32 @@ class Holds:
             raise Abort("budget_exhausted", f"budget denied {kind} call: {res.reason}", "budget_denied")
         self.open[key] = (ctx.scopes, kind)
         return res
+
+    async def admit(self, ctx: RunContext, holds: tuple[ReserveRequest, ...]) -> None:
+        """Hold a whole plan before its first side effect (all or none); refuse it otherwise.
+
+        The holds are the very requests the tool activity places again before each effect,
+        so those are replays of these. Holds of steps that never run are released at the end.
+        """
+        res: AdmitResult = await self._stopper.shielded(
+            workflow.start_local_activity(
+                "budget_admit",
+                AdmitRequest(holds=holds),
+                result_type=AdmitResult,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"admit plan ({len(holds)} steps)",
+            )
+        )
+        if not res.admitted:
+            raise Abort(
+                "budget_exhausted",
+                f"budget refused the plan at admission (it needs ${res.amount_micros / 1e6:.2f}): "
+                f"{res.reason}",
+                "admission_refused",
+            )
+        for h in holds:
+            self.open[h.key] = ((), "tool")
 
     def placed_by_tool(self, key: str) -> None:
         """The tool activity places this hold; until it answers, the run treats it as open."""

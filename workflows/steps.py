@@ -15,6 +15,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
+    from keel.budget import tool_hold
     from keel.models import (
         AgentRequest,
         Approval,
@@ -42,6 +43,29 @@ __all__ = ["StepRunner"]
 class StepRunner:
     def __init__(self, state: RunState, stopper: Stopper, holds: Holds, saga: Saga) -> None:
         self._state, self._stopper, self._holds, self._saga = state, stopper, holds, saga
+        self._admitted = False
+
+    async def admit(self, ctx: RunContext, steps: tuple[PlanStep, ...]) -> None:
+        """Before a plan with a side effect acts, hold every step it may take (all or none)."""
+        tools = {t.name: t for t in ctx.tools}
+        planned = [(s, tools[s.tool]) for s in steps if s.tool in tools]
+        if not any(t.side_effects for _, t in planned):
+            return
+        wid = self._state.wid
+        holds = tuple(
+            tool_hold(
+                key=f"{wid}/{s.id}/reserve",
+                scopes=ctx.scopes,
+                amount_micros=t.cost_micros,
+                tool=t.name,
+                run_id=wid,
+                step_id=s.id,
+                ttl=admitted_ttl(ctx),
+            )
+            for s, t in planned
+        )
+        await self._holds.admit(ctx, holds)
+        self._admitted = True
 
     async def run(self, req: AgentRequest, ctx: RunContext, step: PlanStep) -> StepState:
         st = self._state
@@ -103,9 +127,7 @@ class StepRunner:
         self._holds.placed_by_tool(hold)
         self._stopper.check()
         st.put(record.model_copy(update={"state": StepState.RUNNING}))
-        stepgate = StepGate(
-            rule=gate.rule, reason=gate.reason, scopes=ctx.scopes, amount_micros=tool.cost_micros
-        )
+        stepgate = step_gate(ctx, tool, gate.rule, gate.reason, self._admitted)
         try:
             out = await self._stopper.interruptible(self._start_tool(req, tool, args, key, hold, stepgate))
         except ActivityError as e:
@@ -312,6 +334,23 @@ class StepRunner:
                 summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
             )
         )
+
+
+def admitted_ttl(ctx: RunContext) -> int:
+    """A plan's holds live as long as the run may (its deadline), plus a minute."""
+    return ctx.limits.deadline_seconds + 60
+
+
+def step_gate(ctx: RunContext, tool: ToolInfo, rule: str, reason: str, admitted: bool) -> StepGate:
+    """What the tool activity needs to audit the decision and place the step's hold; the hold
+    is the same request the admission placed (see ``keel.budget.tool_hold``)."""
+    return StepGate(
+        rule=rule,
+        reason=reason,
+        scopes=ctx.scopes,
+        amount_micros=tool.cost_micros,
+        hold_ttl_seconds=admitted_ttl(ctx) if admitted else 300,
+    )
 
 
 def _check_payload(args: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from activities.tools import effects
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
 from keel.audit_models import AuditEntry
-from keel.budget import CommitRequest, ReleaseRequest, ReserveRequest
+from keel.budget import CommitRequest, ReleaseRequest, tool_hold
 from keel.models import Decision, ToolCall, ToolResult
 from keel.telemetry import annotate
 
@@ -233,15 +233,14 @@ async def _gate_and_reserve(
                 )
                 cur = await conn.execute(
                     *ledger.reserve_statement(
-                        ReserveRequest(
+                        tool_hold(
                             key=call.reservation_key,
                             scopes=gate.scopes,
                             amount_micros=gate.amount_micros,
-                            min_micros=gate.amount_micros,
-                            kind="tool",
-                            subject=call.tool,
+                            tool=call.tool,
                             run_id=call.workflow_id,
                             step_id=call.step_id,
+                            ttl=gate.hold_ttl_seconds,
                         )
                     ),
                     prepare=True,

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import TypedSearchAttributes
 
 from keel.cli import CliError
 from keel.cli._render import Progress, render_response, render_status
@@ -175,6 +175,13 @@ def _request(args: argparse.Namespace) -> AgentRequest:
             "user": "--user",
             "message": "message",
             "session": "--session",
+            "workspace": "--workspace",
+            "request_id": "--request-id",
+            "permissions": "--perm",
+            "max_iterations": "--max-iterations",
+            "deadline_seconds": "--deadline",
+            "model_policy.min_tier": "--min-tier",
+            "model_policy.max_tier": "--max-tier",
         }.get(field, field)
         raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
@@ -206,27 +213,27 @@ def _traced(client: Client) -> Client:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from workflows.agent import TENANT, USER
+    from keel.submit import RequestIdConflict, start_or_attach
 
-    req = _request(args)
     if args.max_iterations is not None and args.max_iterations < 1:
         raise CliError("--max-iterations must be at least 1")
     for tier in (args.min_tier, args.max_tier):
         if tier not in ("fast", "balanced", "powerful"):
             raise CliError(f"unknown tier {tier!r} (fast, balanced, powerful)")
+    req = _request(args)
     client, settings = await _client()
-    wid = f"agent/{req.tenant}/{req.request_id}"
-    handle: WorkflowHandle[Any, AgentResponse] = await client.start_workflow(
-        WORKFLOW,
-        req,
-        id=wid,
-        task_queue=settings.task_queue,
-        result_type=AgentResponse,
-        search_attributes=TypedSearchAttributes(
-            [SearchAttributePair(TENANT, req.tenant), SearchAttributePair(USER, req.user)]
-        ),
-        static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}",
-    )
+    try:
+        handle, attached = await start_or_attach(
+            client,
+            req,
+            task_queue=settings.task_queue,
+            static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}",
+        )
+    except RequestIdConflict as e:
+        raise CliError(str(e)) from None
+    wid = handle.id
+    if attached:
+        print(f"attached to the existing run {wid} (same request id, same request)", file=sys.stderr)
     if args.no_wait:
         print(wid)
         return 0
