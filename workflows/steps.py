@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -71,7 +71,11 @@ class StepRunner:
         st = self._state
         record = StepRecord(id=step.id, tool=step.tool, args=step.args)
         st.put(record)
-        if not d.condition_holds(step.when, st.results):
+        try:
+            condition = d.condition_holds(step.when, st.results)
+        except Exception as e:  # a condition the pure code cannot evaluate: deny, never loop
+            await self._deny(req, record, _unjudgeable(e))
+        if not condition:
             st.put(
                 record.model_copy(
                     update={
@@ -86,6 +90,8 @@ class StepRunner:
         except d.ReferenceError_ as e:
             st.put(record.model_copy(update={"state": StepState.FAILED, "error": str(e)}))
             return StepState.FAILED
+        except Exception as e:
+            await self._deny(req, record, _unjudgeable(e))
         record = record.model_copy(update={"args": args})
         tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
         try:
@@ -100,18 +106,10 @@ class StepRunner:
                 st.gate_context(),
             )
         except Exception as e:  # pure code meeting arguments it cannot judge: deny, never loop
-            gate = GateDecision(
-                allowed=False,
-                rule="unjudgeable_arguments",
-                reason=f"arguments the gate cannot judge ({type(e).__name__}: {str(e)[:120]})",
-            )
+            gate = _unjudgeable(e)
         key = f"{st.wid}/{step.id}"
         if not gate.allowed:
-            await self._audit_gate(
-                req, step.id, step.tool, args, allowed=False, rule=gate.rule, reason=gate.reason
-            )
-            st.put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
-            raise Abort("denied", f"step {step.id} ({step.tool}) denied: {gate.reason}", "permission_denied")
+            await self._deny(req, record, gate)
         assert tool is not None
         if gate.needs_approval:
             await self._await_approval(
@@ -167,6 +165,14 @@ class StepRunner:
         self._holds.closed(hold)
         self._succeeded(record, tool, out)
         return StepState.SUCCEEDED
+
+    async def _deny(self, req: AgentRequest, record: StepRecord, gate: GateDecision) -> NoReturn:
+        """Record a denial in the audit log and stop the run (the ending undoes what ran)."""
+        await self._audit_gate(
+            req, record.id, record.tool, record.args, allowed=False, rule=gate.rule, reason=gate.reason
+        )
+        self._state.put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
+        raise Abort("denied", f"step {record.id} ({record.tool}) denied: {gate.reason}", "permission_denied")
 
     def _succeeded(self, record: StepRecord, tool: ToolInfo, out: ToolResult) -> None:
         st = self._state
@@ -334,6 +340,14 @@ class StepRunner:
                 summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
             )
         )
+
+
+def _unjudgeable(e: Exception) -> GateDecision:
+    return GateDecision(
+        allowed=False,
+        rule="unjudgeable_arguments",
+        reason=f"arguments the gate cannot judge ({type(e).__name__}: {str(e)[:120]})",
+    )
 
 
 def admitted_ttl(ctx: RunContext) -> int:
