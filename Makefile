@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing Keel into $(VENV) (log: $(VENV)/install.log)"
 	@$(BIN)/python -m pip install --upgrade pip > $(VENV)/install.log 2>&1 \
-		&& $(BIN)/python -m pip install -e '.[dev]' >> $(VENV)/install.log 2>&1 \
+		&& $(BIN)/python -m pip install -e '.[dev,local]' >> $(VENV)/install.log 2>&1 \
 		|| (tail -20 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1)
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 

