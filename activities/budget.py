@@ -13,20 +13,16 @@ are deterministic: they become non-retryable ``ApplicationError``s whose ``type`
 exception class name, so the workflow can branch on them instead of retrying forever.
 
 Tool costs: the tool activity (not here) records its cost in the SAME transaction as its
-effect, so a crash cannot leave an effect without its cost or a cost without its effect::
-
-    async with pool.connection() as conn, conn.transaction():
-        result = await do_the_refund(conn, ...)
-        await ledger_for_tool_commit(conn, reservation_key, actual_micros)
+effect (``activities/tools/execute.py``), so a crash cannot leave an effect without its cost
+or a cost without its effect.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -39,11 +35,7 @@ from keel.budget import (
     AdmitResult,
     CommitRequest,
     CommitResult,
-    ExtendRequest,
-    ExtendResult,
     LedgerError,
-    OpenRunRequest,
-    OpenRunResult,
     ReleaseRequest,
     ReleaseResult,
     ReservationNotFound,
@@ -52,15 +44,10 @@ from keel.budget import (
 )
 from keel.models import Decision
 
-__all__ = ["BudgetActivities", "ledger_for_tool_commit"]
+__all__ = ["BudgetActivities"]
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
-
-
-async def ledger_for_tool_commit(conn: AsyncConnection[Any], key: str, actual_micros: int) -> CommitResult:
-    """Commit a tool's cost on ``conn``, inside the transaction that holds the tool's effect."""
-    return await ledger.commit(conn, CommitRequest(key=key, actual_micros=actual_micros))
 
 
 class BudgetActivities:
@@ -69,15 +56,6 @@ class BudgetActivities:
     def __init__(self, pool: AsyncConnectionPool, *, lease_holds: bool = True) -> None:
         self._pool = pool
         self._batcher = LedgerBatcher(pool, lease_holds=lease_holds)
-
-    async def _run(self, fn: Callable[[AsyncConnection[Any], _In], Awaitable[_Out]], req: _In) -> _Out:
-        async with self._pool.connection() as conn:
-            return await _refusals(fn(conn, req))
-
-    @activity.defn(name="budget_open_run")
-    async def open_run(self, req: OpenRunRequest) -> OpenRunResult:
-        """Create the run's scope (and ancestors) with the run's limit."""
-        return await self._run(ledger.open_run, req)
 
     @activity.defn(name="budget_reserve")
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
@@ -135,11 +113,6 @@ class BudgetActivities:
                     return AdmitResult(admitted=True, amount_micros=total)
         telemetry.record_budget_decision("DENY", tenant=_tenant(req), kind="admission")
         return AdmitResult(admitted=False, amount_micros=total, reason=refusal)
-
-    @activity.defn(name="budget_extend")
-    async def extend(self, req: ExtendRequest) -> ExtendResult:
-        """Lengthen a hold's lease while a long call is still running."""
-        return await self._run(ledger.extend, req)
 
 
 async def _refusals(call: Awaitable[_Out]) -> _Out:

@@ -60,12 +60,10 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
         control.settle_step,
         tools.run_tool,
         call_model,
-        budget.open_run,
         budget.reserve,
         budget.admit,
         budget.commit,
         budget.release,
-        budget.extend,
     ]
 
 
