@@ -34,6 +34,7 @@ class Stopper:
         """Why the run must stop: ``cancel`` update, deadline or Temporal cancel."""
         self._inflight: asyncio.Task[Any] | None = None
         """The long activity (plan, evaluate, tool) a stop request cancels."""
+        self._cancelling: asyncio.Task[None] | None = None
 
     def check(self) -> None:
         """A safe point: stop here if a cancel, a deadline or a Temporal cancel arrived."""
@@ -41,11 +42,19 @@ class Stopper:
             raise Abort(self.stop.outcome, self.stop.reason, self.stop.flag)
 
     def request(self, stop: Abort) -> None:
-        """Record why the run must stop (the first reason wins) and cancel the long activity."""
+        """Record why the run must stop (the first reason wins) and cancel the long activity.
+
+        The cancel waits one turn of the workflow's event loop: an update can arrive in the
+        same activation as the long activity's result (a replay delivers them together where
+        the original run saw them apart), and cancelling an activity whose result is already
+        there would take another path than the original run did (a nondeterminism error).
+        After one turn that activity has finished, and only a still-running one is cancelled.
+        """
         if self.stop is None:
             self.stop = stop
-        if self._inflight is not None and not self._inflight.done():
-            self._inflight.cancel()
+        handle = self._inflight
+        if handle is not None and not handle.done():
+            self._cancelling = asyncio.create_task(_cancel_unfinished(handle))
 
     def note_workflow_cancel(self) -> None:
         if self.stop is None:
@@ -91,3 +100,9 @@ def cause(e: BaseException) -> str:
         e = e.__cause__
     msg = e.message if isinstance(e, ApplicationError) else str(e)
     return (msg or type(e).__name__).splitlines()[0][:300]
+
+
+async def _cancel_unfinished(handle: asyncio.Task[Any]) -> None:
+    await asyncio.sleep(0)  # one turn of the loop, no timer: results of this activation land
+    if not handle.done():
+        handle.cancel()
