@@ -34,6 +34,7 @@ def settings() -> Iterator[Settings]:
         "KEEL_PG_PORT": str(free_port()),
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "KEEL_UI_PORT": str(free_port()),
+        "KEEL_CODEC_PORT": str(free_port()),
         "KEEL_TASK_QUEUE": "keel-test",
     }
     s = load_settings(env)
