@@ -21,8 +21,8 @@ import re
 import unicodedata
 
 from keel.models import Frozen
-from keel.redact import redact, redact_data
 from keel.policy import GUARDRAIL_CATEGORIES
+from keel.redact import redact, redact_data
 
 __all__ = [
     "GuardrailVerdict",

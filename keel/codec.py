@@ -148,7 +148,9 @@ def parse_keys(text: str, source: str) -> KeyRing:
         kid, b64 = kid.strip(), b64.strip()
         where = f"{source}: entry {n}"
         if not sep or not _KEY_ID.match(kid):
-            raise CodecConfigError(f"{where}: expected <key-id>:<base64 key>, key id of letters, digits, . _ -")
+            raise CodecConfigError(
+                f"{where}: expected <key-id>:<base64 key>, key id of letters, digits, . _ -"
+            )
         try:
             key = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
@@ -259,4 +261,3 @@ def open_sealed(keys: KeyRing, sealed: dict[str, str]) -> Any:
     if sealed.get("v") != SEALED_MARK:
         raise CodecConfigError("not a sealed value")
     return json.loads(keys.decrypt(sealed["kid"], base64.b64decode(sealed["ct"])))
-

@@ -46,7 +46,7 @@ __all__ = ["DETECTORS", "Detector", "PII_KINDS", "SECRET_KINDS", "find", "redact
 class Detector:
     """A named pattern; ``replace`` turns a match into its placeholder (keeping context)."""
 
-    __slots__ = ("kind", "pattern", "pii", "_check", "_group")
+    __slots__ = ("_check", "_group", "kind", "pattern", "pii")
 
     def __init__(
         self,

@@ -101,10 +101,15 @@ def _key(args: argparse.Namespace) -> int:
             return 0
         if args.action == "add":
             if settings.codec_keys.strip():
-                raise CliError("KEEL_CODEC_KEYS is set: append a 'starter.py codec-key new' entry to it instead")
+                raise CliError(
+                    "KEEL_CODEC_KEYS is set: append a 'starter.py codec-key new' entry to it instead"
+                )
             kid = add_key(settings.key_file, args.id)
-            print(json.dumps({"added": kid, "file": str(settings.key_file)}) if args.json else
-                  f"added key {kid} to {settings.key_file} (newest: restart workers to encrypt with it)")
+            print(
+                json.dumps({"added": kid, "file": str(settings.key_file)})
+                if args.json
+                else f"added key {kid} to {settings.key_file} (newest: restart workers to encrypt with it)"
+            )
             return 0
         keys = load_keyring(settings)
     except CodecConfigError as e:
