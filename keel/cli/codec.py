@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="URL",
         help="a Web UI origin CORS admits (repeatable; default: KEEL_UI_URL and its localhost twin)",
     )
+    p.add_argument("--json", action="store_true", help="print the start-up banner as one JSON line")
     p.set_defaults(func=_serve)
 
     k = sub.add_parser(
@@ -82,9 +83,18 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"--port must be 1-65535, got {port}")
     origins = args.origin or default_origins(settings.ui_url)
     token = os.environ.get(TOKEN_ENV, "")
+    banner = {
+        "url": f"http://{args.host}:{port}",
+        "keys": list(keys.ids),
+        "newest": keys.newest,
+        "cors": origins,
+        "token": bool(token),
+    }
     print(
-        f"codec server on http://{args.host}:{port} · keys {', '.join(keys.ids)} (newest "
-        f"{keys.newest}) · CORS {', '.join(origins)} · token {'required' if token else 'off'}",
+        json.dumps(banner)
+        if args.json
+        else f"codec server on {banner['url']} · keys {', '.join(keys.ids)} (newest {keys.newest}) "
+        f"· CORS {', '.join(origins)} · token {'required' if token else 'off'}",
         flush=True,
     )
     serve(keys, host=args.host, port=port, origins=origins, token=token)
