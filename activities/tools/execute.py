@@ -140,6 +140,8 @@ class ToolActivities:
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
                 kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
                 telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
+                # The cause travels too (failure chain, worker log): redact it in place.
+                e.args = (redact(str(e)),)
                 raise ApplicationError(
                     f"{call.tool}: {redact(str(e))}", type=kind, non_retryable=not e.retryable
                 ) from e
