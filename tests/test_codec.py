@@ -124,7 +124,7 @@ def test_bad_key_configuration_is_one_clear_line(tmp_path) -> None:
         assert "\n" not in str(e.value) and str(e.value).startswith("KEEL_CODEC_KEYS")
         assert "not-base64" not in str(e.value) or msg != "not valid base64"
     missing = Settings(state_dir=tmp_path)
-    with pytest.raises(CodecConfigError, match="no payload encryption key.*codec.keys"):
+    with pytest.raises(CodecConfigError, match=r"no payload encryption key.*codec\.keys"):
         load_keyring(missing)
 
 

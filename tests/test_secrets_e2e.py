@@ -148,7 +148,9 @@ async def _db_sinks(pool: AsyncConnectionPool, wid: str, session: str) -> dict[s
             return json.dumps(await (await conn.execute(sql, params)).fetchall(), default=str)
 
         return {
-            "tool_effects": await rows("select * from tool_effects where idempotency_key like %s", f"{wid}/%"),
+            "tool_effects": await rows(
+                "select * from tool_effects where idempotency_key like %s", f"{wid}/%"
+            ),
             "memory": await rows("select * from memory_turns where session=%s", session)
             + await rows("select * from memory_summaries where session=%s", session),
             "audit": await rows("select * from audit_log where workflow_id=%s", wid),
@@ -228,7 +230,9 @@ async def test_planted_secrets_reach_no_sink(
     # The search itself works: the test tool's own table holds the note as written.
     async with db_pool.connection() as conn:
         notes = await (
-            await conn.execute("select note from test_effects where idempotency_key like %s", (f"{wids[0]}/%",))
+            await conn.execute(
+                "select note from test_effects where idempotency_key like %s", (f"{wids[0]}/%",)
+            )
         ).fetchall()
     assert _hits("test_effects", json.dumps(notes), tool) == [f"test_effects: {v}" for v in tool.values()]
     # ...and each kind was really planted, and shows as a typed placeholder where redacted.
@@ -259,7 +263,10 @@ async def test_key_rotation_runs_started_under_key_1_finish_under_key_2(
     old = dataclasses.replace(temporal_services, codec_keys=key1)
     new = dataclasses.replace(temporal_services, codec_keys=f"{key1},{key2}")
     policy = write_policy(tmp_path)
-    steps = [testing.step("s1", "test_effect", note="first"), testing.step("s2", "test_effect", note="approve-me")]
+    steps = [
+        testing.step("s1", "test_effect", note="first"),
+        testing.step("s2", "test_effect", note="approve-me"),
+    ]
     client1 = await connect(old)
     async with scripted_worker(
         client1, db_pool, old, task_queue, [plan(*steps)], policy_file=policy, monkeypatch=monkeypatch
