@@ -87,6 +87,11 @@ def build_app(keys: KeyRing, *, origins: Sequence[str], token: str = "") -> web.
             web.post("/decode", handler(codec.decode)),
             web.options("/encode", preflight),
             web.options("/decode", preflight),
+            # ``--codec-endpoint 'http://host/{namespace}'`` templating of the temporal CLI
+            web.post("/{namespace}/encode", handler(codec.encode)),
+            web.post("/{namespace}/decode", handler(codec.decode)),
+            web.options("/{namespace}/encode", preflight),
+            web.options("/{namespace}/decode", preflight),
         ]
     )
     return app

@@ -95,6 +95,17 @@ class ModelPolicy(Frozen):
         return v
 
 
+def _not_secret(v: str) -> str:
+    """Identifiers end up in the workflow id and search attributes, which Temporal keeps in
+    plaintext (they are indexed, never encrypted): one that looks like a secret is refused."""
+    from keel.redact import find
+
+    kinds = find(v)
+    if kinds:
+        raise ValueError(f"looks like a secret or personal data ({kinds[0]}); use an opaque id")
+    return v
+
+
 class AgentRequest(Frozen):
     """What a caller asks for. Secrets never travel here: payloads are visible in the UI."""
 
@@ -121,7 +132,12 @@ class AgentRequest(Frozen):
         v = v.strip()
         if not v or len(v) > 64 or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError("must be 1-64 characters of letters, digits, '-', '_' or '.'")
-        return v
+        return _not_secret(v)
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, v: str) -> str:
+        return _not_secret(v)
 
     @field_validator("message")
     @classmethod
