@@ -195,7 +195,9 @@ def redact_data(obj: Any, *, pii: bool = True) -> Any:
 
 def find(text: str, *, pii: bool = True) -> list[str]:
     """The kinds of secret (and PII) found in ``text``, in detector order (for flags and tests)."""
-    found = []
+    found: list[str] = []
+    if not text or not (_ANY_ALL if pii else _ANY_SECRET).search(text):
+        return found
     for det in DETECTORS if pii else _SECRETS:
         if det.kind not in found and any(det.replace(m) != m.group(0) for m in det.pattern.finditer(text)):
             found.append(det.kind)
