@@ -15,6 +15,7 @@ added, and its history then holds payloads under both keys.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -300,3 +301,80 @@ async def test_key_rotation_runs_started_under_key_1_finish_under_key_2(
     started = history.events[0].workflow_execution_started_event_attributes.input.payloads
     with pytest.raises(Exception, match="unknown key id 'rot-1'"):
         await only2.decode(list(started))
+
+
+async def test_temporal_cli_reads_runs_only_through_the_codec_server(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``temporal workflow show`` sees ciphertext; with ``--codec-endpoint`` (and the token)
+    it sees the run; with a wrong token it is refused."""
+    from keel.devservices import DevServices, temporal_binary
+
+    marker = f"readable-{secrets.token_hex(4)}"
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        [plan(testing.step("s1", "test_effect", note=marker))],
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        handle = await start(client, task_queue, request(f"note {marker}"))
+        assert (await handle.result()).outcome == "completed"
+    services = DevServices(temporal_services)
+    services.start_codec_server(env={"KEEL_CODEC_TOKEN": "cli-token"})
+    try:
+
+        async def show(*extra: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                str(temporal_binary()),
+                "workflow",
+                "show",
+                "-w",
+                handle.id,
+                "--address",
+                temporal_services.temporal_address,
+                "-o",
+                "json",
+                *extra,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+            return proc.returncode or 0, out.decode()
+
+        endpoint = ["--codec-endpoint", temporal_services.codec_url]
+        code, plain = await show()
+        sealed = base64.b64encode(b"binary/encrypted").decode()  # metadata is base64 in JSON
+        assert code == 0 and marker not in _payload_text(plain) and sealed in plain, plain[-500:]
+        code, decoded = await show(*endpoint, "--codec-auth", "Bearer cli-token")
+        assert code == 0 and marker in _payload_text(decoded)
+        code, refused = await show(*endpoint, "--codec-auth", "Bearer wrong")
+        assert marker not in refused and (code != 0 or "401" in refused), refused
+        assert marker not in _payload_text(refused) if refused.lstrip().startswith("{") else True
+    finally:
+        services.stop_codec_server()
+
+
+def _payload_text(cli_json: str) -> str:
+    """Every payload's data in ``temporal ... -o json`` output, base64-decoded, joined."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), str) and "metadata" in node:
+                found.append(base64.b64decode(node["data"]).decode(errors="replace"))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(cli_json))
+    return "\n".join(found)
