@@ -142,6 +142,13 @@ async def _history_sinks(client: Client, handle: WorkflowHandle[Any, Any]) -> di
     return sinks
 
 
+def _nonempty(sinks: dict[str, Any], *names: str) -> None:
+    """A sink that is empty proves nothing: the ones every run writes must hold something."""
+    for name in names:
+        value = sinks.get(name)
+        assert value not in (None, "", b"", "[]", "[][]"), f"{name} is empty: the check would be vacuous"
+
+
 async def _db_sinks(pool: AsyncConnectionPool, wid: str, session: str) -> dict[str, str]:
     async with pool.connection() as conn:
 
@@ -220,9 +227,21 @@ async def test_planted_secrets_reach_no_sink(
         wids = [resp.workflow_id, out_plain.split()[1]]
         for wid in wids:
             handle = client.get_workflow_handle(wid)
-            for where, blob in (await _history_sinks(client, handle)).items():
+            history = await _history_sinks(client, handle)
+            _nonempty(
+                history,
+                "history bytes",
+                "summaries, details and failure messages (decoded)",
+                "static summary (describe)",
+                "search attributes",
+            )
+            assert "fragile_fetch: upstream for [REDACTED:openai_key] is down" in str(history), wid
+            assert "current details" in history  # the metadata query answered (Keel sets none)
+            for where, blob in history.items():
                 found += _hits(f"{wid} {where}", blob, req_json, req_plain, tool)
-            for where, text in (await _db_sinks(db_pool, wid, session)).items():
+            db = await _db_sinks(db_pool, wid, session)
+            _nonempty(db, "tool_effects", "memory", "audit")
+            for where, text in db.items():
                 found += _hits(f"{wid} {where}", text, req_json, req_plain, tool)
     bodies = json.dumps([r.body for r in openai_server.requests])
     found += _hits("provider request bodies", bodies, req_json, req_plain, tool)
