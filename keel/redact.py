@@ -132,7 +132,8 @@ DETECTORS: tuple[Detector, ...] = (
     _ours("bearer_token", r"(?i)(?P<keep>\bbearer\s+)[A-Za-z0-9\-._~+/]{16,}=*"),
     _ours(
         "secret",
-        r"(?i)(?P<keep>\b(password|passwd|secret|api[_-]?key|access[_-]?token|token)"
+        # ``password=``, ``db_password:``, ``client_secret =``, ``"api_key": "..."``
+        r"(?i)(?P<keep>\b[a-z0-9_-]*?(password|passwd|secret|api[_-]?key|access[_-]?token|token)"
         r"[\"']?\s*[=:]\s*[\"']?)(?!\[REDACTED:)[^\s\"',;]{6,}",
     ),
     # PII: redacted unless a caller keeps it (``pii=False``).
