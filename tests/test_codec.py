@@ -225,3 +225,38 @@ async def test_codec_server_without_token_is_open(tmp_path) -> None:
         assert SECRET in base64.b64decode(json.loads(r.text)["payloads"][0]["data"]).decode()
     finally:
         services.stop_codec_server()
+
+
+async def test_tool_effects_at_rest_redacted_and_sealed(db_pool) -> None:
+    """A recorded effect is readable with SQL only redacted; a replay gets the exact result
+    with the keys, and a clear non-retryable error naming the key id without them."""
+    import uuid
+
+    from psycopg.types.json import Jsonb
+
+    from activities.tools import effects
+    from keel.models import ToolResult
+
+    ring = _ring("rest-1")
+    key = f"agent/acme/r-{uuid.uuid4().hex[:8]}/s1"
+    result = ToolResult(ok=True, data={"to": "bob@example.com", "token": SECRET}, summary="sent")
+    async with db_pool.connection() as conn:
+        await conn.execute(
+            "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
+            "values (%s, 't', 'acme', true, %s)",
+            (key, Jsonb(effects.at_rest(result, ring))),
+        )
+        raw = await (
+            await conn.execute("select result::text from tool_effects where idempotency_key=%s", (key,))
+        ).fetchone()
+        assert raw is not None and SECRET not in raw[0] and "bob@example.com" not in raw[0]
+        assert "[REDACTED:email]" in raw[0]
+        exact = await effects.recorded(
+            conn, key, dataclasses.replace(ring, keys=(*_ring("old").keys, *ring.keys))
+        )
+        assert exact is not None and exact.data == result.data and exact.replayed
+        with pytest.raises(UnknownKeyError, match="'rest-1'") as e:
+            await effects.recorded(conn, key, _ring("other"))
+        assert e.value.non_retryable
+        redacted = await effects.recorded(conn, key, None)  # no keys: the redacted copy only
+        assert redacted is not None and redacted.data["to"] == "[REDACTED:email]"
