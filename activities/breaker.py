@@ -30,6 +30,8 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict
 from temporalio.exceptions import ApplicationError
 
+from keel.redact import redact
+
 __all__ = [
     "BREAKER_POOL",
     "CIRCUIT_OPEN",
@@ -197,7 +199,8 @@ async def record_failure(
     conn: Conn, scope: str, cfg: BreakerConfig, owner: str, error: str
 ) -> tuple[State, State] | None:
     """A transient failure: count it; open at the threshold; a failed probe re-opens."""
-    error = error.splitlines()[0][:300] if error else ""
+    # Stored in circuit_breakers.last_error and shown by ``starter.py breakers``: redacted.
+    error = redact(error.splitlines()[0])[:300] if error else ""
     async with conn.transaction():
         await conn.execute(
             "insert into circuit_breakers (scope) values (%s) on conflict (scope) do nothing", (scope,)

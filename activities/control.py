@@ -21,14 +21,16 @@ from activities.tools import effects
 from keel.agent_io import SettleInput, SettleResult, StepGateInput, StepGateResult
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, ReservationNotFound
+from keel.codec import KeyRing
 from keel.models import Decision
 
 __all__ = ["ControlActivities"]
 
 
 class ControlActivities:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, keys: KeyRing | None = None) -> None:
         self._pool = pool
+        self._keys = keys  # a fenced step's recorded effect is sealed under these
 
     @activity.defn(name="authorize_step")
     async def authorize_step(self, inp: StepGateInput) -> StepGateResult:
@@ -59,7 +61,9 @@ class ControlActivities:
         found = None
         async with self._pool.connection() as conn, conn.transaction():
             if inp.effect_key:
-                found = await effects.fence(conn, inp.effect_key, inp.subject, inp.tenant, inp.reason)
+                found = await effects.fence(
+                    conn, inp.effect_key, inp.subject, inp.tenant, inp.reason, self._keys
+                )
             if inp.reserve_key and found is None:
                 if inp.commit_micros is None:
                     await _release(conn, inp.reserve_key, inp.reason)

@@ -1,4 +1,4 @@
-"""Guardrails: fast local heuristics for hostile input, and redaction of secrets and PII.
+"""Guardrails: fast local heuristics for hostile input; redaction re-exported from the core.
 
 Everything here is a pure function (no I/O, no model call) so it is cheap enough to run on
 every request and every tool output, and deterministic enough to test against a corpus
@@ -9,7 +9,8 @@ wrapped by ``untrusted`` as data, never as instructions.
 Detection normalises text first (NFKC, zero-width characters removed, whitespace collapsed,
 lower-cased) so trivial obfuscation does not slip past, and looks inside long base64 runs.
 Patterns are chosen so ordinary support requests ("refund it if shipped", "email the
-customer") do not match.
+customer") do not match. ``redact``/``redact_data`` live in ``keel.redact`` (one detector list
+for every sink, workflows included); they are re-exported here for the activities.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import base64
 import binascii
 import re
 import unicodedata
-from typing import Any
 
 from keel.models import Frozen
 from keel.policy import GUARDRAIL_CATEGORIES
+from keel.redact import redact, redact_data
 
 __all__ = [
     "GuardrailVerdict",
@@ -185,81 +186,6 @@ def scan_input(
             )
     flagged = ", ".join(f"{c}:{n}" for n, c, _ in hits)
     return GuardrailVerdict(ok=True, score=round(score, 2), reason=f"flagged: {flagged}" if hits else "")
-
-
-def _luhn(digits: str) -> bool:
-    total, alt = 0, False
-    for ch in reversed(digits):
-        d = int(ch)
-        if alt:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total, alt = total + d, not alt
-    return total % 10 == 0
-
-
-# Order matters: whole blocks (PEM) and structured tokens before generic shapes.
-_SECRETS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (k, re.compile(p))
-    for k, p in (
-        (
-            "private_key",
-            r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)",
-        ),
-        ("jwt", r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}"),
-        ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_-]{16,}"),
-        ("openai_key", r"\bsk-(proj-|svcacct-)?[A-Za-z0-9_-]{20,}"),
-        ("aws_key", r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
-        ("github_token", r"\b(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})"),
-        (
-            "slack_token",
-            r"\bxox[abposr]-[A-Za-z0-9-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/]+",
-        ),
-        ("bearer_token", r"(?i)(?P<keep>\bbearer\s+)[A-Za-z0-9\-._~+/]{16,}=*"),
-        (
-            "secret",
-            r"(?i)(?P<keep>\b(password|passwd|secret|api[_-]?key|access[_-]?token|token)"
-            r"[\"']?\s*[=:]\s*[\"']?)[^\s\"',;]{6,}",
-        ),
-    )
-)
-_PII: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (k, re.compile(p))
-    for k, p in (
-        ("email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
-        ("card", r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"),
-        ("ssn", r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])"),
-        ("phone", r"(?<![\w-])(\+\d{1,3}[\s.-]?)?\(?\d{3}\)?[\s.-]?\d{3}[\s.-]?\d{4}(?![\w-])"),
-    )
-)
-
-
-def _card(m: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", m.group(0))
-    return "[REDACTED:card]" if 13 <= len(digits) <= 19 and _luhn(digits) else m.group(0)
-
-
-def redact(text: str, *, pii: bool = True) -> str:
-    """Replace secrets (and, unless ``pii=False``, PII) with ``[REDACTED:<kind>]``."""
-    for kind, pat in _SECRETS:
-        text = pat.sub(lambda m, k=kind: f"{m.groupdict().get('keep') or ''}[REDACTED:{k}]", text)
-    if pii:
-        for kind, pat in _PII:
-            text = pat.sub(_card if kind == "card" else f"[REDACTED:{kind}]", text)
-    return text
-
-
-def redact_data(obj: Any, *, pii: bool = True) -> Any:
-    """``redact`` applied to every string (values and keys) inside dicts, lists and tuples."""
-    if isinstance(obj, str):
-        return redact(obj, pii=pii)
-    if isinstance(obj, dict):
-        return {
-            redact_data(k, pii=pii) if isinstance(k, str) else k: redact_data(v, pii=pii)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list | tuple):
-        return type(obj)(redact_data(v, pii=pii) for v in obj)
-    return obj
 
 
 def untrusted(tool: str, text: str) -> str:

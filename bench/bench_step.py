@@ -87,6 +87,50 @@ async def _pg_commits(pool: Any) -> int:
     return int(row[0]) if row else 0
 
 
+class _CodecClock:
+    """Times the client's payload codec (worker and starter share it in this process).
+
+    The codec is CPU-only with no await inside, so wall time around each call is its cost
+    even with other tasks on the loop. Floor runs go through it too (same client), so the
+    Keel/floor ratio is unaffected; this isolates what encryption adds to a Keel step.
+    """
+
+    def __init__(self, codec: Any) -> None:
+        self.seconds, self.payloads = 0.0, 0
+        if codec is None:
+            return
+        for name in ("encode", "decode"):
+            setattr(codec, name, self._timed(getattr(codec, name)))
+
+    def _timed(self, fn: Any) -> Any:
+        async def timed(payloads: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await fn(payloads)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.payloads += len(payloads)
+
+        return timed
+
+    def snapshot(self) -> tuple[float, int]:
+        return self.seconds, self.payloads
+
+
+async def _codec_micro(codec: Any, repeat: int = 2000) -> dict[str, float]:
+    """Encode + decode of one step-sized payload (a ToolCall-like JSON document), in µs."""
+    from temporalio.api.common.v1 import Payload
+
+    if codec is None:
+        return {}
+    body = b'{"tool":"noop","args":{"note":"x"},"workflow_id":"agent/bench/r-0123456789","step_id":"s1"}' * 4
+    payload = Payload(metadata={"encoding": b"json/plain"}, data=body)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        await codec.decode(await codec.encode([payload]))
+    return {"round_trip_us": round((time.perf_counter() - t0) * 1e6 / repeat, 1), "bytes": len(body)}
+
+
 def _workflow_code_ms(settings: Any, repeat: int = 300) -> dict[str, float]:
     """CPU of the pure per-step decisions the workflow makes, outside the sandbox (ms/step)."""
     from activities.tools.registry import catalog
@@ -129,6 +173,9 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     wids: dict[str, list[str]] = {k: [] for k in kinds}
     small_wid: dict[str, str] = {}
     timings: dict[str, list[float]] = {}
+    codec = getattr(client.data_converter, "payload_codec", None)
+    clock = _CodecClock(codec)
+    codec_runs: dict[int, list[tuple[float, int]]] = {1: [], big: []}
     floor_worker = Worker(
         client,
         task_queue=tq + "-floor",
@@ -144,7 +191,10 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             await _floor(client, tq + "-floor", 2, True)
         for _ in range(rounds):
             for n in (1, big):
+                before = clock.snapshot()
                 resp, secs, wid = await run_keel(client, tq, noop_request(n))
+                after = clock.snapshot()
+                codec_runs[n].append((after[0] - before[0], after[1] - before[1]))
                 if resp.outcome != "completed" or len(resp.steps) != n:
                     raise RuntimeError(
                         f"bench run did not complete its {n} steps: {resp.outcome} {resp.reason}"
@@ -201,6 +251,16 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)
     out["target_ratio"] = TARGET_RATIO
     out["pg_commits_per_step"] = None if commits is None else round(commits, 2)
+    c1, cb = codec_runs[1], codec_runs[big]
+    med = statistics.median
+    out["codec"] = {
+        "per_step_ms": round((med(s for s, _ in cb) - med(s for s, _ in c1)) * 1000 / (big - 1), 3),
+        "payloads_per_step": round((med(n for _, n in cb) - med(n for _, n in c1)) / (big - 1), 1),
+        "per_run_ms": {1: spread([s * 1000 for s, _ in c1], 2), big: spread([s * 1000 for s, _ in cb], 2)},
+        "goal_ms": 1.0,
+        "enabled": codec is not None,
+        **(await _codec_micro(codec)),
+    }
     out["in_process_ms"] = {
         "authorize_step": spread(timings.get("authorize_step", [])),
         "run_tool": spread(timings.get("run_tool", [])),

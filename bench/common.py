@@ -96,6 +96,7 @@ def own_services(policy_file: Path = BENCH_POLICY) -> Iterator[Settings]:
         "KEEL_PG_PORT": str(free_port()),
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "KEEL_UI_PORT": str(free_port()),
+        "KEEL_CODEC_PORT": str(free_port()),
         "KEEL_TASK_QUEUE": "keel-bench",
         "KEEL_POLICY_FILE": str(policy_file),
     }

@@ -233,8 +233,17 @@ class DevServices:
         pid = _read_pid(self._temporal_pid_file())
         return pid is not None and _alive(pid) and _port_open(self.settings.temporal_port)
 
+    def ensure_codec_key(self) -> None:
+        """Write a payload key file in the state dir on first use (unless keys come from
+        ``KEEL_CODEC_KEYS``), so the embedded default encrypts history with no setup."""
+        from keel.codec import ensure_key_file
+
+        if not self.settings.codec_keys.strip():
+            ensure_key_file(self.settings.key_file)
+
     def start_temporal(self) -> None:
         """Start ``temporal server start-dev`` on a persistent SQLite file (reused if up)."""
+        self.ensure_codec_key()
         if self.temporal_running():
             return
         port = self.settings.temporal_port
@@ -253,6 +262,9 @@ class DevServices:
             str(port),
             "--ui-port",
             str(self.settings.ui_port),
+            # The UI decodes payloads through Keel's codec server (from the browser).
+            "--ui-codec-endpoint",
+            self.settings.codec_url,
             "--log-level",
             "warn",
             "--log-format",
@@ -315,6 +327,60 @@ class DevServices:
             _reap(pid)
         self._temporal_pid_file().unlink(missing_ok=True)
 
+    # ---------------------------------------------------------------- codec server
+    def _codec_pid_file(self) -> Path:
+        return self.state / "codec.pid"
+
+    def codec_running(self) -> bool:
+        pid = _read_pid(self._codec_pid_file())
+        return pid is not None and _alive(pid) and _port_open(self.settings.codec_port)
+
+    def start_codec_server(self, env: dict[str, str] | None = None) -> None:
+        """Start ``starter.py codec-server`` for the dev UI (reused if up)."""
+        self.ensure_codec_key()
+        if self.codec_running():
+            return
+        port = self.settings.codec_port
+        if _port_open(port):
+            raise ServiceError(f"port {port} is taken by another program; set KEEL_CODEC_PORT")
+        self.state.mkdir(parents=True, exist_ok=True)
+        starter = Path(__file__).resolve().parent.parent / "starter.py"
+        with open(self.state / "codec.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(starter), "codec-server", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **self.settings.to_env(), **(env or {})},
+            )
+        _DETACHED.append(proc)
+        self._codec_pid_file().write_text(str(proc.pid))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (self.state / "codec.log").read_text(errors="replace").splitlines()[-2:]
+                raise ServiceError("codec server exited: " + " | ".join(tail))
+            if _port_open(port):
+                return
+            time.sleep(0.1)
+        raise ServiceError(f"codec server did not answer on {port} within 30 s")
+
+    def stop_codec_server(self) -> None:
+        pid = _read_pid(self._codec_pid_file())
+        if pid is not None and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _reap(pid)
+        self._codec_pid_file().unlink(missing_ok=True)
+
     # ---------------------------------------------------------------- workers
     def worker_pids(self) -> list[int]:
         pids = [_read_pid(p) for p in sorted(self.state.glob("worker-*.pid"))]
@@ -366,16 +432,18 @@ class DevServices:
 
     # ---------------------------------------------------------------- both
     def up(self) -> None:
-        """Start both services and apply database migrations."""
+        """Start PostgreSQL (and apply migrations), the codec server and Temporal."""
         from keel.db import apply_migrations
 
         self.start_postgres()
         apply_migrations(self.settings.database_url)
+        self.start_codec_server()
         self.start_temporal()
 
     def down(self) -> None:
         self.stop_workers()
         self.stop_temporal()
+        self.stop_codec_server()
         self.stop_postgres()
 
     def status(self) -> dict[str, str]:
@@ -388,6 +456,7 @@ class DevServices:
             "postgres": (
                 f"running on 127.0.0.1:{self.settings.pg_port}" if self.postgres_running() else "stopped"
             ),
+            "codec": f"running on {self.settings.codec_url}" if self.codec_running() else "stopped",
             "workers": f"{len(self.worker_pids())} running",
             "state": str(self.state),
         }

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from keel.redact import find
 from keel.text import problem as text_problem
 
 __all__ = [
@@ -95,6 +96,15 @@ class ModelPolicy(Frozen):
         return v
 
 
+def _not_secret(v: str) -> str:
+    """Identifiers end up in the workflow id and search attributes, which Temporal keeps in
+    plaintext (they are indexed, never encrypted): one that looks like a secret is refused."""
+    kinds = find(v)
+    if kinds:
+        raise ValueError(f"looks like a secret or personal data ({kinds[0]}); use an opaque id")
+    return v
+
+
 class AgentRequest(Frozen):
     """What a caller asks for. Secrets never travel here: payloads are visible in the UI."""
 
@@ -121,7 +131,7 @@ class AgentRequest(Frozen):
         v = v.strip()
         if not v or len(v) > 64 or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError("must be 1-64 characters of letters, digits, '-', '_' or '.'")
-        return v
+        return _not_secret(v)
 
     @field_validator("message")
     @classmethod
@@ -139,7 +149,7 @@ class AgentRequest(Frozen):
     def _request_id(cls, v: str) -> str:
         if v and (len(v) > 128 or not all(c.isascii() and (c.isalnum() or c in "-_.:") for c in v)):
             raise ValueError("request id must be 1-128 characters of letters, digits, '-', '_', '.' or ':'")
-        return v
+        return _not_secret(v)
 
     @field_validator("permissions")
     @classmethod

@@ -216,6 +216,9 @@ class Guardrails(_Strict):
     """Scan tool output for injected instructions and record a flag."""
     redact_output: bool = True
     """Redact secrets and PII from the final answer."""
+    prompt_pii: Literal["redact", "keep"] = "redact"
+    """PII (e-mail, card, phone, SSN) in the request sent to a model provider: ``redact``
+    (typed placeholders) or ``keep``. Secrets are always replaced, whatever this says."""
 
 
 class Policy(_Strict):

@@ -61,6 +61,22 @@ class Settings:
     """``lease`` (default): a transaction placing only budget holds commits without waiting for
     its WAL flush; ``durable``: it waits, like every commit and release (``KEEL_LEDGER_HOLDS``;
     see migration 009 for what a database crash can cost in ``lease``)."""
+    codec_keys: str = field(default="", repr=False)
+    """Payload encryption keys ``id:<base64>,...``, newest last (``KEEL_CODEC_KEYS``); when
+    empty, the key file is read (see ``keel.codec``)."""
+    codec_key_file: Path | None = None
+    """Key file (``KEEL_CODEC_KEY_FILE``; default ``<state_dir>/codec.keys``)."""
+    codec_port: int = 8234
+    """Port of the embedded codec server the Web UI decodes payloads through (``KEEL_CODEC_PORT``)."""
+
+    @property
+    def key_file(self) -> Path:
+        return self.codec_key_file or self.state_dir / "codec.keys"
+
+    @property
+    def codec_url(self) -> str:
+        """Where the embedded codec server listens (the dev UI's ``--ui-codec-endpoint``)."""
+        return f"http://127.0.0.1:{self.codec_port}"
 
     @property
     def temporal_port(self) -> int:
@@ -79,6 +95,9 @@ class Settings:
             "KEEL_POLICY_FILE": str(self.policy_file),
             "KEEL_UI_URL": self.ui_url,
             "KEEL_LEDGER_HOLDS": self.ledger_holds,
+            "KEEL_CODEC_KEYS": self.codec_keys,
+            "KEEL_CODEC_KEY_FILE": str(self.key_file),
+            "KEEL_CODEC_PORT": str(self.codec_port),
         }
 
 
@@ -104,6 +123,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         policy_file=Path(e.get("KEEL_POLICY_FILE") or PROJECT_ROOT / "config" / "policy.yaml"),
         ui_url=e.get("KEEL_UI_URL") or f"http://127.0.0.1:{ui_port}",
         ledger_holds=holds,
+        codec_keys=e.get("KEEL_CODEC_KEYS") or "",
+        codec_key_file=Path(e["KEEL_CODEC_KEY_FILE"]) if e.get("KEEL_CODEC_KEY_FILE") else None,
+        codec_port=_int(e, "KEEL_CODEC_PORT", 8234),
     )
 
 

@@ -47,10 +47,12 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
     from activities.control import ControlActivities
     from activities.llm import call_model
     from activities.tools import ToolActivities
+    from keel.codec import load_keyring
 
     agent = AgentActivities(pool, settings)
     budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease")
-    control, tools = ControlActivities(pool), ToolActivities(pool)
+    keys = load_keyring(settings)
+    control, tools = ControlActivities(pool, keys), ToolActivities(pool, keys)
     return [
         agent.prepare_run,
         agent.plan,
@@ -130,6 +132,7 @@ def build_workers(
     ``interceptors`` adds worker-only ones.
     """
     from activities.tools import ToolActivities, catalog
+    from keel.codec import load_keyring
     from workflows.agent import AgentWorkflow
 
     queue = task_queue or settings.task_queue
@@ -154,7 +157,7 @@ def build_workers(
                 Worker(
                     client,
                     task_queue=f"{queue}-tool-{tool.name}",
-                    activities=[ToolActivities(pool).run_tool],
+                    activities=[ToolActivities(pool, load_keyring(settings)).run_tool],
                     max_task_queue_activities_per_second=tool.rate_limit_per_second,
                     max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                     interceptors=chain,

@@ -24,6 +24,13 @@ from keel.db import apply_migrations, open_pool
 from keel.devservices import DevServices, free_port
 from keel.settings import Settings, load_settings, offline_env
 
+TEST_CODEC_KEYS = ",".join(
+    line.strip()
+    for line in (Path(__file__).parent / "histories" / "codec-test.keys").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)
+"""The payload key of every test session (``tests/histories/codec-test.keys``)."""
+
 
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
@@ -34,6 +41,9 @@ def settings() -> Iterator[Settings]:
         "KEEL_PG_PORT": str(free_port()),
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "KEEL_UI_PORT": str(free_port()),
+        "KEEL_CODEC_PORT": str(free_port()),
+        # A fixed, committed test key: recorded golden histories stay replayable.
+        "KEEL_CODEC_KEYS": TEST_CODEC_KEYS,
         "KEEL_TASK_QUEUE": "keel-test",
     }
     s = load_settings(env)

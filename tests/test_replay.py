@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.tools.testing import step
+from keel.codec import ENCODING, KeyRing, UnknownKeyError, data_converter, new_key_line, parse_keys
 from keel.models import Approval, StepState
 from keel.settings import Settings
+from tests.conftest import TEST_CODEC_KEYS
 from tests.helpers import make_order, request
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 from workflows.agent import AgentWorkflow
@@ -39,8 +41,14 @@ SHAPES = (
 )
 
 
-def _replayer() -> Replayer:
-    return Replayer(workflows=[AgentWorkflow], data_converter=pydantic_data_converter)
+ENCRYPTED_GOLDEN = HISTORIES / "encrypted_demo_refund.json"
+"""A golden history recorded with the codec on (payloads sealed under the test key); the
+others were recorded before payload encryption and replay through the codec's pass-through."""
+
+
+def _replayer(keys: KeyRing | None = None) -> Replayer:
+    keys = keys or parse_keys(TEST_CODEC_KEYS, "tests/histories/codec-test.keys")
+    return Replayer(workflows=[AgentWorkflow], data_converter=data_converter(keys))
 
 
 async def _record_shapes(
@@ -141,6 +149,55 @@ async def test_fresh_histories_replay(
         HISTORIES.mkdir(exist_ok=True)
         for name, history in histories.items():
             (HISTORIES / f"{name}.json").write_text(history.to_json())
+        ENCRYPTED_GOLDEN.write_text(histories["demo_refund"].to_json())
+
+
+async def test_encrypted_golden_history_replays_only_with_its_key(caplog: pytest.LogCaptureFixture) -> None:
+    text = ENCRYPTED_GOLDEN.read_text()
+    history = WorkflowHistory.from_json("golden-encrypted", text)
+    sealed, plain = 0, []
+    for event in history.events:
+        for p in _payloads(event):
+            if p.metadata.get("encoding") == ENCODING:
+                sealed += 1
+            else:
+                plain.append((event.event_type, p.data))
+    # The only plaintext: the SDK's own marker bookkeeping, local activities (seq, type,
+    # times) and patches (``workflow.patched`` ids, constants of the code).
+    assert sealed > 20 and all(
+        t == EventType.EVENT_TYPE_MARKER_RECORDED and d.startswith((b'{"seq"', b'{"id"')) for t, d in plain
+    )
+    assert "ORD-" not in text and "acme/ws:default" not in text  # no plaintext in the file
+    await _replayer().replay_workflow(history)
+    stranger = parse_keys(new_key_line("stranger"), "test")
+    result = await _replayer(stranger).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is not None  # without the key nothing decodes
+    errors = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert any(isinstance(x, UnknownKeyError) and "'keel-test-1'" in x.message for x in errors), errors
+
+
+def _payloads(event) -> list:
+    """Every Payload inside one history event (inputs, results, failures, metadata)."""
+    from google.protobuf.message import Message
+    from temporalio.api.common.v1 import Payload
+
+    found = []
+
+    def walk(msg: Message) -> None:
+        if isinstance(msg, Payload):
+            found.append(msg)
+            return
+        for field, value in msg.ListFields():
+            if field.type != field.TYPE_MESSAGE or field.name == "search_attributes":
+                continue  # search attributes stay plaintext by design (they are indexed)
+            if isinstance(value, Message):
+                walk(value)
+            else:  # a repeated field or a map of messages
+                for v in value.values() if hasattr(value, "values") else value:
+                    walk(v)
+
+    walk(event)
+    return found
 
 
 @pytest.mark.parametrize("shape", SHAPES)

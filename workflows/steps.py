@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         ToolInfo,
         ToolResult,
     )
+    from keel.redact import redact
     from keel.text import problem as text_problem
     from workflows import decisions as d
     from workflows.gate import GateDecision, check_tool_call
@@ -241,7 +242,8 @@ class StepRunner:
                 non_retryable_error_types=list(tool.non_retryable_errors),
             ),
             task_queue=_tool_queue(tool),
-            summary=d.step_summary(tool.name, args),
+            # The summary is user metadata the Web UI shows: no secret or PII from the args.
+            summary=redact(d.step_summary(tool.name, args)),
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 

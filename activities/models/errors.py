@@ -25,6 +25,7 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 
 from keel.models import Usage
+from keel.redact import redact
 
 __all__ = [
     "AUTH_ERROR",
@@ -265,7 +266,8 @@ def _redact(text: str) -> str:
         secret = os.environ.get(env)
         if secret and len(secret) >= 8:
             text = text.replace(secret, "[redacted]")
-    text = _SECRET_PATTERN.sub("[redacted]", text)
+    # Masked keys (``sk-test-***0000``) first, then every detector of ``keel.redact``.
+    text = redact(_SECRET_PATTERN.sub("[redacted]", text))
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
 

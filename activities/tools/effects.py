@@ -8,6 +8,10 @@ serialised for their whole duration, and a loser returns the winner's effect ins
 running the tool's checks against it. When the workflow gives up on a step it *fences* the
 key under the same lock: if an effect was recorded the step succeeded after all; if not, an
 ``abandoned`` record makes every later attempt stop before it acts.
+
+At rest a record is the redacted result (readable with SQL, safe to export) plus the exact
+result sealed under the payload keys (``keel.codec.seal``), which is what a replay returns;
+without keys (tool harnesses) only the redacted copy is kept.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from keel.codec import KeyRing, open_sealed, seal
 from keel.models import ToolResult
+from keel.redact import redact_data
 
-__all__ = ["MAX_RESULT_BYTES", "fence", "lock", "recorded", "shrink"]
+__all__ = ["MAX_RESULT_BYTES", "at_rest", "fence", "lock", "recorded", "shrink"]
 
 MAX_RESULT_BYTES = 4096
 """Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
@@ -31,18 +37,39 @@ async def lock(conn: psycopg.AsyncConnection[Any], key: str) -> None:
     await conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,), prepare=True)
 
 
-async def recorded(conn: psycopg.AsyncConnection[Any], key: str) -> ToolResult | None:
-    """The effect recorded under ``key`` (marked replayed), or None."""
+def at_rest(result: ToolResult, keys: KeyRing | None) -> dict[str, Any]:
+    """What ``tool_effects.result`` stores: the redacted result, plus the exact one sealed."""
+    full = result.model_dump(mode="json")
+    stored = redact_data(full)
+    if keys is not None:
+        stored["sealed"] = seal(keys, full)
+    return stored
+
+
+async def recorded(
+    conn: psycopg.AsyncConnection[Any], key: str, keys: KeyRing | None = None
+) -> ToolResult | None:
+    """The effect recorded under ``key`` (marked replayed), or None. A record sealed under a
+    key id this process lacks raises the non-retryable ``UnknownKeyError`` naming it."""
     row = await (
         await conn.execute("select result from tool_effects where idempotency_key=%s", (key,), prepare=True)
     ).fetchone()
     if row is None:
         return None
-    return shrink(ToolResult.model_validate(row[0]).model_copy(update={"replayed": True}), key)
+    stored = dict(row[0])
+    sealed = stored.pop("sealed", None)
+    if sealed is not None and keys is not None:
+        stored = open_sealed(keys, sealed)
+    return shrink(ToolResult.model_validate(stored).model_copy(update={"replayed": True}), key)
 
 
 async def fence(
-    conn: psycopg.AsyncConnection[Any], key: str, tool: str, tenant: str, reason: str
+    conn: psycopg.AsyncConnection[Any],
+    key: str,
+    tool: str,
+    tenant: str,
+    reason: str,
+    keys: KeyRing | None = None,
 ) -> ToolResult | None:
     """Decide a step the workflow is about to declare failed, in the caller's transaction.
 
@@ -50,13 +77,13 @@ async def fence(
     as abandoned so no attempt still in flight can act on it later, and returns None.
     """
     await lock(conn, key)
-    found = await recorded(conn, key)
+    found = await recorded(conn, key, keys)
     if found is not None:
         return found if found.ok else None
     abandoned = ToolResult(ok=False, error=f"abandoned: {reason}"[:300])
     await conn.execute(
         "insert into tool_effects (idempotency_key, tool, tenant, ok, result) values (%s,%s,%s,false,%s)",
-        (key, tool, tenant, Jsonb(abandoned.model_dump(mode="json"))),
+        (key, tool, tenant, Jsonb(at_rest(abandoned, keys))),
     )
     return None
 

@@ -27,12 +27,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import audit, breaker, ledger
-from activities.guardrails import redact_data
+from activities.guardrails import redact, redact_data
 from activities.tools import effects
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold
+from keel.codec import KeyRing
 from keel.models import Decision, ToolCall, ToolResult
 from keel.telemetry import annotate
 
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 
 
 def summarize_result(tool: str, data: dict[str, Any]) -> str:
-    """A one-line, human-readable summary for the status view and the Web UI."""
+    """A one-line, human-readable summary for the status view and the Web UI (redacted:
+    it is shown wherever steps are, so tool output's secrets and PII stay out of it)."""
     parts = [f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list)][:5]
-    return f"{tool}: " + ", ".join(parts)
+    return redact(f"{tool}: " + ", ".join(parts))
 
 
 def _first_error(e: ValidationError) -> str:
@@ -54,10 +56,16 @@ def _first_error(e: ValidationError) -> str:
 
 
 class ToolActivities:
-    """Holds the connection pool; ``run_tool`` is registered with the worker."""
+    """Holds the connection pool and the payload keys; ``run_tool`` is registered with the worker.
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    ``tool_effects.result`` at rest is the redacted result (readable with SQL, safe to
+    export) plus the full result sealed under the payload keys (``keel.codec.seal``), which
+    is what a replay returns. Without keys (tool harnesses) only the redacted copy is kept.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, keys: KeyRing | None = None) -> None:
         self._pool = pool
+        self._keys = keys
         catalog()  # import the built-in tools once, at worker start
 
     @activity.defn(name="run_tool")
@@ -83,7 +91,7 @@ class ToolActivities:
                 non_retryable=True,
             ) from e
         async with self._pool.connection() as conn:
-            found = await effects.recorded(conn, call.idempotency_key)
+            found = await effects.recorded(conn, call.idempotency_key, self._keys)
             if found is not None:  # a replay is not a call: the breaker never sees it
                 return _replayed(call, found)
             if call.gate is not None:
@@ -103,7 +111,7 @@ class ToolActivities:
                     # Attempts on one key are serialised for the whole attempt: the loser
                     # waits here, then finds the winner's record instead of acting again.
                     await effects.lock(conn, call.idempotency_key)
-                    found = await effects.recorded(conn, call.idempotency_key)
+                    found = await effects.recorded(conn, call.idempotency_key, self._keys)
                     if found is None:
                         ctx = ToolContext(
                             conn=conn,
@@ -119,10 +127,10 @@ class ToolActivities:
                             cost_micros=spec.info.cost_micros,
                         )
                         # The record and the ledger commit go out in one batch.
-                        await _record_and_settle(conn, call, result)
+                        await _record_and_settle(conn, call, result, self._keys)
             except psycopg.errors.UniqueViolation:
                 # Only a writer that skipped the lock (an older worker) gets here.
-                found = await effects.recorded(conn, call.idempotency_key)
+                found = await effects.recorded(conn, call.idempotency_key, self._keys)
                 if found is None:
                     await guard.failed("UniqueViolation without a recorded effect")
                     raise
@@ -132,7 +140,11 @@ class ToolActivities:
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
                 kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
                 telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
-                raise ApplicationError(f"{call.tool}: {e}", type=kind, non_retryable=not e.retryable) from e
+                # The cause travels too (failure chain, worker log): redact it in place.
+                e.args = (redact(str(e)),)
+                raise ApplicationError(
+                    f"{call.tool}: {redact(str(e))}", type=kind, non_retryable=not e.retryable
+                ) from e
             except asyncio.CancelledError:
                 raise  # not the tool's fault; a claimed probe is freed by its lease
             except Exception as e:  # infrastructure: database, network, a bug in the tool
@@ -270,7 +282,9 @@ async def _gate_and_reserve(
     return None
 
 
-async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall, result: ToolResult) -> None:
+async def _record_and_settle(
+    conn: psycopg.AsyncConnection[Any], call: ToolCall, result: ToolResult, keys: KeyRing | None
+) -> None:
     """Write the effect record and commit the step's reservation, pipelined, inside the
     effect's transaction: all three become durable together or not at all."""
 
@@ -279,7 +293,7 @@ async def _record_and_settle(conn: psycopg.AsyncConnection[Any], call: ToolCall,
             await conn.execute(
                 "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
                 "values (%s,%s,%s,true,%s)",
-                (call.idempotency_key, call.tool, call.tenant, Jsonb(result.model_dump(mode="json"))),
+                (call.idempotency_key, call.tool, call.tenant, Jsonb(effects.at_rest(result, keys))),
                 prepare=True,
             )
             if call.reservation_key:

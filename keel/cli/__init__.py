@@ -21,7 +21,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from keel.cli import audit, budget, dev, runs
+    from keel.cli import audit, budget, codec, dev, runs
 
     parser = argparse.ArgumentParser(
         prog="starter.py",
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (runs, budget, audit, dev):
+    for module in (runs, budget, audit, dev, codec):
         module.register(sub)
     return parser
 

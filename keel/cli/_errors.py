@@ -11,7 +11,14 @@ def describe(e: BaseException) -> str:
     from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
     from temporalio.service import RPCError, RPCStatusCode
 
+    from keel.codec import CodecConfigError, UnknownKeyError
+
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, CodecConfigError):
+        return text
+    for link in _chain(e):  # a payload this process cannot decrypt: name the key
+        if isinstance(link, UnknownKeyError):
+            return link.message
     if isinstance(e, RuntimeError) and "connect" in text.lower():
         addr = _safe(lambda: load_settings().temporal_address)
         return f"cannot reach Temporal at {addr} — start it with 'make up' (or set TEMPORAL_ADDRESS)"
@@ -39,6 +46,14 @@ def describe(e: BaseException) -> str:
     except ImportError:  # pragma: no cover
         pass
     return f"{type(e).__name__}: {text}"
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [e], {id(e)}
+    while (nxt := out[-1].__cause__ or out[-1].__context__) is not None and id(nxt) not in seen:
+        out.append(nxt)
+        seen.add(id(nxt))
+    return out
 
 
 def _safe(f: object) -> str:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from keel.models import AgentResponse, RunStatus, StepRecord
+from keel.redact import redact
 
 __all__ = ["Progress", "render_response", "render_status", "usd"]
 
@@ -166,5 +167,5 @@ class Progress:
         if self._live:
             print("\r\x1b[K", end="", file=sys.stderr)
             self._live = False
-        if line is not None:
-            print(line, file=sys.stderr, flush=True)
+        if line is not None:  # step summaries and errors carry tool output: redact
+            print(redact(line), file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from temporalio.common import TypedSearchAttributes
 from keel.cli import CliError
 from keel.cli._render import Progress, render_response, render_status
 from keel.models import AgentRequest, AgentResponse, Approval, ModelPolicy, RunStatus
+from keel.redact import redact, redact_data
 from keel.settings import Settings, load_settings
 
 __all__ = ["register"]
@@ -186,6 +187,12 @@ def _request(args: argparse.Namespace) -> AgentRequest:
         raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
+def _json(data: Any) -> str:
+    """CLI JSON output: step results and summaries carry raw tool output, so every string
+    is redacted (secrets and PII) before it reaches a terminal, a log or a pipe."""
+    return json.dumps(redact_data(data), indent=2, ensure_ascii=False)
+
+
 def workflow_url(settings: Settings, workflow_id: str) -> str:
     return (
         f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/{quote(workflow_id, safe='')}"
@@ -227,7 +234,9 @@ async def _run(args: argparse.Namespace) -> int:
             client,
             req,
             task_queue=settings.task_queue,
-            static_summary=f"{req.tenant}/{req.user}: {req.message[:80]}",
+            # Temporal shows the summary in the UI and lists; redact before cutting, so a cut
+            # can never leave the head of a key that no longer matches its pattern.
+            static_summary=f"{req.tenant}/{req.user}: {redact(req.message)[:80]}",
         )
     except RequestIdConflict as e:
         raise CliError(str(e)) from None
@@ -241,9 +250,9 @@ async def _run(args: argparse.Namespace) -> int:
         await _follow(handle, workflow_url(settings, wid))
     resp = await handle.result()
     if args.json:
-        print(resp.model_dump_json(indent=2))
+        print(_json(resp.model_dump(mode="json")))
     else:
-        print(render_response(resp, workflow_url(settings, wid)))
+        print(redact(render_response(resp, workflow_url(settings, wid))))
     return 0 if resp.outcome in ("completed", "partial") else 3
 
 
@@ -298,9 +307,9 @@ async def _status(args: argparse.Namespace) -> int:
             "query (is a worker running?)"
         )
     if args.json:
-        print(json.dumps({"temporal_status": status_name, **st.model_dump(mode="json")}, indent=2))
+        print(_json({"temporal_status": status_name, **st.model_dump(mode="json")}))
     else:
-        print(render_status(st, status_name, workflow_url(settings, args.workflow_id)))
+        print(redact(render_status(st, status_name, workflow_url(settings, args.workflow_id))))
     return 0
 
 
@@ -368,9 +377,9 @@ async def _approve(args: argparse.Namespace) -> int:
         result_type=str,
     )
     print(
-        json.dumps({"workflow_id": args.workflow_id, "result": result})
+        json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
         if args.json
-        else f"{args.workflow_id}: {result}"
+        else f"{args.workflow_id}: {redact(result)}"
     )
     return 0
 
@@ -380,8 +389,8 @@ async def _cancel(args: argparse.Namespace) -> int:
     handle = client.get_workflow_handle(args.workflow_id)
     result = await handle.execute_update("cancel", args.reason, result_type=str)
     print(
-        json.dumps({"workflow_id": args.workflow_id, "result": result})
+        json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
         if args.json
-        else f"{args.workflow_id}: {result} (side effects will be compensated)"
+        else f"{args.workflow_id}: {redact(result)} (side effects will be compensated)"
     )
     return 0
