@@ -146,8 +146,8 @@ def test_no_network_unless_granted() -> None:
     srv, got = _listener()
     port = srv.getsockname()[1]
     connect = (
-        "import socket\ns = socket.create_connection(('127.0.0.1', %d), timeout=3)\n"
-        "s.sendall(b'leak'); s.close(); print('connected')" % port
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+        "s.sendall(b'leak'); s.close(); print('connected')"
     )
     try:
         denied = py(connect)
@@ -168,10 +168,12 @@ def test_files_outside_the_working_directory_cannot_be_read() -> None:
     secret_file = PROJECT_ROOT / "pyproject.toml"
     assert secret_file.exists()
     probe = (
-        "import os\nfor p in %r:\n    try:\n        open(p).read(); print('READ', p)\n"
+        "import os\nfor p in {!r}:\n    try:\n        open(p).read(); print('READ', p)\n"
         "    except OSError as e:\n        print('no', p, type(e).__name__)\n"
         "print(sorted(os.listdir('/')))"
-    ) % ([str(secret_file), "/etc/passwd", "/etc/shadow", "/root/.bashrc", f"/proc/{os.getpid()}/environ"],)
+    ).format(
+        [str(secret_file), "/etc/passwd", "/etc/shadow", "/root/.bashrc", f"/proc/{os.getpid()}/environ"]
+    )
     r = py(probe)
     assert r.status == "ok", r
     assert "READ" not in r.stdout, r.stdout
@@ -185,11 +187,11 @@ def test_files_outside_the_working_directory_cannot_be_read() -> None:
 def test_nothing_outside_the_working_directory_can_be_written(tmp_path: Path) -> None:
     target = tmp_path / "escaped.txt"
     probe = (
-        "for p in %r:\n    try:\n        open(p, 'w').write('x'); print('WROTE', p)\n"
+        "for p in {!r}:\n    try:\n        open(p, 'w').write('x'); print('WROTE', p)\n"
         "    except OSError as e:\n        print('no', p, type(e).__name__)\n"
         "open('/sandbox/ok.txt', 'w').write('fine'); open('/tmp/t.txt', 'w').write('fine')\n"
         "print(open('/sandbox/ok.txt').read())"
-    ) % ([str(target), "/usr/evil", "/etc/evil", "/evil", str(PROJECT_ROOT / "evil.txt")],)
+    ).format([str(target), "/usr/evil", "/etc/evil", "/evil", str(PROJECT_ROOT / "evil.txt")])
     r = py(probe)
     assert r.status == "ok", r
     assert "WROTE" not in r.stdout and r.stdout.strip().endswith("fine"), r.stdout
@@ -230,7 +232,8 @@ def test_the_worker_environment_does_not_reach_the_sandbox(monkeypatch: pytest.M
         "import os\nprint(sorted(os.environ))\n"
         "for p in ('/proc/self/environ', '/proc/1/environ', '/proc/2/environ'):\n"
         "    try:\n        print(open(p).read())\n    except OSError as e:\n        print(p, e)\n"
-        "print('declared ok' if os.environ.get('KEEL_DECLARED_TOKEN') == 'declared-token-value-456' else 'missing')\n"
+        "ok = os.environ.get('KEEL_DECLARED_TOKEN') == 'declared-token-value-456'\n"
+        "print('declared ok' if ok else 'missing')\n"
         "print(os.environ.get('KEEL_DECLARED_TOKEN'))"
     )
     s = SandboxSpec(executables=(PY,), credentials=("KEEL_DECLARED_TOKEN", "KEEL_NOT_SET"))
