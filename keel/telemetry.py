@@ -37,6 +37,7 @@ __all__ = [
     "record_budget_decision",
     "record_cascade",
     "record_cost",
+    "record_flags",
     "record_model_call",
     "record_run",
     "record_tool_call",
@@ -219,6 +220,9 @@ class _Instruments:
         self.run_tool_calls = meter.create_histogram(
             "keel.run.tool_calls", unit="{call}", description="Tool calls per run"
         )
+        self.run_flags = meter.create_counter(
+            "keel.run.flags", description="Runs flagged by run-shape anomaly (keel.anomaly), by flag"
+        )
 
 
 _instruments: _Instruments | None = None
@@ -300,3 +304,10 @@ def record_run(
         m.run_duration.record(duration_s, a)
     m.run_iterations.record(iterations, a)
     m.run_tool_calls.record(tool_calls, a)
+
+
+def record_flags(flags: list[str] | tuple[str, ...], *, tenant: str = "") -> None:
+    """Anomaly flags of one finished run (``cost_spike``, ``long_loop``, ...), one count each."""
+    m = _m()
+    for flag in flags:
+        m.run_flags.add(1, _attrs(flag=flag, tenant=tenant))
