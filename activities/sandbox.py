@@ -253,7 +253,8 @@ def _root_binds(interpreter_prefix: str | None, network: bool) -> list[str]:
 
 
 def _text(parts: list[bytes], secrets_: Sequence[str]) -> str:
-    text = b"".join(parts).decode("utf-8", errors="replace")
+    # NUL spelled out: PostgreSQL text and jsonb (the recorded effect) cannot hold it.
+    text = b"".join(parts).decode("utf-8", errors="replace").replace("\x00", "\\x00")
     for value in secrets_:
         if len(value) >= 4:
             text = text.replace(value, "[REDACTED:credential]")

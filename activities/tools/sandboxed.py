@@ -104,7 +104,7 @@ async def _dataset(ctx: ToolContext, name: str) -> list[dict[str, Any]]:
             await ctx.conn.execute(
                 "select o.id, o.status, o.item_sku, o.total_micros, "
                 "coalesce((select sum(r.amount_micros) from refunds r "
-                "          where r.order_id = o.id and r.status = 'issued'), 0) "
+                "          where r.order_id = o.id and r.status = 'issued'), 0)::bigint "
                 "from orders o where o.tenant = %s order by o.id",
                 (ctx.tenant,),
             )
