@@ -144,9 +144,10 @@ async def _run(
     return resp, list(sa.get(FLAGS) or [])
 
 
-async def _seed_baseline(pool: AsyncConnectionPool, spend_micros: int, n: int = 20) -> str:
-    """Recent runs of acme's agent that cost ``spend_micros`` each (dated ahead of the runs
-    this test makes, so they are the latest whatever other tests left behind)."""
+async def _seed_baseline(pool: AsyncConnectionPool, spend_micros: int) -> str:
+    """A full p95 window of acme's agent's runs, each costing ``spend_micros``, dated ahead of
+    the runs this test makes, so they are the latest whatever other tests left behind."""
+    n = AnomalyLimits().cost_window
     tag = f"seed-{uuid.uuid4().hex[:8]}"
     async with pool.connection() as conn:
         for i in range(n):
