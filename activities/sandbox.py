@@ -135,7 +135,8 @@ class SandboxResult(BaseModel):
     cpu_user_seconds: float = 0.0
     cpu_system_seconds: float = 0.0
     max_rss_kb: int = 0
-    """Peak resident set of the largest process (``ru_maxrss``)."""
+    """Peak resident set of the largest process (``ru_maxrss``). Linux also counts the
+    launcher's footprint at exec (a fork of the worker), so read it as an upper bound."""
     uid: int = 0
     """The host uid the sandbox ran as."""
 

@@ -153,4 +153,4 @@ def test_history_decoding_is_lenient() -> None:
     """Outside file parsing, unknown keys from a newer worker's snapshot are ignored."""
     data = load_policy(SHIPPED).model_dump(mode="json")
     data["future_field"] = {"x": 1}
-    assert Policy.model_validate(data).version == "2026-11-01.1"
+    assert Policy.model_validate(data).version == "2026-12-01.1"
