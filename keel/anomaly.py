@@ -10,7 +10,8 @@ response, and the ``keel.run.flags`` metric that the Prometheus alerts read):
 * ``fan_out`` — one plan with more steps than ``max_fan_out``;
 * ``cost_spike`` — the run cost more than ``cost_factor`` x the p95 of the tenant's recent
   runs of the same agent (read from PostgreSQL by ``finish_run``; no flag until
-  ``cost_min_runs`` runs exist, so a new tenant is not flagged on its first run);
+  ``cost_min_runs`` runs exist, so a new tenant is not flagged on its first run, and none
+  for runs under ``cost_min_micros``);
 * ``long_loop`` — ``loop_iterations`` plan/act iterations or ``loop_tool_calls`` tool
   calls;
 * ``high_error_rate`` — at least ``error_min_calls`` failed calls, and failures make up
@@ -55,8 +56,9 @@ class AnomalyLimits(Frozen):
     """Recent runs needed before a p95 means anything."""
     cost_window: int = Field(default=50, ge=1)
     """How many of the tenant's latest runs of the agent the p95 is taken over."""
-    cost_min_micros: int = Field(default=0, ge=0)
-    """Spend below this is never a spike (ignore noise among near-free runs)."""
+    cost_min_micros: int = Field(default=10_000, ge=0)
+    """Spend below this ($0.01) is never a spike: among near-free runs a ratio is noise (a
+    $0.002 refund run is 3x a tenant's $0.0006 lookups, and nobody should be paged for it)."""
     loop_iterations: int = Field(default=3, ge=1)
     loop_tool_calls: int = Field(default=10, ge=1)
     error_rate: float = Field(default=0.5, gt=0, le=1)

@@ -75,10 +75,17 @@ def test_near_miss_thrash_counts_trivially_different_calls() -> None:
 
 def test_fan_out_cost_loop_and_errors() -> None:
     assert names(NORMAL.model_copy(update={"plan_sizes": (7,)})) == ["fan_out"]
-    assert names(NORMAL.model_copy(update={"spend_micros": 7501})) == ["cost_spike"]
-    assert names(NORMAL.model_copy(update={"spend_micros": 7500})) == []
-    assert names(NORMAL.model_copy(update={"spend_micros": 10**6, "baseline_runs": 4})) == []  # too few runs
-    assert names(NORMAL.model_copy(update={"spend_micros": 10**6, "baseline_p95_micros": 0})) == []
+    big = NORMAL.model_copy(update={"baseline_p95_micros": 25_000})
+    assert names(big.model_copy(update={"spend_micros": 75_001})) == ["cost_spike"]
+    assert names(big.model_copy(update={"spend_micros": 75_000})) == []
+    # Under the $0.01 floor a ratio is noise: 3x of a near-free baseline is not a spike...
+    assert names(NORMAL.model_copy(update={"spend_micros": 7501})) == []
+    # ...unless the floor is lowered.
+    assert names(NORMAL.model_copy(update={"spend_micros": 7501}), AnomalyLimits(cost_min_micros=0)) == [
+        "cost_spike"
+    ]
+    assert names(big.model_copy(update={"spend_micros": 10**6, "baseline_runs": 4})) == []  # too few runs
+    assert names(big.model_copy(update={"spend_micros": 10**6, "baseline_p95_micros": 0})) == []
     assert names(NORMAL.model_copy(update={"iterations": 3})) == ["long_loop"]
     failing = NORMAL.model_copy(
         update={
@@ -177,6 +184,8 @@ async def test_each_flag_is_raised_by_its_scripted_run_and_not_by_a_normal_one(
     monkeypatch: pytest.MonkeyPatch,
     meter: InMemoryMetricReader,
 ) -> None:
+    # Scripted runs cost cents of a cent: let the spike flag look at them.
+    monkeypatch.setenv("KEEL_FLAG_COST_MIN_MICROS", "0")
     order = await make_order(db_pool, total_usd=10.0)
     lookup = step("s1", "lookup_order", order_id=order)
     # The baseline: acme's recent runs each cost one lookup (100 uUSD), so p95 = 100.
