@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -288,3 +289,50 @@ def test_a_worker_without_bwrap_refuses_sandboxed_tools_in_one_line() -> None:
     assert lines == [
         "sandbox unavailable (bubblewrap (bwrap) is not installed): not registering run_command, run_python"
     ]
+
+
+def _system_python_matches() -> bool:
+    try:
+        out = subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        return False
+    return out == str(tuple(sys.version_info[:2]))
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not _system_python_matches(),
+    reason="needs root (to become an unprivileged user), setpriv and /usr/bin/python3 of this version",
+)
+def test_an_unprivileged_worker_gets_the_same_confinement() -> None:
+    """A worker not running as root sandboxes as its own uid: still no files of the host, and
+    the process limit (added to the uid's current task count) still stops a fork loop."""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    forks = (
+        "import os, time\nn = 0\nfor _ in range(100):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(2); os._exit(0)\n"
+        "    n += 1\nprint(n)"
+    )
+    snoop = f"open({str(PROJECT_ROOT / 'pyproject.toml')!r})"
+    code = (
+        "from activities.sandbox import *\n"
+        "s = SandboxSpec(executables=(sandbox_python(),), limits=SandboxLimits(max_processes=8))\n"
+        f"r = run_sandboxed_sync([sandbox_python(), '-I', '-c', {forks!r}], s)\n"
+        f"q = run_sandboxed_sync([sandbox_python(), '-I', '-c', {snoop!r}], s)\n"
+        "print(r.uid, r.status, r.stdout.strip(), q.status, 'FileNotFoundError' in q.stderr)\n"
+    )
+    p = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", code],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{PROJECT_ROOT}:{site}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    uid, status, forked, q_status, not_found = p.stdout.split()
+    assert (uid, status, q_status, not_found) == ("65534", "ok", "error", "True"), p.stdout
+    assert 0 < int(forked) < 8, p.stdout
