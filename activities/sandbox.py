@@ -34,6 +34,7 @@ change is ``Popen(user=...)`` and the limits are ``prlimit``'s.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
@@ -467,6 +468,14 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=1)
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Sandboxes wait in threads of their own: in the loop's default executor, a few slow
+    ones would starve everything else that uses it (``getaddrinfo`` for new connections)."""
+    size = int(os.environ.get("KEEL_SANDBOX_CONCURRENCY", "") or 8)
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, size), thread_name_prefix="keel-sandbox")
+
+
 async def run_sandboxed(
     argv: Sequence[str],
     spec: SandboxSpec,
@@ -474,11 +483,13 @@ async def run_sandboxed(
     files: Mapping[str, bytes | str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> SandboxResult:
-    """:func:`run_sandboxed_sync` in a thread; cancelling the caller kills the sandbox."""
+    """:func:`run_sandboxed_sync` in a thread; cancelling the caller kills the sandbox.
+
+    At most ``KEEL_SANDBOX_CONCURRENCY`` (default 8) sandboxes run at once per worker; more
+    wait their turn (their wall clock starts when they start)."""
     cancel = threading.Event()
-    task = asyncio.ensure_future(
-        asyncio.to_thread(run_sandboxed_sync, argv, spec, files=files, env=env, cancel=cancel)
-    )
+    run = functools.partial(run_sandboxed_sync, argv, spec, files=files, env=env, cancel=cancel)
+    task = asyncio.get_running_loop().run_in_executor(_executor(), run)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
