@@ -24,6 +24,12 @@ COPY activities ./activities
 COPY config ./config
 COPY worker.py starter.py ./
 
+# bubblewrap confines run_python / run_command (activities/sandbox.py). It needs user
+# namespaces; where the container's seccomp profile forbids them the worker says so in one
+# line and does not offer the sandboxed tools.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN useradd --create-home --uid 10001 keel
 USER keel
 

@@ -7,9 +7,23 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 WORKERS ?= 1
 
-.PHONY: install demo up down status worker test lint bench bench-smoke clean
+.PHONY: install sandbox-deps demo up down status worker test lint bench bench-smoke clean
 
-install: $(STAMP)
+install: $(STAMP) sandbox-deps
+
+# bubblewrap confines the sandboxed tools (activities/sandbox.py). Installed only when it is
+# missing and we are root with apt-get; otherwise skipped with a note (sandboxed tools are
+# then not registered, and their tests skip with the reason).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing bubblewrap (apt-get)"; \
+			(apt-get install -y --no-install-recommends bubblewrap >/dev/null 2>&1 \
+			 || (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends bubblewrap >/dev/null 2>&1)) \
+			|| echo "note: could not install bubblewrap; sandboxed tools stay off"; \
+		else \
+			echo "note: bwrap not found and not root with apt-get; sandboxed tools stay off"; \
+		fi; }
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing Keel into $(VENV) (log: $(VENV)/install.log)"

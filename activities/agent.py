@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import audit, ledger, memory
 from activities.concurrency import acquire_run_slot, release_run_slot, tenant_run_limit, ttl_for
+from activities.flags import flag_run
 from activities.guardrails import detect_injection, redact, redact_data, scan_input
 from activities.llm import call_model
 from activities.models.offline import respond_text
@@ -450,6 +451,7 @@ class AgentActivities:
                 ],
             )
             held_s = await release_run_slot(conn, inp.workflow_id)
+            flags = await flag_run(conn, inp, activity.info().workflow_type)
         telemetry.record_run(
             tenant=req.tenant,
             outcome=inp.outcome,
@@ -457,7 +459,9 @@ class AgentActivities:
             iterations=inp.iterations,
             tool_calls=sum(r.state.value in ("succeeded", "failed") for r in inp.executed),
         )
-        return FinishOutput(message=message, model="offline" if inp.model == "offline" else "template")
+        return FinishOutput(
+            message=message, model="offline" if inp.model == "offline" else "template", flags=flags
+        )
 
 
 def _price_pair(model: str, prices: Any) -> tuple[int, int]:

@@ -137,12 +137,21 @@ class FinishInput(Frozen):
     answer: str = ""
     model: str = "offline"
     iterations: int = 0
+    spend_micros: int = 0
+    """What the run spent (the workflow's account), for the cost-spike flag."""
+    plan_sizes: tuple[int, ...] = ()
+    """Steps of each plan, in order (the fan-out flag)."""
+    flags: tuple[str, ...] = ()
+    """Flags the run already raised (escape hatches), so anomaly flags do not repeat them."""
+    thrash_repeats: int = 3
 
 
 class FinishOutput(Frozen):
     message: str
     cost_micros: int = 0
     model: str = ""
+    flags: tuple[str, ...] = ()
+    """Anomaly flags of the run (``keel.anomaly``), recorded in ``run_stats`` and audited."""
 
 
 class StepGateInput(Frozen):

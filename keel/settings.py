@@ -21,6 +21,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
     "KeelUser": "Keyword",
     "KeelOutcome": "Keyword",
     "KeelSpendMicros": "Int",
+    "KeelFlags": "KeywordList",
 }
 """Custom search attributes the dev server registers, so runs filter by tenant in the UI."""
 

@@ -37,6 +37,7 @@ __all__ = [
     "record_budget_decision",
     "record_cascade",
     "record_cost",
+    "record_flags",
     "record_model_call",
     "record_run",
     "record_tool_call",
@@ -185,6 +186,10 @@ def tenant_of(workflow_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------- metrics
+COUNT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 30, 50, 100)
+"""Histogram boundaries for per-run counts (iterations, tool calls)."""
+
+
 class _Instruments:
     def __init__(self, meter: metrics.Meter) -> None:
         self.cost = meter.create_counter(
@@ -213,11 +218,22 @@ class _Instruments:
         self.run_duration = meter.create_histogram(
             "keel.run.duration", unit="s", description="Wall-clock duration of runs"
         )
+        # Small-count buckets: the SDK's default (0, 5, 10, 25, ...) would put every loop
+        # length of 1-5 in one bucket, and the loop-length alert's p95 could not see them.
         self.run_iterations = meter.create_histogram(
-            "keel.run.iterations", unit="{iteration}", description="Plan/act loop length"
+            "keel.run.iterations",
+            unit="{iteration}",
+            description="Plan/act loop length",
+            explicit_bucket_boundaries_advisory=COUNT_BUCKETS,
         )
         self.run_tool_calls = meter.create_histogram(
-            "keel.run.tool_calls", unit="{call}", description="Tool calls per run"
+            "keel.run.tool_calls",
+            unit="{call}",
+            description="Tool calls per run",
+            explicit_bucket_boundaries_advisory=COUNT_BUCKETS,
+        )
+        self.run_flags = meter.create_counter(
+            "keel.run.flags", description="Runs flagged by run-shape anomaly (keel.anomaly), by flag"
         )
 
 
@@ -300,3 +316,10 @@ def record_run(
         m.run_duration.record(duration_s, a)
     m.run_iterations.record(iterations, a)
     m.run_tool_calls.record(tool_calls, a)
+
+
+def record_flags(flags: list[str] | tuple[str, ...], *, tenant: str = "") -> None:
+    """Anomaly flags of one finished run (``cost_spike``, ``long_loop``, ...), one count each."""
+    m = _m()
+    for flag in flags:
+        m.run_flags.add(1, _attrs(flag=flag, tenant=tenant))

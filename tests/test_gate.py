@@ -105,6 +105,7 @@ def test_authorize_user(tenant: str, user: str, allowed: bool, rule: str) -> Non
 def test_effective_permissions_are_granted_by_default() -> None:
     d = authorize_user(POLICY, "acme", "alice", ())
     assert d.effective_permissions == (
+        "code:run",
         "email:send",
         "inventory:read",
         "orders:read",

@@ -42,6 +42,9 @@ TENANT = SearchAttributeKey.for_keyword("KeelTenant")
 USER = SearchAttributeKey.for_keyword("KeelUser")
 OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
 SPEND = SearchAttributeKey.for_int("KeelSpendMicros")
+FLAGS = SearchAttributeKey.for_keyword_list("KeelFlags")
+"""Every flag of the run: escape hatches, degradations and anomaly flags (``keel.anomaly``)."""
+FLAGS_PATCH = "keel-flags-search-attribute"
 
 
 @workflow.defn(name="AgentWorkflow")
@@ -203,6 +206,7 @@ class AgentWorkflow:
             st.iterations = iteration
             self._stopper.check()
             plan, tier = await self._planner.plan(req, ctx, tier, iteration)
+            st.plan_sizes.append(len(plan.plan.steps))
             answer = plan.plan.answer or answer
             if not plan.plan.steps:
                 if any(r.state == StepState.FAILED for r in st.steps.values()):
@@ -267,6 +271,7 @@ class AgentWorkflow:
         st = self._state
         st.phase = "finishing"
         st.outcome = outcome
+        spend = st.spend()
         out: FinishOutput = await self._stopper.shielded(
             workflow.start_activity(
                 "finish_run",
@@ -279,6 +284,10 @@ class AgentWorkflow:
                     answer=answer,
                     iterations=st.iterations,
                     model=ctx.tiers.get(TIER_ORDER[0], "offline"),
+                    spend_micros=spend.total_micros,
+                    plan_sizes=tuple(st.plan_sizes),
+                    flags=tuple(st.flags),
+                    thrash_repeats=ctx.limits.thrash_repeats,
                 ),
                 result_type=FinishOutput,
                 start_to_close_timeout=MODEL_TIMEOUT,
@@ -287,8 +296,11 @@ class AgentWorkflow:
                 summary=f"respond ({outcome})",
             )
         )
-        spend = st.spend()
-        workflow.upsert_search_attributes([OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)])
+        st.flags.extend(out.flags)
+        attrs = [OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)]
+        if workflow.patched(FLAGS_PATCH):  # runs recorded before KeelFlags existed replay without it
+            attrs.append(FLAGS.value_set(list(dict.fromkeys(st.flags))))
+        workflow.upsert_search_attributes(attrs)
         st.phase = "done"
         return AgentResponse(
             workflow_id=st.wid,

@@ -36,6 +36,8 @@ class RunState:
         self.model_label = ""
         self.outcome = ""
         self.flags: list[str] = []
+        self.plan_sizes: list[int] = []
+        """Steps of each plan, in order (the fan-out anomaly flag)."""
         self.calls: list[ModelCallRecord] = []
         self.start_tier = ""
         self._policy: Policy | None = None

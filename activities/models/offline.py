@@ -18,7 +18,7 @@ from typing import Any
 
 from keel.models import ModelCall, ModelResult, Usage
 
-__all__ = ["OFFLINE_LABEL", "OfflineModel", "offline_plan", "respond_text"]
+__all__ = ["OFFLINE_LABEL", "REFUND_REPORT_CODE", "OfflineModel", "offline_plan", "respond_text"]
 
 OFFLINE_LABEL = "offline (deterministic, no API key)"
 
@@ -34,6 +34,37 @@ _EMAIL_WORDS = (
     "let the customer know",
     "message the customer",
 )
+
+
+REFUND_REPORT_CODE = """\
+import json
+
+orders = json.load(open("orders.json"))
+refunds = json.load(open("refunds.json"))
+by_status = {}
+refundable = []
+for o in orders:
+    s = by_status.setdefault(o["status"], {"orders": 0, "total_usd": 0.0, "refunded_usd": 0.0})
+    s["orders"] += 1
+    s["total_usd"] = round(s["total_usd"] + o["total_usd"], 2)
+    s["refunded_usd"] = round(s["refunded_usd"] + o["refunded_usd"], 2)
+    left = round(o["total_usd"] - o["refunded_usd"], 2)
+    if o["status"] in ("shipped", "delivered") and left > 0:
+        refundable.append((left, o["order_id"]))
+refundable.sort(reverse=True)
+print(json.dumps({
+    "report": "refunds",
+    "orders": len(orders),
+    "refunds_issued": sum(1 for r in refunds if r["status"] == "issued"),
+    "refunded_usd": round(sum(o["refunded_usd"] for o in orders), 2),
+    "refundable_usd": round(sum(v for v, _ in refundable), 2),
+    "refundable_orders": len(refundable),
+    "largest_refundable": [{"order_id": i, "usd": v} for v, i in refundable[:3]],
+    "by_status": by_status,
+}, sort_keys=True))
+"""
+"""The snippet the offline planner writes for a refund report (it runs in ``run_python``'s
+sandbox over the tenant's ``orders.json`` and ``refunds.json``)."""
 
 
 def _tokens(text: str) -> int:
@@ -67,6 +98,17 @@ def offline_plan(request: str, tools: set[str], executed: list[dict[str, Any]]) 
     lower = request.lower()
     if executed:
         return _replan(request, executed)
+    if "refund" in lower and "report" in lower:
+        if "run_python" not in tools:
+            return {"steps": [], "answer": "Not permitted or not possible here: run_python.", "replan": False}
+        step = {
+            "id": "s1",
+            "tool": "run_python",
+            "args": {"code": REFUND_REPORT_CODE, "datasets": ["orders", "refunds"]},
+            "why": "compute the refund report over the tenant's orders in the sandbox",
+            "when": None,
+        }
+        return {"steps": [step], "answer": "", "replan": False}
     orders = list(dict.fromkeys(_ORDER.findall(request)))
     skus = list(dict.fromkeys(_SKU.findall(request)))
     wants_refund = "refund" in lower
@@ -178,11 +220,29 @@ def respond_text(request: str, executed: list[dict[str, Any]]) -> str:
             )
         elif tool == "send_email":
             lines.append(f"E-mailed {data.get('to')} (message #{data.get('message_id')}).")
+        elif tool == "run_python" and (data.get("output") or {}).get("report") == "refunds":
+            lines.append(_refund_report_text(data["output"]))
+        elif tool in ("run_python", "run_command"):
+            out = str(data.get("stdout") or "").strip()
+            lines.append(f"{tool} exited {data.get('exit_code')}: {out[:300] or '(no output)'}")
         elif tool == "check_inventory":
             lines.append(f"{data.get('name')} ({data.get('sku')}): {data.get('quantity')} in stock.")
         else:
             lines.append(f"{tool}: {e.get('summary', 'done')}.")
     return " ".join(lines) if lines else "Nothing needed doing."
+
+
+def _refund_report_text(r: dict[str, Any]) -> str:
+    top = ", ".join(f"{x.get('order_id')} (${x.get('usd')})" for x in r.get("largest_refundable") or [])
+    by_status = r.get("by_status") or {}
+    statuses = ", ".join(f"{k} {v.get('orders')}" for k, v in sorted(by_status.items()))
+    return (
+        f"Refund report: {r.get('orders')} orders ({statuses}); ${r.get('refunded_usd')} refunded in "
+        f"{r.get('refunds_issued')} refunds; ${r.get('refundable_usd')} still refundable on "
+        f"{r.get('refundable_orders')} shipped or delivered orders"
+        + (f", largest: {top}" if top else "")
+        + "."
+    )
 
 
 def _judge(executed: list[dict[str, Any]]) -> dict[str, Any]:

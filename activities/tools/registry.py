@@ -4,21 +4,36 @@
 is both the validator for arguments (a planner's bad arguments never reach the function) and
 the JSON schema the planner sees. The metadata (``ToolInfo``) is what the workflow gets: it
 never imports tool code, only a snapshot of declarations taken at the start of a run.
+
+``sandbox=SandboxSpec(...)`` declares that the tool runs programs: its function calls
+``ctx.run(argv, files=...)``, which confines them as the spec says
+(``activities/sandbox.py``). A worker that cannot run bubblewrap does not register such
+tools at all (one log line names them), so no plan can reach an unconfined code tool. A
+spec with ``network=True`` adds the permission ``sandbox:network``: only the policy can
+grant a tool the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
+from activities.sandbox import SandboxError, SandboxResult, SandboxSpec, run_sandboxed, sandbox_available
 from keel.models import ToolInfo
 
-__all__ = ["Tool", "ToolContext", "ToolError", "tool", "REGISTRY", "catalog"]
+__all__ = ["Tool", "ToolContext", "ToolError", "tool", "REGISTRY", "REFUSED", "catalog", "NETWORK_PERMISSION"]
+
+log = logging.getLogger(__name__)
+
+NETWORK_PERMISSION = "sandbox:network"
+"""Added to a sandboxed tool whose spec shares the network: the policy must grant it."""
 
 
 class ToolError(Exception):
@@ -37,6 +52,19 @@ class ToolContext:
     tenant: str
     user: str
     idempotency_key: str
+    sandbox: SandboxSpec | None = None
+    """Set for tools declared with ``sandbox=``; :meth:`run` confines programs with it."""
+
+    async def run(
+        self, argv: Sequence[str], *, files: Mapping[str, bytes | str] | None = None
+    ) -> SandboxResult:
+        """Run ``argv`` in this tool's sandbox. A refused executable is a permanent error."""
+        if self.sandbox is None:
+            raise ToolError("this tool is not declared with sandbox=, so it may not run programs")
+        try:
+            return await run_sandboxed(argv, self.sandbox, files=files)
+        except SandboxError as e:
+            raise ToolError(str(e)) from e
 
 
 ToolFn = Callable[[ToolContext, Any], Awaitable[dict[str, Any]]]
@@ -47,9 +75,13 @@ class Tool:
     info: ToolInfo
     args_model: type[BaseModel]
     fn: ToolFn
+    sandbox: SandboxSpec | None = None
 
 
 REGISTRY: dict[str, Tool] = {}
+
+REFUSED: dict[str, str] = {}
+"""Sandboxed tools this worker did not register, and why (bwrap missing or unusable)."""
 
 
 def tool(
@@ -69,24 +101,43 @@ def tool(
     optional: bool = False,
     rate_limit_per_second: float | None = None,
     hidden: bool = False,
+    sandbox: SandboxSpec | None = None,
 ) -> Callable[[ToolFn], ToolFn]:
-    """Register ``fn`` as tool ``name``. ``hidden`` tools (compensations) are never planned."""
+    """Register ``fn`` as tool ``name``. ``hidden`` tools (compensations) are never planned;
+    ``sandbox`` tools run their programs confined (and are refused where that is impossible)."""
 
     def register(fn: ToolFn) -> ToolFn:
         if name in REGISTRY:
             raise ValueError(f"tool {name!r} is declared twice")
+        perms = permissions
+        timeout = timeout_seconds
+        run = fn
+        if sandbox is not None:
+            ok, why = sandbox_available()
+            if not ok:
+                REFUSED[name] = why
+                return fn
+            if sandbox.limits.network and NETWORK_PERMISSION not in perms:
+                perms = (*perms, NETWORK_PERMISSION)
+            # The activity must outlive the sandbox's own wall clock, or Temporal would
+            # retry a run the sandbox was about to report as timed out.
+            timeout = max(timeout, sandbox.limits.wall_seconds + 10)
+
+            async def run(ctx: ToolContext, a: Any) -> dict[str, Any]:
+                return await fn(dataclasses.replace(ctx, sandbox=sandbox), a)
+
         schema = args.model_json_schema()
         schema.pop("title", None)
         info = ToolInfo(
             name=name,
             description=description,
             args_schema=schema,
-            permissions=permissions,
+            permissions=perms,
             idempotent=idempotent,
             side_effects=side_effects,
             compensation=compensation,
             fallback=fallback,
-            timeout_seconds=timeout_seconds,
+            timeout_seconds=timeout,
             max_attempts=max_attempts,
             cost_micros=round(cost_usd * 1_000_000),
             risk=risk,
@@ -94,7 +145,7 @@ def tool(
             rate_limit_per_second=rate_limit_per_second,
             non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
         )
-        REGISTRY[name] = Tool(info=info, args_model=args, fn=fn)
+        REGISTRY[name] = Tool(info=info, args_model=args, fn=run, sandbox=sandbox)
         if hidden:
             _HIDDEN.add(name)
         return fn
@@ -111,8 +162,21 @@ def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
     return tuple(t.info for n, t in sorted(REGISTRY.items()) if include_hidden or n not in _HIDDEN)
 
 
+_loaded = False
+
+
 def _load_builtin_tools() -> None:
-    from activities.tools import demo  # noqa: F401  (registers on import)
+    global _loaded
+    from activities.tools import demo, sandboxed  # noqa: F401  (register on import)
+
+    if not _loaded:
+        _loaded = True
+        if REFUSED:  # one line per worker, naming every tool it will not offer
+            log.warning(
+                "sandbox unavailable (%s): not registering %s",
+                next(iter(REFUSED.values())),
+                ", ".join(sorted(REFUSED)),
+            )
 
     if os.environ.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
         from activities.tools import testing

@@ -1,0 +1,102 @@
+"""Anomaly flags at the end of a run: baseline from PostgreSQL, verdict from the pure core.
+
+``finish_run`` calls :func:`flag_run` once per run. It reads the p95 spend of the tenant's
+latest runs of the same agent (``run_stats``), asks ``keel.anomaly.run_flags`` for the
+flags, records the run in ``run_stats`` and, when something was flagged, appends an audit
+row. A retried ``finish_run`` finds its row and returns the flags recorded the first time,
+so the audit trail, the metrics and the response always agree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from activities import audit
+from keel import telemetry
+from keel.agent_io import FinishInput
+from keel.anomaly import AnomalyLimits, CallShape, RunShape, run_flags
+from keel.audit_models import AuditEntry
+
+__all__ = ["flag_run"]
+
+_BASELINE = """
+select count(*), coalesce(percentile_cont(0.95) within group (order by spend_micros), 0)
+from (select spend_micros from run_stats
+      where tenant = %s and agent = %s and workflow_id <> %s
+      order by finished_at desc limit %s) recent
+"""
+
+
+async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str) -> tuple[str, ...]:
+    """Flag, record and audit one finished run; returns the flag names."""
+    req = inp.request
+    existing = await (
+        await conn.execute("select flags from run_stats where workflow_id = %s", (inp.workflow_id,))
+    ).fetchone()
+    if existing is not None:
+        return tuple(existing[0])
+    limits = AnomalyLimits.from_env(os.environ)
+    row = await (
+        await conn.execute(_BASELINE, (req.tenant, agent, inp.workflow_id, limits.cost_window))
+    ).fetchone()
+    runs, p95 = (int(row[0]), float(row[1])) if row else (0, 0.0)
+    calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
+    shape = RunShape(
+        calls=calls,
+        plan_sizes=inp.plan_sizes,
+        iterations=inp.iterations,
+        spend_micros=inp.spend_micros,
+        baseline_runs=runs,
+        baseline_p95_micros=p95,
+        thrash_repeats=inp.thrash_repeats,
+        hatches=inp.flags,
+    )
+    flags = run_flags(shape, limits)
+    names = [f.name for f in flags]
+    async with conn.transaction():
+        inserted = await (
+            await conn.execute(
+                "insert into run_stats (workflow_id, tenant, agent, outcome, spend_micros, iterations, "
+                "tool_calls, failed_calls, flags) values (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+                "on conflict (workflow_id) do nothing returning workflow_id",
+                (
+                    inp.workflow_id,
+                    req.tenant,
+                    agent,
+                    inp.outcome,
+                    inp.spend_micros,
+                    inp.iterations,
+                    sum(1 for c in calls if c.state in ("succeeded", "failed")),
+                    sum(1 for c in calls if c.state == "failed"),
+                    names,
+                ),
+            )
+        ).fetchone()
+        if inserted is None:  # a concurrent attempt recorded it first: its flags stand
+            again = await (
+                await conn.execute("select flags from run_stats where workflow_id = %s", (inp.workflow_id,))
+            ).fetchone()
+            return tuple(again[0]) if again else ()
+        if flags:
+            await audit.append_many(
+                conn,
+                [
+                    AuditEntry(
+                        tenant=req.tenant,
+                        user=req.user,
+                        workflow_id=inp.workflow_id,
+                        step_id="",
+                        kind="run",
+                        subject="anomaly",
+                        decision="flagged",
+                        reason="; ".join(f"{f.name}: {f.detail}" for f in flags)[:500],
+                        data={"flags": names, "baseline_runs": runs, "baseline_p95_micros": round(p95)},
+                        idem_key=f"{inp.workflow_id}/anomaly",
+                    )
+                ],
+            )
+    telemetry.record_flags(names, tenant=req.tenant)
+    return tuple(names)
