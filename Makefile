@@ -4,7 +4,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml tests/pkgs/acme_tools/pyproject.toml | cksum | cut -d' ' -f1)
 WORKERS ?= 1
 
 .PHONY: install sandbox-deps demo up down status worker test lint bench bench-smoke clean
@@ -24,11 +24,12 @@ sandbox-deps:
 		else \
 			echo "note: bwrap not found and not root with apt-get; sandboxed tools stay off"; \
 		fi; }
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/pkgs/acme_tools/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing Keel into $(VENV) (log: $(VENV)/install.log)"
 	@$(BIN)/python -m pip install --upgrade pip > $(VENV)/install.log 2>&1 \
 		&& $(BIN)/python -m pip install -e '.[dev,local]' >> $(VENV)/install.log 2>&1 \
+		&& $(BIN)/python -m pip install --no-deps -e tests/pkgs/acme_tools >> $(VENV)/install.log 2>&1 \
 		|| (tail -20 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1)
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
@@ -40,7 +41,7 @@ demo: up
 		--tenant acme --user alice --budget 0.50 --request-id demo-$$(date +%s)
 	@echo
 	@echo "Temporal Web UI:  http://127.0.0.1:$${KEEL_UI_PORT:-8233}"
-	@echo "Try:              $(BIN)/python starter.py --help"
+	@echo "Try:              $(BIN)/keel --help   (or: $(BIN)/python starter.py --help)"
 	@echo "Stop everything:  make down"
 
 status: install

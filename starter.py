@@ -1,17 +1,9 @@
-"""The Keel command line: run agents, inspect runs, manage budgets, audit, dev services.
+"""The Keel command line (also installed as ``keel``): run agents, inspect runs, budgets, audit.
 
-python starter.py --help
+python starter.py --help        # same as: keel --help
 """
 
-import os
-import sys
-
-from keel.cli import main
+from keel.cli import entry  # flushes, then os._exit (temporalio/sdk-python#300)
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # temporalio/sdk-python#300: the SDK's runtime threads can abort interpreter shutdown
-    # ("PyGILState_Release"); everything is flushed and closed, so leave at once.
-    os._exit(code)
+    entry()

@@ -27,5 +27,11 @@ if __name__ == "__main__":
     try:
         asyncio.run(_main())
     except Exception as e:  # one line for people; the log has the rest
-        print(f"worker: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        from activities.tools.loader import ToolLoadError
+
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"worker: {first}" if isinstance(e, ToolLoadError) else f"worker: {type(e).__name__}: {first}",
+            file=sys.stderr,
+        )
         sys.exit(1)

@@ -441,3 +441,9 @@ class ToolInfo(Frozen):
     """Global cap across all workers (dedicated task queue with a Temporal rate limit)."""
     side_effects: bool = False
     """Writes something outside the run (refund, e-mail): eligible for compensation/approval."""
+    tags: tuple[str, ...] = ()
+    """Free labels an agent definition selects tools by (``tag:orders``)."""
+    facts: dict[str, str] | None = None
+    """Result field -> gate-context fact (``customer_email`` -> ``order_customer``): what a
+    successful call establishes for the policy's ``one_of_ref`` checks of later steps.
+    ``None`` only in snapshots recorded before tools declared facts (see workflows.gate)."""

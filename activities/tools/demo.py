@@ -59,6 +59,8 @@ def _usd(micros: int) -> float:
     permissions=("orders:read",),
     cost_usd=0.0001,
     timeout_seconds=10,
+    tags=("orders",),
+    facts={"customer_email": "order_customer", "order_id": "order_ids"},
 )
 async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
     row = await (
@@ -98,6 +100,7 @@ async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
     cost_usd=0.0001,
     timeout_seconds=10,
     optional=True,
+    tags=("inventory",),
 )
 async def check_inventory(ctx: ToolContext, a: CheckInventory) -> dict[str, Any]:
     row = await (
@@ -122,6 +125,8 @@ async def check_inventory(ctx: ToolContext, a: CheckInventory) -> dict[str, Any]
     risk="high",
     timeout_seconds=20,
     max_attempts=5,
+    tags=("orders", "refunds"),
+    facts={"order_id": "order_ids"},
 )
 async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
     order = await (
@@ -188,6 +193,7 @@ async def void_refund(ctx: ToolContext, a: VoidRefund) -> dict[str, Any]:
     cost_usd=0.001,
     risk="medium",
     timeout_seconds=20,
+    tags=("email",),
 )
 async def send_email(ctx: ToolContext, a: SendEmail) -> dict[str, Any]:
     row = await (

@@ -76,6 +76,8 @@ class Tool:
     args_model: type[BaseModel]
     fn: ToolFn
     sandbox: SandboxSpec | None = None
+    module: str = ""
+    """The module that declared it (``keel tools list`` says where a tool comes from)."""
 
 
 REGISTRY: dict[str, Tool] = {}
@@ -102,13 +104,24 @@ def tool(
     rate_limit_per_second: float | None = None,
     hidden: bool = False,
     sandbox: SandboxSpec | None = None,
+    tags: tuple[str, ...] = (),
+    facts: dict[str, str] | None = None,
 ) -> Callable[[ToolFn], ToolFn]:
     """Register ``fn`` as tool ``name``. ``hidden`` tools (compensations) are never planned;
-    ``sandbox`` tools run their programs confined (and are refused where that is impossible)."""
+    ``sandbox`` tools run their programs confined (and are refused where that is impossible).
+
+    ``tags`` let an agent definition pick tools by tag (``tools: ["tag:orders"]``).
+    ``facts`` maps a result field to a gate-context fact the policy can reference
+    (``{"customer_email": "order_customer"}``: an address looked up by this tool becomes an
+    allowed ``one_of_ref: order_customer`` value for later steps of the same run).
+    """
 
     def register(fn: ToolFn) -> ToolFn:
         if name in REGISTRY:
-            raise ValueError(f"tool {name!r} is declared twice")
+            first = REGISTRY[name].module or "?"
+            raise ValueError(
+                f"tool {name!r} is declared twice (in {first} and in {fn.__module__}); tool names are global"
+            )
         perms = permissions
         timeout = timeout_seconds
         run = fn
@@ -144,8 +157,10 @@ def tool(
             optional=optional,
             rate_limit_per_second=rate_limit_per_second,
             non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
+            tags=tuple(tags),
+            facts=dict(facts or {}),
         )
-        REGISTRY[name] = Tool(info=info, args_model=args, fn=run, sandbox=sandbox)
+        REGISTRY[name] = Tool(info=info, args_model=args, fn=run, sandbox=sandbox, module=fn.__module__)
         if hidden:
             _HIDDEN.add(name)
         return fn
@@ -166,9 +181,12 @@ _loaded = False
 
 
 def _load_builtin_tools() -> None:
+    """The built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool
+    packages (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``); see ``activities.tools.loader``."""
     global _loaded
-    from activities.tools import demo, sandboxed  # noqa: F401  (register on import)
+    from activities.tools.loader import load_tools
 
+    load_tools(os.environ)
     if not _loaded:
         _loaded = True
         if REFUSED:  # one line per worker, naming every tool it will not offer
@@ -177,8 +195,3 @@ def _load_builtin_tools() -> None:
                 next(iter(REFUSED.values())),
                 ", ".join(sorted(REFUSED)),
             )
-
-    if os.environ.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
-        from activities.tools import testing
-
-        testing.register()

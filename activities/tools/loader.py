@@ -1,0 +1,100 @@
+"""Where tools come from: the built-in demo tools, and the user's own tool packages.
+
+A worker's catalogue is, in this order:
+
+1. ``activities.tools.demo`` (the demo business tools; the support agent uses them) and
+   ``activities.tools.sandboxed`` (tools that run programs in a sandbox);
+2. ``activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
+3. every entry point in the group ``keel.tools`` of the installed distributions (a tool
+   package says ``[project.entry-points."keel.tools"] acme = "acme_tools"`` in its
+   ``pyproject.toml``; ``pip install`` is the whole deployment);
+4. the modules named in ``KEEL_TOOL_MODULES`` (comma-separated, e.g. ``mytools.crm,mytools.erp``)
+   for code that is not packaged.
+
+Importing a module registers its ``@tool(...)`` declarations. A module that fails to import
+(a missing dependency, a syntax error) or declares a name already taken raises
+``ToolLoadError``: one line naming the module and how it was found. The worker refuses to
+start on it; a worker that silently served a partial catalogue would plan without tools
+its operators think it has.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+__all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "load_tools", "sources"]
+
+ENTRY_POINT_GROUP = "keel.tools"
+BUILTIN = ("activities.tools.demo", "activities.tools.sandboxed")
+
+
+class ToolLoadError(RuntimeError):
+    """A tool module could not be loaded; ``str(e)`` is one line naming it."""
+
+
+@dataclass(frozen=True)
+class ToolSource:
+    """How one tool module was found (for ``keel tools list`` and error messages)."""
+
+    module: str
+    origin: str
+    """``built-in``, ``KEEL_TEST_TOOLS``, ``entry point acme (acme-tools 0.1.0)`` or ``KEEL_TOOL_MODULES``."""
+
+
+_SOURCES: dict[str, ToolSource] = {}
+_LOADED: set[str] = set()
+
+
+def sources() -> dict[str, ToolSource]:
+    """Every module loaded so far, by module name."""
+    return dict(_SOURCES)
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted(eps, key=lambda ep: (ep.name, ep.value))
+
+
+def _dist_of(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.metadata['Name']} {dist.version}" if dist is not None else "unknown distribution"
+
+
+def _import(module: str, origin: str, attr: str | None = None) -> None:
+    key = f"{module}:{attr or ''}"
+    if key in _LOADED:
+        return
+    try:
+        loaded = importlib.import_module(module)
+        if attr:  # ``module:register`` names a function that registers the tools
+            target = loaded
+            for part in attr.split("."):
+                target = getattr(target, part)
+            if callable(target):
+                target()
+    except ToolLoadError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ToolLoadError(
+            f"tool module {module!r} ({origin}) failed to load: {type(e).__name__}: {first}"
+        ) from e
+    _LOADED.add(key)
+    _SOURCES.setdefault(module, ToolSource(module=module, origin=origin))
+
+
+def load_tools(env: Mapping[str, str]) -> None:
+    """Import every tool module this environment names (idempotent; cheap once loaded)."""
+    for module in BUILTIN:
+        _import(module, "built-in")
+    if env.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
+        _import("activities.tools.testing", "KEEL_TEST_TOOLS", "register")
+    for ep in _entry_points():
+        module, _, attr = ep.value.partition(":")
+        _import(module.strip(), f"entry point {ep.name!r} of {_dist_of(ep)}", attr.strip() or None)
+    for name in (env.get("KEEL_TOOL_MODULES") or "").split(","):
+        if name.strip():
+            _import(name.strip(), "KEEL_TOOL_MODULES")

@@ -1,0 +1,1 @@
+"""``agents list``: placeholder until agent definitions land (see keel.agents)."""
