@@ -90,7 +90,8 @@ def build_parser(command: str | None = None, *, light: bool = False) -> argparse
     else:
         wanted = {COMMANDS[command][0]}
     for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
-        if module in wanted:
+        owned = [n for n, (m, _) in COMMANDS.items() if m == module]
+        if module in wanted and not all(n in sub.choices for n in owned):  # runs also adds ops
             importlib.import_module(f"keel.cli.{module}").register(sub)
     for name, (_, help_) in COMMANDS.items():
         if name not in sub.choices:
