@@ -86,6 +86,10 @@ class RunContext(Frozen):
     token_prices: dict[str, tuple[int, int]] = Field(default_factory=dict)
     """Per model: worst-case micro-USD per million input and output tokens, priced when the
     run started, so the workflow prices reservations without reading files or the env."""
+    agent: str = ""
+    """The agent definition this run follows (``""`` in runs recorded before definitions)."""
+    instructions: str = ""
+    """The agent's instructions: the first part of the planner's system prompt."""
 
 
 class PlanInput(Frozen):
@@ -100,6 +104,8 @@ class PlanInput(Frozen):
     iteration: int = 1
     budget_micros: int | None = None
     """What the ledger granted for this call: a repair round is made only if it still fits."""
+    instructions: str = ""
+    """The agent's instructions (``RunContext.instructions``); empty: a generic planner."""
 
 
 class PlanOutput(Frozen):

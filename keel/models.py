@@ -112,7 +112,10 @@ class AgentRequest(Frozen):
     user: str
     message: str
     request_id: str = ""
-    """Caller-chosen id; the workflow id is ``agent/<tenant>/<request_id>``."""
+    """Caller-chosen id; the workflow id is ``agent/<tenant>/<agent>/<request_id>``
+    (``keel.agents.workflow_id``)."""
+    agent: str = "support"
+    """Name of the agent definition to run (``keel.agents``); the worker refuses unknown ones."""
     session: str = "default"
     workspace: str = "default"
     permissions: tuple[str, ...] = ()
@@ -124,6 +127,14 @@ class AgentRequest(Frozen):
     """Override of the policy's plan/replan iteration cap."""
     deadline_seconds: int | None = None
     """Override of the policy's wall-clock deadline for the whole run."""
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: str) -> str:
+        v = v.strip()
+        if not v or len(v) > 40 or not all(c.islower() or c.isdigit() or c in "-_" for c in v):
+            raise ValueError("must be 1-40 lower-case letters, digits, '-' or '_'")
+        return v
 
     @field_validator("tenant", "user", "session", "workspace")
     @classmethod

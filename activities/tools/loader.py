@@ -2,8 +2,9 @@
 
 A worker's catalogue is, in this order:
 
-1. ``activities.tools.demo`` (the demo business tools; the support agent uses them) and
-   ``activities.tools.sandboxed`` (tools that run programs in a sandbox);
+1. ``activities.tools.demo`` and ``activities.tools.operations`` (the built-in tools of the
+   support and operations agents) and ``activities.tools.sandboxed`` (tools that run
+   programs in a sandbox);
 2. ``activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
 3. every entry point in the group ``keel.tools`` of the installed distributions (a tool
    package says ``[project.entry-points."keel.tools"] acme = "acme_tools"`` in its
@@ -28,7 +29,7 @@ from importlib import metadata
 __all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "load_tools", "sources"]
 
 ENTRY_POINT_GROUP = "keel.tools"
-BUILTIN = ("activities.tools.demo", "activities.tools.sandboxed")
+BUILTIN = ("activities.tools.demo", "activities.tools.operations", "activities.tools.sandboxed")
 
 
 class ToolLoadError(RuntimeError):
