@@ -48,6 +48,7 @@ __all__ = [
     "ToolInfo",
     "ModelCallRecord",
     "StepGate",
+    "FACTS_BEFORE_DECLARATIONS",
 ]
 
 MICROS_PER_USD = 1_000_000
@@ -420,6 +421,11 @@ class Approval(Frozen):
     step_id: str = ""
     reason: str = ""
     by: str = ""
+
+
+FACTS_BEFORE_DECLARATIONS: dict[str, str] = {"customer_email": "order_customer", "order_id": "order_ids"}
+"""The facts every result yielded before tools declared theirs (``ToolInfo.facts`` is None in
+such snapshots); kept so those recorded runs replay to the same gate decisions."""
 
 
 class ToolInfo(Frozen):

@@ -23,11 +23,13 @@ Effective permissions (the rule that stops a caller granting itself more):
   ``tools.<name>.permissions`` (ACL override); a tenant's ``deny_tools`` removes it outright.
 
 ``context`` keys understood by argument constraints (``one_of_ref``) — facts the workflow has
-established from earlier steps of the same run, never from the model's say-so:
+established from earlier steps of the same run, never from the model's say-so. Tools
+declare them (``@tool(facts={"customer_email": "order_customer"})``: that result field of a
+successful call becomes an accepted value); the demo declares:
 
-* ``order_customer`` — e-mail (or list of e-mails) of the customer(s) of orders looked up in
-  this run (``lookup_order`` result field ``customer_email``).
-* ``order_ids`` — order ids looked up in this run.
+* ``order_customer`` — e-mail(s) of the customer(s) of orders looked up in this run
+  (``lookup_order`` result field ``customer_email``).
+* ``order_ids`` — order ids looked up or refunded in this run.
 * Any other key a policy's ``one_of_ref`` names; a missing key fails the rule (fail closed).
 """
 

@@ -86,6 +86,7 @@ class Planner:
                         max_tokens=max_tokens,
                         iteration=iteration,
                         budget_micros=reserve.granted_micros,
+                        instructions=ctx.instructions,
                     ),
                     result_type=PlanOutput,
                     start_to_close_timeout=MODEL_TIMEOUT,

@@ -13,7 +13,14 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext
-    from keel.models import Approval, ModelCallRecord, Spend, StepRecord, StepState
+    from keel.models import (
+        FACTS_BEFORE_DECLARATIONS,
+        Approval,
+        ModelCallRecord,
+        Spend,
+        StepRecord,
+        StepState,
+    )
     from keel.policy import Policy
 
 __all__ = ["RunState"]
@@ -57,14 +64,20 @@ class RunState:
             self._policy = Policy.model_validate(ctx.policy)
         return self._policy
 
-    def gate_context(self) -> dict[str, Any]:
-        ctx: dict[str, Any] = {}
-        for data in self.results.values():
-            if "customer_email" in data:  # customers of orders looked up in this run
-                ctx.setdefault("order_customer", []).append(data["customer_email"])
-            if "order_id" in data:
-                ctx.setdefault("order_ids", []).append(data["order_id"])
-        return ctx
+    def gate_context(self, ctx: RunContext) -> dict[str, Any]:
+        """Facts earlier steps established, as their tools declare them (``ToolInfo.facts``):
+        the values a policy's ``one_of_ref`` may accept. Nothing here names a tool or field."""
+        declared = {t.name: t.facts for t in ctx.all_tools}
+        facts: dict[str, Any] = {}
+        for step_id, data in self.results.items():
+            record = self.steps.get(step_id)
+            mapping = declared.get(record.tool) if record is not None else None
+            if mapping is None:  # a snapshot recorded before tools declared their facts
+                mapping = FACTS_BEFORE_DECLARATIONS
+            for field, fact in mapping.items():
+                if field in data:
+                    facts.setdefault(fact, []).append(data[field])
+        return facts
 
     def put(self, record: StepRecord) -> None:
         if record.id not in self.steps:

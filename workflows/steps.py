@@ -104,7 +104,7 @@ class StepRunner:
                 ctx.permissions,
                 tool if tool in ctx.tools else None,
                 args,
-                st.gate_context(),
+                st.gate_context(ctx),
             )
         except Exception as e:  # pure code meeting arguments it cannot judge: deny, never loop
             gate = _unjudgeable(e)
