@@ -28,10 +28,9 @@ if __name__ == "__main__":
         asyncio.run(_main())
     except Exception as e:  # one line for people; the log has the rest
         from activities.tools.loader import ToolLoadError
+        from keel.agents import AgentError
 
         first = str(e).splitlines()[0] if str(e) else ""
-        print(
-            f"worker: {first}" if isinstance(e, ToolLoadError) else f"worker: {type(e).__name__}: {first}",
-            file=sys.stderr,
-        )
+        plain = isinstance(e, ToolLoadError | AgentError)  # their message names the culprit
+        print(f"worker: {first}" if plain else f"worker: {type(e).__name__}: {first}", file=sys.stderr)
         sys.exit(1)

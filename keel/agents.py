@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from keel.models import Frozen
 from keel.policy import Limits, ToolRule, _loc, _Strict
 
 __all__ = [

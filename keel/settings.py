@@ -19,6 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SEARCH_ATTRIBUTES: dict[str, str] = {
     "KeelTenant": "Keyword",
     "KeelUser": "Keyword",
+    "KeelAgent": "Keyword",
     "KeelOutcome": "Keyword",
     "KeelSpendMicros": "Int",
     "KeelFlags": "KeywordList",

@@ -1,11 +1,12 @@
 """Starting a run: the request id is an idempotency key for the request.
 
-The workflow id is ``agent/<tenant>/<request_id>``. Temporal is told never to start a second
-run under an id that was used (``REJECT_DUPLICATE``) and to refuse a start while one runs
-(``FAIL``); the request's fingerprint is kept in the run's memo. Starting again with the same
-id and the same request attaches to the first run, running or closed, and returns its
-result, as an idempotent POST does; a different request under that id is refused. So two
-runs can never share effect keys or audit rows, which are derived from the workflow id.
+The workflow id is ``agent/<tenant>/<agent>/<request_id>`` (``keel.agents.workflow_id``).
+Temporal is told never to start a second run under an id that was used
+(``REJECT_DUPLICATE``) and to refuse a start while one runs (``FAIL``); the request's
+fingerprint is kept in the run's memo. Starting again with the same id and the same request
+attaches to the first run, running or closed, and returns its result, as an idempotent POST
+does; a different request under that id is refused. So two runs can never share effect keys
+or audit rows, which are derived from the workflow id.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FINGERPRINT_MEMO = "keel_request"
 
 _TENANT = SearchAttributeKey.for_keyword("KeelTenant")
 _USER = SearchAttributeKey.for_keyword("KeelUser")
+_AGENT = SearchAttributeKey.for_keyword("KeelAgent")
 
 
 class RequestIdConflict(Exception):
@@ -39,7 +41,9 @@ class RequestIdConflict(Exception):
 
 
 def workflow_id(req: AgentRequest) -> str:
-    return f"agent/{req.tenant}/{req.request_id}"
+    from keel.agents import workflow_id as scheme
+
+    return scheme(req.tenant, req.agent, req.request_id)
 
 
 def fingerprint(req: AgentRequest) -> str:
@@ -74,7 +78,11 @@ async def start_or_attach(
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             memo={FINGERPRINT_MEMO: mine},
             search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(_TENANT, req.tenant), SearchAttributePair(_USER, req.user)]
+                [
+                    SearchAttributePair(_TENANT, req.tenant),
+                    SearchAttributePair(_USER, req.user),
+                    SearchAttributePair(_AGENT, req.agent),
+                ]
             ),
             static_summary=static_summary or None,
             **start_options,

@@ -168,13 +168,15 @@ def build_workers(
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): connect, migrate, serve, sweep."""
+    from activities.agent_defs import agent_definitions
     from activities.ledger import run_sweeper
     from activities.tools import catalog
     from keel.client import connect
     from keel.db import apply_migrations, open_pool
     from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing
 
-    catalog(include_hidden=True)  # a tool module that cannot load stops the worker first
+    catalog(include_hidden=True)  # a tool module or agent definition that cannot load
+    agent_definitions()  # stops the worker before it connects to anything
     await asyncio.to_thread(apply_migrations, settings.database_url)
     tracer_provider, meter_provider = setup_telemetry("keel-worker")
     pool = await open_pool(settings.database_url, max_size=20)

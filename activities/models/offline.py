@@ -156,8 +156,19 @@ def offline_plan(request: str, tools: set[str], executed: list[dict[str, Any]]) 
                 f"tell the customer about {order}",
                 guard,
             )
+    wants_ticket = "ticket" in lower
     for sku in skus:
         add("check_inventory", {"sku": sku}, f"check stock of {sku}")
+        check = steps[-1]["id"] if steps and steps[-1]["tool"] == "check_inventory" else None
+        if wants_ticket:
+            only_if_out = check and re.search(r"\bif (not|it is not|it's not|out)\b|out of stock", lower)
+            priority = "high" if "urgent" in lower else "normal"
+            add(
+                "open_ticket",
+                {"title": f"Restock {sku}", "sku": sku, "priority": priority, "body": request[:500]},
+                f"ask the warehouse team to restock {sku}",
+                {"step": check, "field": "in_stock", "equals": False} if only_if_out else None,
+            )
     if not orders and not skus and ("stock" in lower or "inventory" in lower):
         missing.append("a SKU like SKU-KEEL-1")
     answer = ""
@@ -225,6 +236,8 @@ def respond_text(request: str, executed: list[dict[str, Any]]) -> str:
         elif tool in ("run_python", "run_command"):
             out = str(data.get("stdout") or "").strip()
             lines.append(f"{tool} exited {data.get('exit_code')}: {out[:300] or '(no output)'}")
+        elif tool == "open_ticket":
+            lines.append(f"Opened ticket #{data.get('ticket_id')} ({data.get('title')}).")
         elif tool == "check_inventory":
             lines.append(f"{data.get('name')} ({data.get('sku')}): {data.get('quantity')} in stock.")
         else:

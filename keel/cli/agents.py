@@ -1,16 +1,82 @@
-"""``agents list``: the agent definitions a worker would serve (see ``keel.agents``)."""
+"""``agents list``: the agent definitions a worker started with this environment would serve.
+
+It loads them in this process exactly as a worker does (``keel.agents.load_agents``), so a
+definition that would stop a worker fails here too, with the same one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from keel.cli import CliError
 
 __all__ = ["register"]
+
+_EXAMPLES = """examples:
+  keel agents list
+  keel agents list --json
+  KEEL_AGENT_PATH=./agents keel agents list        # with your own YAML definitions
+  keel run --agent operations "Is SKU-KEEL-3 in stock? Open a ticket if not" --user carol
+
+Sources: config/agents/*.yaml, the files or folders in KEEL_AGENT_PATH (':'-separated) and
+entry points of the group keel.agents in installed packages."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "agents",
         help="list the agent definitions a worker would serve",
-        description="Show the agent definitions a worker started with this environment would serve.",
+        description="Show every agent definition a worker started with this environment would serve.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.set_defaults(func=lambda args: 0)
+    asub = p.add_subparsers(dest="agents_command", metavar="ACTION")
+    asub.required = True
+    ls = asub.add_parser(
+        "list",
+        help="name, source, tools and limits of every agent",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ls.add_argument("--json", action="store_true", help="print the definitions as JSON")
+    ls.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    import os
+
+    from activities.tools.loader import ToolLoadError
+    from activities.tools.registry import catalog
+    from keel.agents import AgentError, load_agents, select_tools
+
+    try:
+        agents = load_agents(os.environ)
+        tools = [(t.name, t.tags) for t in catalog()]
+    except (AgentError, ToolLoadError) as e:
+        raise CliError(str(e)) from None
+    rows = [
+        {
+            "name": name,
+            "source": where,
+            "description": agent.description,
+            "tools": sorted(select_tools(agent, tools)),
+            "tool_selectors": list(agent.tools),
+            "memory": agent.memory,
+            "tiers": agent.tiers,
+            "limits": agent.policy.limits.model_dump() if agent.policy.limits else None,
+            "mcp_servers": [m.name for m in agent.mcp],
+        }
+        for name, (agent, where) in sorted(agents.items())
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']}  ({r['source']})")
+        if r["description"]:
+            print(f"  {r['description']}")
+        print(f"  tools   {', '.join(r['tools']) or '-'}   (selected by {', '.join(r['tool_selectors'])})")
+        mcp = f"   mcp {', '.join(r['mcp_servers'])}" if r["mcp_servers"] else ""
+        print(f"  memory  {r['memory']}{mcp}")
+    return 0

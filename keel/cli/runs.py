@@ -8,21 +8,17 @@ import json
 import sys
 import uuid
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 
 from keel.cli import CliError
 from keel.cli._render import Progress, render_response, render_status
-from keel.models import AgentRequest, AgentResponse, Approval, ModelPolicy, RunStatus
+from keel.client import WORKFLOW, Client, RefusedError, Run, RunExistsError, RunNotFoundError
+from keel.models import AgentRequest, ModelPolicy
 from keel.redact import redact, redact_data
-from keel.settings import Settings, load_settings
 
 __all__ = ["register"]
-
-WORKFLOW = "AgentWorkflow"
 
 
 _RUN_EXAMPLES = """examples:
@@ -47,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=raw,
     )
     p.add_argument("message", help="what the agent should do")
+    p.add_argument(
+        "--agent", default="support", help="agent definition to run (default: support; see 'keel agents')"
+    )
     p.add_argument("--tenant", default="acme", help="tenant the run belongs to (default: acme)")
     p.add_argument("--user", default="alice", help="user on whose behalf it runs (default: alice)")
     p.add_argument(
@@ -107,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=raw,
     )
     ls.add_argument("--tenant", default=None, help="only this tenant's runs")
+    ls.add_argument("--agent", default=None, help="only this agent's runs")
     ls.add_argument(
         "--status",
         default=None,
@@ -157,6 +157,7 @@ def _request(args: argparse.Namespace) -> AgentRequest:
         return AgentRequest(
             tenant=args.tenant,
             user=args.user,
+            agent=args.agent,
             message=args.message,
             request_id=args.request_id or f"r-{uuid.uuid4().hex[:10]}",
             session=args.session,
@@ -183,6 +184,7 @@ def _request(args: argparse.Namespace) -> AgentRequest:
             "deadline_seconds": "--deadline",
             "model_policy.min_tier": "--min-tier",
             "model_policy.max_tier": "--max-tier",
+            "agent": "--agent",
         }.get(field, field)
         raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
@@ -193,20 +195,17 @@ def _json(data: Any) -> str:
     return json.dumps(redact_data(data), indent=2, ensure_ascii=False)
 
 
-def workflow_url(settings: Settings, workflow_id: str) -> str:
-    return (
-        f"{settings.ui_url}/namespaces/{settings.temporal_namespace}/workflows/{quote(workflow_id, safe='')}"
-    )
+async def _client() -> Client:
+    client = await Client.connect()
+    client.temporal = _traced(client.temporal)
+    return client
 
 
-async def _client() -> tuple[Client, Settings]:
-    from keel.client import connect
-
-    settings = load_settings()
-    return _traced(await connect(settings)), settings
+def _run_of(client: Client, workflow_id: str) -> Run:
+    return client.run(workflow_id)
 
 
-def _traced(client: Client) -> Client:
+def _traced(client: Any) -> Any:
     """With ``OTEL_*`` set, the CLI's StartWorkflow span roots the run's trace."""
     import atexit
 
@@ -220,87 +219,72 @@ def _traced(client: Client) -> Client:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from keel.submit import RequestIdConflict, start_or_attach
-
     if args.max_iterations is not None and args.max_iterations < 1:
         raise CliError("--max-iterations must be at least 1")
     for tier in (args.min_tier, args.max_tier):
         if tier not in ("fast", "balanced", "powerful"):
             raise CliError(f"unknown tier {tier!r} (fast, balanced, powerful)")
     req = _request(args)
-    client, settings = await _client()
+    client = await _client()
     try:
-        handle, attached = await start_or_attach(
-            client,
-            req,
-            task_queue=settings.task_queue,
-            # Temporal shows the summary in the UI and lists; redact before cutting, so a cut
-            # can never leave the head of a key that no longer matches its pattern.
-            static_summary=f"{req.tenant}/{req.user}: {redact(req.message)[:80]}",
-        )
-    except RequestIdConflict as e:
+        run = await client.start(req)
+    except RunExistsError as e:
         raise CliError(str(e)) from None
-    wid = handle.id
-    if attached:
-        print(f"attached to the existing run {wid} (same request id, same request)", file=sys.stderr)
+    if run.attached:
+        print(
+            f"attached to the existing run {run.workflow_id} (same request id, same request)", file=sys.stderr
+        )
     if args.no_wait:
-        print(wid)
+        print(run.workflow_id)
         return 0
     if args.follow:
-        await _follow(handle, workflow_url(settings, wid))
-    resp = await handle.result()
+        await _follow(run, client.url(run.workflow_id))
+    resp = await run.result()
     if args.json:
         print(_json(resp.model_dump(mode="json")))
     else:
-        print(redact(render_response(resp, workflow_url(settings, wid))))
+        print(redact(render_response(resp, client.url(run.workflow_id))))
     return 0 if resp.outcome in ("completed", "partial") else 3
 
 
-async def _follow(handle: WorkflowHandle[Any, AgentResponse], url: str) -> None:
-    """Poll the status query and draw progress on stderr until the run ends."""
+async def _follow(run: Run, url: str) -> None:
+    """Draw the run's status snapshots as progress on stderr until it ends."""
     progress = Progress(
-        handle.id, url, tty=sys.stderr.isatty(), unicode=(sys.stderr.encoding or "").lower().startswith("utf")
+        run.workflow_id,
+        url,
+        tty=sys.stderr.isatty(),
+        unicode=(sys.stderr.encoding or "").lower().startswith("utf"),
     )
     progress.emit(progress.header())
+    snapshots = run.watch().__aiter__()
     while True:
+        # The spinner ticks while the next snapshot is awaited (a tick per poll interval).
+        nxt = asyncio.ensure_future(snapshots.__anext__())
+        while not nxt.done():
+            await asyncio.wait({nxt}, timeout=0.25)
+            if not nxt.done():
+                progress.tick(None)
         try:
-            st: RunStatus | None = await handle.query("status", result_type=RunStatus)
-        except Exception:
-            st = None  # no worker has picked the run up yet
-        if st is not None:
-            for line in progress.update(st):
-                progress.emit(line)
-            if st.phase == "done":
-                progress.emit(None)
-                return
-        desc = await handle.describe()
-        if desc.status != WorkflowExecutionStatus.RUNNING:
+            st = nxt.result()
+        except StopAsyncIteration:
+            progress.emit(None)
+            return
+        for line in progress.update(st):
+            progress.emit(line)
+        if st.phase == "done":
             progress.emit(None)
             return
         progress.tick(st)
-        await asyncio.sleep(0.25)
 
 
 async def _status(args: argparse.Namespace) -> int:
-    client, settings = await _client()
-    handle = client.get_workflow_handle(args.workflow_id)
-    desc = await handle.describe()
-    status_name = desc.status.name.lower() if desc.status else "unknown"
+    client = await _client()
+    run = _run_of(client, args.workflow_id)
     try:
-        st: RunStatus | None = await handle.query("status", result_type=RunStatus)
-    except Exception:
-        st = None
-    if st is None and desc.status == WorkflowExecutionStatus.COMPLETED:
-        resp = await client.get_workflow_handle(args.workflow_id, result_type=AgentResponse).result()
-        st = RunStatus(
-            workflow_id=args.workflow_id,
-            phase="done",
-            steps=resp.steps,
-            spend=resp.spend,
-            iterations=resp.iterations,
-            model_label=resp.model_label,
-            outcome=resp.outcome,
-        )
+        status_name = await run.temporal_status()
+        st = await run.status()
+    except RunNotFoundError as e:
+        raise CliError(str(e)) from None
     if st is None:
         raise CliError(
             f"{args.workflow_id} is {status_name} and no worker answered the status "
@@ -309,17 +293,21 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(_json({"temporal_status": status_name, **st.model_dump(mode="json")}))
     else:
-        print(redact(render_status(st, status_name, workflow_url(settings, args.workflow_id))))
+        print(redact(render_status(st, status_name, client.url(args.workflow_id))))
     return 0
 
 
 async def _list(args: argparse.Namespace) -> int:
-    client, _ = await _client()
+    client = (await _client()).temporal
     query = [f"WorkflowType = '{WORKFLOW}'"]
     if args.tenant:
         if not args.tenant.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise CliError("--tenant: letters, digits, '-', '_' or '.' only")
         query.append(f"KeelTenant = '{args.tenant}'")
+    if args.agent:
+        if not args.agent.replace("-", "").replace("_", "").isalnum():
+            raise CliError("--agent: letters, digits, '-' or '_' only")
+        query.append(f"KeelAgent = '{args.agent}'")
     if args.status:
         query.append(f"ExecutionStatus = '{_STATUS[args.status]}'")
     rows = []
@@ -332,6 +320,7 @@ async def _list(args: argparse.Namespace) -> int:
                 "started": wf.start_time.isoformat(timespec="seconds") if wf.start_time else "",
                 "tenant": _sa(sa, "KeelTenant"),
                 "user": _sa(sa, "KeelUser"),
+                "agent": _sa(sa, "KeelAgent"),
                 "outcome": _sa(sa, "KeelOutcome"),
                 "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6,
             }
@@ -369,13 +358,16 @@ def _sa(attrs: TypedSearchAttributes, name: str) -> Any:
 
 
 async def _approve(args: argparse.Namespace) -> int:
-    client, _ = await _client()
-    handle = client.get_workflow_handle(args.workflow_id)
-    result = await handle.execute_update(
-        "approve",
-        Approval(approve=not args.reject, step_id=args.step, reason=args.reason, by=args.by),
-        result_type=str,
-    )
+    run = _run_of(await _client(), args.workflow_id)
+    try:
+        if args.reject:
+            result = await run.reject(args.step, reason=args.reason, by=args.by)
+        else:
+            result = await run.approve(args.step, reason=args.reason, by=args.by)
+    except RefusedError as e:
+        raise CliError(f"refused: {e}") from None
+    except RunNotFoundError as e:
+        raise CliError(str(e)) from None
     print(
         json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
         if args.json
@@ -385,9 +377,13 @@ async def _approve(args: argparse.Namespace) -> int:
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    client, _ = await _client()
-    handle = client.get_workflow_handle(args.workflow_id)
-    result = await handle.execute_update("cancel", args.reason, result_type=str)
+    run = _run_of(await _client(), args.workflow_id)
+    try:
+        result = await run.cancel(args.reason)
+    except RefusedError as e:
+        raise CliError(f"refused: {e}") from None
+    except RunNotFoundError as e:
+        raise CliError(str(e)) from None
     print(
         json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
         if args.json
