@@ -210,6 +210,8 @@ class Run:
         except WorkflowUpdateFailedError as e:
             raise RefusedError(str(getattr(e.cause, "message", None) or e.cause)) from e
         except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND and "completed" in (e.message or ""):
+                raise RefusedError(f"run {self.workflow_id!r} already finished") from e
             raise _translated(e, self.workflow_id) from e
 
 
