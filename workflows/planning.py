@@ -39,7 +39,8 @@ class Planner:
         3 characters a token (tokenizers average ~4 on prose), plus the fixed instructions."""
         tools = sum(len(t.name) + len(t.description) + len(json.dumps(t.args_schema)) for t in ctx.tools)
         steps = sum(len(r.model_dump_json()) + 240 for r in self._state.records()[-MAX_EXECUTED_IN_PROMPT:])
-        chars = len(req.message) + len(ctx.memory) + tools + steps
+        # The agent's instructions are the prompt's first part (empty in older snapshots).
+        chars = len(req.message) + len(ctx.memory) + len(ctx.instructions) + tools + steps
         return PROMPT_OVERHEAD_TOKENS + chars // 3
 
     async def plan(
