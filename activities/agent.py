@@ -25,6 +25,7 @@ from activities.flags import flag_run
 from activities.guardrails import detect_injection, redact, redact_data, scan_input
 from activities.llm import call_model
 from activities.models.offline import respond_text
+from activities.tools.mcp import server_tools
 from activities.tools.registry import catalog
 from keel import telemetry
 from keel.agent_io import (
@@ -271,6 +272,9 @@ class AgentActivities:
         if agent is not None:  # the agent's selection, then what the caller may use of it
             chosen = select_tools(agent, [(t.name, t.tags) for t in offered])
             offered = tuple(t for t in offered if t.name in chosen)
+            if agent.mcp and gate.allowed:  # listed now: the snapshot is what replay sees
+                mcp_tools, _ = await server_tools(agent)
+                offered, all_tools = (*offered, *mcp_tools), (*all_tools, *mcp_tools)
         visible = visible_tools(policy, req.tenant, req.user, req.permissions, offered)
         return RunContext(
             authorized=gate.allowed,

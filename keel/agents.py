@@ -244,6 +244,14 @@ def load_agents(env: Mapping[str, str], builtin: Path | None = None) -> dict[str
                 f"agent {agent.name!r} is defined twice (in {agents[agent.name][1]} and in {where})"
             )
         agents[agent.name] = (agent, where)
+    servers: dict[str, tuple[McpServer, str]] = {}
+    for name, (agent, _) in agents.items():
+        for server in agent.mcp:  # a tool call names only <server>.<tool>: one config per name
+            seen = servers.setdefault(server.name, (server, name))
+            if seen[0] != server:
+                raise AgentError(
+                    f"MCP server {server.name!r} is configured differently by agents {seen[1]!r} and {name!r}"
+                )
     return agents
 
 

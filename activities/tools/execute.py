@@ -29,6 +29,7 @@ from temporalio.exceptions import ApplicationError
 from activities import audit, breaker, ledger
 from activities.guardrails import redact, redact_data
 from activities.tools import effects
+from activities.tools.mcp import mcp_spec
 from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
 from keel.audit_models import AuditEntry
@@ -76,7 +77,7 @@ class ToolActivities:
         return await _with_heartbeats(self._run(call))
 
     async def _run(self, call: ToolCall) -> ToolResult:
-        spec = REGISTRY.get(call.tool)
+        spec = REGISTRY.get(call.tool) or mcp_spec(call.tool)  # MCP tools: <server>.<tool>
         if spec is None:
             raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
         try:

@@ -1,0 +1,205 @@
+"""MCP servers as tools, through the official ``mcp`` SDK (stdio and streamable HTTP).
+
+Two moments, both activity-side:
+
+* **Listing** (``list_server_tools``, called by ``prepare_run``): the agent's servers are
+  asked for their tools when a run starts; each becomes a ``ToolInfo`` named
+  ``<server>.<tool>`` in the run's snapshot, so replay never asks a server anything and a
+  server that changes its tools mid-run cannot change the run's decisions.
+* **Calling** (``mcp_spec``): ``run_tool`` finds no ``@tool`` of that name and asks here for
+  a spec whose function calls the server. The call then takes exactly the path a native
+  tool's does: the gate's decision audited, its budget reserved, the breaker
+  ``tool:<server>.<tool>``, the result recorded under the idempotency key with the ledger
+  commit in one transaction (so a retried call that had finished is answered from the
+  record, never sent again).
+
+Behaviour comes from the tool's annotations, with the agent's per-tool overrides first:
+``readOnlyHint`` (no side effects), ``destructiveHint`` (risk high), ``idempotentHint``.
+A tool that writes and is not idempotent has no idempotency mechanism Keel can use (MCP
+has no idempotency key), so it is **at-most-once**: one attempt, never retried after it
+may have run — also not after a worker crash or a server dying mid-call; the failure says
+so and the step fails (or takes its fallback). Read-only and idempotent tools are retried
+like any tool. A stdio server is started per call (a crashed one costs nothing later); an
+HTTP server is connected per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from activities.tools.registry import Tool, ToolContext, ToolError
+from keel.agents import Agent, McpServer
+from keel.models import ToolInfo
+
+__all__ = ["McpArguments", "list_server_tools", "mcp_spec", "server_tools"]
+
+log = logging.getLogger(__name__)
+
+AT_MOST_ONCE = "at-most-once: writes and is not idempotent, so it is never retried after it may have run"
+RETRYING_ATTEMPTS = 3
+"""Attempts of a read-only or idempotent MCP tool (Temporal retries them)."""
+
+
+class McpArguments(BaseModel):
+    """Arguments pass through as given; the server validates them against its schema."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def _expand(value: str) -> str:
+    """``${VAR}`` from the worker's environment (secrets never live in definitions)."""
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), ""), value)
+
+
+def _client(server: McpServer) -> Any:
+    import mcp
+
+    if server.transport == "stdio":
+        params = mcp.StdioServerParameters(
+            command=_expand(server.command),
+            args=[_expand(a) for a in server.args],
+            env={**os.environ, **{k: _expand(v) for k, v in server.env.items()}},
+            cwd=server.cwd,
+        )
+        return mcp.Client(params, read_timeout_seconds=server.timeout_seconds, mode="legacy")
+    if server.headers:
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        http = httpx2.AsyncClient(
+            headers={k: _expand(v) for k, v in server.headers.items()}, timeout=server.timeout_seconds
+        )
+        transport = streamable_http_client(_expand(server.url), http_client=http)
+        return mcp.Client(transport, read_timeout_seconds=server.timeout_seconds)
+    return mcp.Client(_expand(server.url), read_timeout_seconds=server.timeout_seconds)
+
+
+def _info(server: McpServer, tool: Any) -> ToolInfo | None:
+    over = server.tools.get(tool.name)
+    if over is not None and over.hidden:
+        return None
+    ann = tool.annotations
+    read_only = bool(ann and ann.read_only_hint)
+    destructive = bool(ann.destructive_hint) if ann and ann.destructive_hint is not None else not read_only
+    idempotent = bool(ann and ann.idempotent_hint)
+    if over is not None:
+        read_only = over.read_only if over.read_only is not None else read_only
+        destructive = over.destructive if over.destructive is not None else destructive
+        idempotent = over.idempotent if over.idempotent is not None else idempotent
+    retry_safe = read_only or idempotent
+    description = (tool.description or tool.title or tool.name).strip()[:1000]
+    if not retry_safe:
+        description += f" ({AT_MOST_ONCE})"
+    schema = dict(tool.input_schema or {"type": "object"})
+    schema.pop("title", None)
+    perms = tuple(dict.fromkeys((*server.permissions, *((over.permissions or ()) if over else ()))))
+    return ToolInfo(
+        name=f"{server.name}.{tool.name}",
+        description=description,
+        args_schema=schema,
+        permissions=perms,
+        idempotent=retry_safe,
+        side_effects=not read_only,
+        timeout_seconds=server.timeout_seconds,
+        max_attempts=RETRYING_ATTEMPTS if retry_safe else 1,
+        cost_micros=round(server.cost_usd * 1_000_000),
+        risk="high" if destructive and not read_only else ("low" if read_only else "medium"),
+        non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
+        tags=("mcp", f"mcp:{server.name}"),
+        facts={},
+    )
+
+
+async def list_server_tools(server: McpServer) -> tuple[ToolInfo, ...]:
+    """The server's tools as ``ToolInfo``s (raises on a server that cannot be reached)."""
+    async with _client(server) as client:
+        found, cursor = [], None
+        while True:
+            page = await client.list_tools(cursor=cursor)
+            found += page.tools
+            cursor = page.next_cursor
+            if not cursor:
+                break
+    infos = (_info(server, t) for t in sorted(found, key=lambda t: t.name))
+    return tuple(i for i in infos if i is not None)
+
+
+async def server_tools(agent: Agent) -> tuple[tuple[ToolInfo, ...], tuple[str, ...]]:
+    """Every tool of the agent's servers, and one line per server that could not be listed
+    (its tools are then absent from the run: the planner cannot pick what is not there)."""
+    tools: list[ToolInfo] = []
+    problems: list[str] = []
+    for server in agent.mcp:
+        try:
+            tools += await list_server_tools(server)
+        except Exception as e:
+            problems.append(f"MCP server {server.name!r}: {_leaf(e)}")
+            log.warning("agent %s: %s", agent.name, problems[-1])
+    return tuple(tools), tuple(problems)
+
+
+def _first(e: BaseException) -> str:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _leaf(e: BaseException) -> str:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {_first(e)}"
+
+
+def _server(name: str) -> McpServer | None:
+    from activities.agent_defs import agent_definitions
+
+    for agent, _ in agent_definitions().values():
+        for server in agent.mcp:
+            if server.name == name:
+                return server
+    return None
+
+
+def mcp_spec(name: str) -> Tool | None:
+    """A spec for ``<server>.<tool>`` when this worker's agents define that server."""
+    server_name, sep, tool_name = name.partition(".")
+    server = _server(server_name) if sep else None
+    if server is None:
+        return None
+    info = ToolInfo(
+        name=name,
+        description=f"MCP tool {tool_name} of {server_name}",
+        timeout_seconds=server.timeout_seconds,
+        cost_micros=round(server.cost_usd * 1_000_000),
+    )
+
+    async def call(ctx: ToolContext, args: McpArguments) -> dict[str, Any]:
+        return await _call(server, tool_name, args.model_dump())
+
+    return Tool(info=info, args_model=McpArguments, fn=call, module=f"mcp:{server_name}")
+
+
+async def _call(server: McpServer, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    sent = False
+    try:
+        async with _client(server) as client:
+            sent = True
+            result = await client.call_tool(tool, arguments)
+    except Exception as e:  # the server died, hung up or timed out
+        where = "mid-call" if sent else "before the call"
+        log.warning("MCP server %s failed %s calling %s", server.name, where, tool, exc_info=e)
+        # ``from None``: the run reports a failure's innermost cause, and here that is an
+        # anyio ExceptionGroup saying nothing; this message names what happened (logged above).
+        raise ToolError(f"MCP server {server.name!r} failed {where}: {_leaf(e)}", retryable=True) from None
+    text = "\n".join(getattr(c, "text", "") for c in result.content if getattr(c, "type", "") == "text")
+    if result.is_error:
+        raise ToolError(f"{tool}: {text[:300] or 'the server reported an error'}")
+    out: dict[str, Any] = {"text": text[:4000]}
+    if isinstance(result.structured_content, dict):
+        out["structured"] = result.structured_content
+    return out

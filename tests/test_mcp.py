@@ -1,0 +1,256 @@
+"""MCP servers as tools, end to end against a real MCP server process (``tests/mcp_server.py``,
+written with the official SDK): the tools are listed into the run's snapshot with behaviour
+from their annotations; a read-only call; a destructive call that needs a human's approval
+(the agent's policy section) and is audited; a server that dies mid-call (a read-only tool
+is retried on a fresh server, a destructive non-idempotent one is not: at-most-once); and
+the streamable-HTTP transport."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client as TemporalClient
+
+from activities import agent_defs
+from activities.tools import testing
+from activities.tools.testing import ScriptedPlanner, step
+from keel.client import Client
+from keel.devservices import free_port
+from keel.models import Plan, StepState
+from keel.settings import PROJECT_ROOT, Settings
+from tests.helpers import running_worker
+
+SERVER = PROJECT_ROOT / "tests" / "mcp_server.py"
+
+
+def _agent_yaml(name: str, server: str) -> str:
+    return f"""name: {name}
+instructions: You manage records through an MCP server.
+tools: []
+mcp:
+{server}
+policy:
+  tools:
+    files.delete_record:
+      approvals:
+        - name: destructive-mcp-call
+          timeout_seconds: 600
+"""
+
+
+@pytest.fixture
+def mcp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
+    """A ``files`` agent (stdio server) and a test policy granting ``files:use``."""
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    stdio = (
+        f"  - name: files\n    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
+        "    permissions: [files:use]"
+    )
+    (agents / "files.yaml").write_text(_agent_yaml("files", stdio))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(testing.policy_yaml().replace("tester: [test:run,", "tester: [files:use, test:run,"))
+    effects = tmp_path / "effects.log"
+    effects.write_text("")
+    monkeypatch.setenv("KEEL_AGENT_PATH", str(agents))
+    monkeypatch.setenv("MCP_EFFECTS", str(effects))
+    agent_defs.reset()
+    yield {"agents": agents, "policy": policy, "effects": effects, "tmp": tmp_path}
+    agent_defs.reset()
+
+
+def _effects(paths: dict[str, Path]) -> list[str]:
+    return paths["effects"].read_text().splitlines()
+
+
+async def _run_with_approval(keel: Client, agent: str, approve: bool = True):  # type: ignore[no-untyped-def]
+    run = await keel.start("do the records", tenant="acme", user="alice", agent=agent)
+    async for event in run.events(poll_seconds=0.05):
+        if event.kind == "waiting" and approve:
+            assert "destructive-mcp-call" in event.waiting_for
+            await run.approve(by="ops")
+    return run, await run.result()
+
+
+async def test_listing_read_only_call_and_destructive_call_with_approval(
+    client: TemporalClient,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    mcp_env: dict[str, Path],
+) -> None:
+    planner = ScriptedPlanner(
+        [
+            Plan(
+                steps=(
+                    step("s1", "files.lookup", sku="SKU-KEEL-1"),
+                    step("s2", "files.delete_record", id="r1"),
+                )
+            )
+        ]
+    )
+    keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
+    async with running_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        policy_file=mcp_env["policy"],
+        extra_activities=[planner.plan],
+    ):
+        run, resp = await _run_with_approval(keel, "files")
+    assert resp.outcome == "completed", resp
+    offered = {t.name: t for t in planner.calls[0].tools}
+    assert set(offered) == {"files.lookup", "files.delete_record", "files.archive"}
+    lookup, delete, archive = (
+        offered["files.lookup"],
+        offered["files.delete_record"],
+        offered["files.archive"],
+    )
+    assert (lookup.side_effects, lookup.idempotent, lookup.max_attempts, lookup.risk) == (
+        False,
+        True,
+        3,
+        "low",
+    )
+    assert (delete.side_effects, delete.idempotent, delete.max_attempts, delete.risk) == (
+        True,
+        False,
+        1,
+        "high",
+    )
+    assert "at-most-once" in delete.description
+    assert (archive.side_effects, archive.idempotent, archive.max_attempts) == (True, True, 3)
+    assert lookup.args_schema["required"] == ["sku"]
+    s1, s2 = resp.steps
+    assert s1.state == StepState.SUCCEEDED and s1.result == {
+        "text": "SKU-KEEL-1: 7 in stock",
+        "structured": {"result": "SKU-KEEL-1: 7 in stock"},
+    }
+    assert s2.state == StepState.SUCCEEDED
+    assert _effects(mcp_env) == ["delete r1"]
+    async with db_pool.connection() as conn:
+        rows = await (
+            await conn.execute(
+                "select step_id, kind, subject, decision from audit_log where workflow_id=%s "
+                "and kind in ('permission', 'approval') order by id",
+                (run.workflow_id,),
+            )
+        ).fetchall()
+    assert ("s1", "permission", "files.lookup", "allow") in rows
+    assert ("s2", "approval", "files.delete_record", "allow") in rows
+    assert ("s2", "permission", "files.delete_record", "allow") in rows
+
+
+async def test_a_server_dying_mid_call(
+    client: TemporalClient,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    mcp_env: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
+
+    def script(inp):  # type: ignore[no-untyped-def]
+        if inp.iteration > 1:  # after the failed step: stop (a new step would be a new call)
+            return Plan(answer="stopped")
+        if "delete" in inp.message:
+            return Plan(steps=(step("s1", "files.delete_record", id="r2"),))
+        return Plan(steps=(step("s1", "files.lookup", sku="SKU-KEEL-2"),))
+
+    planner = ScriptedPlanner(script)
+    async with running_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        policy_file=mcp_env["policy"],
+        extra_activities=[planner.plan],
+    ):
+        # Destructive, not idempotent: its effect happened, the answer never came. One attempt.
+        monkeypatch.setenv("MCP_DIE_ONCE", f"{mcp_env['tmp'] / 'died-delete'},delete_record")
+        run = await keel.start("delete the record", tenant="acme", user="alice", agent="files")
+        async for event in run.events(poll_seconds=0.05):
+            if event.kind == "waiting":
+                await run.approve(by="ops")
+        resp = await run.result()
+        (s1,) = resp.steps
+        assert resp.outcome == "partial" and s1.state == StepState.FAILED, resp
+        assert "failed mid-call" in s1.error
+        assert _effects(mcp_env) == ["delete r2"]  # exactly one effect, never sent again
+        history = [e async for e in client.get_workflow_handle(run.workflow_id).fetch_history_events()]
+        attempts = [
+            e.activity_task_started_event_attributes.attempt
+            for e in history
+            if e.HasField("activity_task_started_event_attributes")
+        ]
+        assert max(attempts) == 1
+
+        # Read-only: retried on a fresh server process, and answered.
+        monkeypatch.setenv("MCP_DIE_ONCE", f"{mcp_env['tmp'] / 'died-lookup'},lookup")
+        resp = await (await keel.start("look it up", tenant="acme", user="alice", agent="files")).result()
+    (s1,) = resp.steps
+    assert s1.state == StepState.SUCCEEDED and s1.result["text"] == "SKU-KEEL-2: 7 in stock", resp  # type: ignore[index]
+    assert (mcp_env["tmp"] / "died-lookup").exists()
+
+
+@contextlib.contextmanager
+def _http_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        import socket
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_streamable_http_server(
+    client: TemporalClient,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    mcp_env: dict[str, Path],
+) -> None:
+    port = free_port()
+    http = (
+        f"  - name: web\n    transport: http\n    url: http://127.0.0.1:{port}/mcp\n"
+        "    permissions: [files:use]"
+    )
+    (mcp_env["agents"] / "web.yaml").write_text(
+        _agent_yaml("web", http).replace("files.delete_record", "web.x")
+    )
+    agent_defs.reset()
+    planner = ScriptedPlanner([Plan(steps=(step("s1", "web.archive", id="a1"),))])
+    keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
+    with _http_server(port):
+        async with running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=mcp_env["policy"],
+            extra_activities=[planner.plan],
+        ):
+            resp = await (await keel.start("archive it", tenant="acme", user="alice", agent="web")).result()
+    assert resp.outcome == "completed", resp
+    assert {t.name for t in planner.calls[0].tools} == {"web.lookup", "web.delete_record", "web.archive"}
+    assert resp.steps[0].result["text"] == "archived a1"  # type: ignore[index]
+    assert _effects(mcp_env) == ["archive a1"]
