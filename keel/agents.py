@@ -102,6 +102,9 @@ class McpServer(_Strict):
     timeout_seconds: float = 30.0
     cost_usd: float = 0.0
     """Estimated cost of one call, reserved in the ledger before it runs."""
+    rate_limit_per_second: float | None = Field(default=None, gt=0)
+    """Calls per second to this server across all workers (one Temporal task queue with a
+    rate limit, ``<queue>-mcp-<name>``, like a rate-limited native tool's)."""
     tools: dict[str, McpToolOverride] = Field(default_factory=dict)
 
     @field_validator("name")

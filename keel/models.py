@@ -460,6 +460,9 @@ class ToolInfo(Frozen):
     """Writes something outside the run (refund, e-mail): eligible for compensation/approval."""
     tags: tuple[str, ...] = ()
     """Free labels an agent definition selects tools by (``tag:orders``)."""
+    queue: str | None = None
+    """Task-queue suffix shared by several tools under one rate limit (an MCP server's
+    ``mcp-<server>``); ``None``: a rate-limited tool gets its own ``tool-<name>`` queue."""
     facts: dict[str, str] | None = None
     """Result field -> gate-context fact (``customer_email`` -> ``order_customer``): what a
     successful call establishes for the policy's ``one_of_ref`` checks of later steps.

@@ -150,15 +150,20 @@ def build_workers(
             interceptors=chain,
         )
     ]
-    for tool in catalog(include_hidden=True):
-        if tool.rate_limit_per_second:
+    from activities.agent_defs import agent_definitions
+
+    limited = [(f"tool-{t.name}", t.rate_limit_per_second) for t in catalog(include_hidden=True)]
+    servers = {s.name: s for agent, _ in agent_definitions().values() for s in agent.mcp}
+    limited += [(f"mcp-{s.name}", s.rate_limit_per_second) for s in servers.values()]
+    for suffix, rate in limited:
+        if rate:
             # Temporal enforces this rate on the queue as a whole, across every worker.
             workers.append(
                 Worker(
                     client,
-                    task_queue=f"{queue}-tool-{tool.name}",
+                    task_queue=f"{queue}-{suffix}",
                     activities=[ToolActivities(pool, load_keyring(settings)).run_tool],
-                    max_task_queue_activities_per_second=tool.rate_limit_per_second,
+                    max_task_queue_activities_per_second=rate,
                     max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                     interceptors=chain,
                 )

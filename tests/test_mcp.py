@@ -232,7 +232,7 @@ async def test_streamable_http_server(
     port = free_port()
     http = (
         f"  - name: web\n    transport: http\n    url: http://127.0.0.1:{port}/mcp\n"
-        "    permissions: [files:use]"
+        "    permissions: [files:use]\n    rate_limit_per_second: 5"
     )
     (mcp_env["agents"] / "web.yaml").write_text(
         _agent_yaml("web", http).replace("files.delete_record", "web.x")
@@ -254,3 +254,12 @@ async def test_streamable_http_server(
     assert {t.name for t in planner.calls[0].tools} == {"web.lookup", "web.delete_record", "web.archive"}
     assert resp.steps[0].result["text"] == "archived a1"  # type: ignore[index]
     assert _effects(mcp_env) == ["archive a1"]
+    # Rate-limited like a native tool: on the server's own queue, whose rate Temporal enforces.
+    history = [e async for e in client.get_workflow_handle(resp.workflow_id).fetch_history_events()]
+    queues = {
+        e.activity_task_scheduled_event_attributes.task_queue.name
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "run_tool"
+    }
+    assert queues == {f"{task_queue}-mcp-web"}

@@ -44,16 +44,12 @@ from keel.models import Frozen, ToolInfo
 from keel.policy import Check, Condition, Constraint, Policy
 
 __all__ = [
-    "CONTEXT_KEYS",
     "GateDecision",
     "authorize_user",
     "check_tool_call",
     "required_permissions",
     "visible_tools",
 ]
-
-CONTEXT_KEYS = ("order_customer", "order_ids")
-"""Context facts the workflow is expected to provide (see module docstring)."""
 
 _SHELL_META = re.compile(r"[;&|`$<>(){}\\\n\r!*?\[\]~]")
 _EMAIL = re.compile(r"^[^@\s,;<>\"'()]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})$")

@@ -398,4 +398,6 @@ def _when_text(when: dict[str, Any] | None) -> str:
 
 def _tool_queue(tool: ToolInfo) -> str | None:
     """Rate-limited tools run on their own task queue, whose rate limit Temporal enforces."""
-    return f"{workflow.info().task_queue}-tool-{tool.name}" if tool.rate_limit_per_second else None
+    if not tool.rate_limit_per_second:
+        return None
+    return f"{workflow.info().task_queue}-{tool.queue or f'tool-{tool.name}'}"

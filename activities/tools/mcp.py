@@ -109,6 +109,8 @@ def _info(server: McpServer, tool: Any) -> ToolInfo | None:
         max_attempts=RETRYING_ATTEMPTS if retry_safe else 1,
         cost_micros=round(server.cost_usd * 1_000_000),
         risk="high" if destructive and not read_only else ("low" if read_only else "medium"),
+        rate_limit_per_second=server.rate_limit_per_second,
+        queue=f"mcp-{server.name}" if server.rate_limit_per_second else None,
         non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
         tags=("mcp", f"mcp:{server.name}"),
         facts={},
