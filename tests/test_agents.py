@@ -188,3 +188,42 @@ def test_definitions_are_validated_with_one_line(tmp_path: Path, test_env: dict[
         assert worker.returncode == 1 and worker.stderr.count("\n") == 1 and says in worker.stderr, (
             worker.stderr
         )
+
+
+async def test_keel_run_and_list_with_agent(
+    client: TemporalClient,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    test_env: dict[str, str],
+) -> None:
+    import json
+
+    env = {**test_env, "KEEL_TASK_QUEUE": task_queue}
+    ask = ["run", "--agent", "operations", "Is SKU-KEEL-1 in stock?", "--user", "carol", "--json"]
+    async with running_worker(client, db_pool, temporal_services, task_queue):
+        done = await asyncio.to_thread(
+            subprocess.run, [str(KEEL), *ask], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 0, done.stderr
+    resp = json.loads(done.stdout)
+    assert resp["workflow_id"].startswith("agent/acme/operations/r-")
+    assert [s["tool"] for s in resp["steps"]] == ["check_inventory"]
+    for _ in range(50):
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [str(KEEL), "list", "--agent", "operations", "--json", "--limit", "100"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        rows = {r["workflow_id"]: r for r in json.loads(listed.stdout or "[]")}
+        if resp["workflow_id"] in rows:
+            break
+        await asyncio.sleep(0.2)
+    assert rows[resp["workflow_id"]]["agent"] == "operations"
+    bad = await asyncio.to_thread(
+        subprocess.run, [str(KEEL), "run", "--agent", "Ops!", "hi"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --agent: ")
