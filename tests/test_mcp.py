@@ -53,7 +53,7 @@ def mcp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     agents.mkdir()
     stdio = (
         f"  - name: files\n    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
-        "    permissions: [files:use]"
+        "    permissions: [files:use]\n    cost_usd: 0.001"
     )
     (agents / "files.yaml").write_text(_agent_yaml("files", stdio))
     policy = tmp_path / "policy.yaml"
@@ -137,6 +137,7 @@ async def test_listing_read_only_call_and_destructive_call_with_approval(
     }
     assert s2.state == StepState.SUCCEEDED
     assert _effects(mcp_env) == ["delete r1"]
+    assert resp.spend.by_tool == {"files.lookup": 1000, "files.delete_record": 1000}  # ledger-committed
     async with db_pool.connection() as conn:
         rows = await (
             await conn.execute(
@@ -185,7 +186,7 @@ async def test_a_server_dying_mid_call(
         resp = await run.result()
         (s1,) = resp.steps
         assert resp.outcome == "partial" and s1.state == StepState.FAILED, resp
-        assert "failed mid-call" in s1.error
+        assert "failed mid-call; delete_record may have run and is at-most-once" in s1.error
         assert _effects(mcp_env) == ["delete r2"]  # exactly one effect, never sent again
         history = [e async for e in client.get_workflow_handle(run.workflow_id).fetch_history_events()]
         attempts = [
@@ -232,7 +233,8 @@ async def test_streamable_http_server(
     port = free_port()
     http = (
         f"  - name: web\n    transport: http\n    url: http://127.0.0.1:{port}/mcp\n"
-        "    permissions: [files:use]\n    rate_limit_per_second: 5"
+        "    permissions: [files:use]\n    rate_limit_per_second: 5\n"
+        '    headers: {X-Keel-Test: "${MCP_EFFECTS}"}'  # a custom HTTP client, values from the env
     )
     (mcp_env["agents"] / "web.yaml").write_text(
         _agent_yaml("web", http).replace("files.delete_record", "web.x")

@@ -25,9 +25,11 @@ HTTP server is connected per call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 AT_MOST_ONCE = "at-most-once: writes and is not idempotent, so it is never retried after it may have run"
 RETRYING_ATTEMPTS = 3
 """Attempts of a read-only or idempotent MCP tool (Temporal retries them)."""
+_RETRY_SAFE: dict[str, bool] = {}
+"""``<server>.<tool>`` -> retried or not, as this process last listed it (for messages only:
+the attempt count itself comes from the run's snapshot)."""
 
 
 class McpArguments(BaseModel):
@@ -56,27 +61,37 @@ def _expand(value: str) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ.get(m.group(1), ""), value)
 
 
-def _client(server: McpServer) -> Any:
+@contextlib.asynccontextmanager
+async def _connected(server: McpServer) -> AsyncIterator[Any]:
+    """An initialised ``mcp.Client`` session with ``server``, closed (with its HTTP client or
+    its subprocess) on exit."""
     import mcp
 
-    if server.transport == "stdio":
-        params = mcp.StdioServerParameters(
-            command=_expand(server.command),
-            args=[_expand(a) for a in server.args],
-            env={**os.environ, **{k: _expand(v) for k, v in server.env.items()}},
-            cwd=server.cwd,
-        )
-        return mcp.Client(params, read_timeout_seconds=server.timeout_seconds, mode="legacy")
-    if server.headers:
-        import httpx2
-        from mcp.client.streamable_http import streamable_http_client
+    async with contextlib.AsyncExitStack() as stack:
+        if server.transport == "stdio":
+            params = mcp.StdioServerParameters(
+                command=_expand(server.command),
+                args=[_expand(a) for a in server.args],
+                env={**os.environ, **{k: _expand(v) for k, v in server.env.items()}},
+                cwd=server.cwd,
+            )
+            target: Any = params
+        elif server.headers:
+            import httpx2  # the SDK's HTTP client
+            from mcp.client.streamable_http import streamable_http_client
 
-        http = httpx2.AsyncClient(
-            headers={k: _expand(v) for k, v in server.headers.items()}, timeout=server.timeout_seconds
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(
+                    headers={k: _expand(v) for k, v in server.headers.items()}, timeout=server.timeout_seconds
+                )
+            )
+            target = streamable_http_client(_expand(server.url), http_client=http)
+        else:
+            target = _expand(server.url)
+        mode = "legacy" if server.transport == "stdio" else "auto"
+        yield await stack.enter_async_context(
+            mcp.Client(target, read_timeout_seconds=server.timeout_seconds, mode=mode)
         )
-        transport = streamable_http_client(_expand(server.url), http_client=http)
-        return mcp.Client(transport, read_timeout_seconds=server.timeout_seconds)
-    return mcp.Client(_expand(server.url), read_timeout_seconds=server.timeout_seconds)
 
 
 def _info(server: McpServer, tool: Any) -> ToolInfo | None:
@@ -119,7 +134,7 @@ def _info(server: McpServer, tool: Any) -> ToolInfo | None:
 
 async def list_server_tools(server: McpServer) -> tuple[ToolInfo, ...]:
     """The server's tools as ``ToolInfo``s (raises on a server that cannot be reached)."""
-    async with _client(server) as client:
+    async with _connected(server) as client:
         found, cursor = [], None
         while True:
             page = await client.list_tools(cursor=cursor)
@@ -127,8 +142,9 @@ async def list_server_tools(server: McpServer) -> tuple[ToolInfo, ...]:
             cursor = page.next_cursor
             if not cursor:
                 break
-    infos = (_info(server, t) for t in sorted(found, key=lambda t: t.name))
-    return tuple(i for i in infos if i is not None)
+    infos = tuple(i for i in (_info(server, t) for t in sorted(found, key=lambda t: t.name)) if i)
+    _RETRY_SAFE.update({i.name: i.idempotent for i in infos})
+    return infos
 
 
 async def server_tools(agent: Agent) -> tuple[tuple[ToolInfo, ...], tuple[str, ...]]:
@@ -189,11 +205,18 @@ def mcp_spec(name: str) -> Tool | None:
 async def _call(server: McpServer, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
     sent = False
     try:
-        async with _client(server) as client:
+        async with _connected(server) as client:
             sent = True
             result = await client.call_tool(tool, arguments)
     except Exception as e:  # the server died, hung up or timed out
         where = "mid-call" if sent else "before the call"
+        if sent:
+            safe = _RETRY_SAFE.get(f"{server.name}.{tool}")
+            where += (
+                f"; {tool} may have run and is {AT_MOST_ONCE}"
+                if safe is False
+                else ("; retried" if safe else "; it may have run (a non-idempotent tool is not retried)")
+            )
         log.warning("MCP server %s failed %s calling %s", server.name, where, tool, exc_info=e)
         # ``from None``: the run reports a failure's innermost cause, and here that is an
         # anyio ExceptionGroup saying nothing; this message names what happened (logged above).
