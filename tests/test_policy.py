@@ -43,7 +43,7 @@ def test_exports() -> None:
 def test_shipped_policy_loads() -> None:
     p = load_policy(SHIPPED)
     assert p.version == "2026-12-01.1"
-    assert p.tenants["acme"].users == {"alice": ("support",), "bob": ("viewer",)}
+    assert p.tenants["acme"].users == {"alice": ("support",), "bob": ("viewer",), "carol": ("operations",)}
     assert p.tenants["globex"].any_user and p.tenants["globex"].roles == ("viewer",)
     assert "refunds:write" in p.roles["support"] and "refunds:write" not in p.roles["viewer"]
     limit = next(c for c in p.tools["issue_refund"].constraints if c.name == "refund-hard-limit")
