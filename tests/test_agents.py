@@ -96,6 +96,13 @@ async def test_operations_agent_end_to_end_with_the_offline_model_and_live_event
             )
         ).fetchall()
     assert rows == [(ticket, "SKU-KEEL-2", "open")]
+    async with db_pool.connection() as conn:  # memory: agent -> its own session key
+        sessions = await (
+            await conn.execute(
+                "select distinct session from memory_turns where workflow_id=%s", (run.workflow_id,)
+            )
+        ).fetchall()
+    assert sessions == [("operations:default",)]
     kinds = [e.kind for e in events]
     assert kinds[-1] == "done" and events[-1].status.outcome == "completed"
     assert "phase" in kinds

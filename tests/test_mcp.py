@@ -265,3 +265,19 @@ async def test_streamable_http_server(
         and e.activity_task_scheduled_event_attributes.activity_type.name == "run_tool"
     }
     assert queues == {f"{task_queue}-mcp-web"}
+
+
+def test_agents_list_asks_the_servers(mcp_env: dict[str, Path], test_env: dict[str, str]) -> None:
+    import json
+    import os
+
+    keel = Path(sys.executable).parent / "keel"
+    env = {**test_env, "KEEL_AGENT_PATH": os.environ["KEEL_AGENT_PATH"]}
+    out = subprocess.run(
+        [str(keel), "agents", "list", "--mcp", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    files = next(r for r in json.loads(out.stdout) if r["name"] == "files")
+    tools = {t["name"]: t for t in files["mcp"]["tools"]}
+    assert tools["files.delete_record"]["at_most_once"] and not tools["files.lookup"]["side_effects"]
+    assert tools["files.archive"]["retried"] and files["mcp"]["problems"] == []

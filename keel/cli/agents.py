@@ -16,6 +16,7 @@ __all__ = ["register"]
 _EXAMPLES = """examples:
   keel agents list
   keel agents list --json
+  keel agents list --mcp                            # also ask each MCP server for its tools
   KEEL_AGENT_PATH=./agents keel agents list        # with your own YAML definitions
   keel run --agent operations "Is SKU-KEEL-3 in stock? Open a ticket if not" --user carol
 
@@ -40,10 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.add_argument("--json", action="store_true", help="print the definitions as JSON")
+    ls.add_argument(
+        "--mcp", action="store_true", help="list each MCP server's tools now, as a run starting now would"
+    )
     ls.set_defaults(func=_list)
 
 
-def _list(args: argparse.Namespace) -> int:
+async def _mcp_tools(agent: object) -> dict[str, object]:
+    from activities.tools.mcp import server_tools
+
+    tools, problems = await server_tools(agent)  # type: ignore[arg-type]
+    return {
+        "tools": [
+            {
+                "name": t.name,
+                "side_effects": t.side_effects,
+                "retried": t.idempotent,
+                "at_most_once": not t.idempotent,
+                "risk": t.risk,
+            }
+            for t in tools
+        ],
+        "problems": list(problems),
+    }
+
+
+async def _list(args: argparse.Namespace) -> int:
     import os
 
     from activities.tools.loader import ToolLoadError
@@ -69,6 +92,11 @@ def _list(args: argparse.Namespace) -> int:
         }
         for name, (agent, where) in sorted(agents.items())
     ]
+    if args.mcp:
+        for row in rows:
+            agent = agents[str(row["name"])][0]
+            if agent.mcp:
+                row["mcp"] = await _mcp_tools(agent)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -79,4 +107,12 @@ def _list(args: argparse.Namespace) -> int:
         print(f"  tools   {', '.join(r['tools']) or '-'}   (selected by {', '.join(r['tool_selectors'])})")
         mcp = f"   mcp {', '.join(r['mcp_servers'])}" if r["mcp_servers"] else ""
         print(f"  memory  {r['memory']}{mcp}")
+        listed = r.get("mcp") or {}
+        for t in listed.get("tools", []):  # type: ignore[union-attr]
+            how = (
+                "read-only" if not t["side_effects"] else ("at-most-once" if t["at_most_once"] else "retried")
+            )
+            print(f"    {t['name']}  ({how}, risk {t['risk']})")
+        for p in listed.get("problems", []):  # type: ignore[union-attr]
+            print(f"    unavailable: {p}")
     return 0
