@@ -107,3 +107,17 @@ def test_gate_facts_come_from_tool_declarations() -> None:
     old = RunContext(authorized=True, all_tools=(ToolInfo(name="lookup_order", description=""),))
     st = _state({"s1": ("lookup_order", {"customer_email": "b@y.io", "order_id": "ORD-1"})})
     assert st.gate_context(old) == {"order_customer": ["b@y.io"], "order_ids": ["ORD-1"]}
+
+
+def test_public_surface() -> None:
+    import keel
+    import keel.agents
+    import keel.client
+
+    assert keel.__all__ == ["Agent", "Client", "__version__"]
+    assert keel.Client is keel.client.Client and keel.Agent is keel.agents.Agent
+    for module in (keel.agents, keel.client):
+        assert all(hasattr(module, name) for name in module.__all__), module
+    assert issubclass(keel.client.RunExistsError, keel.client.KeelClientError)
+    assert issubclass(keel.client.RefusedError, keel.client.KeelClientError)
+    assert issubclass(keel.client.RunNotFoundError, keel.client.KeelClientError)
