@@ -233,8 +233,8 @@ class Client:
         self,
         message: str | AgentRequest,
         *,
-        tenant: str = "acme",
-        user: str = "alice",
+        tenant: str = "",
+        user: str = "",
         agent: str = DEFAULT_AGENT,
         request_id: str = "",
         budget_usd: float = 1.0,
@@ -248,8 +248,10 @@ class Client:
     ) -> Run:
         """Start a run of ``agent``; returns at once (``await run.result()`` to wait).
 
-        ``message`` may be a whole ``AgentRequest`` instead (the keyword arguments are then
-        ignored). Bad input raises pydantic's ``ValidationError`` before anything starts.
+        ``tenant`` and ``user`` are required with a message: they come from the caller's
+        authentication, and the policy decides what that user may do. ``message`` may be a
+        whole ``AgentRequest`` instead (the keyword arguments are then ignored). Bad input
+        raises pydantic's ``ValidationError`` before anything starts.
         """
         req = (
             message

@@ -150,19 +150,23 @@ async def test_client_errors_and_unknown_agent(
     keel = _client(client, temporal_services, task_queue)
     rid = f"t-{uuid.uuid4().hex[:8]}"
     async with running_worker(client, db_pool, temporal_services, task_queue):
-        unknown = await keel.start("hello", agent="nobody", request_id=rid)
+        unknown = await keel.start("hello", tenant="acme", user="alice", agent="nobody", request_id=rid)
         resp = await unknown.result()
-        again = await keel.start("hello", agent="nobody", request_id=rid)  # the same request
+        again = await keel.start(
+            "hello", tenant="acme", user="alice", agent="nobody", request_id=rid
+        )  # the same request
         assert again.attached and again.workflow_id == unknown.workflow_id
         assert (await again.result()).workflow_id == resp.workflow_id
         with pytest.raises(RunExistsError, match="already used for a different request"):
-            await keel.start("hello again", agent="nobody", request_id=rid)
+            await keel.start("hello again", tenant="acme", user="alice", agent="nobody", request_id=rid)
     assert resp.outcome == "denied"
     assert "unknown agent 'nobody' (this worker serves: operations, shipping, support)" in resp.reason
     with pytest.raises(RunNotFoundError):
         await keel.run("agent/acme/support/no-such-run").result()
     with pytest.raises(ValidationError):
-        await keel.start("hello", agent="Not A Name")
+        await keel.start("hello", tenant="acme", user="alice", agent="Not A Name")
+    with pytest.raises(ValidationError, match="tenant"):
+        await keel.start("hello", user="alice")  # who asks is never defaulted
 
 
 def test_definitions_are_validated_with_one_line(tmp_path: Path, test_env: dict[str, str]) -> None:
