@@ -268,12 +268,13 @@ class AgentActivities:
         all_tools = catalog(include_hidden=True)
         prices = load_prices()
         models = sorted(set(tiers.values()))
-        offered = catalog()
+        offered, notes = catalog(), ()
         if agent is not None:  # the agent's selection, then what the caller may use of it
             chosen = select_tools(agent, [(t.name, t.tags) for t in offered])
             offered = tuple(t for t in offered if t.name in chosen)
             if agent.mcp and gate.allowed:  # listed now: the snapshot is what replay sees
-                mcp_tools, _ = await server_tools(agent)
+                mcp_tools, problems = await server_tools(agent)
+                notes = tuple(f"mcp_unavailable:{name}" for name in problems)
                 offered, all_tools = (*offered, *mcp_tools), (*all_tools, *mcp_tools)
         visible = visible_tools(policy, req.tenant, req.user, req.permissions, offered)
         return RunContext(
@@ -299,6 +300,7 @@ class AgentActivities:
                 for m in models
             },
             agent=agent.name if agent is not None else req.agent,
+            notes=notes,
             instructions=agent.instructions if agent is not None else "",
         )
 

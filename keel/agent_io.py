@@ -90,6 +90,9 @@ class RunContext(Frozen):
     """The agent definition this run follows (``""`` in runs recorded before definitions)."""
     instructions: str = ""
     """The agent's instructions: the first part of the planner's system prompt."""
+    notes: tuple[str, ...] = ()
+    """What the run must report without stopping (``mcp_unavailable:<server>``): they become
+    response flags."""
 
 
 class PlanInput(Frozen):

@@ -281,3 +281,30 @@ def test_agents_list_asks_the_servers(mcp_env: dict[str, Path], test_env: dict[s
     tools = {t["name"]: t for t in files["mcp"]["tools"]}
     assert tools["files.delete_record"]["at_most_once"] and not tools["files.lookup"]["side_effects"]
     assert tools["files.archive"]["retried"] and files["mcp"]["problems"] == []
+
+
+async def test_a_server_that_cannot_be_listed_is_reported(
+    client: TemporalClient,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    mcp_env: dict[str, Path],
+) -> None:
+    gone = "  - name: gone\n    command: /nonexistent/mcp-server\n    permissions: [files:use]"
+    (mcp_env["agents"] / "gone.yaml").write_text(
+        _agent_yaml("gone", gone).replace("files.delete_record", "gone.x")
+    )
+    agent_defs.reset()
+    planner = ScriptedPlanner([Plan(answer="nothing to do")])
+    keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
+    async with running_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        policy_file=mcp_env["policy"],
+        extra_activities=[planner.plan],
+    ):
+        resp = await (await keel.start("anything", tenant="acme", user="alice", agent="gone")).result()
+    assert resp.outcome == "completed" and "mcp_unavailable:gone" in resp.flags, resp
+    assert planner.calls[0].tools == ()  # the planner was offered nothing it could not call

@@ -134,6 +134,7 @@ class AgentWorkflow:
                 )
             )
             st.model_label = ctx.model_label
+            st.flags += list(ctx.notes)  # e.g. an MCP server that could not be listed
             if not ctx.authorized:
                 outcome, reason = "denied", ctx.reason
             elif not ctx.input_ok:

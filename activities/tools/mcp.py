@@ -25,6 +25,7 @@ HTTP server is connected per call.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 AT_MOST_ONCE = "at-most-once: writes and is not idempotent, so it is never retried after it may have run"
 RETRYING_ATTEMPTS = 3
 """Attempts of a read-only or idempotent MCP tool (Temporal retries them)."""
+LIST_TIMEOUT_S = 10.0
+"""Listing one server at a run's start may take this long (a stdio server starts first);
+past it the run goes on without that server's tools (``prepare_run`` has 30 s in all)."""
 _RETRY_SAFE: dict[str, bool] = {}
 """``<server>.<tool>`` -> retried or not, as this process last listed it (for messages only:
 the attempt count itself comes from the run's snapshot)."""
@@ -147,18 +151,26 @@ async def list_server_tools(server: McpServer) -> tuple[ToolInfo, ...]:
     return infos
 
 
-async def server_tools(agent: Agent) -> tuple[tuple[ToolInfo, ...], tuple[str, ...]]:
-    """Every tool of the agent's servers, and one line per server that could not be listed
-    (its tools are then absent from the run: the planner cannot pick what is not there)."""
-    tools: list[ToolInfo] = []
-    problems: list[str] = []
-    for server in agent.mcp:
+async def server_tools(agent: Agent) -> tuple[tuple[ToolInfo, ...], dict[str, str]]:
+    """Every tool of the agent's servers, and why each server that could not be listed was
+    not (its tools are then absent from the run: the planner cannot pick what is not there)."""
+
+    async def one(server: McpServer) -> tuple[ToolInfo, ...] | BaseException:
         try:
-            tools += await list_server_tools(server)
-        except Exception as e:
-            problems.append(f"MCP server {server.name!r}: {_leaf(e)}")
-            log.warning("agent %s: %s", agent.name, problems[-1])
-    return tuple(tools), tuple(problems)
+            return await asyncio.wait_for(list_server_tools(server), LIST_TIMEOUT_S)
+        except Exception as e:  # unreachable, crashed, or too slow to start
+            return e
+
+    tools: list[ToolInfo] = []
+    problems: dict[str, str] = {}
+    for server, got in zip(agent.mcp, await asyncio.gather(*(one(s) for s in agent.mcp)), strict=True):
+        if isinstance(got, BaseException):
+            why = f"no answer within {LIST_TIMEOUT_S:g} s" if isinstance(got, TimeoutError) else _leaf(got)
+            problems[server.name] = f"MCP server {server.name!r}: {why}"
+            log.warning("agent %s: %s", agent.name, problems[server.name])
+        else:
+            tools += got
+    return tuple(tools), problems
 
 
 def _first(e: BaseException) -> str:

@@ -62,7 +62,7 @@ async def _mcp_tools(agent: object) -> dict[str, object]:
             }
             for t in tools
         ],
-        "problems": list(problems),
+        "problems": list(problems.values()),
     }
 
 
