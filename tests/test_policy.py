@@ -42,7 +42,7 @@ def test_exports() -> None:
 
 def test_shipped_policy_loads() -> None:
     p = load_policy(SHIPPED)
-    assert p.version == "2026-12-01.1"
+    assert p.version == "2026-12-01.2"
     assert p.tenants["acme"].users == {"alice": ("support",), "bob": ("viewer",), "carol": ("operations",)}
     assert p.tenants["globex"].any_user and p.tenants["globex"].roles == ("viewer",)
     assert "refunds:write" in p.roles["support"] and "refunds:write" not in p.roles["viewer"]
@@ -153,4 +153,4 @@ def test_history_decoding_is_lenient() -> None:
     """Outside file parsing, unknown keys from a newer worker's snapshot are ignored."""
     data = load_policy(SHIPPED).model_dump(mode="json")
     data["future_field"] = {"x": 1}
-    assert Policy.model_validate(data).version == "2026-12-01.1"
+    assert Policy.model_validate(data).version == "2026-12-01.2"
