@@ -26,6 +26,7 @@ _RUN_EXAMPLES = """examples:
   starter.py run "Is ORD-124 shipped?" --budget 0.05 --follow      # live progress
   starter.py run "Refund ORD-126" --json > result.json             # machine-readable
   starter.py run "Refund ORD-126" --no-wait                        # print the id, return
+  starter.py run --agent operations "Is SKU-KEEL-2 in stock?" --user carol   # another agent
 
 exit status: 0 completed or partial, 3 any other outcome (denied, budget, ...),
 1 infrastructure error, 2 bad arguments."""
@@ -89,11 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "status",
         help="show a run's live plan, steps and spend",
         description="Ask a run (running or finished) for its phase, steps, spend and what it waits for.",
-        epilog="examples:\n  starter.py status agent/acme/r-1234\n"
-        "  starter.py status agent/acme/r-1234 --json",
+        epilog="examples:\n  starter.py status agent/acme/support/r-1234\n"
+        "  starter.py status agent/acme/support/r-1234 --json",
         formatter_class=raw,
     )
-    s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/r-1234")
+    s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/support/r-1234")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=_status)
 
@@ -122,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="approve (or --reject) a step waiting for a human",
         description="Answer a run that waits for a human approval (e.g. a refund over $100). "
         "The decision is recorded in the audit log.",
-        epilog="examples:\n  starter.py approve agent/acme/r-1234\n"
-        "  starter.py approve agent/acme/r-1234 --reject --reason 'too much'",
+        epilog="examples:\n  starter.py approve agent/acme/support/r-1234\n"
+        "  starter.py approve agent/acme/support/r-1234 --reject --reason 'too much'",
         formatter_class=raw,
     )
     a.add_argument("workflow_id", metavar="WORKFLOW_ID")
@@ -139,7 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="cancel a run; its side effects are compensated",
         description="Stop a run: completed side effects are undone in reverse order "
         "(refunds voided, ...) and unused budget is released.",
-        epilog="example:\n  starter.py cancel agent/acme/r-1234 --reason 'customer withdrew'",
+        epilog="example:\n  starter.py cancel agent/acme/support/r-1234 --reason 'customer withdrew'",
         formatter_class=raw,
     )
     c.add_argument("workflow_id", metavar="WORKFLOW_ID")
