@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
+from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -37,6 +38,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.stop import Abort, Stopper, cause
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
+
+_NO_REQUEST = RawValue(Payload())
+"""What ``run`` sees when a client started it without an argument: refused as invalid."""
 
 TENANT = SearchAttributeKey.for_keyword("KeelTenant")
 USER = SearchAttributeKey.for_keyword("KeelUser")
@@ -99,7 +103,7 @@ class AgentWorkflow:
 
     # ------------------------------------------------------------------ main
     @workflow.run
-    async def run(self, raw: RawValue) -> AgentResponse:
+    async def run(self, raw: RawValue = _NO_REQUEST) -> AgentResponse:
         """One exit: however the run ends — success, denial, budget, escape hatch, cancel,
         rejection, an activity out of retries, a ledger refusal, a bug in workflow code — it
         goes through ``_end``: compensations newest first, open holds released, the finish
@@ -108,11 +112,16 @@ class AgentWorkflow:
 
         The input arrives raw and is validated here: a client that bypasses the CLI with a
         request the model refuses fails the run at once instead of failing its task forever.
+        A start without an argument gets ``_NO_REQUEST`` (the SDK would otherwise raise a
+        TypeError at the call, a task failure), and a ``null`` payload, which the converter
+        decodes to ``None`` without complaint, is refused here too.
         """
         st = self._state
         st.wid = workflow.info().workflow_id
         try:
             req = workflow.payload_converter().from_payload(raw.payload, AgentRequest)
+            if not isinstance(req, AgentRequest):
+                raise TypeError(f"expected a request object, got {type(req).__name__}")
         except Exception as e:
             raise ApplicationError(
                 f"invalid request: {_one_line(e)}", type="InvalidRequest", non_retryable=True
