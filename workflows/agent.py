@@ -15,6 +15,7 @@ requested and honoured at safe points (``stop``).
 from __future__ import annotations
 
 import asyncio
+import re
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
@@ -337,12 +338,21 @@ def _activity_name(e: ActivityError) -> str:
     return e.activity_type or "an activity"
 
 
+_SAFE_STEP_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""Step ids become parts of idempotency, ledger and audit keys (``<workflow id>/<step id>``):
+a planner's id with a NUL (PostgreSQL refuses it), a ``/`` (``rsplit("/")`` would cut it and
+two steps could share an audit key) or no characters at all is replaced."""
+
+
 def _unique_ids(steps: tuple[PlanStep, ...], taken: set[str], iteration: int) -> tuple[PlanStep, ...]:
-    """A step id already used in this run gets the iteration as a suffix (keys stay unique)."""
+    """A step id already used in this run gets the iteration as a suffix (keys stay unique);
+    an id that is not safe in a key is replaced by its position (``s<n>.<iteration>``)."""
     out = []
     seen = set(taken)
-    for step in steps:
-        if step.id in seen:
+    for n, step in enumerate(steps, start=1):
+        if not _SAFE_STEP_ID.fullmatch(step.id):
+            step = step.model_copy(update={"id": f"s{n}.{iteration}"})
+        while step.id in seen:
             step = step.model_copy(update={"id": f"{step.id}.{iteration}"})
         seen.add(step.id)
         out.append(step)

@@ -86,11 +86,13 @@ class ToolActivities:
             telemetry.record_tool_call(
                 call.tool, "error", tenant=call.tenant, error_type="InvalidToolArguments"
             )
+            # ``from None``: the workflow reports a failure's innermost message, and the
+            # validation error's own first line ("1 validation error for X") names no field.
             raise ApplicationError(
                 f"{call.tool}: invalid arguments: {_first_error(e)}",
                 type="InvalidToolArguments",
                 non_retryable=True,
-            ) from e
+            ) from None
         async with self._pool.connection() as conn:
             found = await effects.recorded(conn, call.idempotency_key, self._keys)
             if found is not None:  # a replay is not a call: the breaker never sees it
