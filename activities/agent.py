@@ -208,7 +208,21 @@ class AgentActivities:
         )
         scopes = scope_path(req.tenant, req.workspace, req.user, wid)
         run = {"tenant": req.tenant, "user": req.user, "workflow_id": wid, "step_id": ""}
+        run_id = activity.info().workflow_run_id if activity.in_activity() else ""
+        authorize_key = f"{wid}/authorize"
         async with self._pool.connection() as conn:  # one connection for the whole preparation
+            earlier = await _earlier_run(conn, wid, run_id) if gate.allowed else None
+            if earlier is not None:
+                # Effect, ledger and audit keys derive from the workflow id: a second run under
+                # it would find the first run's records and report them as its own.
+                authorize_key = f"{wid}/authorize/{run_id}"
+                gate = gate.model_copy(
+                    update={
+                        "allowed": False,
+                        "rule": "request-id-reused",
+                        "reason": f"request id already used by run {earlier} of {wid}; use a new request id",
+                    }
+                )
             if gate.allowed:
                 limit = tenant_run_limit(req.tenant)
                 ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
@@ -228,8 +242,8 @@ class AgentActivities:
                     subject="agent",
                     decision="allow" if gate.allowed else "deny",
                     reason=gate.reason,
-                    data={"rule": gate.rule, "policy_version": policy.version},
-                    idem_key=f"{wid}/authorize",
+                    data={"rule": gate.rule, "policy_version": policy.version, "run_id": run_id},
+                    idem_key=authorize_key,
                 )
             ]
             if verdict is not None and not verdict.ok:
@@ -494,6 +508,24 @@ class AgentActivities:
         return FinishOutput(
             message=message, model="offline" if inp.model == "offline" else "template", flags=flags
         )
+
+
+async def _earlier_run(conn: Any, wid: str, run_id: str) -> str | None:
+    """The id of an earlier run under ``wid`` (its authorize row names another run, or it has
+    none but that run finished), or None when ``wid`` is new or the row is this run's own."""
+    row = await (
+        await conn.execute(
+            "select data->>'run_id', exists(select 1 from audit_log where idem_key = %s) "
+            "from audit_log where idem_key = %s",
+            (f"{wid}/finish", f"{wid}/authorize"),
+        )
+    ).fetchone()
+    if row is None:
+        return None
+    theirs, finished = row
+    if theirs == run_id or (theirs is None and not finished):
+        return None  # a retry of this run's own preparation
+    return theirs or "(unknown)"
 
 
 def _price_pair(model: str, prices: Any) -> tuple[int, int]:

@@ -1,0 +1,242 @@
+"""A request id is an idempotency key for the request (issue 15, item 4), tried as a retrying
+client, a confused operator and a client that goes around ``keel.submit`` would.
+
+Same tenant, same request id, same request: attach to the existing run — running or closed —
+and return its result, as an idempotent POST does; the effect happens once. A different
+request under that id: one line, non-zero exit, nothing started. Two runs never share effect
+keys or audit rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from activities.tools.testing import step
+from keel.models import AgentRequest
+from keel.settings import Settings
+from keel.submit import RequestIdConflict, start_or_attach, workflow_id
+from tests.ending import assert_one_exit
+from tests.helpers import make_order, request
+from tests.scripted import effects_of, plan, scripted_worker, start, write_policy
+from tests.test_cli import _cli, _order, cli_env  # noqa: F401  (the CLI fixture: a real worker.py)
+
+
+async def _audit_rows(pool: AsyncConnectionPool, wid: str) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn:
+        return await (
+            await conn.execute(
+                "select idem_key, decision, data->>'rule' from audit_log where workflow_id = %s order by id",
+                (wid,),
+            )
+        ).fetchall()
+
+
+async def _executions(client: Client, wid: str) -> list[str]:
+    """Run ids Temporal holds under ``wid`` (visibility is eventually consistent: poll)."""
+    runs: list[str] = []
+    for _ in range(50):
+        runs = [w.run_id async for w in client.list_workflows(f'WorkflowId = "{wid}"')]
+        if runs:
+            return runs
+        await asyncio.sleep(0.1)
+    return runs
+
+
+async def test_same_request_attaches_running_and_closed_and_the_effect_happens_once(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plans = [plan(step("s1", "slow_step", seconds=2, note="once")), plan(answer="slept")]
+    req = request("sleep, then record an effect")
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        plans,
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        first, attached = await start_or_attach(client, req, task_queue=task_queue)
+        assert not attached
+        # a client retrying while the run is under way (its first answer was lost)
+        again = await asyncio.gather(*(start_or_attach(client, req, task_queue=task_queue) for _ in range(5)))
+        assert all(a for _, a in again)
+        assert (await first.describe()).status == WorkflowExecutionStatus.RUNNING
+        results = await asyncio.gather(first.result(), *(h.result() for h, _ in again))
+        # and after it closed
+        late, attached_late = await start_or_attach(client, req, task_queue=task_queue)
+        assert attached_late
+        results.append(await late.result())
+    assert all(r == results[0] for r in results), "every attach returns the same result"
+    assert results[0].outcome == "completed", results[0]
+    run_ids = {(await h.describe()).run_id for h in (first, late, *(h for h, _ in again))}
+    assert len(run_ids) == 1, run_ids
+    assert await _executions(client, workflow_id(req)) == list(run_ids)
+    assert await effects_of(db_pool, workflow_id(req)) == [("s1", "slow_step", "once", "done")]
+    await assert_one_exit(db_pool, first, results[0])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"message": "a different message"},
+        {"max_budget_usd": 0.25},
+        {"user": "bob"},
+        {"session": "elsewhere"},
+    ],
+    ids=["message", "budget", "user", "session"],
+)
+async def test_different_request_under_the_same_id_is_refused_and_starts_nothing(
+    change: dict[str, Any],
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plans = [plan(step("s1", "slow_step", seconds=2, note="only")), plan(answer="slept")]
+    req = request("sleep, then record an effect")
+    other = AgentRequest(**{**req.model_dump(), **change})
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        plans,
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        first, _ = await start_or_attach(client, req, task_queue=task_queue)
+        run_id = (await first.describe()).run_id
+        for when in ("running", "closed"):
+            with pytest.raises(RequestIdConflict) as refused:
+                await start_or_attach(client, other, task_queue=task_queue)
+            text = str(refused.value)
+            assert "\n" not in text and req.request_id in text and "different request" in text, text
+            assert (await first.describe()).run_id == run_id, when
+            if when == "running":
+                resp = await first.result()
+    assert await _executions(client, workflow_id(req)) == [run_id]
+    assert await effects_of(db_pool, workflow_id(req)) == [("s1", "slow_step", "only", "done")]
+    await assert_one_exit(db_pool, first, resp)
+
+
+async def test_a_run_started_around_submit_cannot_be_attached_to(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run without the request fingerprint (a raw SDK start) is not provably the same
+    request: attaching to it would return someone else's result."""
+    req = request("hello")
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        [plan(answer="hi")],
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        raw = await start(client, task_queue, req)
+        await raw.result()
+        with pytest.raises(RequestIdConflict):
+            await start_or_attach(client, req, task_queue=task_queue)
+    assert len(await _executions(client, workflow_id(req))) == 1
+
+
+async def test_reused_id_through_the_raw_sdk_never_shares_effects_or_audit_rows(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The issue's case without the CLI: a client starts a second run under a closed run's id
+    (Temporal's default reuse policy allows it). The second run must not act, and above all
+    must not report the first run's refund as its own, nor lose its audit rows to the first
+    run's ("first write wins")."""
+    order = await make_order(db_pool, total_usd=50.0)
+    plans = [plan(step("s1", "issue_refund", order_id=order, amount_usd=10.0, reason="late")), plan()]
+    req = request(f"refund {order}")
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        plans,
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        one = await (await start(client, task_queue, req)).result()
+        assert one.outcome == "completed", one
+        before = await _audit_rows(db_pool, one.workflow_id)
+        second = await start(client, task_queue, req)  # same id, default reuse policy
+        two = await second.result()
+        run2 = (await second.describe()).run_id
+    after = await _audit_rows(db_pool, one.workflow_id)
+    # run 1's rows are untouched; run 2 added exactly its refusal, under a key of its own
+    assert after[: len(before)] == before
+    assert [(k, d, r) for k, d, r in after[len(before) :]] == [
+        (f"{one.workflow_id}/authorize/{run2}", "deny", "request-id-reused")
+    ], after[len(before) :]
+    async with db_pool.connection() as conn:
+        refunds = await (
+            await conn.execute("select status from refunds where order_id = %s", (order,))
+        ).fetchall()
+    assert len(refunds) == 1  # nothing happened twice (the key held)
+    # ... and the second run did not claim the first run's effect as its own.
+    claimed = [s for s in two.steps if s.state.value == "succeeded" and s.tool == "issue_refund"]
+    assert claimed == [], f"run 2 reports run 1's refund as its own: {claimed}"
+    assert two.outcome == "denied", (two.outcome, two.reason)
+
+
+def test_cli_same_request_id_attaches_and_a_different_message_is_refused(
+    cli_env: dict[str, str],  # noqa: F811
+    pg_url: str,
+) -> None:
+    order = _order(pg_url)
+    rid = f"rid-{uuid.uuid4().hex[:10]}"
+    message = f"Check if order {order} is shipped and refund it if so"
+    first = _cli(cli_env, "run", message, "--request-id", rid, "--session", rid, "--json")
+    assert first.returncode == 0, first.stderr
+    body = json.loads(first.stdout)
+    assert body["outcome"] == "completed"
+
+    again = _cli(cli_env, "run", message, "--request-id", rid, "--session", rid, "--json")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.startswith("attached to the existing run agent/acme/"), again.stderr
+    assert json.loads(again.stdout) == body  # the same result, not a second run
+
+    other = _cli(cli_env, "run", "Refund everything", "--request-id", rid, "--session", rid)
+    assert other.returncode == 2, other
+    assert other.stderr.startswith(f"error: request id '{rid}' was already used for a different request")
+    assert other.stderr.count("\n") == 1 and "Traceback" not in other.stderr, other.stderr
+    assert other.stdout == ""
+
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        refunds = conn.execute("select count(*) from refunds where order_id = %s", (order,)).fetchone()
+        finishes = conn.execute(
+            "select count(*) from audit_log where workflow_id = %s and kind = 'run' and subject = 'finish'",
+            (f"agent/acme/{rid}",),
+        ).fetchone()
+    assert refunds == (1,) and finishes == (1,)
