@@ -117,6 +117,25 @@ def _first_error(e: ValidationError) -> str:
     return f"{where}: {err.get('msg', 'invalid')}"
 
 
+MAX_ARG_DEPTH = 32
+"""Deepest nesting of a step's arguments. The workflow decodes activity results with a JSON
+parser that stops at 200 levels while the activity encodes up to ~250: a plan in between
+would fail every workflow task of the run, for ever (it cannot even be refused in there)."""
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile value may be very deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, level = todo.pop()
+        deepest = max(deepest, level)
+        if isinstance(v, dict):
+            todo.extend((x, level + 1) for x in v.values())
+        elif isinstance(v, list | tuple):
+            todo.extend((x, level + 1) for x in v)
+    return deepest
+
+
 def _check_plan(parsed: dict[str, Any] | None, tools: set[str]) -> Plan:
     """Validate a model's plan; raises ValueError with one line naming what is wrong."""
     if parsed is None:
@@ -134,6 +153,8 @@ def _check_plan(parsed: dict[str, Any] | None, tools: set[str]) -> Plan:
             )
         if step.id in seen:
             raise ValueError(f"plan uses step id {step.id!r} twice")
+        if _depth(step.args) > MAX_ARG_DEPTH or _depth(step.when) > MAX_ARG_DEPTH:
+            raise ValueError(f"step {step.id}: arguments nested deeper than {MAX_ARG_DEPTH} levels")
         try:  # references must point at earlier steps; fields are checked at run time
             resolve_args(step.args, {k: _Any() for k in seen})
         except ReferenceError_ as e:
