@@ -198,3 +198,52 @@ async def test_nul_in_model_output_does_not_break_the_ending(
     memory = await _rows(db_pool, "select content from memory_turns where workflow_id = %s", resp.workflow_id)
     assert memory or resp.outcome == "denied", memory
     assert all("\x00" not in c for (c,) in memory)
+
+
+async def test_a_ledger_refusal_after_an_effect_ends_through_the_one_exit(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger refuses the second planning call (its key was taken by a different request:
+    IdempotencyConflict, non-retryable). A local activity's failure reaches workflow code as a
+    bare ApplicationError; it must end the run like any activity failure — the effect undone,
+    the finish row, the slot — and complete with outcome ``failed``, not fail the workflow as
+    an internal error."""
+    from activities import ledger
+    from keel.budget import ReleaseRequest, ReserveRequest
+    from tests.helpers import request
+    from tests.scripted import effects_of
+
+    req = request("record an effect, then plan again")
+    wid = f"agent/{req.tenant}/{req.request_id}"
+    squatter = f"{wid}/plan2.fast"
+    async with db_pool.connection() as conn:
+        await ledger.reserve(
+            conn, ReserveRequest(key=squatter, scopes=("acme",), amount_micros=7, kind="model")
+        )
+    plans = [plan(step("s1", "test_effect", note="undo me"), replan=True), plan(answer="never")]
+    try:
+        async with scripted_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            plans,
+            policy_file=write_policy(tmp_path),
+            monkeypatch=monkeypatch,
+        ):
+            handle = await start(client, task_queue, req)
+            resp = await handle.result()  # completes: a ledger refusal is not an internal error
+    finally:
+        async with db_pool.connection() as conn:
+            await ledger.release(conn, ReleaseRequest(key=squatter, reason="test cleanup"))
+    assert resp.outcome == "failed", (resp.outcome, resp.reason)
+    assert "IdempotencyConflict" in resp.reason or "already used" in resp.reason, resp.reason
+    assert "internal_error" not in resp.flags, resp.flags
+    assert resp.compensated == ("s1",)
+    assert await effects_of(db_pool, wid) == [("s1", "test_effect", "undo me", "undone")]
+    await assert_one_exit(db_pool, handle, resp)

@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.saga import Saga
     from workflows.state import RunState
     from workflows.steps import StepRunner
-    from workflows.stop import Abort, Stopper, cause
+    from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 
@@ -162,7 +162,7 @@ class AgentWorkflow:
             # Temporal cancellation outside any activity (e.g. a timer): undo, then report.
             outcome, reason = "cancelled", "workflow cancelled"
             st.flags.append("cancelled")
-        except ActivityError as e:  # a control-plane call out of retries, a ledger refusal
+        except ACTIVITY_FAILURES as e:  # a control-plane call out of retries, a ledger refusal
             outcome, reason = "failed", f"{_activity_name(e)} failed: {cause(e)}"
             st.flags.append("activity_failed")
         except Exception as e:  # a bug in workflow code: end cleanly, then fail the run
@@ -188,7 +188,7 @@ class AgentWorkflow:
             if outcome not in ("completed", "partial", "needs_human"):
                 await self._saga.rollback(req)
             await self._holds.release_open()
-        except ActivityError as e:  # a settle or release out of retries: still answer
+        except ACTIVITY_FAILURES as e:  # a settle or release out of retries: still answer
             self._state.flags.append("cleanup_failed")
             reason = f"{reason}; cleanup incomplete: {cause(e)}"
         resp = await self._finish(req, ctx, outcome, reason, answer)
@@ -334,8 +334,8 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
-def _activity_name(e: ActivityError) -> str:
-    return e.activity_type or "an activity"
+def _activity_name(e: BaseException) -> str:
+    return (e.activity_type if isinstance(e, ActivityError) else None) or "an activity"
 
 
 _SAFE_STEP_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

@@ -9,7 +9,6 @@ log and releases that step's hold in the same local activity.
 from __future__ import annotations
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, SettleInput, SettleResult
@@ -26,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
 
 from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT
 from workflows.state import RunState
-from workflows.stop import Abort, Stopper
+from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper
 
 __all__ = ["Holds"]
 
@@ -144,7 +143,7 @@ class Holds:
         for key in sorted(self.open):
             try:
                 await self.release(key)
-            except ActivityError:
+            except ACTIVITY_FAILURES:
                 self._state.flags.append("release_failed")
         self.open.clear()
 

@@ -94,6 +94,14 @@ class Stopper:
                     task.uncancel()
 
 
+ACTIVITY_FAILURES = (ActivityError, ApplicationError)
+"""What an activity that gave up raises in workflow code. A local activity's failure (the
+ledger, audit and settle calls) arrives as the activity's own ``ApplicationError``, not
+wrapped in an ``ActivityError``: catching only the latter turned a ledger refusal into an
+internal error, and a failed release in the ending into a workflow failure before the
+finish row. No workflow code raises ``ApplicationError`` itself inside the run."""
+
+
 def cause(e: BaseException) -> str:
     """The innermost message of an activity failure, one line."""
     while e.__cause__ is not None:
