@@ -24,9 +24,11 @@ from temporalio.worker import (
     ExecuteActivityInput,
     Interceptor,
     Worker,
+    WorkflowInterceptorClassInput,
 )
 
 from keel.settings import Settings
+from workflows.arity import OneRequest
 
 __all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "run_worker"]
 
@@ -82,7 +84,8 @@ def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
 
 
 class KeelActivityInterceptor(Interceptor):
-    """Gives every activity this worker runs its breaker store and common span attributes.
+    """Gives every activity this worker runs its breaker store and common span attributes,
+    and guards the workflow's one argument (``workflows.arity``).
 
     ``call_model`` also runs inside ``plan``/``evaluate`` as a plain function, so the pool
     travels in a context variable scoped to the activity rather than in an argument.
@@ -94,6 +97,10 @@ class KeelActivityInterceptor(Interceptor):
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _ActivityContext(next, self._pool)
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[OneRequest]:
+        """Refuse a start with more than one argument (see ``workflows.arity``)."""
+        return OneRequest
 
 
 class _ActivityContext(ActivityInboundInterceptor):

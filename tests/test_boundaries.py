@@ -216,12 +216,6 @@ async def test_sdk_start_without_an_argument_fails_at_once(
     await assert_nothing_started(db_pool, wid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with two payloads the SDK drops run()'s type hints, decodes both as plain "
-    "JSON and calls run(a, b); the TypeError fails the workflow task in a loop (needs a "
-    "workflow inbound interceptor, or TypeError as a workflow failure type)",
-)
 async def test_sdk_start_with_two_arguments_fails_at_once(
     client: Client, db_pool: AsyncConnectionPool, sdk_queue: str
 ) -> None:
