@@ -240,3 +240,43 @@ def test_cli_same_request_id_attaches_and_a_different_message_is_refused(
             (f"agent/acme/{rid}",),
         ).fetchone()
     assert refunds == (1,) and finishes == (1,)
+
+
+async def test_racing_first_starts_make_one_run(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight clients race to start one request id, half with another message: one run starts,
+    the same request attaches to it, the other request is refused — whoever won the race."""
+    req = request("race")
+    other = AgentRequest(**{**req.model_dump(), "message": "a different race"})
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        [plan(step("s1", "test_effect", note="raced")), plan(answer="ok")],
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        outcomes = await asyncio.gather(
+            *(start_or_attach(client, r, task_queue=task_queue) for r in [req, other] * 4),
+            return_exceptions=True,
+        )
+        started = [o for o in outcomes if not isinstance(o, BaseException) and not o[1]]
+        assert len(started) == 1, outcomes
+        winner = started[0][0]
+        resp = await winner.result()
+    unexpected = [
+        o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, RequestIdConflict)
+    ]
+    assert unexpected == [], unexpected
+    refused = sum(isinstance(o, RequestIdConflict) for o in outcomes)
+    assert refused == 4, outcomes  # exactly the four of the request that lost
+    assert len(await _executions(client, workflow_id(req))) == 1
+    assert await effects_of(db_pool, workflow_id(req)) == [("s1", "test_effect", "raced", "done")]
+    await assert_one_exit(db_pool, winner, resp)
