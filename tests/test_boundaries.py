@@ -273,3 +273,49 @@ async def test_sdk_client_refuses_to_encode_a_lone_surrogate(client: Client, sdk
     with pytest.raises(RPCError) as missing:
         await client.get_workflow_handle(wid).describe()
     assert missing.value.status == RPCStatusCode.NOT_FOUND
+
+
+async def test_hostile_update_payloads_are_refused_without_a_task_loop(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Updates are inputs too: a raw client answering an approval with garbage must be refused
+    per update, and the run must go on waiting for a real answer."""
+    from temporalio.client import WorkflowUpdateFailedError
+
+    from activities.tools.testing import step
+    from keel.models import StepState
+    from tests.ending import assert_one_exit
+    from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
+
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        [plan(step("s1", "test_effect", note="approve-me"))],
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        handle = await start(client, task_queue)
+        await wait_status(handle, "s1", StepState.WAITING_APPROVAL)
+        hostile: list[tuple[str, Any]] = [
+            ("approve", {"approve": "maybe"}),
+            ("approve", [1, 2]),
+            ("approve", {"step_id": "nope"}),
+            ("approve", _json_payload(b"{not json")),
+            ("cancel", {"reason": 1}),
+        ]
+        for name, arg in hostile:
+            with pytest.raises((WorkflowUpdateFailedError, RPCError)):
+                await asyncio.wait_for(handle.execute_update(name, arg), timeout=10)
+        status = await wait_status(handle, "s1", StepState.WAITING_APPROVAL)
+        assert status.phase == "waiting_approval"
+        await handle.execute_update("approve", {"approve": False, "reason": "no\x00thanks"})
+        resp = await asyncio.wait_for(handle.result(), timeout=30)
+    assert resp.outcome == "rejected", (resp.outcome, resp.reason)
+    await assert_one_exit(db_pool, handle, resp)
