@@ -229,7 +229,9 @@ class AgentActivities:
         )
         scopes = scope_path(req.tenant, req.workspace, req.user, wid)
         run = {"tenant": req.tenant, "user": req.user, "workflow_id": wid, "step_id": ""}
-        run_id = activity.info().workflow_run_id if activity.in_activity() else ""
+        # A reset, retry or continue-as-new keeps the chain (and may prepare again); a fresh
+        # start under a used workflow id is a new chain.
+        run_id = inp.chain_id or (activity.info().workflow_run_id if activity.in_activity() else "")
         authorize_key = f"{wid}/authorize"
         async with self._pool.connection() as conn:  # one connection for the whole preparation
             earlier = await _earlier_run(conn, wid, run_id) if gate.allowed else None

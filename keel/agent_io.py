@@ -56,6 +56,9 @@ class RunLimits(Frozen):
 class PrepareInput(Frozen):
     request: AgentRequest
     workflow_id: str
+    chain_id: str = ""
+    """The run's first execution run id: shared by a reset, retry or continue-as-new of this
+    run, new for a fresh start that reuses the workflow id (which ``prepare_run`` refuses)."""
 
 
 class RunContext(Frozen):

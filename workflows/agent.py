@@ -136,7 +136,9 @@ class AgentWorkflow:
             ctx = await self._stopper.shielded(
                 workflow.start_activity(
                     "prepare_run",
-                    PrepareInput(request=req, workflow_id=st.wid),
+                    PrepareInput(
+                        request=req, workflow_id=st.wid, chain_id=workflow.info().first_execution_run_id
+                    ),
                     result_type=RunContext,
                     start_to_close_timeout=PREPARE_TIMEOUT,
                     retry_policy=CONTROL_RETRY,
