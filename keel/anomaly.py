@@ -114,7 +114,10 @@ def _canon(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int | float):
-        return round(float(value), 6)
+        try:
+            return round(float(value), 6)
+        except OverflowError:  # an int beyond float range (a planner's 10**400): exact, as text
+            return str(value)
     if isinstance(value, str):
         text = _SPACE.sub(" ", value).strip().lower()
         return round(float(text), 6) if _NUMBER.match(text) else text

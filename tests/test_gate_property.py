@@ -162,6 +162,18 @@ def test_decision_helpers_outside_the_guard_never_raise(
         pass
 
 
+@settings(max_examples=300, deadline=None, database=None)
+@given(args=st.dictionaries(st.text(max_size=5), json_values, max_size=4))
+def test_the_finish_time_anomaly_canon_never_raises(args: dict[str, Any]) -> None:
+    """``finish_run`` canonicalises every executed call's arguments for the anomaly flags: an
+    exception there fails the run's ending itself (five attempts, then the workflow fails
+    with no answer) — seen with ``10**400``, which ``float()`` cannot hold."""
+    from keel.anomaly import canonical_call
+
+    assert canonical_call("issue_refund", args) == canonical_call("issue_refund", dict(args))
+    canonical_call("issue_refund", {"amount_usd": HUGE, "note": ["x", {"n": -HUGE}]})
+
+
 # ---------------------------------------------------------------- through the workflow
 _PROPERTY_POLICY = f"""version: "2026-11-01.1"
 roles:
