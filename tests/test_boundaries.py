@@ -26,6 +26,7 @@ from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.agents import workflow_id
 from keel.models import MAX_DEADLINE_SECONDS, MAX_ITERATIONS, MAX_RUN_BUDGET_USD, AgentRequest
 from keel.settings import Settings
 from tests.ending import assert_nothing_started, history_counts
@@ -109,8 +110,8 @@ def test_cli_refuses_each_boundary_with_one_line_and_starts_nothing(
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout == ""
     if "--request-id" not in args:  # the id was ours: Temporal never heard of it
-        status = _cli(cli_env, "status", f"agent/acme/{rid}")
-        assert status.returncode == 1 and status.stderr.startswith("error: not found"), status
+        status = _cli(cli_env, "status", workflow_id("acme", "support", rid))
+        assert status.returncode != 0 and status.stderr.startswith("error: no run"), status
 
 
 def test_cli_message_with_a_nul_cannot_even_be_passed() -> None:

@@ -19,7 +19,8 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.tools.testing import step
-from keel.models import AgentRequest
+from keel.agents import workflow_id as agent_workflow_id
+from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings
 from keel.submit import RequestIdConflict, start_or_attach, workflow_id
 from tests.ending import assert_one_exit
@@ -154,7 +155,9 @@ async def test_a_run_started_around_submit_cannot_be_attached_to(
         policy_file=write_policy(tmp_path),
         monkeypatch=monkeypatch,
     ):
-        raw = await start(client, task_queue, req)
+        raw = await client.start_workflow(  # the id submit would use, without its memo
+            "AgentWorkflow", req, id=workflow_id(req), task_queue=task_queue, result_type=AgentResponse
+        )
         await raw.result()
         with pytest.raises(RequestIdConflict):
             await start_or_attach(client, req, task_queue=task_queue)
@@ -214,6 +217,7 @@ def test_cli_same_request_id_attaches_and_a_different_message_is_refused(
 ) -> None:
     order = _order(pg_url)
     rid = f"rid-{uuid.uuid4().hex[:10]}"
+    wid = agent_workflow_id("acme", "support", rid)
     message = f"Check if order {order} is shipped and refund it if so"
     first = _cli(cli_env, "run", message, "--request-id", rid, "--session", rid, "--json")
     assert first.returncode == 0, first.stderr
@@ -222,7 +226,7 @@ def test_cli_same_request_id_attaches_and_a_different_message_is_refused(
 
     again = _cli(cli_env, "run", message, "--request-id", rid, "--session", rid, "--json")
     assert again.returncode == 0, again.stderr
-    assert again.stderr.startswith("attached to the existing run agent/acme/"), again.stderr
+    assert again.stderr.startswith(f"attached to the existing run {wid}"), again.stderr
     assert json.loads(again.stdout) == body  # the same result, not a second run
 
     other = _cli(cli_env, "run", "Refund everything", "--request-id", rid, "--session", rid)
@@ -237,7 +241,7 @@ def test_cli_same_request_id_attaches_and_a_different_message_is_refused(
         refunds = conn.execute("select count(*) from refunds where order_id = %s", (order,)).fetchone()
         finishes = conn.execute(
             "select count(*) from audit_log where workflow_id = %s and kind = 'run' and subject = 'finish'",
-            (f"agent/acme/{rid}",),
+            (wid,),
         ).fetchone()
     assert refunds == (1,) and finishes == (1,)
 
@@ -295,8 +299,6 @@ async def test_an_operator_reset_to_the_start_is_not_taken_for_a_reused_id(
     happens twice."""
     from temporalio.api.common.v1 import WorkflowExecution
     from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
-
-    from keel.models import AgentResponse
 
     order = await make_order(db_pool, total_usd=50.0)
     plans = [plan(step("s1", "issue_refund", order_id=order, amount_usd=10.0, reason="late")), plan()]
