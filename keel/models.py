@@ -178,6 +178,8 @@ class AgentRequest(Frozen):
             raise ValueError("budget must be a positive, finite number of USD")
         if v > MAX_RUN_BUDGET_USD:
             raise ValueError(f"budget must be at most {MAX_RUN_BUDGET_USD:,.2f} USD")
+        if usd_to_micros(v) < 1:
+            raise ValueError("budget must be at least $0.000001 (one micro-USD)")
         return v
 
     @field_validator("max_iterations")

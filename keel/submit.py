@@ -12,6 +12,7 @@ or audit rows, which are derived from the workflow id.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -46,9 +47,30 @@ def workflow_id(req: AgentRequest) -> str:
     return scheme(req.tenant, req.agent, req.request_id)
 
 
+_FINGERPRINT_FIELDS = (
+    "tenant",
+    "user",
+    "agent",
+    "request_id",
+    "message",
+    "session",
+    "workspace",
+    "permissions",
+    "max_budget_usd",
+    "model_policy",
+    "max_iterations",
+    "deadline_seconds",
+)
+"""What makes two requests the same request. An explicit list: a field added in a later
+release (with its default) must not make a retry across the upgrade look like a new request."""
+
+
 def fingerprint(req: AgentRequest) -> str:
-    """What makes two requests the same request: everything the caller asked for."""
-    return hashlib.sha256(req.model_dump_json().encode()).hexdigest()[:32]
+    """Everything the caller asked for, canonically (permission order does not matter)."""
+    fields = req.model_dump(mode="json", include=set(_FINGERPRINT_FIELDS))
+    fields["permissions"] = sorted(set(fields["permissions"]))
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 async def start_or_attach(
