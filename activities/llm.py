@@ -21,6 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
@@ -39,7 +40,19 @@ from keel import telemetry
 from keel.models import ModelCall, ModelResult
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
-__all__ = ["HEARTBEAT_EVERY_S", "OUTAGE_ERRORS", "call_model", "fallback_model"]
+__all__ = [
+    "DEFAULT_MODEL_BREAKER_THRESHOLD",
+    "HEARTBEAT_EVERY_S",
+    "OUTAGE_ERRORS",
+    "Routed",
+    "call_model",
+    "check_model_config",
+    "configured_models",
+    "fallback_model",
+    "model_breaker_threshold",
+    "route",
+    "send",
+]
 
 HEARTBEAT_EVERY_S = 5.0
 """Heartbeat period while a provider call is in flight: well under any sensible heartbeat
@@ -52,33 +65,60 @@ at fault."""
 MODEL_PROBE_LEASE_S = 200.0
 """A probe may take as long as a model call may (the workflow's 3-minute timeout)."""
 
+DEFAULT_MODEL_BREAKER_THRESHOLD = 3
+"""Consecutive outage failures that open a provider's breaker. It must stay below the plan
+step's attempts (``keel.agent_io.MODEL_ATTEMPTS``, 5): the run whose calls open the breaker
+then still has attempts left, and they go to the other provider (failover inside the run
+that meets the outage, not only in later runs)."""
+
 _KEY_ENV: dict[str, tuple[str, ...]] = {
     "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
     "anthropic": ("ANTHROPIC_API_KEY",),
 }
 
 
-@activity.defn(name="call_model")
-async def call_model(call: ModelCall) -> ModelResult:
-    """Run ``call`` on the provider its ``model`` names and return the result with latency.
+@dataclass(frozen=True)
+class Routed:
+    """Where one call goes: possibly another provider's model when the breaker sent it there."""
+
+    call: ModelCall
+    provider: str
+    guard: _ProviderGuard | None = None
+    fallback_from: str = ""
+    """The model the caller asked for, when the call was moved to another provider."""
+
+
+async def route(call: ModelCall) -> Routed:
+    """Ask the provider's breaker whether ``call`` may go; move it to the other provider's
+    model of the same tier when the breaker is open and this worker holds that key.
+
+    Decided before the call's budget is held, so the hold is priced for the model that will
+    really be called.
 
     Raises:
-        ApplicationError: for every failure; unknown models and bad credentials are
-            non-retryable, rate limits and outages retryable (see ``activities.models.errors``);
-            ``CircuitOpen`` (non-retryable) when the provider's breaker is open and no other
-            provider can take the call.
+        ApplicationError: ``ProviderBadRequest`` for an unknown model; ``CircuitOpen``
+            (non-retryable) when the breaker is open and no other provider can take it.
     """
     try:
         provider_name, _ = split_model(call.model)
     except ValueError as e:
         raise ApplicationError(str(e), type=BAD_REQUEST, non_retryable=True) from e
-    wid = activity.info().workflow_id if activity.in_activity() else ""
-    tenant = telemetry.tenant_of(wid or "")
-    telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
-    guard: _ProviderGuard | None = None
     pool = breaker.BREAKER_POOL.get()
-    if pool is not None and provider_name != "offline":
-        call, provider_name, guard = await _guarded(pool, call, provider_name, tenant)
+    if pool is None or provider_name == "offline":
+        return Routed(call, provider_name)
+    routed, provider, guard = await _guarded(pool, call, provider_name, _tenant())
+    return Routed(routed, provider, guard, fallback_from=call.model if routed.model != call.model else "")
+
+
+async def send(routed: Routed) -> ModelResult:
+    """Send one routed call (exactly one provider request), heartbeating, errors translated.
+
+    Raises:
+        ApplicationError: every failure, typed by ``activities.models.errors``.
+    """
+    call, provider_name, guard = routed.call, routed.provider, routed.guard
+    tenant = _tenant()
+    telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
     provider = get_provider(call.model)
     started = time.monotonic()
     beat = asyncio.create_task(_heartbeat_forever())
@@ -115,6 +155,27 @@ async def call_model(call: ModelCall) -> ModelResult:
     return result.model_copy(update={"latency_ms": latency_ms, "model": model})
 
 
+@activity.defn(name="call_model")
+async def call_model(call: ModelCall) -> ModelResult:
+    """Run ``call`` on the provider its ``model`` names and return the result with latency.
+
+    Unmetered: it holds no budget (the agent's own activities use ``activities.metered``,
+    which does). Kept for tools and operators that need one raw call.
+
+    Raises:
+        ApplicationError: for every failure; unknown models and bad credentials are
+            non-retryable, rate limits and outages retryable (see ``activities.models.errors``);
+            ``CircuitOpen`` (non-retryable) when the provider's breaker is open and no other
+            provider can take the call.
+    """
+    return await send(await route(call))
+
+
+def _tenant() -> str:
+    wid = activity.info().workflow_id if activity.in_activity() else ""
+    return telemetry.tenant_of(wid or "")
+
+
 def fallback_model(model: str, env: Mapping[str, str]) -> str | None:
     """The other provider's model for the tier ``model`` serves, if this worker has its key.
 
@@ -132,6 +193,80 @@ def fallback_model(model: str, env: Mapping[str, str]) -> str | None:
     return tiers[_tier_of(model, env)]
 
 
+def model_breaker_threshold(env: Mapping[str, str]) -> int:
+    """``KEEL_MODEL_BREAKER_THRESHOLD``, else ``KEEL_BREAKER_THRESHOLD`` lowered below the
+    step's attempts, else 3.
+
+    Raises:
+        ValueError: one line naming the variable.
+    """
+    from keel.agent_io import MODEL_ATTEMPTS
+
+    raw = (env.get("KEEL_MODEL_BREAKER_THRESHOLD") or "").strip()
+    if not raw:  # the general breaker threshold, kept below the attempts
+        general = (env.get("KEEL_BREAKER_THRESHOLD") or "").strip()
+        if general.isdigit() and int(general) >= 1:
+            return min(int(general), MODEL_ATTEMPTS - 1)
+        return DEFAULT_MODEL_BREAKER_THRESHOLD
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value < MODEL_ATTEMPTS:
+        raise ValueError(
+            f"KEEL_MODEL_BREAKER_THRESHOLD must be an integer from 1 to {MODEL_ATTEMPTS - 1} (below the "
+            f"{MODEL_ATTEMPTS} attempts of a model step, so a run can fail over), got {raw!r}"
+        )
+    return value
+
+
+def configured_models(env: Mapping[str, str]) -> dict[str, str]:
+    """Every model this worker may call, with why: the tiers (the worker's, and each agent
+    definition's), and each tier's failover model."""
+    from activities.agent_defs import agent_definitions
+    from keel.agents import agent_tiers
+
+    base = resolve_tiers(env)
+    tables = [("", base)]
+    try:
+        tables += [(f"agent {n} ", agent_tiers(base, a, env)) for n, (a, _) in agent_definitions().items()]
+    except Exception:  # a bad definition is reported by its own check at worker start
+        pass
+    out: dict[str, str] = {}
+    for who, tiers in tables:
+        for tier, model in tiers.items():
+            out.setdefault(model, f"{who}tier {tier}")
+            alt = fallback_model(model, env)
+            if alt is not None:
+                out.setdefault(alt, f"failover for {model}")
+    return out
+
+
+def check_model_config(env: Mapping[str, str]) -> None:
+    """Refuse a worker whose models cannot be charged or whose limits are inconsistent.
+
+    Run at worker start, so a model without a price fails once, in one line that names the
+    fix, instead of every run failing in its first activity.
+
+    Raises:
+        ValueError: one line (``PricingError`` for a model without a price).
+    """
+    from activities.models.errors import model_timeout_s
+    from keel.pricing import PricingError, load_prices, price_for
+
+    prices = load_prices()
+    for model, why in configured_models(env).items():
+        try:
+            price_for(model, prices)
+        except PricingError as e:
+            raise PricingError(
+                f"{model} ({why}) has no price: add it to the JSON file named by KEEL_PRICES_FILE "
+                '(e.g. {"' + model + '": {"input": 0, "output": 0}} for a free local model)'
+            ) from e
+    model_timeout_s(dict(env))
+    model_breaker_threshold(env)
+
+
 def _tier_of(model: str, env: Mapping[str, str]) -> str:
     for table in (resolve_tiers(env), OPENAI_TIERS, ANTHROPIC_TIERS):
         for tier, name in table.items():
@@ -143,7 +278,9 @@ def _tier_of(model: str, env: Mapping[str, str]) -> str:
 async def _guarded(
     pool: Any, call: ModelCall, provider: str, tenant: str
 ) -> tuple[ModelCall, str, _ProviderGuard]:
-    cfg = breaker.config_from_env(probe_lease_seconds=MODEL_PROBE_LEASE_S)
+    cfg = breaker.config_from_env(
+        probe_lease_seconds=MODEL_PROBE_LEASE_S, failure_threshold=model_breaker_threshold(os.environ)
+    )
     owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
     scope = f"model:{provider}"
     async with pool.connection() as conn:

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 __all__ = ["main"]
 
-ALL = ("step", "history", "throughput", "peer", "recovery", "ledger")
+ALL = ("step", "history", "throughput", "peer", "recovery", "ledger", "model_cost")
 
 
 def _machine(settings: Any, pg_version: str) -> dict[str, Any]:
@@ -127,6 +127,7 @@ async def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                 "history": lambda: _mod("bench_history").run(client, pool, settings, smoke=args.smoke),
                 "throughput": lambda: _mod("bench_throughput").run(client, pool, settings, smoke=args.smoke),
                 "peer": lambda: _mod("bench_peer").run(client, pool, settings, smoke=args.smoke),
+                "model_cost": lambda: _mod("bench_model_cost").run(client, pool, settings, smoke=args.smoke),
                 "recovery": lambda: _external(
                     "bench_recovery",
                     {
@@ -386,6 +387,7 @@ _SECTIONS = (
     ("peer", "4. Peer: pydantic-ai's Temporal integration, same task, same server", _peer_md),
     ("recovery", "5. Recovery (bench/bench_recovery.py)", _generic_md),
     ("ledger", "6. Budget ledger (bench/bench_ledger.py)", _generic_md),
+    ("model_cost", "7. Judge and answer cost on the offline path (bench/bench_model_cost.py)", _generic_md),
 )
 
 

@@ -16,6 +16,7 @@ from keel.models import (
     BudgetCaps,
     Decision,
     Frozen,
+    ModelCallRecord,
     Plan,
     StepRecord,
     ToolInfo,
@@ -24,6 +25,7 @@ from keel.models import (
 )
 
 __all__ = [
+    "MODEL_ATTEMPTS",
     "RunLimits",
     "PrepareInput",
     "RunContext",
@@ -37,7 +39,15 @@ __all__ = [
     "StepGateResult",
     "SettleInput",
     "SettleResult",
+    "ModelCallsInput",
+    "ModelCallsOutput",
 ]
+
+
+MODEL_ATTEMPTS = 5
+"""Temporal attempts of a model step (plan, judge, answer). A provider's breaker opens after
+fewer consecutive outages (``KEEL_MODEL_BREAKER_THRESHOLD``, default 3), so the attempts left
+fail over to the other provider inside the run that met the outage."""
 
 
 class RunLimits(Frozen):
@@ -51,6 +61,9 @@ class RunLimits(Frozen):
     min_confidence: float = 0.5
     escalate_below: float = 0.75
     approval_timeout_seconds: int = 3600
+    max_model_calls: int = 40
+    """Model calls a run may send in all (plans, repairs, retries, judge, answer): each model
+    step is told how many are left, and its activity refuses the call past it."""
 
 
 class PrepareInput(Frozen):
@@ -85,7 +98,8 @@ class RunContext(Frozen):
     scopes: tuple[str, ...] = ()
     limits: RunLimits = RunLimits()
     judge: bool = False
-    """Ask a model to judge results in addition to the rules."""
+    """Ask a model to judge plans and results in addition to the rules (set when the worker
+    holds a provider key; the offline path judges by rules only, at no cost)."""
     token_prices: dict[str, tuple[int, int]] = Field(default_factory=dict)
     """Per model: worst-case micro-USD per million input and output tokens, priced when the
     run started, so the workflow prices reservations without reading files or the env."""
@@ -109,7 +123,16 @@ class PlanInput(Frozen):
     max_tokens: int = 1024
     iteration: int = 1
     budget_micros: int | None = None
-    """What the ledger granted for this call: a repair round is made only if it still fits."""
+    """Legacy: what the workflow's own hold granted (runs recorded before holds moved into
+    the activity). Ignored when ``scopes`` is set."""
+    scopes: tuple[str, ...] = ()
+    """The run's budget scopes: the activity holds budget for each model call itself."""
+    start_tier: str = ""
+    """The run's starting tier (calls above it are recorded as escalated)."""
+    tiers: dict[str, str] = Field(default_factory=dict)
+    """The run's tier → model map, for a hold the ledger caps to a cheaper tier."""
+    max_calls: int | None = None
+    """Model calls the run has left (``RunLimits.max_model_calls`` minus those sent)."""
     instructions: str = ""
     """The agent's instructions (``RunContext.instructions``); empty: a generic planner."""
 
@@ -118,9 +141,12 @@ class PlanOutput(Frozen):
     plan: Plan
     usage: Usage = Usage()
     cost_micros: int = 0
+    """Every call of this step, earlier attempts included: what the ledger committed."""
     model: str = ""
     latency_ms: float = 0.0
     repaired: bool = False
+    calls: tuple[ModelCallRecord, ...] = ()
+    """One record per model call the step made (each under its own ledger hold)."""
 
 
 class EvalInput(Frozen):
@@ -130,6 +156,20 @@ class EvalInput(Frozen):
     model: str | None = None
     """Judge model; ``None`` evaluates by rules only (no model call, no cost)."""
     max_tokens: int = 256
+    iteration: int = 0
+    scopes: tuple[str, ...] = ()
+    """The run's budget scopes (the judge's call is held and committed by the activity)."""
+    plan: Plan | None = None
+    """Judge this plan before it runs (the cascade's check), instead of executed results."""
+    history: tuple[StepRecord, ...] = ()
+    """Steps of earlier iterations: not scored, but they count for the intent rule (an
+    order looked up before an escalation has been touched)."""
+    tier: str = ""
+    start_tier: str = ""
+    side_effect_tools: tuple[str, ...] = ()
+    """Tools of the run's catalogue that write outside it (checked before they run)."""
+    max_calls: int | None = None
+    """Model calls the run has left."""
 
 
 class EvalOutput(Frozen):
@@ -138,6 +178,7 @@ class EvalOutput(Frozen):
     reason: str = ""
     cost_micros: int = 0
     model: str = ""
+    calls: tuple[ModelCallRecord, ...] = ()
 
 
 class FinishInput(Frozen):
@@ -156,6 +197,11 @@ class FinishInput(Frozen):
     flags: tuple[str, ...] = ()
     """Flags the run already raised (escape hatches), so anomaly flags do not repeat them."""
     thrash_repeats: int = 3
+    scopes: tuple[str, ...] = ()
+    """The run's budget scopes; set, a live model writes the answer under its own hold."""
+    start_tier: str = ""
+    max_calls: int | None = None
+    """Model calls the run has left."""
 
 
 class FinishOutput(Frozen):
@@ -164,6 +210,10 @@ class FinishOutput(Frozen):
     model: str = ""
     flags: tuple[str, ...] = ()
     """Anomaly flags of the run (``keel.anomaly``), recorded in ``run_stats`` and audited."""
+    calls: tuple[ModelCallRecord, ...] = ()
+    flag: str = ""
+    """Why the model-written answer was not returned (it claimed an effect no step
+    produced): the run is then handed to a human, never reported completed."""
 
 
 class StepGateInput(Frozen):
@@ -213,3 +263,15 @@ class SettleResult(Frozen):
     ok: bool = True
     recorded: ToolResult | None = None
     """The effect recorded under ``effect_key``: the step succeeded after all."""
+
+
+class ModelCallsInput(Frozen):
+    """Settle the model calls of a step whose activity died without reporting them."""
+
+    prefix: str
+    """``<workflow_id>/<role><iteration>``, as the activity's holds were keyed."""
+
+
+class ModelCallsOutput(Frozen):
+    cost_micros: int = 0
+    calls: tuple[ModelCallRecord, ...] = ()

@@ -286,10 +286,14 @@ def tool_hold(
 ) -> ReserveRequest:
     """The one shape of a tool step's hold. The workflow places it when it admits a plan and
     the tool activity places it again before the effect: the same request under the same key
-    is an idempotent replay in the ledger, never a second hold."""
+    is an idempotent replay in the ledger, never a second hold.
+
+    The hold charges the tool's own scope (``<tenant>/tool:<name>``) besides the run's path,
+    so ``budget set acme/tool:issue_refund 5`` binds every call of that tool."""
+    per_tool = tool_scope(scopes[0].split("/", 1)[0], tool) if scopes else ""
     return ReserveRequest(
         key=key,
-        scopes=scopes,
+        scopes=scopes if not per_tool or per_tool in scopes else (*scopes, per_tool),
         amount_micros=amount_micros,
         min_micros=amount_micros,
         ttl_seconds=max(1, min(ttl, 86_400)),

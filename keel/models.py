@@ -14,7 +14,7 @@ import math
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keel.redact import find
 from keel.text import problem as text_problem
@@ -29,6 +29,8 @@ __all__ = [
     "Frozen",
     "ModelPolicy",
     "AgentRequest",
+    "PLAN_REQUIRED",
+    "STEP_REQUIRED",
     "PlanStep",
     "Plan",
     "StepState",
@@ -197,13 +199,25 @@ class AgentRequest(Frozen):
         return v
 
 
+PLAN_REQUIRED: tuple[str, ...] = ("steps", "answer")
+"""Keys a model's plan must carry (``replan`` may be left out: it defaults to false)."""
+STEP_REQUIRED: tuple[str, ...] = ("id", "tool", "args")
+"""Keys each step of a model's plan must carry."""
+
+
 class PlanStep(Frozen):
     """One tool call the planner proposes.
 
     ``args`` values may reference earlier results as ``"${s1.field}"``; ``when`` makes the
     step conditional on an earlier result (``{"step": "s1", "field": "status", "equals":
     "shipped"}``). Both are resolved deterministically in the workflow.
+
+    Unknown keys are refused (``extra="forbid"``): a step that says more than the schema is
+    a model that did not follow it. Scalars are coerced as pydantic's lax mode does, plus
+    numbers to strings, so ``"id": 1`` is the step ``"1"`` rather than a wasted repair.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
     id: str
     tool: str
@@ -213,13 +227,60 @@ class PlanStep(Frozen):
 
 
 class Plan(Frozen):
-    """A validated plan. An empty ``steps`` list means the model answers directly."""
+    """A validated plan. An empty ``steps`` list means the model answers directly.
+
+    Code may build a ``Plan`` with defaults (scripted planners, tests); a model's output is
+    held to more with :meth:`from_model_output`: the required keys present, no unknown key
+    (so ``{"plan": ...}`` wrappers, copies of the JSON schema and ``{}`` are refused), and a
+    plan with no steps must carry its answer — "nothing to do" has to say so.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: tuple[PlanStep, ...] = ()
     answer: str = ""
     """Direct answer / final message template when no (more) tools are needed."""
     replan: bool = False
     """Ask to see these steps' results and plan again (e.g. "watch until it ships")."""
+
+    @classmethod
+    def from_model_output(cls, data: Any) -> Plan:
+        """Validate what a model returned as a plan.
+
+        Raises:
+            ValueError: one line naming the first thing wrong (sent back in the repair turn).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in PLAN_REQUIRED if k not in data]
+        if missing:
+            extra = sorted(set(data) - set(cls.model_fields))
+            hint = f" (it has {', '.join(map(repr, extra))} instead)" if extra else ""
+            raise ValueError(f"missing required field(s) {', '.join(missing)}{hint}")
+        steps = data.get("steps")
+        for i, step in enumerate(steps if isinstance(steps, list) else ()):
+            gone = [k for k in STEP_REQUIRED if isinstance(step, dict) and k not in step]
+            if gone:
+                raise ValueError(f"steps.{i}: missing required field(s) {', '.join(gone)}")
+        try:
+            plan = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ())) or "plan"
+            raise ValueError(f"{where}: {err.get('msg', 'invalid')}") from None
+        if not plan.steps and not plan.answer.strip():
+            raise ValueError("a plan with no steps must put the reply in a non-empty 'answer'")
+        return plan
+
+    @classmethod
+    def model_output_schema(cls) -> dict[str, Any]:
+        """The JSON schema a planner is asked to follow: this model's, with the required keys."""
+        schema = cls.model_json_schema()
+        schema["required"] = list(PLAN_REQUIRED)
+        step = schema.get("$defs", {}).get("PlanStep")
+        if isinstance(step, dict):
+            step["required"] = list(STEP_REQUIRED)
+        return schema
 
 
 class StepState(str, Enum):
@@ -275,6 +336,12 @@ class ModelCallRecord(Frozen):
     latency_ms: float = 0.0
     escalated: bool = False
     """Served above the run's starting tier (the cascade climbed)."""
+    key: str = ""
+    """The call's own ledger hold (``<workflow_id>/<role><iteration>/call<n>``)."""
+    fallback_from: str = ""
+    """The model the call was meant for when its provider's breaker sent it elsewhere."""
+    outcome: str = "ok"
+    """``ok``, or the error type that ended the call (its cost is still charged)."""
 
 
 RunOutcome = Literal[
@@ -358,6 +425,13 @@ class ModelResult(Frozen):
     model: str = ""
     provider: str = ""
     latency_ms: float = 0.0
+    truncated: bool = False
+    """The reply stopped at the output cap (``finish_reason == "length"`` / ``max_tokens``)."""
+    parse_error: str = ""
+    """Why structured output could not be read (``parsed`` is then ``None``); the caller
+    decides whether to repair."""
+    usage_known: bool = True
+    """The provider reported usage; ``False`` means the ledger charges the call's full hold."""
 
 
 class StepGate(Frozen):

@@ -60,6 +60,7 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
         agent.plan,
         agent.evaluate,
         agent.finish_run,
+        agent.settle_model_calls,
         control.authorize_step,
         control.settle_step,
         tools.run_tool,
@@ -138,9 +139,14 @@ def build_workers(
     Tracing comes from the client's interceptors (see ``keel.telemetry.with_tracing``);
     ``interceptors`` adds worker-only ones.
     """
+    import os
+
+    from activities.llm import check_model_config
     from activities.tools import ToolActivities, catalog
     from keel.codec import load_keyring
     from workflows.agent import AgentWorkflow
+
+    check_model_config(os.environ)  # an unpriced model fails here, once, in one line
 
     queue = task_queue or settings.task_queue
     chain = [*interceptors, KeelActivityInterceptor(pool)]
@@ -180,8 +186,11 @@ def build_workers(
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): connect, migrate, serve, sweep."""
+    import os
+
     from activities.agent_defs import agent_definitions
     from activities.ledger import run_sweeper
+    from activities.llm import check_model_config
     from activities.tools import catalog
     from keel.client import connect
     from keel.db import apply_migrations, open_pool
@@ -189,6 +198,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
 
     catalog(include_hidden=True)  # a tool module or agent definition that cannot load
     agent_definitions()  # stops the worker before it connects to anything
+    check_model_config(os.environ)  # so does a model without a price: one line, before any service
     await asyncio.to_thread(apply_migrations, settings.database_url)
     tracer_provider, meter_provider = setup_telemetry("keel-worker")
     pool = await open_pool(settings.database_url, max_size=20)

@@ -68,3 +68,18 @@ async def test_peer_benchmark_smoke(
         assert r[kind]["runs_per_s"] > 0 and r[kind]["task_ms"]["p50"] > 0
         assert r[kind]["task_history_events"] > 0
     assert r["task_latency_ratio_keel_over_peer"] > 0
+
+
+async def test_model_cost_benchmark_smoke(
+    client: Client, db_pool: AsyncConnectionPool, bench_settings: Settings
+) -> None:
+    """Offline, the judge and the answer make no model call and cost nothing; plans do."""
+    from bench import bench_model_cost
+
+    r = await bench_model_cost.run(client, db_pool, bench_settings, smoke=True)
+    assert r["judge_and_answer_micros_per_run"] == 0
+    for role in ("check", "evaluate", "respond"):
+        assert r["per_role"][role]["calls_per_run"] == 0
+    assert r["per_role"]["plan"]["calls_per_run"] >= 1 and r["per_role"]["plan"]["micros_per_run"] > 0
+    assert r["runs_where_spend_equals_ledger"] == r["runs"]
+    assert r["outcomes"] == ["completed"]

@@ -19,11 +19,19 @@ from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker
 from tests.providers.fake_anthropic import FakeAnthropic, tool_use
 from tests.providers.fake_openai import FakeOpenAI, chat, error
+from tests.providers.sloppy import Roles, role_of
+
+
+@pytest.fixture(autouse=True)
+async def _closed_breakers(db_pool: AsyncConnectionPool) -> AsyncIterator[None]:
+    async with db_pool.connection() as conn:
+        await conn.execute("delete from circuit_breakers where scope like 'model:%%'")
+    yield
 
 
 @pytest.fixture
 def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
+    server = FakeOpenAI(responder=Roles()).start()  # judge and answer calls get defaults
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key-000000000000")
     monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
@@ -33,7 +41,7 @@ def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
 
 @pytest.fixture
 def anthropic_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAnthropic]:
-    server = FakeAnthropic().start()
+    server = FakeAnthropic(responder=Roles(anthropic=True)).start()
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key-00000000")
@@ -77,7 +85,8 @@ async def test_openai_plan_with_usage_cost_and_429_retry(
     ((model, cost),) = resp.spend.by_model.items()
     assert model.startswith("openai:") and cost > 0
     posts = [r for r in openai_server.requests if r.method == "POST"]
-    assert len(posts) == 2  # one 429 (retried by Temporal after retry-after), one success
+    # One 429 (retried by Temporal after retry-after), the plan, the judge, the answer.
+    assert [role_of(r) for r in posts] == ["plan", "plan", "eval", "answer"]
     assert posts[1].body["response_format"]["type"] == "json_schema"
 
 
@@ -89,14 +98,14 @@ async def test_openai_invalid_plan_is_repaired_never_executed(
     task_queue: str,
 ) -> None:
     order = await make_order(db_pool)
-    bad = {"steps": [{"id": "s1", "tool": "drop_database", "args": {}}]}
+    bad = {"steps": [{"id": "s1", "tool": "drop_database", "args": {}}], "answer": ""}
     openai_server.push(chat(json.dumps(bad)), chat(json.dumps(_plan(order))))
     async with running_worker(client, db_pool, temporal_services, task_queue):
         resp = await run_agent(client, task_queue, request(f"Where is order {order}?"))
     assert resp.outcome == "completed"
     assert [s.tool for s in resp.steps] == ["lookup_order"]
-    repair = openai_server.requests[-1].body["messages"][-1]["content"]
-    assert "drop_database" in repair and "invalid" in repair
+    repair = openai_server.requests[1].body["messages"][-1]["content"]
+    assert "drop_database" in repair and "could not be used" in repair
 
 
 async def test_openai_plan_invalid_twice_fails_with_reason(
@@ -106,7 +115,7 @@ async def test_openai_plan_invalid_twice_fails_with_reason(
     temporal_services: Settings,
     task_queue: str,
 ) -> None:
-    bad = json.dumps({"steps": [{"id": "s1", "tool": "drop_database", "args": {}}]})
+    bad = json.dumps({"steps": [{"id": "s1", "tool": "drop_database", "args": {}}], "answer": ""})
     openai_server.push(chat(bad), chat(bad))
     async with running_worker(client, db_pool, temporal_services, task_queue):
         resp = await run_agent(client, task_queue, request("Where is order ORD-123?"))
@@ -128,6 +137,6 @@ async def test_anthropic_tool_use_plan(
         resp = await run_agent(client, task_queue, request(f"Where is order {order}?"))
     assert resp.outcome == "completed", resp.reason
     assert "anthropic:" in next(iter(resp.spend.by_model))
-    sent = anthropic_server.requests[-1].body
+    sent = anthropic_server.requests[0].body
     assert sent["tool_choice"]["type"] == "tool"
     assert any("cache_control" in block for block in sent["system"])

@@ -40,6 +40,7 @@ from keel.models import AgentResponse, Approval, StepState
 from keel.settings import PROJECT_ROOT, Settings
 from tests.helpers import make_order, request, running_worker
 from tests.providers.fake_openai import FakeOpenAI, chat
+from tests.providers.sloppy import Roles
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 
 
@@ -81,9 +82,14 @@ def _hits(where: str, blob: str | bytes, *planted: Planted) -> list[str]:
     return [f"{where}: {v}" for p in planted for v in p.values() if v.encode() in data]
 
 
+_ROLES = Roles()
+
+
 @pytest.fixture
 def openai_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI().start()
+    # Plans by role; with a key set a run also makes judge and answer calls (defaults).
+    server = FakeOpenAI(responder=_ROLES).start()
+    _ROLES.plans.clear()
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key-000000000000")
     monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
@@ -193,7 +199,7 @@ async def test_planted_secrets_reach_no_sink(
     req_json, req_plain, tool = Planted.fresh("req1"), Planted.fresh("req2"), Planted.fresh("tool")
     order = await make_order(db_pool, email=tool.email)  # PII in tool output: the customer
     for _ in range(2):
-        openai_server.push(*_plans(order, tool.text(), tool.openai))
+        _ROLES.plans.extend(_plans(order, tool.text(), tool.openai))
     monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
     testing.register()
     policy = write_policy(tmp_path)

@@ -26,13 +26,14 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from workflows import decisions as d
     from workflows.holds import Holds
     from workflows.options import CONTROL_RETRY, MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT, PREPARE_TIMEOUT
     from workflows.options import TOOL_HEARTBEAT as TOOL_HEARTBEAT
-    from workflows.planning import Planner
+    from workflows.planning import HOLDS_PATCH, Planner
     from workflows.saga import Saga
     from workflows.state import RunState
     from workflows.steps import StepRunner
@@ -220,6 +221,28 @@ class AgentWorkflow:
             self._stopper.check()
             plan, tier = await self._planner.plan(req, ctx, tier, iteration)
             st.plan_sizes.append(len(plan.plan.steps))
+            checked = workflow.patched(HOLDS_PATCH)  # same answer as inside plan()
+            if checked:
+                # "Completed" must mean done: no steps for a request that names an order and
+                # asks for an action is not an answer; and a plan's side effects run only
+                # after it passed the rules (and the judge, when the run has one).
+                if plan.plan.steps:
+                    problem = await self._planner.check_plan(req, ctx, plan.plan, tier, iteration)
+                else:
+                    problem = unaddressed(req.message, [r.model_dump(mode="json") for r in st.records()])
+                if problem:
+                    higher = (
+                        next_tier(tier, req.model_policy.max_tier)
+                        if escalations < req.model_policy.max_escalations
+                        else None
+                    )
+                    st.flags.append("plan_refused")
+                    if higher is not None and iteration < limits.max_iterations:
+                        escalations += 1
+                        tier = higher
+                        st.flags.append(f"escalated_to_{higher}")
+                        continue
+                    return "needs_human", f"plan refused before it ran: {problem}", answer
             answer = plan.plan.answer or answer
             if not plan.plan.steps:
                 if any(r.state == StepState.FAILED for r in st.steps.values()):
@@ -228,6 +251,7 @@ class AgentWorkflow:
             steps = _unique_ids(plan.plan.steps, set(st.steps), iteration)
             if workflow.patched("plan-admission"):
                 await self._steps.admit(ctx, steps)
+            first = len(st.order)
             st.phase = "executing"
             for step in steps:
                 self._stopper.check()
@@ -250,7 +274,11 @@ class AgentWorkflow:
                     tool_calls += 1
                     signatures.append(d.call_signature(step.tool, step.args))
             self._stopper.check()
-            evaluation = await self._planner.evaluate(req, ctx)
+            if checked:
+                current = tuple(st.steps[i] for i in st.order[first:] if i not in st.recovered)
+                evaluation = await self._planner.evaluate_iteration(req, ctx, current)
+            else:
+                evaluation = await self._planner.evaluate(req, ctx)
             failed = any(r.state == StepState.FAILED and r.id not in st.recovered for r in st.steps.values())
             if evaluation.score < limits.escalate_below and escalations < req.model_policy.max_escalations:
                 higher = next_tier(tier, req.model_policy.max_tier)
@@ -301,6 +329,9 @@ class AgentWorkflow:
                     plan_sizes=tuple(st.plan_sizes),
                     flags=tuple(st.flags),
                     thrash_repeats=ctx.limits.thrash_repeats,
+                    scopes=ctx.scopes,
+                    start_tier=st.start_tier,
+                    max_calls=self._planner.calls_left(ctx),
                 ),
                 result_type=FinishOutput,
                 start_to_close_timeout=MODEL_TIMEOUT,
@@ -309,6 +340,12 @@ class AgentWorkflow:
                 summary=f"respond ({outcome})",
             )
         )
+        self._planner.book(out.calls, "answer")
+        if out.flag:  # the model's answer claimed an effect no step produced
+            outcome, reason = "needs_human", out.flag
+            st.outcome = outcome
+            st.flags.append("answer_flagged")
+        spend = st.spend()  # the answer's calls included
         st.flags.extend(out.flags)
         attrs = [OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)]
         if workflow.patched(FLAGS_PATCH):  # runs recorded before KeelFlags existed replay without it
@@ -322,7 +359,7 @@ class AgentWorkflow:
             reason=reason,
             steps=st.records(),
             spend=spend,
-            model_label=ctx.model_label,
+            model_label=st.model_label or ctx.model_label,
             compensated=tuple(self._saga.compensated),
             iterations=st.iterations,
             policy_version=ctx.policy_version,

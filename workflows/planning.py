@@ -1,7 +1,13 @@
-"""Model calls of the loop: the plan of each iteration and its evaluation.
+"""Model calls of the loop: the plan of each iteration, its check, and its evaluation.
 
-Each call is priced from the run's snapshot before it is sent, held in the ledger, and
-committed with what the activity reports it cost.
+Holds have one owner, the activity that spends (``activities.metered``): each model call a
+plan, check or evaluate activity makes is held and committed by that activity, which reports
+every call's cost — on success in its output, on failure in its error's first detail. This
+module books those reports, so the run's spend equals the ledger's; a ``BudgetDenied`` from
+the activity ends the run ``budget_exhausted``.
+
+Runs recorded before that change (no ``HOLDS_PATCH`` marker) replay the old path, where the
+workflow held one reservation per step itself (``_plan_v1`` / ``_evaluate_v1``).
 """
 
 from __future__ import annotations
@@ -9,19 +15,34 @@ from __future__ import annotations
 import json
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from keel.agent_io import EvalInput, EvalOutput, PlanInput, PlanOutput, RunContext
-    from keel.models import AgentRequest, ModelCallRecord
+    from keel.agent_io import (
+        EvalInput,
+        EvalOutput,
+        ModelCallsInput,
+        ModelCallsOutput,
+        PlanInput,
+        PlanOutput,
+        RunContext,
+    )
+    from keel.intent import plan_problems
+    from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
     from keel.tiers import TIER_ORDER, clamp_tier
+    from workflows.gate import check_tool_call
 
 from workflows.holds import Holds
-from workflows.options import MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT
+from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT
 from workflows.state import RunState
 from workflows.stop import Abort, Stopper, cause
 
-__all__ = ["JUDGE_TOKENS", "MAX_EXECUTED_IN_PROMPT", "PLAN_TOKENS", "Planner"]
+__all__ = ["HOLDS_PATCH", "JUDGE_TOKENS", "MAX_EXECUTED_IN_PROMPT", "PLAN_TOKENS", "Planner"]
+
+HOLDS_PATCH = "model-holds-in-activity"
+"""Patch marker: model holds are placed by the activities, plans are checked before their
+side effects run, and evaluation scores the current iteration's steps."""
+BUDGET_DENIED = "BudgetDenied"  # activities.models.errors.BUDGET_DENIED (no activity import)
 
 PLAN_TOKENS = 1024  # output cap of a plan call; reservations price it in full
 JUDGE_TOKENS = 256
@@ -44,6 +65,194 @@ class Planner:
         return PROMPT_OVERHEAD_TOKENS + chars // 3
 
     async def plan(
+        self, req: AgentRequest, ctx: RunContext, tier: str, iteration: int
+    ) -> tuple[PlanOutput, str]:
+        if not workflow.patched(HOLDS_PATCH):
+            return await self._plan_v1(req, ctx, tier, iteration)
+        st = self._state
+        st.phase = "planning"
+        model = ctx.tiers.get(tier, "offline")
+        try:
+            out: PlanOutput = await self._stopper.interruptible(
+                workflow.start_activity(
+                    "plan",
+                    PlanInput(
+                        workflow_id=st.wid,
+                        message=req.message,
+                        memory=ctx.memory,
+                        tools=ctx.tools,
+                        model=model,
+                        executed=st.records()[-MAX_EXECUTED_IN_PROMPT:],
+                        tier=tier,
+                        max_tokens=PLAN_TOKENS,
+                        iteration=iteration,
+                        scopes=ctx.scopes,
+                        start_tier=st.start_tier,
+                        tiers=ctx.tiers,
+                        max_calls=self.calls_left(ctx),
+                    ),
+                    result_type=PlanOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=MODEL_RETRY,
+                    summary=f"plan #{iteration} ({model}, {tier})",
+                )
+            )
+        except ActivityError as e:
+            self._stopper.note_cancel(e)
+            await self._book_failure(e, f"plan{iteration}")
+            self._stopper.check()
+            if error_type(e) == BUDGET_DENIED:
+                raise Abort("budget_exhausted", f"planning stopped: {cause(e)}", "budget_denied") from e
+            raise Abort("failed", f"planning failed: {cause(e)}", "plan_failed") from e
+        self.book(out.calls, f"plan{iteration}")
+        served = next((c.tier for c in reversed(out.calls) if c.outcome == "ok" and c.tier), tier)
+        if served != tier and served in TIER_ORDER and TIER_ORDER.index(served) < TIER_ORDER.index(tier):
+            st.flags.append(f"capped_to_{served}")  # the ledger capped the tier (low headroom)
+            tier = served
+        return out, tier
+
+    def calls_left(self, ctx: RunContext) -> int:
+        """Model calls the run may still send (``RunLimits.max_model_calls``)."""
+        return max(0, ctx.limits.max_model_calls - self._state.spend().model_calls)
+
+    async def _book_failure(self, e: ActivityError, step: str) -> None:
+        """Book what a failed model step spent: from its error's details, or — when it died
+        without any (a timeout) — from the ledger, committing the holds it left open."""
+        if isinstance(e.cause, ApplicationError):
+            self.book(failed_calls(e), step)
+            return
+        out: ModelCallsOutput = await self._stopper.shielded(
+            workflow.start_local_activity(
+                "settle_model_calls",
+                ModelCallsInput(prefix=f"{self._state.wid}/{step}"),
+                result_type=ModelCallsOutput,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=CONTROL_RETRY,
+                summary=f"settle model calls of {step}",
+            )
+        )
+        self.book(out.calls, step)
+
+    def book(self, calls: tuple[ModelCallRecord, ...] | list[ModelCallRecord], step: str) -> None:
+        """Charge each call an activity reports, as the ledger committed it, and show a
+        failover (a call its provider's breaker moved) in the flags and the model label."""
+        st = self._state
+        for c in calls:
+            st.calls.append(c)
+            if c.outcome == "budget_denied" or c.outcome.startswith("capped_to_"):
+                continue  # never sent: held nothing, or gave its hold back
+            st.charge(c.cost_micros, tier=c.tier, model=c.model, step=step, cheapest=c.tier == TIER_ORDER[0])
+            if c.fallback_from:
+                st.flags.append(f"failover:{c.fallback_from}->{c.model}")
+                if c.model not in st.model_label:
+                    st.model_label = f"{st.model_label}, {c.model} (failover from {c.fallback_from})"
+
+    async def check_plan(
+        self, req: AgentRequest, ctx: RunContext, plan: Plan, tier: str, iteration: int
+    ) -> str:
+        """Why ``plan`` must not run as it stands (``""``: let it run), decided before any of
+        its side-effecting steps: the rules always, the judge too when the run has one."""
+        writes = {t.name for t in ctx.all_tools if t.side_effects}
+        if not any(s.tool in writes for s in plan.steps):
+            return ""
+        # A step the gate will deny is left to the gate: it stops the run ``denied`` when it is
+        # reached, with the denial in the audit log (a stronger answer than a refused plan).
+        # The steps before it still run, so they are checked.
+        denied = next((i for i, s in enumerate(plan.steps) if self._gate_denies(req, ctx, s)), None)
+        steps = [s.model_dump(mode="json") for s in plan.steps[:denied]]
+        problem = plan_problems(req.message, steps, writes, whole=denied is None)
+        if problem or not ctx.judge or denied is not None:
+            return problem
+        out = await self._judge(
+            req,
+            ctx,
+            EvalInput(
+                workflow_id=self._state.wid,
+                message=req.message,
+                plan=plan,
+                model=ctx.tiers.get(TIER_ORDER[0], "offline"),
+                iteration=iteration,
+                scopes=ctx.scopes,
+                tier=TIER_ORDER[0],
+                start_tier=self._state.start_tier,
+                side_effect_tools=tuple(sorted(writes)),
+                max_tokens=JUDGE_TOKENS,
+                max_calls=self.calls_left(ctx),
+            ),
+            f"check{iteration}",
+        )
+        if out.score < ctx.limits.escalate_below or out.confidence < ctx.limits.min_confidence:
+            return (
+                f"the judge scored the plan {out.score:.2f} (confidence {out.confidence:.2f}): {out.reason}"
+            )
+        return ""
+
+    def _gate_denies(self, req: AgentRequest, ctx: RunContext, step: PlanStep) -> bool:
+        """The gate's verdict on a step whose arguments are already literal (no references)."""
+        if "${" in json.dumps(step.args, default=str):
+            return False
+        tool = next((t for t in ctx.tools if t.name == step.tool), None)
+        st = self._state
+        gate = check_tool_call(
+            st.policy(ctx), req.tenant, req.user, ctx.permissions, tool, step.args, st.gate_context()
+        )
+        return not gate.allowed
+
+    async def evaluate_iteration(
+        self, req: AgentRequest, ctx: RunContext, current: tuple[StepRecord, ...]
+    ) -> EvalOutput:
+        """Score this iteration's steps (after an escalation, the failed plan's steps are not
+        the current plan's); the intent rule still sees every step of the run."""
+        st = self._state
+        st.phase = "evaluating"
+        judge = ctx.tiers.get(TIER_ORDER[0], "offline") if ctx.judge else None
+        earlier = tuple(r for r in st.evaluated() if r not in current)
+        return await self._judge(
+            req,
+            ctx,
+            EvalInput(
+                workflow_id=st.wid,
+                message=req.message,
+                executed=current,
+                history=earlier,
+                model=judge,
+                iteration=st.iterations,
+                scopes=ctx.scopes,
+                tier=TIER_ORDER[0],
+                start_tier=st.start_tier,
+                max_tokens=JUDGE_TOKENS,
+                max_calls=self.calls_left(ctx),
+            ),
+            f"eval{st.iterations}",
+        )
+
+    async def _judge(self, req: AgentRequest, ctx: RunContext, inp: EvalInput, step: str) -> EvalOutput:
+        what = "check" if inp.plan is not None else "evaluate"
+        try:
+            out: EvalOutput = await self._stopper.interruptible(
+                workflow.start_activity(
+                    "evaluate",
+                    inp,
+                    result_type=EvalOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=MODEL_RETRY,
+                    summary=f"{what} #{inp.iteration}"
+                    + (f" (judge {inp.model})" if inp.model else " (rules)"),
+                )
+            )
+        except ActivityError as e:
+            self._stopper.note_cancel(e)
+            await self._book_failure(e, step)
+            self._stopper.check()
+            if error_type(e) == BUDGET_DENIED:
+                raise Abort("budget_exhausted", f"evaluation stopped: {cause(e)}", "budget_denied") from e
+            raise Abort("failed", f"evaluation failed: {cause(e)}", "eval_failed") from e
+        self.book(out.calls, step)
+        return out
+
+    async def _plan_v1(
         self, req: AgentRequest, ctx: RunContext, tier: str, iteration: int
     ) -> tuple[PlanOutput, str]:
         st = self._state
@@ -125,6 +334,7 @@ class Planner:
         return out, tier
 
     async def evaluate(self, req: AgentRequest, ctx: RunContext) -> EvalOutput:
+        """The pre-``HOLDS_PATCH`` evaluation (runs recorded before it replay this)."""
         st = self._state
         st.phase = "evaluating"
         judge = ctx.tiers.get(TIER_ORDER[0], "offline") if ctx.judge else None
@@ -166,6 +376,29 @@ class Planner:
                 out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1], cheapest=True
             )
         return out
+
+
+def failed_calls(e: ActivityError) -> tuple[ModelCallRecord, ...]:
+    """The calls a failed model activity reports in its error's first detail (none when it
+    died without one, e.g. a timeout: its open holds expire and the next attempt, if any,
+    commits them in full)."""
+    app = e.cause
+    details = getattr(app, "details", None) or ()
+    first = details[0] if details else None
+    if not isinstance(first, dict):
+        return ()
+    out: list[ModelCallRecord] = []
+    for raw in first.get("calls") or ():
+        try:
+            out.append(ModelCallRecord.model_validate(raw))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def error_type(e: ActivityError) -> str:
+    """The ``ApplicationError`` type a failed activity raised (``""`` for timeouts)."""
+    return str(getattr(e.cause, "type", "") or "")
 
 
 def estimate(ctx: RunContext, model: str, input_tokens: int, max_tokens: int) -> int:

@@ -4,6 +4,9 @@ Structured output is a forced tool call: the schema becomes the tool's ``input_s
 ``tool_choice`` names it, so the answer arrives as an already-parsed ``tool_use`` input. The
 tool definition and the system prompt carry ``cache_control`` breakpoints: planner calls
 repeat the same tool catalogue and instructions, and cached reads cost a tenth of the price.
+
+One ``complete`` is exactly one HTTP request: repairs and truncation retries are decided by
+the caller (``activities.metered``), which holds budget for each request before it is sent.
 """
 
 from __future__ import annotations
@@ -16,24 +19,21 @@ from typing import Any
 
 from anthropic import AsyncAnthropic
 from anthropic.types import Message
+from temporalio.exceptions import ApplicationError
 
-from activities.models import add_usage, split_model, system_text, tool_name
+from activities.models import split_model, system_text, tool_name
 from activities.models.errors import (
+    BAD_REQUEST,
     check_required,
-    invalid_output_error,
     missing_key_error,
+    model_timeout_s,
     parse_structured,
     refusal_error,
-    repair_instruction,
     translate_provider_error,
 )
 from keel.models import ModelCall, ModelResult, Usage
 
-__all__ = ["REQUEST_TIMEOUT_S", "AnthropicProvider", "close_clients"]
-
-REQUEST_TIMEOUT_S = 120.0
-"""Per-request HTTP timeout: shorter than the activity's start-to-close timeout, so a hung
-request surfaces as a retryable ``ProviderTimeout`` instead of an opaque activity timeout."""
+__all__ = ["AnthropicProvider", "close_clients"]
 
 _EPHEMERAL = {"type": "ephemeral"}
 _CLIENTS: dict[tuple[str, str | None], tuple[asyncio.AbstractEventLoop, AsyncAnthropic]] = {}
@@ -43,31 +43,31 @@ class AnthropicProvider:
     """:class:`~activities.models.ModelProvider` for ``anthropic:<model>``."""
 
     async def complete(self, call: ModelCall) -> ModelResult:
-        """Run one call, plus at most one repair round if structured output is invalid."""
+        """Send one request; structured output is parsed, or ``parse_error`` says why not.
+
+        A repair (decided by the caller) arrives as ordinary assistant/user text turns: the
+        previous answer as JSON text, then the complaint, which the Messages API accepts
+        whatever the forced tool.
+        """
         _, name = split_model(call.model)
         client = _client()
-        kwargs = _request(name, call)
-        message = await _create(client, kwargs)
+        message = await _create(client, _request(name, call))
         usage = _usage(message)
+        truncated = message.stop_reason == "max_tokens"
+        base = {"usage": usage, "model": call.model, "provider": "anthropic", "truncated": truncated}
         if call.output_schema is None:
-            return ModelResult(text=_text(message), usage=usage, model=call.model, provider="anthropic")
+            return ModelResult(text=_text(message), **base)
+        raw, tool_input = _structured(message, call)
         try:
-            parsed = _structured(message, call)
-        except ValueError as first:
-            kwargs["messages"] = [*kwargs["messages"], *_repair_turns(message, str(first))]
-            message = await _create(client, kwargs)
-            usage = add_usage(usage, _usage(message))
-            try:
-                parsed = _structured(message, call)
-            except ValueError as second:
-                raise invalid_output_error("anthropic", str(second), usage) from second
-        return ModelResult(
-            text=json.dumps(parsed, sort_keys=True),
-            parsed=parsed,
-            usage=usage,
-            model=call.model,
-            provider="anthropic",
-        )
+            parsed = (
+                check_required(tool_input, call.output_schema)
+                if tool_input is not None
+                else parse_structured(raw, call.output_schema)
+            )
+        except ValueError as e:
+            hint = " (stopped at max_tokens)" if truncated else ""
+            return ModelResult(text=raw, parse_error=f"{e}{hint}", **base)
+        return ModelResult(text=json.dumps(parsed, sort_keys=True), parsed=parsed, **base)
 
 
 async def close_clients() -> None:
@@ -92,16 +92,22 @@ def _client() -> AsyncAnthropic:
     cached = _CLIENTS.get(cache_key)
     if cached is not None and cached[0] is loop:
         return cached[1]
-    client = AsyncAnthropic(api_key=key, base_url=base_url, max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    # The timeout is set per request (KEEL_MODEL_TIMEOUT_S), so a changed value needs no client.
+    client = AsyncAnthropic(api_key=key, base_url=base_url, max_retries=0)
     _CLIENTS[cache_key] = (loop, client)
     return client
 
 
 def _request(name: str, call: ModelCall) -> dict[str, Any]:
+    try:
+        timeout = model_timeout_s()
+    except ValueError as e:
+        raise ApplicationError(f"anthropic: {e}", type=BAD_REQUEST, non_retryable=True) from e
     kwargs: dict[str, Any] = {
         "model": name,
         "max_tokens": call.max_tokens,
         "messages": [{"role": m.role, "content": m.content} for m in call.messages if m.role != "system"],
+        "timeout": timeout,
     }
     system = system_text(call)
     if system:
@@ -126,7 +132,7 @@ async def _create(client: AsyncAnthropic, kwargs: dict[str, Any]) -> Message:
     except Exception as e:
         raise translate_provider_error(e, "anthropic") from e
     if message.stop_reason == "refusal":
-        raise refusal_error("anthropic", _text(message))
+        raise refusal_error("anthropic", _text(message), _usage(message))
     return message
 
 
@@ -134,35 +140,13 @@ def _text(message: Message) -> str:
     return "".join(block.text for block in message.content if block.type == "text")
 
 
-def _structured(message: Message, call: ModelCall) -> dict[str, Any]:
-    """The forced tool's input; falls back to JSON in text (e.g. a proxy that ignores tools)."""
-    schema = call.output_schema or {}
+def _structured(message: Message, call: ModelCall) -> tuple[str, Any]:
+    """The forced tool's input (and its JSON text), or the text reply when there is none
+    (e.g. a proxy that ignores tools), to be searched for JSON."""
     for block in message.content:
         if block.type == "tool_use" and block.name == tool_name(call):
-            return check_required(block.input, schema)
-    hint = " (stopped at max_tokens)" if message.stop_reason == "max_tokens" else ""
-    try:
-        return parse_structured(_text(message), schema)
-    except ValueError as e:
-        raise ValueError(f"{e}{hint}") from e
-
-
-def _repair_turns(message: Message, error: str) -> list[dict[str, Any]]:
-    """The bad answer echoed back, then the complaint; a tool_use must get a tool_result."""
-    for block in message.content:
-        if block.type == "tool_use":
-            use = {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
-            result = {
-                "type": "tool_result",
-                "tool_use_id": block.id,
-                "is_error": True,
-                "content": repair_instruction(error),
-            }
-            return [{"role": "assistant", "content": [use]}, {"role": "user", "content": [result]}]
-    return [
-        {"role": "assistant", "content": _text(message) or "(empty reply)"},
-        {"role": "user", "content": repair_instruction(error)},
-    ]
+            return json.dumps(block.input, sort_keys=True, default=str), block.input
+    return _text(message), None
 
 
 def _usage(message: Message) -> Usage:

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -30,7 +31,13 @@ from keel.redact import redact
 __all__ = [
     "AUTH_ERROR",
     "BAD_REQUEST",
-    "INVALID_OUTPUT",
+    "BUDGET_DENIED",
+    "DEFAULT_MODEL_TIMEOUT_S",
+    "INVALID_PLAN",
+    "PRICING_ERROR",
+    "TRUNCATED",
+    "billed_nothing",
+    "model_timeout_s",
     "NON_RETRYABLE_TYPES",
     "PROVIDER_ERROR",
     "QUOTA_EXCEEDED",
@@ -39,12 +46,12 @@ __all__ = [
     "TIMEOUT",
     "UNAVAILABLE",
     "check_required",
-    "invalid_output_error",
     "missing_key_error",
     "parse_structured",
     "refusal_error",
     "repair_instruction",
     "translate_provider_error",
+    "usage_of",
 ]
 
 RATE_LIMITED = "ProviderRateLimited"
@@ -54,10 +61,22 @@ AUTH_ERROR = "ProviderAuthError"
 BAD_REQUEST = "ProviderBadRequest"
 QUOTA_EXCEEDED = "ProviderQuotaExceeded"
 REFUSAL = "ProviderRefusal"
-INVALID_OUTPUT = "InvalidModelOutput"
 PROVIDER_ERROR = "ProviderError"
+TRUNCATED = "ModelOutputTruncated"
+BUDGET_DENIED = "BudgetDenied"
+PRICING_ERROR = "PricingError"
+INVALID_PLAN = "InvalidPlan"
 
-NON_RETRYABLE_TYPES: tuple[str, ...] = (AUTH_ERROR, BAD_REQUEST, QUOTA_EXCEEDED, REFUSAL)
+NON_RETRYABLE_TYPES: tuple[str, ...] = (
+    AUTH_ERROR,
+    BAD_REQUEST,
+    QUOTA_EXCEEDED,
+    REFUSAL,
+    TRUNCATED,
+    BUDGET_DENIED,
+    PRICING_ERROR,
+    INVALID_PLAN,
+)
 """Error types that are always raised with ``non_retryable=True`` (for retry policies/docs)."""
 
 MAX_RETRY_AFTER = timedelta(minutes=10)
@@ -99,30 +118,62 @@ def translate_provider_error(exc: BaseException, provider: str | None = None) ->
     )
 
 
-def refusal_error(provider: str, detail: str = "") -> ApplicationError:
-    """The model or the provider's filter declined to answer; the same prompt will again."""
+DEFAULT_MODEL_TIMEOUT_S = 50.0
+"""Per-request HTTP timeout unless ``KEEL_MODEL_TIMEOUT_S`` says otherwise: a plan activity may
+make three calls (first try, repair, truncation retry) inside the workflow's 3-minute
+start-to-close timeout (3 x 50 s plus the ledger's round trips fit), so a hung request
+surfaces as a retryable ``ProviderTimeout`` instead of an activity timeout."""
+
+
+def model_timeout_s(env: dict[str, str] | None = None) -> float:
+    """The request timeout from ``KEEL_MODEL_TIMEOUT_S`` (seconds, > 0).
+
+    Raises:
+        ValueError: one line naming the variable, for a value that is not a positive number.
+    """
+    raw = (os.environ if env is None else env).get("KEEL_MODEL_TIMEOUT_S") or ""
+    if not raw.strip():
+        return DEFAULT_MODEL_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"KEEL_MODEL_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def billed_nothing(error: ApplicationError) -> bool:
+    """True when the provider answered the request with a refusal that bills no tokens.
+
+    A 4xx answer (rate limit, bad key, bad request, quota) means the model never ran. Every
+    other failure — 5xx, timeouts, dropped connections, unexpected errors — may have been
+    billed with usage we never saw, so the ledger charges such a call its full hold.
+    """
+    return error.type in (RATE_LIMITED, AUTH_ERROR, BAD_REQUEST, QUOTA_EXCEEDED)
+
+
+def refusal_error(provider: str, detail: str = "", usage: Usage | None = None) -> ApplicationError:
+    """The model or the provider's filter declined to answer; the same prompt will again.
+
+    A refusal inside a 200 answer was billed: its ``usage`` travels as the first detail, as
+    ``{"usage": {...}}``, for the ledger (see :func:`usage_of`)."""
     suffix = f": {_redact(detail)}" if detail else ""
+    details = ({"usage": usage.model_dump()},) if usage is not None else ()
     return ApplicationError(
         f"{provider}: the model refused or output was filtered{suffix}",
+        *details,
         type=REFUSAL,
         non_retryable=True,
     )
 
 
-def invalid_output_error(provider: str, detail: str, usage: Usage | None = None) -> ApplicationError:
-    """Structured output was still invalid after the repair round.
-
-    Retryable on purpose: sampling differs between attempts, and the workflow may escalate
-    to a stronger tier once the retry policy gives up. Both rounds were billed, so their
-    ``usage`` travels as the error's first detail (a ``Usage`` dict) for the ledger.
-    """
-    details = (usage.model_dump(),) if usage is not None else ()
-    return ApplicationError(
-        f"{provider}: model output is not valid JSON for the schema after one repair: {_redact(detail)}",
-        *details,
-        type=INVALID_OUTPUT,
-        non_retryable=False,
-    )
+def usage_of(error: ApplicationError) -> Usage | None:
+    """The billed usage a provider error carries, if the provider reported one."""
+    for detail in error.details:
+        if isinstance(detail, dict) and isinstance(detail.get("usage"), dict):
+            return Usage.model_validate(detail["usage"])
+    return None
 
 
 def missing_key_error(provider: str) -> ApplicationError:
@@ -136,25 +187,57 @@ def missing_key_error(provider: str) -> ApplicationError:
 
 
 def parse_structured(text: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """Parse model text as a JSON object and check the schema's top-level ``required`` keys.
+    """Find the JSON object in model text and check the schema's top-level ``required`` keys.
 
-    Tolerates a Markdown code fence, which OpenAI-compatible servers often add in JSON mode.
-    Full validation is the caller's job (pydantic); this catches what a repair round can fix.
+    Lenient where that is safe: the reply may be the object itself, or carry it in a
+    Markdown fence anywhere, or inside prose ("Here is the plan: {...} Hope it helps") — the
+    first complete JSON object found wins. Nothing is invented: a reply with no complete
+    object is an error. Full validation is the caller's job (pydantic).
 
     Raises:
         ValueError: with a short reason suitable to send back to the model.
     """
     body = text.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
-    if fence:
-        body = fence.group(1)
     if not body:
         raise ValueError("the output was empty")
     try:
-        value = json.loads(body)
+        return check_required(json.loads(body), schema)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    return check_required(value, schema)
+        whole_error = e
+    for candidate in _json_candidates(body):
+        return check_required(candidate, schema)
+    e = whole_error
+    raise ValueError(f"no JSON object found (invalid JSON: {e.msg} at line {e.lineno} column {e.colno})")
+
+
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", flags=re.DOTALL)
+_MAX_SCAN = 64
+"""Opening braces tried in one reply: bounded work on a hostile, brace-stuffed answer."""
+
+
+def _json_candidates(body: str) -> Iterator[dict[str, Any]]:
+    """JSON objects in ``body``: fenced blocks first, then the first decodable ``{...}``."""
+    for block in _FENCE.findall(body):
+        try:
+            value = json.loads(block.strip())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            yield value
+            return
+    decoder = json.JSONDecoder()
+    start, tried = body.find("{"), 0
+    while start != -1 and tried < _MAX_SCAN:
+        tried += 1
+        try:
+            value, _ = decoder.raw_decode(body, start)
+        except json.JSONDecodeError:
+            start = body.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            yield value
+            return
+        start = body.find("{", start + 1)
 
 
 def check_required(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +246,10 @@ def check_required(value: Any, schema: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     missing = [k for k in schema.get("required", ()) if k not in value]
     if missing:
-        raise ValueError(f"missing required field(s): {', '.join(map(str, missing))}")
+        known = set(schema.get("properties") or {})
+        others = sorted(str(k) for k in value if k not in known)[:5]
+        hint = f" (the object has {', '.join(map(repr, others))} instead)" if others else ""
+        raise ValueError(f"missing required field(s): {', '.join(map(str, missing))}{hint}")
     return value
 
 

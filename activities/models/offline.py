@@ -18,9 +18,19 @@ from typing import Any
 
 from keel.models import ModelCall, ModelResult, Usage
 
-__all__ = ["OFFLINE_LABEL", "REFUND_REPORT_CODE", "OfflineModel", "offline_plan", "respond_text"]
+__all__ = [
+    "OFFLINE_DONE",
+    "OFFLINE_LABEL",
+    "REFUND_REPORT_CODE",
+    "OfflineModel",
+    "offline_plan",
+    "respond_text",
+]
 
 OFFLINE_LABEL = "offline (deterministic, no API key)"
+OFFLINE_DONE = "Nothing more to do."
+"""The offline planner's answer when steps have run and none are left: a plan with no steps
+must carry an answer; the run's message is the summary of the steps (see ``respond_text``)."""
 
 _ORDER = re.compile(r"\bORD-\d{1,12}\b")
 _SKU = re.compile(r"\bSKU-[A-Z0-9-]{1,32}\b")
@@ -205,7 +215,9 @@ def _replan(request: str, executed: list[dict[str, Any]]) -> dict[str, Any]:
                 "answer": "",
                 "replan": True,
             }
-    return {"steps": [], "answer": ""}
+    # Done. A plan with no steps must say so in its answer (keel.models.Plan), and the
+    # run's summary of what happened is written from the steps by the finish step.
+    return {"steps": [], "answer": OFFLINE_DONE, "replan": False}
 
 
 def respond_text(request: str, executed: list[dict[str, Any]]) -> str:

@@ -4,6 +4,9 @@ Chat Completions rather than Responses because vLLM, Ollama and llama.cpp speak 
 point ``OPENAI_BASE_URL`` at them and nothing else changes. Structured output uses
 ``response_format=json_schema`` (non-strict, so ordinary pydantic schemas are accepted);
 servers without it can be switched to plain JSON mode with ``KEEL_OPENAI_JSON_MODE=json_object``.
+
+One ``complete`` is exactly one HTTP request: repairs and truncation retries are decided by
+the caller (``activities.metered``), which holds budget for each request before it is sent.
 """
 
 from __future__ import annotations
@@ -18,23 +21,18 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from temporalio.exceptions import ApplicationError
 
-from activities.models import add_usage, split_model, system_text, tool_name
+from activities.models import split_model, system_text, tool_name
 from activities.models.errors import (
     BAD_REQUEST,
-    invalid_output_error,
     missing_key_error,
+    model_timeout_s,
     parse_structured,
     refusal_error,
-    repair_instruction,
     translate_provider_error,
 )
 from keel.models import ModelCall, ModelResult, Usage
 
-__all__ = ["REQUEST_TIMEOUT_S", "OpenAIProvider", "close_clients"]
-
-REQUEST_TIMEOUT_S = 120.0
-"""Per-request HTTP timeout: shorter than the activity's start-to-close timeout, so a hung
-request surfaces as a retryable ``ProviderTimeout`` instead of an opaque activity timeout."""
+__all__ = ["OpenAIProvider", "close_clients"]
 
 _JSON_MODES = ("json_schema", "json_object")
 _CLIENTS: dict[tuple[str, str | None], tuple[asyncio.AbstractEventLoop, AsyncOpenAI]] = {}
@@ -44,29 +42,21 @@ class OpenAIProvider:
     """:class:`~activities.models.ModelProvider` for ``openai:<model>``."""
 
     async def complete(self, call: ModelCall) -> ModelResult:
-        """Run one call, plus at most one repair round if structured output does not parse."""
+        """Send one request; structured output is parsed, or ``parse_error`` says why not."""
         _, name = split_model(call.model)
         client, compatible = _client()
-        messages = _messages(call)
-        completion = await _create(client, name, call, messages, compatible)
-        text, usage = _text(completion), _usage(completion)
+        completion = await _create(client, name, call, _messages(call), compatible)
+        usage, known = _usage(completion)
+        text = _text(completion, usage)
+        truncated = bool(completion.choices) and completion.choices[0].finish_reason == "length"
+        base = {"usage": usage, "usage_known": known, "model": call.model, "provider": "openai"}
         if call.output_schema is None:
-            return ModelResult(text=text, usage=usage, model=call.model, provider="openai")
+            return ModelResult(text=text, truncated=truncated, **base)
         try:
             parsed = parse_structured(text, call.output_schema)
-        except ValueError as first:
-            messages += [
-                {"role": "assistant", "content": text},
-                {"role": "user", "content": repair_instruction(str(first))},
-            ]
-            completion = await _create(client, name, call, messages, compatible)
-            text = _text(completion)
-            usage = add_usage(usage, _usage(completion))
-            try:
-                parsed = parse_structured(text, call.output_schema)
-            except ValueError as second:
-                raise invalid_output_error("openai", str(second), usage) from second
-        return ModelResult(text=text, parsed=parsed, usage=usage, model=call.model, provider="openai")
+        except ValueError as e:
+            return ModelResult(text=text, parse_error=str(e), truncated=truncated, **base)
+        return ModelResult(text=text, parsed=parsed, truncated=truncated, **base)
 
 
 async def close_clients() -> None:
@@ -93,8 +83,9 @@ def _client() -> tuple[AsyncOpenAI, bool]:
     if cached is not None and cached[0] is loop:
         return cached[1], base_url is not None
     options: dict[str, Any] = {"base_url": base_url} if base_url else {}
-    # Local servers often need no key, but the SDK insists on one.
-    client = AsyncOpenAI(api_key=key or "not-needed", max_retries=0, timeout=REQUEST_TIMEOUT_S, **options)
+    # Local servers often need no key, but the SDK insists on one. The timeout is set per
+    # request (KEEL_MODEL_TIMEOUT_S), so a changed value needs no new client.
+    client = AsyncOpenAI(api_key=key or "not-needed", max_retries=0, **options)
     _CLIENTS[cache_key] = (loop, client)
     return client, base_url is not None
 
@@ -128,7 +119,11 @@ async def _create(
     messages: list[dict[str, Any]],
     compatible: bool,
 ) -> ChatCompletion:
-    kwargs: dict[str, Any] = {"model": name, "messages": messages}
+    try:
+        timeout = model_timeout_s()
+    except ValueError as e:
+        raise ApplicationError(f"openai: {e}", type=BAD_REQUEST, non_retryable=True) from e
+    kwargs: dict[str, Any] = {"model": name, "messages": messages, "timeout": timeout}
     # OpenAI's reasoning models accept only max_completion_tokens; compatible servers
     # universally understand max_tokens.
     kwargs["max_tokens" if compatible else "max_completion_tokens"] = call.max_tokens
@@ -150,24 +145,28 @@ async def _create(
         raise translate_provider_error(e, "openai") from e
 
 
-def _text(completion: ChatCompletion) -> str:
+def _text(completion: ChatCompletion, usage: Usage) -> str:
     if not completion.choices:
         return ""
     choice = completion.choices[0]
     if choice.finish_reason == "content_filter":
-        raise refusal_error("openai", "content filter")
+        raise refusal_error("openai", "content filter", usage)
     if choice.message.refusal:
-        raise refusal_error("openai", choice.message.refusal)
+        raise refusal_error("openai", choice.message.refusal, usage)
     return choice.message.content or ""
 
 
-def _usage(completion: ChatCompletion) -> Usage:
+def _usage(completion: ChatCompletion) -> tuple[Usage, bool]:
+    """The reported usage, and whether there was one (some compatible servers omit it)."""
     u = completion.usage
     if u is None:
-        return Usage()
+        return Usage(), False
     details = u.prompt_tokens_details
-    return Usage(
-        input_tokens=u.prompt_tokens,
-        cached_input_tokens=(details.cached_tokens or 0) if details else 0,
-        output_tokens=u.completion_tokens,
+    return (
+        Usage(
+            input_tokens=u.prompt_tokens,
+            cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+            output_tokens=u.completion_tokens,
+        ),
+        True,
     )

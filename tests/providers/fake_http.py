@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,9 +44,14 @@ class FakeServer:
 
     path = "/"
 
-    def __init__(self) -> None:
+    def __init__(self, responder: Callable[[Recorded], Scripted] | None = None) -> None:
         self._script: deque[Scripted] = deque()
+        self._responder = responder
+        """Answers when the script is empty (a whole run's judge and answer calls)."""
         self.requests: list[Recorded] = []
+        self.answered: list[tuple[Recorded, Scripted]] = []
+        """Every request answered on ``path``, with the response sent (its usage is what a
+        provider would bill): the ledger is checked against this log."""
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -77,9 +83,14 @@ class FakeServer:
             self.requests.append(recorded)
             if recorded.method != "POST" or recorded.path != self.path:
                 return Scripted(404, {"error": {"message": f"no route {recorded.path}"}})
-            if not self._script:
-                return Scripted(500, {"error": {"message": "fake server: script exhausted"}})
-            return self._script.popleft()
+            if self._script:
+                reply = self._script.popleft()
+            elif self._responder is not None:
+                reply = self._responder(recorded)
+            else:
+                reply = Scripted(500, {"error": {"message": "fake server: script exhausted"}})
+            self.answered.append((recorded, reply))
+            return reply
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -102,13 +113,16 @@ class FakeServer:
                 payload = (
                     reply.body.encode() if isinstance(reply.body, str) else json.dumps(reply.body).encode()
                 )
-                self.send_response(reply.status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first (a timeout test): nothing to answer
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

@@ -176,27 +176,51 @@ async def test_openai_400_is_a_bad_request(fake_openai: fo.FakeOpenAI) -> None:
     assert "Invalid schema" in err.message
 
 
-async def test_openai_malformed_json_is_repaired_once(fake_openai: fo.FakeOpenAI) -> None:
-    fake_openai.push(
-        fo.chat('{"steps": [', prompt_tokens=100, completion_tokens=5),
-        fo.chat('{"steps": [], "answer": "done"}', prompt_tokens=130, completion_tokens=9),
-    )
+async def test_openai_malformed_json_is_reported_not_repaired(fake_openai: fo.FakeOpenAI) -> None:
+    """One complete() is one request: the caller (activities.metered) decides on a repair,
+    after holding budget for it."""
+    fake_openai.push(fo.chat('{"steps": [', prompt_tokens=100, completion_tokens=5))
     result = await OpenAIProvider().complete(_call("openai:gpt-4o-mini", schema=True))
-    assert result.parsed == {"steps": [], "answer": "done"}
-    assert result.usage == Usage(input_tokens=230, output_tokens=14)  # both rounds are billed
-    _, second = fake_openai.requests
-    repair = second.body["messages"]
-    assert repair[-2] == {"role": "assistant", "content": '{"steps": ['}
-    assert repair[-1]["role"] == "user" and "invalid JSON" in repair[-1]["content"]
+    assert result.parsed is None and "invalid JSON" in result.parse_error
+    assert result.usage == Usage(input_tokens=100, output_tokens=5) and result.usage_known
+    assert len(fake_openai.requests) == 1
 
 
-async def test_openai_malformed_twice_is_invalid_output(fake_openai: fo.FakeOpenAI) -> None:
-    fake_openai.push(fo.chat("Sure! Here is the plan."), fo.chat('{"steps": []}'))
-    err = await _fails(OpenAIProvider(), _call("openai:gpt-4o-mini", schema=True))
-    assert err.type == "InvalidModelOutput" and not err.non_retryable
-    assert "answer" in err.message  # the missing required field is named
-    assert err.details[0]["output_tokens"] == 40
-    assert len(fake_openai.requests) == 2
+async def test_openai_json_in_prose_or_a_fence_anywhere_is_found(fake_openai: fo.FakeOpenAI) -> None:
+    fake_openai.push(
+        fo.chat('Sure! Here is the plan:\n```json\n{"steps": [], "answer": "hi"}\n```\nAnything else?'),
+        fo.chat('I think {"steps": [], "answer": "yo"} is right.'),
+    )
+    first = await OpenAIProvider().complete(_call("openai:gpt-4o-mini", schema=True))
+    second = await OpenAIProvider().complete(_call("openai:gpt-4o-mini", schema=True))
+    assert first.parsed == {"steps": [], "answer": "hi"}
+    assert second.parsed == {"steps": [], "answer": "yo"}
+
+
+async def test_openai_length_is_truncated_and_missing_usage_is_unknown(fake_openai: fo.FakeOpenAI) -> None:
+    cut = fo.chat('{"steps": [{"id": "s1", "tool": "look', finish_reason="length")
+    no_usage = fo.chat('{"steps": [], "answer": "x"}')
+    assert isinstance(no_usage.body, dict)
+    no_usage.body.pop("usage")
+    fake_openai.push(cut, no_usage)
+    result = await OpenAIProvider().complete(_call("openai:gpt-4o-mini", schema=True))
+    assert result.truncated and result.parsed is None
+    result = await OpenAIProvider().complete(_call("openai:gpt-4o-mini", schema=True))
+    assert not result.usage_known and result.parsed == {"steps": [], "answer": "x"}
+
+
+async def test_request_timeout_comes_from_config(
+    fake_openai: fo.FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEEL_MODEL_TIMEOUT_S", "0.3")
+    fake_openai.push(dataclasses.replace(fo.chat("late"), delay_s=1.5))
+    started = time.monotonic()
+    err = await _fails(OpenAIProvider(), _call("openai:gpt-4o-mini"))
+    assert err.type == "ProviderTimeout" and not err.non_retryable
+    assert time.monotonic() - started < 1.4
+    monkeypatch.setenv("KEEL_MODEL_TIMEOUT_S", "soon")
+    err = await _fails(OpenAIProvider(), _call("openai:gpt-4o-mini"))
+    assert err.non_retryable and "KEEL_MODEL_TIMEOUT_S must be a positive number" in err.message
 
 
 async def test_openai_content_filter_is_a_refusal(fake_openai: fo.FakeOpenAI) -> None:
@@ -290,27 +314,27 @@ async def test_anthropic_401_fails_fast(fake_anthropic: fa.FakeAnthropic) -> Non
     assert len(fake_anthropic.requests) == 1
 
 
-async def test_anthropic_text_instead_of_tool_is_repaired(
+async def test_anthropic_text_instead_of_tool_is_searched_for_json(
     fake_anthropic: fa.FakeAnthropic,
 ) -> None:
-    fake_anthropic.push(fa.text("{not json"), fa.tool_use("plan", GOOD_PLAN))
-    result = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5", schema=True))
-    assert result.parsed == GOOD_PLAN
-    assert result.usage.input_tokens == 200
-    repair = fake_anthropic.requests[1].body["messages"]
-    assert repair[-2] == {"role": "assistant", "content": "{not json"}
-    assert "invalid JSON" in repair[-1]["content"]
+    fake_anthropic.push(fa.text("{not json"), fa.text('Plan: {"steps": [], "answer": "hi"}'))
+    bad = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5", schema=True))
+    assert bad.parsed is None and "invalid JSON" in bad.parse_error
+    good = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5", schema=True))
+    assert good.parsed == {"steps": [], "answer": "hi"}
+    assert len(fake_anthropic.requests) == 2
 
 
-async def test_anthropic_invalid_tool_input_twice(fake_anthropic: fa.FakeAnthropic) -> None:
-    fake_anthropic.push(fa.tool_use("plan", {"steps": []}), fa.tool_use("plan", {"answer": ""}))
-    err = await _fails(AnthropicProvider(), _call("anthropic:claude-haiku-4-5", schema=True))
-    assert err.type == "InvalidModelOutput" and not err.non_retryable
-    repair = fake_anthropic.requests[1].body["messages"]
-    assert repair[-2]["content"][0]["type"] == "tool_use"
-    result_block = repair[-1]["content"][0]
-    assert result_block["type"] == "tool_result" and result_block["is_error"] is True
-    assert result_block["tool_use_id"] == "toolu_fake01"
+async def test_anthropic_invalid_tool_input_and_max_tokens(fake_anthropic: fa.FakeAnthropic) -> None:
+    fake_anthropic.push(
+        fa.tool_use("plan", {"steps": []}),
+        fa.message([{"type": "text", "text": '{"steps": ['}], stop_reason="max_tokens"),
+    )
+    missing = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5", schema=True))
+    assert missing.parsed is None and "answer" in missing.parse_error
+    assert missing.text == '{"steps": []}'  # what a repair turn shows the model
+    cut = await AnthropicProvider().complete(_call("anthropic:claude-haiku-4-5", schema=True))
+    assert cut.truncated and "max_tokens" in cut.parse_error
 
 
 async def test_anthropic_refusal(fake_anthropic: fa.FakeAnthropic) -> None:
