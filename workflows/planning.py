@@ -194,9 +194,12 @@ class Planner:
             return False
         tool = next((t for t in ctx.tools if t.name == step.tool), None)
         st = self._state
-        gate = check_tool_call(
-            st.policy(ctx), req.tenant, req.user, ctx.permissions, tool, step.args, st.gate_context()
-        )
+        try:
+            gate = check_tool_call(
+                st.policy(ctx), req.tenant, req.user, ctx.permissions, tool, step.args, st.gate_context(ctx)
+            )
+        except Exception:  # arguments the pure gate cannot judge: the step runner denies them
+            return True
         return not gate.allowed
 
     async def evaluate_iteration(
