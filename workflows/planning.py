@@ -90,6 +90,7 @@ class Planner:
                         start_tier=st.start_tier,
                         tiers=ctx.tiers,
                         max_calls=self.calls_left(ctx),
+                        instructions=ctx.instructions,
                     ),
                     result_type=PlanOutput,
                     start_to_close_timeout=MODEL_TIMEOUT,
