@@ -25,6 +25,8 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
+    import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
+
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
@@ -79,8 +81,12 @@ class AgentWorkflow:
 
     @workflow.update(name="approve")
     async def approve(self, decision: Approval) -> str:
-        self._state.approvals[decision.step_id or self._state.waiting_step()] = decision
-        return "approved" if decision.approve else "rejected"
+        st = self._state
+        what = st.waiting_for
+        st.approvals[decision.step_id or st.waiting_step()] = decision
+        verdict = "approved" if decision.approve else "rejected"
+        # What was decided travels back to the approver: amount, rule, reason (issue 17).
+        return f"{verdict} by {decision.by or 'unknown'}: {what}" if what else verdict
 
     @approve.validator
     def _validate_approve(self, decision: Approval) -> None:
