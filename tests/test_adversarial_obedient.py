@@ -257,10 +257,14 @@ async def test_a_typo_in_the_policy_refuses_every_run(
     bad = tmp_path / "policy.yaml"
     bad.write_text(SHIPPED.read_text().replace("  issue_refund:\n", "  isue_refund:\n", 1))
     async with running_worker(client, db_pool, temporal_services, task_queue, policy_file=bad):
-        with pytest.raises(WorkflowFailureError) as err:
-            await run_agent(client, task_queue, request(f"Refund {order} for $240"))
-    cause = err.value.cause
-    assert "unknown tool 'isue_refund'" in str(getattr(cause, "cause", cause)), repr(cause)
+        try:
+            resp = await run_agent(client, task_queue, request(f"Refund {order} for $240"))
+            why = f"{resp.outcome}: {resp.reason}"
+            assert resp.outcome in ("failed", "denied"), why
+        except WorkflowFailureError as e:
+            cause = e.cause
+            why = str(getattr(cause, "cause", cause))
+    assert "unknown tool 'isue_refund'" in why, why
     assert await _rows(db_pool, "select 1 from refunds where order_id=%s", order) == []
 
 
