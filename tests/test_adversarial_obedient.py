@@ -208,10 +208,7 @@ async def test_split_refunds_ask_for_approval_within_and_across_runs(
         )
         first = await wait_status(handle, "s3", StepState.WAITING_APPROVAL, within=30)
         assert "refund-order-total" in first.waiting_for and "200" in first.waiting_for
-        reply = await handle.execute_update(
-            "approve", Approval(reason="customer called", by="carol"), result_type=str
-        )
-        assert reply.startswith("approved by carol") and "200" in reply and "refund-order-total" in reply
+        await handle.execute_update("approve", Approval(reason="customer called", by="carol"))
         second = await wait_status(handle, "s4", StepState.WAITING_APPROVAL, within=30)
         assert "250" in second.waiting_for
         await handle.execute_update("approve", Approval(reason="same call", by="carol"))

@@ -81,12 +81,8 @@ class AgentWorkflow:
 
     @workflow.update(name="approve")
     async def approve(self, decision: Approval) -> str:
-        st = self._state
-        what = st.waiting_for
-        st.approvals[decision.step_id or st.waiting_step()] = decision
-        verdict = "approved" if decision.approve else "rejected"
-        # What was decided travels back to the approver: amount, rule, reason (issue 17).
-        return f"{verdict} by {decision.by or 'unknown'}: {what}" if what else verdict
+        self._state.approvals[decision.step_id or self._state.waiting_step()] = decision
+        return "approved" if decision.approve else "rejected"
 
     @approve.validator
     def _validate_approve(self, decision: Approval) -> None:

@@ -377,6 +377,15 @@ def _os_user() -> str:
 async def _approve(args: argparse.Namespace) -> int:
     run = _run_of(await _client(), args.workflow_id)
     try:
+        # What is being decided (step, tool, rule, amount, provenance), shown to the approver
+        # and printed with the answer (issue 17); the audit row records the same.
+        try:
+            before = await run.status()
+        except RunNotFoundError:
+            raise
+        except Exception:  # no worker answered the query: the answer still goes through
+            before = None
+        what = before.waiting_for if before is not None else ""
         if args.reject:
             result = await run.reject(args.step, reason=args.reason, by=args.by)
         else:
@@ -385,10 +394,22 @@ async def _approve(args: argparse.Namespace) -> int:
         raise CliError(f"refused: {e}") from None
     except RunNotFoundError as e:
         raise CliError(str(e)) from None
+    detail = (
+        f" by {args.by}"
+        + (f": {what}" if what else "")
+        + (f" (reason: {args.reason})" if args.reason else "")
+    )
     print(
-        json.dumps({"workflow_id": args.workflow_id, "result": redact(result), "by": args.by})
+        json.dumps(
+            {
+                "workflow_id": args.workflow_id,
+                "result": redact(result),
+                "by": args.by,
+                "decided": redact(what),
+            }
+        )
         if args.json
-        else f"{args.workflow_id}: {redact(result)}"
+        else f"{args.workflow_id}: {redact(result)}{redact(detail)}"
     )
     return 0
 
