@@ -278,7 +278,12 @@ class AgentActivities:
                     subject="agent",
                     decision="allow" if gate.allowed else "deny",
                     reason=gate.reason,
-                    data={"rule": gate.rule, "policy_version": policy.version, "run_id": run_id, "policy_hash": digest},
+                    data={
+                        "rule": gate.rule,
+                        "policy_version": policy.version,
+                        "run_id": run_id,
+                        "policy_hash": digest,
+                    },
                     idem_key=authorize_key,
                 )
             ]
