@@ -23,6 +23,7 @@ pass through ``redact_data`` BEFORE hashing, so no secret is ever stored or hash
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 from collections.abc import Sequence
@@ -41,13 +42,16 @@ from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, Verify
 __all__ = [
     "AuditActivities",
     "AuditError",
+    "Checkpoint",
     "append",
+    "checkpoint",
     "append_many",
     "append_statement",
     "row_hash",
     "row_hash_v2",
     "trail",
     "verify",
+    "verify_checkpoint",
 ]
 
 _MAX_DATA_CHARS = 4096  # rows stay small: detail lives in tool_effects / memory, not here
@@ -284,6 +288,74 @@ async def verify(conn: AsyncConnection[Any], tenant: str | None = None) -> Verif
     if missing:
         return _bad(checked, seen[missing[0]][2], missing[0], "rows exist but the chain head is gone")
     return VerifyResult(ok=True, checked=checked, tenant=tenant)
+
+
+class Checkpoint(dict):  # type: ignore[type-arg]
+    """One signed chain head: ``{"tenant", "seq", "hash", "at", "mac"}`` (a JSON line)."""
+
+
+def _mac(key: bytes, tenant: str, seq: int, head: str, at: str) -> str:
+    msg = json.dumps([tenant, seq, head, at], separators=(",", ":")).encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+async def checkpoint(conn: AsyncConnection[Any], key: bytes) -> list[Checkpoint]:
+    """Every tenant's chain head, signed with HMAC-SHA256 under ``key``.
+
+    Written somewhere the database's users cannot rewrite (an append-only file, object
+    storage with retention, a ticket), these anchor the chain: someone who deletes the newest
+    rows and rewrites ``audit_heads`` to match still cannot produce the checkpointed row.
+    """
+    if not key:
+        raise AuditError("no HMAC key: set KEEL_AUDIT_HMAC_KEY")
+    rows = await (
+        await conn.execute("select tenant, seq, hash, now() from audit_heads order by tenant")
+    ).fetchall()
+    out = []
+    for tenant, seq, head, now in rows:
+        at = now.astimezone(UTC).isoformat(timespec="seconds")
+        out.append(Checkpoint(tenant=tenant, seq=seq, hash=head, at=at, mac=_mac(key, tenant, seq, head, at)))
+    return out
+
+
+async def verify_checkpoint(
+    conn: AsyncConnection[Any], checkpoints: Sequence[dict[str, Any]], key: bytes
+) -> VerifyResult:
+    """Check the chains against the LAST checkpoint of each tenant: its signature must hold,
+    the row it names must still be there with the same hash, and the head must not be behind
+    it. ``verify`` (the chain itself) should pass too; this adds what it cannot see."""
+    latest: dict[str, dict[str, Any]] = {}
+    for c in checkpoints:
+        latest[str(c.get("tenant"))] = c
+    checked = 0
+    for tenant, c in sorted(latest.items()):
+        checked += 1
+        try:
+            seq, head, at, mac = int(c["seq"]), str(c["hash"]), str(c["at"]), str(c["mac"])
+        except (KeyError, TypeError, ValueError):
+            return _bad(checked, None, tenant, "checkpoint line is malformed")
+        if not hmac.compare_digest(mac, _mac(key, tenant, seq, head, at)):
+            return _bad(
+                checked, None, tenant, f"checkpoint of {at} has a bad signature (forged or wrong key)"
+            )
+        if seq == 0:
+            continue
+        row = await (
+            await conn.execute("select id, hash from audit_log where tenant=%s and seq=%s", (tenant, seq))
+        ).fetchone()
+        if row is None:
+            return _bad(
+                checked,
+                None,
+                tenant,
+                f"row seq {seq} signed at {at} is gone (newest rows removed, head rewritten)",
+            )
+        if row[1] != head:
+            return _bad(checked, row[0], tenant, f"row seq {seq} no longer has the hash signed at {at}")
+        now = await (await conn.execute("select seq from audit_heads where tenant=%s", (tenant,))).fetchone()
+        if now is None or now[0] < seq:
+            return _bad(checked, row[0], tenant, f"chain head is behind the checkpoint of {at} (seq {seq})")
+    return VerifyResult(ok=True, checked=checked)
 
 
 class AuditActivities:

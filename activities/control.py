@@ -41,10 +41,10 @@ class ControlActivities:
             step_id=inp.step_id,
             kind=inp.kind,
             subject=inp.tool,
-            decision="allow" if inp.allowed else "deny",
+            decision=inp.decision or ("allow" if inp.allowed else "deny"),
             reason=inp.reason,
-            data={"rule": inp.rule, "args": redact_data(inp.args)},
-            idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}",
+            data={"rule": inp.rule, "args": redact_data(inp.args), **redact_data(inp.detail)},
+            idem_key=f"{inp.workflow_id}/{inp.step_id}/{inp.kind}{inp.key_suffix}",
         )
         async with self._pool.connection() as conn:
             await audit.append_many(conn, [entry])

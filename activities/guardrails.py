@@ -6,17 +6,24 @@ every request and every tool output, and deterministic enough to test against a 
 is structural — the gate re-checks every tool call, and tool output reaches the planner
 wrapped by ``untrusted`` as data, never as instructions.
 
-Detection normalises text first (NFKC, zero-width characters removed, whitespace collapsed,
-lower-cased) so trivial obfuscation does not slip past, and looks inside long base64 runs.
-Patterns are chosen so ordinary support requests ("refund it if shipped", "email the
-customer") do not match. ``redact``/``redact_data`` live in ``keel.redact`` (one detector list
-for every sink, workflows included); they are re-exported here for the activities.
+Detection matches several VIEWS of the text (issue 17): the text normalised (NFKC,
+zero-width and bidi controls removed, homoglyphs folded to Latin, accents stripped,
+whitespace collapsed, lower-cased); the text hidden in Unicode tag characters; rot13 of the
+whole text; and every run that decodes as base64, base32, hex or ascii85. A hit found only in
+a decoded view is reported as ``encoded``. Patterns cover English plus French, Spanish,
+German, Italian, Portuguese, Dutch, Russian, Chinese and Japanese phrasings of the common
+families, and markdown/HTML exfiltration, SQL and shell payloads. They are chosen so
+ordinary support requests ("refund it if shipped", "email the customer") do not match; the
+corpus is ``tests/adversarial/families.py``, its measured rates are in ``bench/RESULTS.md``.
+``redact``/``redact_data`` live in ``keel.redact`` (one detector list for every sink,
+workflows included); they are re-exported here for the activities.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 import unicodedata
 
@@ -102,6 +109,67 @@ _SIGNALS: tuple[tuple[str, str, float, re.Pattern[str]], ...] = tuple(
             r"|<\/?(tool_call|function_call|tool_use)\b|\bfunction_call\b",
         ),
         (
+            "ignore-instructions-i18n",
+            "injection",
+            1.0,
+            r"\b(ignore[zr]?|oublie[zr]?|ignora|ignoren|ignorar|olvida|ignoriere|ignorieren|vergiss"
+            r"|dimentica|esqueca|negeer|vergeet)\b.{0,40}\b(instructions?|instrucciones|anweisungen"
+            r"|istruzioni|instrucoes|instructies|consignes|regles|reglas|regeln|regole|regras"
+            r"|vorherigen|precedentes?|anteriores|precedenti|vorige|previas)"
+            r"|игнорир\w*.{0,30}инструкц|забудь.{0,30}(инструкц|правил)"
+            r"|忽略.{0,12}(指令|指示|说明|规则)|无视.{0,12}(指令|规则)"
+            r"|(指示|命令|ルール).{0,8}(を)?(無視|むし)",
+        ),
+        (
+            "jailbreak-i18n",
+            "jailbreak",
+            1.0,
+            r"\b(modo desarrollador|mode developpeur|entwicklermodus|modalita sviluppatore"
+            r"|sans (aucune )?restrictions?|sin (ninguna )?restricci|ohne (jede )?einschrankung"
+            r"|senza (alcuna )?restrizion|sem (nenhuma )?restric)"
+            r"|без (каких-либо )?ограничен|режим разработчика"
+            r"|没有(任何)?限制|开发者模式|制限なし|開発者モード",
+        ),
+        (
+            "prompt-leak-i18n",
+            "prompt_leak",
+            1.0,
+            r"\b(revele[zr]?|montre[zr]?|affiche[zr]?|muestra|revela|zeige|verrate|mostra|rivela)\b.{0,30}"
+            r"\b(prompt|instructions? (systeme|cachees)|instrucciones (del sistema|ocultas)"
+            r"|systemprompt|system-?anweisungen|istruzioni (di sistema|nascoste))"
+            r"|(системн\w* (промпт|инструкц))|(系统提示|系统指令)|システムプロンプト",
+        ),
+        (
+            "impersonation",
+            "injection",
+            1.0,
+            r"\b(i am|this is) (the|your) (administrator|admin|developer|system|ceo)\b"
+            r"|\b(skip|bypass|disable|turn off) (the )?(approval|verification|checks?|guardrails?|safety)\b"
+            r"|\b(you have been|you are) (granted|given|authori[sz]ed)\b",
+        ),
+        (
+            "exfil-markup",
+            "injection",
+            1.0,
+            r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?&=]|<\s*(img|iframe|script|object|embed|link|meta)\b"
+            r"|\bjavascript:|\bon(error|load|click)\s*=|\bsrc\s*=\s*[\"']?https?://",
+        ),
+        (
+            "sql-payload",
+            "smuggling",
+            1.0,
+            r"('|\")\s*(or|and)\s+('?\d+'?\s*=\s*'?\d+|'[^']*'\s*=\s*')|;\s*(drop|delete|truncate|alter|insert"
+            r"|update)\s+(table\s+)?\w+|\bunion\s+(all\s+)?select\b|--\s*$|/\*.*\*/|\bxp_cmdshell\b"
+            r"|\bpg_sleep\s*\(|\bsleep\s*\(\s*\d",
+        ),
+        (
+            "shell-payload",
+            "smuggling",
+            1.0,
+            r"(;|&&|\|\|?)\s*(rm|curl|wget|nc|bash|sh|chmod|cat|python3?|perl)\b|\$\([^)]*\)|`[^`]+`"
+            r"|\b(curl|wget)\b[^|]*\|\s*(ba)?sh\b|/etc/(passwd|shadow)|\brm\s+-rf\b",
+        ),
+        (
             "encoded-hint",
             "encoded",
             0.6,
@@ -117,37 +185,96 @@ _SIGNALS: tuple[tuple[str, str, float, re.Pattern[str]], ...] = tuple(
         ),
     )
 )
-_B64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
-_ZERO_WIDTH = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+_B32_RUN = re.compile(r"\b[A-Z2-7]{16,}=*")
+_HEX_RUN = re.compile(r"\b(?:[0-9a-fA-F]{2}[\s:]?){8,}")
+_A85_RUN = re.compile(r"<~(.+?)~>|[!-u]{20,}", re.S)
+_ZERO_WIDTH = re.compile(
+    "[\u200b-\u200f\u2060-\u2064\ufeff\u00ad\u202a-\u202e\u2066-\u2069\U000e0000-\U000e007f]"
+)
+_DIACRITICS = re.compile("[\u0300-\u036f]")
+_TAGS = re.compile("[\U000e0020-\U000e007e]+")
+# Look-alikes an NFKC pass leaves alone (Cyrillic, Greek) folded to the Latin letter they imitate.
+_HOMOGLYPHS = str.maketrans(
+    "аеорсухіјѕԁɡһӏոԛѵԝАВЕКМНОРСТХІЈЅԌαβεικνορτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdghlnqvwABEKMHOPCTXIJSGabeiknoptuxABEZHIKMNOPTYX",
+)
 
 
 def _normalise(text: str) -> str:
     t = _ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
+    # Accents off (précédentes -> precedentes), but only Latin diacritics: kana voicing
+    # marks are letters, not decoration.
+    t = unicodedata.normalize("NFC", _DIACRITICS.sub("", unicodedata.normalize("NFD", t)))
     t = re.sub(r"[ \t\f\v]+", " ", t)
     return t.lower()
 
 
+def _printable(raw: bytes) -> str | None:
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return decoded if decoded.strip() and decoded.replace("\n", " ").isprintable() else None
+
+
 def _decoded_runs(text: str) -> list[str]:
-    out = []
+    """Hidden or encoded text a model could still read: base64/32, hex, ascii85, Unicode tags."""
+    out: list[str] = []
+    for m in _TAGS.finditer(text):
+        out.append("".join(chr(ord(c) - 0xE0000) for c in m.group(0)))
     for m in _B64_RUN.finditer(text):
         run = m.group(0)
+        for pad in (run, run.rstrip("=")):
+            try:
+                got = _printable(base64.b64decode(pad + "=" * (-len(pad) % 4), validate=True))
+            except (binascii.Error, ValueError):
+                continue
+            if got:
+                out.append(got)
+                break
+    for m in _B32_RUN.finditer(text):
+        run = m.group(0).rstrip("=")
         try:
-            raw = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
-            decoded = raw.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+            got = _printable(base64.b32decode(run + "=" * (-len(run) % 8)))
+        except (binascii.Error, ValueError):
             continue
-        if decoded.isprintable():
-            out.append(decoded)
+        if got:
+            out.append(got)
+    for m in _HEX_RUN.finditer(text):
+        digits = re.sub(r"[\s:]", "", m.group(0))
+        if len(digits) % 2 == 0:
+            got = _printable(bytes.fromhex(digits))
+            if got:
+                out.append(got)
+    for m in _A85_RUN.finditer(text):
+        run = m.group(1) if m.group(1) is not None else m.group(0)
+        try:
+            got = _printable(base64.a85decode(run.strip(), adobe=False))
+        except (ValueError, binascii.Error):
+            continue
+        if got and sum(ch.isalpha() or ch == " " for ch in got) > 0.8 * len(got):
+            out.append(got)
     return out
 
 
+def _match(view: str) -> list[tuple[str, str, float]]:
+    """Signals in one view, and in its homoglyph-folded twin (a Cyrillic o in a Latin word
+    matches as Latin; real Russian text is matched unfolded)."""
+    folded = view.translate(_HOMOGLYPHS)
+    return [(n, c, w) for n, c, w, p in _SIGNALS if p.search(view) or (folded != view and p.search(folded))]
+
+
 def _signals(text: str) -> list[tuple[str, str, float]]:
-    norm = _normalise(text)
-    hits = [(n, c, w) for n, c, w, p in _SIGNALS if p.search(norm)]
-    for decoded in _decoded_runs(text):
-        inner = [n for n, c, _, p in _SIGNALS if c != "off_topic" and p.search(_normalise(decoded))]
+    hits = _match(_normalise(text))
+    seen = {n for n, _, _ in hits}
+    hidden = [*_decoded_runs(text), codecs.decode(text, "rot13")]
+    for decoded in hidden:
+        inner = [n for n, c, _ in _match(_normalise(decoded)) if c not in ("off_topic", "encoded")]
+        inner = [n for n in inner if n not in seen]
         if inner:
-            hits.append((f"base64:{inner[0]}", "encoded", 1.0))
+            hits.append((f"decoded:{inner[0]}", "encoded", 1.0))
+            seen.update(inner)
     return hits
 
 

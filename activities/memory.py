@@ -1,6 +1,12 @@
 """Session memory in PostgreSQL: full turns stay in the database, the run sees a summary.
 
-A second request in the same ``(tenant, session)`` sees the first through ``load``. Turns are
+Memory is keyed by ``(tenant, owner, session)`` where ``owner`` is the requesting user, so
+one user's turns (and whatever their runs read) never reach another user's planning prompt;
+``owner=""`` is a session the tenant's policy shares across users (``shared_memory``).
+``author`` records who made each request either way. Memory is untrusted input: only plans
+made after the first see it (see ``activities/agent.py``).
+
+A second request in the same ``(tenant, owner, session)`` sees the first through ``load``. Turns are
 saved once per run (unique per workflow id, so a retried save is a no-op) and redacted
 before they are written. Past ``MAX_TURNS`` the oldest turns are folded into the summary and
 deleted, so memory stays bounded however long a session lives.
@@ -22,17 +28,19 @@ MAX_SUMMARY_CHARS = 1500
 """Bound on what a run carries in history (the planner's memory input)."""
 
 
-async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str) -> str:
+async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str, owner: str = "") -> str:
     """The session's summary followed by its most recent turns, bounded in size."""
     summary = await (
         await conn.execute(
-            "select summary from memory_summaries where tenant=%s and session=%s", (tenant, session)
+            "select summary from memory_summaries where tenant=%s and owner=%s and session=%s",
+            (tenant, owner, session),
         )
     ).fetchone()
     rows = await (
         await conn.execute(
-            "select role, content from memory_turns where tenant=%s and session=%s order by id desc limit 6",
-            (tenant, session),
+            "select role, content from memory_turns where tenant=%s and owner=%s and session=%s "
+            "order by id desc limit 6",
+            (tenant, owner, session),
         )
     ).fetchall()
     recent = "\n".join(f"{role}: {content[:180]}" for role, content in reversed(rows))
@@ -49,36 +57,40 @@ async def save(
     workflow_id: str,
     user_text: str,
     assistant_text: str,
+    owner: str = "",
+    author: str = "",
 ) -> None:
     """Append this run's turn (idempotent per workflow id) and fold old turns if needed."""
     async with conn.transaction():
         for role, content in (("user", user_text), ("assistant", assistant_text)):
             await conn.execute(
-                "insert into memory_turns (tenant, session, workflow_id, role, content) "
-                "values (%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
-                (tenant, session, workflow_id, role, scrub(content)),
+                "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
+                "values (%s,%s,%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
+                (tenant, owner, author, session, workflow_id, role, scrub(content)),
             )
         old = await (
             await conn.execute(
-                "select id, role, content from memory_turns where tenant=%s and session=%s "
+                "select id, role, content from memory_turns where tenant=%s and owner=%s and session=%s "
                 "order by id desc offset %s",
-                (tenant, session, MAX_TURNS),
+                (tenant, owner, session, MAX_TURNS),
             )
         ).fetchall()
         if not old:
             return
         prev = await (
             await conn.execute(
-                "select summary, turns from memory_summaries where tenant=%s and session=%s for update",
-                (tenant, session),
+                "select summary, turns from memory_summaries where tenant=%s and owner=%s and session=%s "
+                "for update",
+                (tenant, owner, session),
             )
         ).fetchone()
         folded = " | ".join(f"{r}: {c[:120]}" for _, r, c in reversed(old))
         summary = ((prev[0] + " | ") if prev else "") + folded
         await conn.execute(
-            "insert into memory_summaries (tenant, session, summary, turns) values (%s,%s,%s,%s) "
-            "on conflict (tenant, session) do update set summary=excluded.summary, "
+            "insert into memory_summaries (tenant, owner, session, summary, turns) "
+            "values (%s,%s,%s,%s,%s) "
+            "on conflict (tenant, owner, session) do update set summary=excluded.summary, "
             "turns=memory_summaries.turns + excluded.turns, updated_at=now()",
-            (tenant, session, summary[-MAX_SUMMARY_CHARS:], len(old)),
+            (tenant, owner, session, summary[-MAX_SUMMARY_CHARS:], len(old)),
         )
         await conn.execute("delete from memory_turns where id = any(%s)", ([r[0] for r in old],))

@@ -95,6 +95,8 @@ class RunContext(Frozen):
     model_label: str = ""
     memory: str = ""
     """Short summary of earlier turns in this session (the full text stays in PostgreSQL)."""
+    prior_totals: dict[str, float] = Field(default_factory=dict)
+    """Sums cumulative limits add to, read from the database at run start (``Flow.prior``)."""
     scopes: tuple[str, ...] = ()
     limits: RunLimits = RunLimits()
     judge: bool = False
@@ -116,6 +118,7 @@ class PlanInput(Frozen):
     workflow_id: str
     message: str
     memory: str = ""
+    """Session memory (untrusted); shown to plans after the first only."""
     tools: tuple[ToolInfo, ...] = ()
     executed: tuple[StepRecord, ...] = ()
     model: str
@@ -230,6 +233,13 @@ class StepGateInput(Frozen):
     rule: str = ""
     reason: str = ""
     kind: str = "permission"
+    decision: str = ""
+    """Overrides allow/deny for approval rows: ``requested``, ``approve``, ``reject``,
+    ``timed_out``, ``abandoned``."""
+    detail: dict[str, Any] = Field(default_factory=dict)
+    """Extra audit data: approver (``by``), amount, the rule asked about, provenance."""
+    key_suffix: str = ""
+    """Distinguishes several rows of one kind for one step (``-requested``, ``-abandoned``)."""
 
 
 class StepGateResult(Frozen):

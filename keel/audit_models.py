@@ -25,7 +25,7 @@ __all__ = [
     "audit_key",
 ]
 
-AuditKind = Literal["permission", "budget", "approval", "guardrail", "compensation", "tool", "run"]
+AuditKind = Literal["permission", "budget", "approval", "guardrail", "compensation", "tool", "run", "policy"]
 AUDIT_KINDS: tuple[str, ...] = AuditKind.__args__  # type: ignore[attr-defined]
 
 

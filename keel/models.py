@@ -444,6 +444,10 @@ class StepGate(Frozen):
     hold_ttl_seconds: int = 300
     """Lease of the step's hold; a hold placed when the plan was admitted lives as long as
     the run may (see ``keel.budget.tool_hold``)."""
+    provenance: str = ""
+    """``trusted`` or ``untrusted: why`` (issue 17); recorded in the allow row."""
+    approved_by: str = ""
+    """Who approved the step, when a human did."""
 
 
 class ToolCall(Frozen):

@@ -10,18 +10,28 @@ silently drop a refund limit), and every problem is reported as ONE line naming 
 the field path and what is wrong. Models decoded from workflow history are lenient
 (``Frozen`` ignores unknown fields) so a newer worker's snapshot still replays.
 
+Failing closed (issue 17): a rule naming a tool, argument or role that does not exist is a
+load-time error when the caller passes the tool catalogue (the worker always does: a typo like
+``isue_refund:`` must not silently drop the refund limits); numbers must be finite (``1e400``
+is not a limit); a key written twice in one mapping is refused (YAML would keep the last one
+silently); patterns are compiled by RE2, a linear-time engine, because they are evaluated in
+workflow code on model-chosen text (a backtracking ``(a+)+$`` would stall a workflow task).
+
 Evaluation lives in ``workflows/gate.py``; this module only describes and validates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+import re2
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from keel.models import Frozen
+from keel.models import Frozen, ToolInfo
 
 __all__ = [
     "GUARDRAIL_CATEGORIES",
@@ -29,15 +39,19 @@ __all__ = [
     "Check",
     "Condition",
     "Constraint",
+    "CumulativeLimit",
     "Guardrails",
     "InputGuardrails",
     "Limits",
     "Policy",
     "PolicyError",
+    "Provenance",
     "TenantPolicy",
     "ToolRule",
     "load_policy",
+    "compile_pattern",
     "parse_policy",
+    "policy_hash",
 ]
 
 GUARDRAIL_CATEGORIES = (
@@ -58,8 +72,21 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; ``str(e)`` is one line: ``file: field.path: problem``."""
 
 
+def compile_pattern(pattern: str) -> Any:
+    """Compile with RE2 (linear time, no backreferences or lookaround); ``re2.error`` if refused.
+
+    RE2 raises for constructs it cannot run in linear time instead of falling back to a
+    backtracking engine, so a pattern that loads is a pattern that cannot stall a workflow.
+    """
+    opts = re2.Options()
+    opts.log_errors = False
+    return re2.compile(pattern, options=opts)
+
+
 class _Strict(Frozen):
     """Frozen policy model; unknown keys are errors when validated with ``strict`` context."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -88,18 +115,25 @@ class Check(_Strict):
     prefix_in: tuple[str, ...] | None = None
     """Value's first word must be in this list; shell metacharacters are always refused."""
     pattern: str | None = None
-    """Regular expression the whole value must match (``re.fullmatch``)."""
+    """Regular expression (RE2 syntax, linear time) the whole value must match."""
     max_length: int | None = None
     """Upper bound on the length of the value's text."""
+    named_in_request: bool = False
+    """Data-flow rule: the value must be one the trusted request named (e.g. a refund's
+    order id), whether it was written literally or came from a step whose input was."""
+    data_about: str | None = None
+    """Data-flow rule: the value may carry data only about the customer the argument with
+    this name addresses (``send_email``: body and recipient hold only that recipient's data)."""
 
     @field_validator("pattern")
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"invalid regular expression: {e}") from e
+                compile_pattern(v)
+            except re2.error as e:
+                why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise ValueError(f"pattern refused by the linear-time engine (RE2): {why}") from e
         return v
 
 
@@ -137,6 +171,34 @@ class ApprovalRule(_Strict):
     """Safe default: an unanswered request is a rejection."""
 
 
+class CumulativeLimit(_Strict):
+    """A limit on the SUM of one argument over calls, not on one call (split refunds).
+
+    ``per: order`` sums calls with the same ``key`` argument (the order id) across steps AND
+    runs (the earlier runs' sum comes from the database); ``per: run`` sums this run's calls;
+    ``per: tenant_day`` sums the tenant's calls since midnight UTC across runs. A call that
+    would take the sum above ``max`` is denied; above ``approval_over`` it needs a human.
+    """
+
+    name: str
+    arg: str
+    per: Literal["order", "run", "tenant_day"]
+    key: str | None = None
+    """The argument that names the order (required for ``per: order``)."""
+    max: float | None = Field(default=None, ge=0)
+    approval_over: float | None = Field(default=None, ge=0)
+    timeout_seconds: int = Field(default=3600, gt=0)
+    on_timeout: Literal["reject", "approve"] = "reject"
+
+    @model_validator(mode="after")
+    def _shape(self) -> CumulativeLimit:
+        if self.per == "order" and not self.key:
+            raise ValueError("per: order needs 'key' (the argument naming the order)")
+        if self.max is None and self.approval_over is None:
+            raise ValueError("needs 'max' or 'approval_over'")
+        return self
+
+
 class ToolRule(_Strict):
     """Per-tool policy: extra permissions (ACL override), argument constraints, approvals."""
 
@@ -144,6 +206,10 @@ class ToolRule(_Strict):
     """Required IN ADDITION to the tool's own declared permissions."""
     constraints: tuple[Constraint, ...] = ()
     approvals: tuple[ApprovalRule, ...] = ()
+    cumulative: tuple[CumulativeLimit, ...] = ()
+    on_untrusted: Literal["approve", "deny"] | None = None
+    """What a side-effecting step of this tool gets when its provenance is untrusted (see
+    ``Provenance``); unset = the policy-wide ``provenance.untrusted_side_effects``."""
 
 
 class TenantPolicy(_Strict):
@@ -161,6 +227,9 @@ class TenantPolicy(_Strict):
     """Roles for users admitted by ``"*"`` or listed without their own roles."""
     deny_tools: tuple[str, ...] = ()
     """Tools this tenant may never use, whatever the roles say."""
+    shared_memory: bool = False
+    """Session memory is per (tenant, user, session); true lets a tenant's users share a
+    session's memory (a team inbox), which also shares whatever one user's runs read."""
 
     @model_validator(mode="before")
     @classmethod
@@ -221,6 +290,19 @@ class Guardrails(_Strict):
     (typed placeholders) or ``keep``. Secrets are always replaced, whatever this says."""
 
 
+class Provenance(_Strict):
+    """Plan-then-execute: which side effects a run may take is fixed by the trusted request.
+
+    The first plan is made from the request and trusted configuration only. A later plan
+    (made after tool output was seen) may add read-only steps freely; a side-effecting step
+    it adds, or one whose arguments did not come from the request or the trusted plan, gets
+    ``untrusted_side_effects``: ``approve`` (a human decides) or ``deny``.
+    """
+
+    untrusted_side_effects: Literal["approve", "deny"] = "approve"
+    approval_timeout_seconds: int = Field(default=3600, gt=0)
+
+
 class Policy(_Strict):
     """The whole policy; ``version`` is recorded with every run and every audit row."""
 
@@ -230,6 +312,7 @@ class Policy(_Strict):
     tools: dict[str, ToolRule] = Field(default_factory=dict)
     limits: Limits = Limits()
     guardrails: Guardrails = Guardrails()
+    provenance: Provenance = Provenance()
 
     @field_validator("version", mode="before")
     @classmethod
@@ -251,6 +334,40 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _tool_args(t: ToolInfo) -> set[str]:
+    return set((t.args_schema or {}).get("properties", {}))
+
+
+def _check_catalogue(p: Policy, tools: Sequence[ToolInfo]) -> tuple[str, str] | None:
+    """Every tool, argument and permission a rule names must exist: a typo fails to load."""
+    known = {t.name: t for t in tools}
+    names = ", ".join(sorted(known))
+    for tname, t in p.tenants.items():
+        for i, tool in enumerate(t.deny_tools):
+            if tool not in known:
+                return f"tenants.{tname}.deny_tools[{i}]", f"unknown tool {tool!r} (known: {names})"
+    for tool, rule in p.tools.items():
+        if tool not in known:
+            return f"tools.{tool}", f"unknown tool {tool!r} (known: {names})"
+        args = _tool_args(known[tool])
+        refs = [(f"constraints[{i}].arg", c.arg) for i, c in enumerate(rule.constraints)]
+        refs += [
+            (f"constraints[{i}].data_about", c.data_about)
+            for i, c in enumerate(rule.constraints)
+            if c.data_about
+        ]
+        refs += [(f"approvals[{i}].when.arg", a.when.arg) for i, a in enumerate(rule.approvals) if a.when.arg]
+        refs += [(f"cumulative[{i}].arg", c.arg) for i, c in enumerate(rule.cumulative)]
+        refs += [(f"cumulative[{i}].key", c.key) for i, c in enumerate(rule.cumulative) if c.key]
+        for path, arg in refs:
+            if arg not in args:
+                return (
+                    f"tools.{tool}.{path}",
+                    f"tool {tool!r} has no argument {arg!r} (arguments: {', '.join(sorted(args)) or 'none'})",
+                )
+    return None
+
+
 def _check_references(p: Policy) -> tuple[str, str] | None:
     """Cross-field checks pydantic cannot place on a path: returns (path, problem) or None."""
     for role, perms in p.roles.items():
@@ -270,6 +387,7 @@ def _check_references(p: Policy) -> tuple[str, str] | None:
             return f"tenants.{tname}.roles", 'users: "*" needs roles for those users'
     for tool, rule in p.tools.items():
         names = [c.name for c in rule.constraints] + [a.name for a in rule.approvals]
+        names += [c.name for c in rule.cumulative]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
             return f"tools.{tool}", f"rule name {dup!r} used twice; denials must name one rule"
@@ -280,12 +398,43 @@ def _check_references(p: Policy) -> tuple[str, str] | None:
     return None
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Parse and validate policy YAML; raises ``PolicyError`` with one line on any problem."""
+def _strict_loader() -> Any:
+    """A SafeLoader that refuses a key written twice in one mapping (YAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
+def policy_hash(text: str) -> str:
+    """The identity of a policy's exact text (sha256 hex), recorded when a worker first uses it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def parse_policy(text: str, source: str = "<policy>", tools: Sequence[ToolInfo] | None = None) -> Policy:
+    """Parse and validate policy YAML; raises ``PolicyError`` with one line on any problem.
+
+    ``tools`` is the tool catalogue (hidden tools included): when given, every tool and
+    argument a rule names must exist in it. The worker always passes it.
+    """
     import yaml  # here, not at module top: the workflow sandbox imports this module for the models
 
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -300,16 +449,16 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         msg = err["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise PolicyError(f"{source}: {_loc(err['loc'])}: {msg}{more}") from None
-    bad = _check_references(policy)
+    bad = _check_references(policy) or (_check_catalogue(policy, tools) if tools is not None else None)
     if bad:
         raise PolicyError(f"{source}: {bad[0]}: {bad[1]}")
     return policy
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, tools: Sequence[ToolInfo] | None = None) -> Policy:
     """Read and parse a policy file; a missing or unreadable file is a ``PolicyError`` too."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise PolicyError(f"{path}: cannot read policy file: {e.strerror or e}") from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path), tools)

@@ -18,7 +18,7 @@ async def _audit(pool: AsyncConnectionPool, workflow_id: str) -> list[tuple[str,
     async with pool.connection() as conn:
         return await (
             await conn.execute(
-                "select decision, reason from audit_log where workflow_id=%s and kind='approval'",
+                "select decision, reason from audit_log where workflow_id=%s and kind='approval' order by id",
                 (workflow_id,),
             )
         ).fetchall()
@@ -60,14 +60,24 @@ async def test_approve_update(
             ("s1", "test_effect", "first", "done"),
             ("s2", "test_effect", "approve-me", "done"),
         ]
-        assert await _audit(db_pool, resp.workflow_id) == [("allow", "checked by bob")]
+        assert [d for d, _ in await _audit(db_pool, resp.workflow_id)] == ["requested", "approve"]
     else:
         assert resp.outcome == "rejected", resp
         assert "rejected" in resp.flags and "checked by bob" in resp.reason
         assert resp.compensated == ("s1",)
         assert [s.state for s in resp.steps] == [StepState.COMPENSATED, StepState.DENIED]
         assert effects == [("s1", "test_effect", "first", "undone")]
-        assert await _audit(db_pool, resp.workflow_id) == [("deny", "checked by bob")]
+        assert [d for d, _ in await _audit(db_pool, resp.workflow_id)] == ["requested", "reject"]
+    rows = await _audit(db_pool, resp.workflow_id)
+    assert "checked by bob" in rows[1][1] and "by bob" in rows[1][1]
+    async with db_pool.connection() as conn:
+        data = await (
+            await conn.execute(
+                "select data from audit_log where workflow_id=%s and kind='approval' order by id",
+                (resp.workflow_id,),
+            )
+        ).fetchall()
+    assert data[0][0]["approval_rule"] == "effect-needs-approval" and data[1][0]["by"] == "bob"
 
 
 async def test_approval_timeout_is_a_safe_rejection(
@@ -92,3 +102,29 @@ async def test_approval_timeout_is_a_safe_rejection(
     assert "no answer within 1 s" in resp.reason and "reject" in resp.reason
     assert resp.compensated == ("s1",)
     assert await effects_of(db_pool, resp.workflow_id) == [("s1", "test_effect", "first", "undone")]
+    assert [d for d, _ in await _audit(db_pool, resp.workflow_id)] == ["requested", "timed_out"]
+
+
+async def test_run_stopped_while_waiting_leaves_an_abandoned_row(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deadline fires while a human has not answered: the audit trail says so."""
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        PLANS,
+        policy_file=write_policy(tmp_path, deadline_seconds=2),
+        monkeypatch=monkeypatch,
+    ):
+        resp = await (await start(client, task_queue)).result()
+    assert resp.outcome == "escape_hatch" and "deadline" in resp.reason, resp
+    rows = await _audit(db_pool, resp.workflow_id)
+    assert [d for d, _ in rows] == ["requested", "abandoned"], rows
+    assert "deadline" in rows[1][1]

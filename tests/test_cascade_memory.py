@@ -67,7 +67,7 @@ async def test_second_request_in_session_sees_the_first(
     async with running_worker(client, db_pool, temporal_services, task_queue):
         first = await run_agent(client, task_queue, request(f"Is order {order} shipped?", session=session))
         async with db_pool.connection() as conn:
-            seen = await memory.load(conn, "acme", session)
+            seen = await memory.load(conn, "acme", session, "alice")  # memory is per user
         assert order in seen and "shipped" in seen
         await run_agent(client, task_queue, request("And what about the e-mail?", session=session))
     assert first.outcome == "completed"

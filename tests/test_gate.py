@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import workflows.gate as gate_mod
+from keel.labels import Flow
 from keel.models import ToolInfo
 from keel.policy import load_policy, parse_policy
 from workflows.gate import authorize_user, check_tool_call, visible_tools
@@ -36,7 +37,7 @@ TOOLS = {
             idempotent=False,
             side_effects=True,
         ),
-        ToolInfo(name="run_shell", description="", permissions=()),
+        ToolInfo(name="run_shell", description="", permissions=("shell:run",)),
     )
 }
 CUSTOMER = {"order_customer": "alice@example.com"}
@@ -49,6 +50,7 @@ def _call(
     user: str = "alice",
     perms: tuple[str, ...] = (),
     context: dict | None = None,
+    flow: Flow | None = None,
     tenant: str = "acme",
     policy=POLICY,
 ):  # type: ignore[no-untyped-def]
@@ -60,7 +62,15 @@ def _call(
         TOOLS.get(tool) if tool else None,
         args,
         CUSTOMER if context is None else context,
+        TRUSTED if flow is None else flow,
     )
+
+
+# A first-plan call whose request named these orders, none refunded before.
+TRUSTED = Flow(
+    request="please handle ORD-123, ORD-125 and ORD-126",
+    prior={f"issue_refund|order|ORD-{n}": 0.0 for n in (123, 125, 126)},
+)
 
 
 def test_exports() -> None:
@@ -77,6 +87,8 @@ def test_gate_module_imports_only_deterministic_code() -> None:
     imports = {line.split()[1] for line in src.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {
         "__future__",
+        "functools",
+        "keel.labels",
         "math",
         "re",
         "collections.abc",
@@ -147,7 +159,7 @@ def test_visible_tools_per_user() -> None:
     }
     assert names(visible_tools(POLICY, "acme", "alice", ("orders:read",), tools)) == {"lookup_order"}
     assert visible_tools(POLICY, "acme", "mallory", (), tools) == ()
-    assert "run_shell" not in alice  # its policy ACL override needs shell:run, granted to no one
+    assert "run_shell" not in alice  # it needs shell:run, granted to no one
 
 
 def test_acl_override_adds_permissions() -> None:
@@ -233,7 +245,7 @@ tools:
     permissions: [shell:run]
     constraints:
       - {name: shell-allow-list, arg: command, prefix_in: [ls, cat]}
-      - {name: shell-no-parent-dirs, arg: command, pattern: '(?!.*\.\.).*'}
+      - {name: shell-no-parent-dirs, arg: command, pattern: '([^.]|\.[^.])*\.?'}
 """)
 
 

@@ -62,6 +62,10 @@ def mcp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     effects.write_text("")
     monkeypatch.setenv("KEEL_AGENT_PATH", str(agents))
     monkeypatch.setenv("MCP_EFFECTS", str(effects))
+    # The test policy names the test tools (echo, test_effect): the catalogue must hold them,
+    # or the policy is refused at load (issue 17: a rule for an unknown tool fails closed).
+    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    testing.register()
     agent_defs.reset()
     yield {"agents": agents, "policy": policy, "effects": effects, "tmp": tmp_path}
     agent_defs.reset()
@@ -147,7 +151,9 @@ async def test_listing_read_only_call_and_destructive_call_with_approval(
             )
         ).fetchall()
     assert ("s1", "permission", "files.lookup", "allow") in rows
-    assert ("s2", "approval", "files.delete_record", "allow") in rows
+    # issue 17: an approval has a "requested" row and the answer row ("approve", with the approver)
+    assert ("s2", "approval", "files.delete_record", "requested") in rows
+    assert ("s2", "approval", "files.delete_record", "approve") in rows
     assert ("s2", "permission", "files.delete_record", "allow") in rows
 
 

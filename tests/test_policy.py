@@ -42,7 +42,7 @@ def test_exports() -> None:
 
 def test_shipped_policy_loads() -> None:
     p = load_policy(SHIPPED)
-    assert p.version == "2026-12-01.2"
+    assert p.version == "2026-12-02.1"
     assert p.tenants["acme"].users == {"alice": ("support",), "bob": ("viewer",), "carol": ("operations",)}
     assert p.tenants["globex"].any_user and p.tenants["globex"].roles == ("viewer",)
     assert "refunds:write" in p.roles["support"] and "refunds:write" not in p.roles["viewer"]
@@ -102,7 +102,7 @@ BAD = [
     ),
     (
         'version: "2026-11-01.1"\ntools: {t: {constraints: [{name: c, arg: a, pattern: "(["}]}}',
-        "x.yaml: tools.t.constraints[0].pattern: invalid regular expression",
+        "x.yaml: tools.t.constraints[0].pattern: pattern refused by the linear-time engine (RE2)",
     ),
     (
         'version: "2026-11-01.1"\ntools: {t: {constraints: [{name: c, arg: a, max: 1}, '
@@ -153,4 +153,75 @@ def test_history_decoding_is_lenient() -> None:
     """Outside file parsing, unknown keys from a newer worker's snapshot are ignored."""
     data = load_policy(SHIPPED).model_dump(mode="json")
     data["future_field"] = {"x": 1}
-    assert Policy.model_validate(data).version == "2026-12-01.2"
+    assert Policy.model_validate(data).version == "2026-12-02.1"
+
+
+# --- failing closed (issue 17) -------------------------------------------------------------
+
+from activities.tools.registry import catalog  # noqa: E402  (the real registry, hidden tools too)
+
+CATALOGUE = catalog(include_hidden=True)
+SHIPPED_TEXT = SHIPPED.read_text()
+
+
+def test_shipped_policy_loads_against_the_tool_registry() -> None:
+    assert load_policy(SHIPPED, CATALOGUE).version
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("  issue_refund:\n", "  isue_refund:\n"), "tools.isue_refund: unknown tool 'isue_refund' (known: "),
+        (("arg: amount_usd\n        min", "arg: amount\n        min"), "tool 'issue_refund' has no argument"),
+        (("when: {arg: amount_usd, gt: 100}", "when: {arg: amont_usd, gt: 100}"), "approvals[0].when.arg"),
+        (("max: 500\n", "max: 1e400\n"), "max: Input should be a finite number"),
+        (("max: 500\n", "max: .inf\n"), "max: Input should be a finite number"),
+        (("min: 0.01\n", "min: .nan\n"), "min: Input should be a finite number"),
+        (("    users:\n      alice", "    users:\n      bob: [viewer]\n      alice"), "duplicate key 'bob'"),
+        (
+            ("\n\n# Plan-then", "\n  send_email:\n    permissions: [x:y]\n\n# Plan-then"),
+            "duplicate key 'send_email'",
+        ),
+        (("bob: [viewer]", "bob: [viewr]"), "tenants.acme.users.bob: unknown role 'viewr'"),
+        (("max_length: 200", r"pattern: '(\w)\1'"), "refused by the linear-time engine"),
+        (("max_length: 200", "pattern: '(?=a)a'"), "refused by the linear-time engine"),
+    ],
+)
+def test_a_typo_in_the_shipped_policy_is_refused(edit: tuple[str, str], expected: str) -> None:
+    """The issue's fail-open cases, each applied to the real policy: none may load."""
+    assert edit[0] in SHIPPED_TEXT
+    with pytest.raises(PolicyError) as err:
+        parse_policy(SHIPPED_TEXT.replace(edit[0], edit[1], 1), "policy.yaml", CATALOGUE)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_unknown_tool_in_deny_tools_is_refused() -> None:
+    text = SHIPPED_TEXT.replace("    roles: [viewer]", "    roles: [viewer]\n    deny_tools: [sendmail]", 1)
+    with pytest.raises(PolicyError, match=r"deny_tools\[0\]: unknown tool 'sendmail'"):
+        parse_policy(text, "p.yaml", CATALOGUE)
+
+
+def test_catastrophic_pattern_runs_in_linear_time() -> None:
+    """``(a+)+$`` takes Python's re ~0.7 s at 25 characters and 4x per 2 more; RE2 is linear."""
+    import time
+
+    from workflows.gate import _pattern
+
+    policy = parse_policy(
+        'version: "2026-11-01.1"\ntools: {noop: {constraints: [{name: evil, arg: note, pattern: "(a+)+$"}]}}',
+        "p.yaml",
+        CATALOGUE,
+    )
+    pat = policy.tools["noop"].constraints[0].pattern
+    assert pat is not None
+    t0 = time.perf_counter()
+    for n in (25, 1000, 100_000):
+        assert _pattern(pat).fullmatch("a" * n + "!") is None
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_policy_hash_identifies_the_exact_text() -> None:
+    from keel.policy import policy_hash
+
+    assert policy_hash(SHIPPED_TEXT) == policy_hash(SHIPPED_TEXT)
+    assert policy_hash(SHIPPED_TEXT) != policy_hash(SHIPPED_TEXT + "\n# edited\n")

@@ -25,6 +25,8 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
+    import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
+
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState

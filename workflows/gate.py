@@ -31,19 +31,30 @@ successful call becomes an accepted value); the demo declares:
   (``lookup_order`` result field ``customer_email``).
 * ``order_ids`` — order ids looked up or refunded in this run.
 * Any other key a policy's ``one_of_ref`` names; a missing key fails the rule (fail closed).
+
+``flow`` (a ``Flow``) carries what the workflow knows about where the call came from (issue
+17): the trusted request's text, a data-flow ``Label`` per argument, the step's
+``StepProvenance``, and the sums cumulative limits add to (earlier runs' from the database,
+read at run start; this run's from its executed steps). Rules that need it fail closed
+without it. Patterns run on RE2 (linear time); e-mail addresses are parsed by
+``email-validator`` and routing characters (``%``, ``!``) in the local part are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from keel.labels import ExecutedCall, Flow, Label, named_in, parse_address
 from keel.models import Frozen, ToolInfo
-from keel.policy import Check, Condition, Constraint, Policy
+from keel.policy import Check, Condition, Constraint, CumulativeLimit, Policy, compile_pattern
 
 __all__ = [
+    "ExecutedCall",
+    "Flow",
     "GateDecision",
     "authorize_user",
     "check_tool_call",
@@ -52,7 +63,6 @@ __all__ = [
 ]
 
 _SHELL_META = re.compile(r"[;&|`$<>(){}\\\n\r!*?\[\]~]")
-_EMAIL = re.compile(r"^[^@\s,;<>\"'()]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})$")
 
 
 class GateDecision(Frozen):
@@ -67,6 +77,10 @@ class GateDecision(Frozen):
     approval_timeout_seconds: int = 0
     """How long to wait for a human when ``needs_approval``; then ``on_timeout`` applies."""
     on_timeout: str = "reject"
+    provenance: str = ""
+    """``trusted`` / ``untrusted: why`` when the workflow passed a ``Flow``; audited."""
+    amount: float | None = None
+    """The amount the deciding cumulative rule summed (this call included), when one did."""
 
 
 def _covers(held: Sequence[str], perm: str) -> bool:
@@ -177,27 +191,54 @@ def _check(c: Check, value: Any, context: Mapping[str, Any]) -> str | None:
         if _fold(value) not in {_fold(x) for x in allowed}:
             return f"{value!r} is not the {c.one_of_ref.replace('_', ' ')}"
     if c.domain_in is not None:
-        m = _EMAIL.match(text.strip()) if isinstance(value, str) else None
-        if m is None:
-            return f"{value!r} is not a single e-mail address"
-        if m.group(1).casefold() not in {d.casefold() for d in c.domain_in}:
-            return f"domain {m.group(1)!r} is not allowed"
+        parsed = parse_address(value)
+        if isinstance(parsed, str):
+            return parsed
+        if parsed[1] not in {d.casefold() for d in c.domain_in}:
+            return f"domain {parsed[1]!r} is not allowed"
     if c.prefix_in is not None:
         if not isinstance(value, str) or _SHELL_META.search(value):
             return "shell metacharacters are not allowed"
         first = value.strip().split(" ", 1)[0] if value.strip() else ""
         if first not in c.prefix_in:
             return f"{first!r} is not in the allow-list"
-    if c.pattern is not None and not re.fullmatch(c.pattern, text):
+    if c.pattern is not None and not _pattern(c.pattern).fullmatch(text):
         return "does not match the required pattern"
     return None
 
 
-def _constraint(c: Constraint, args: Mapping[str, Any], context: Mapping[str, Any]) -> str | None:
+@functools.lru_cache(maxsize=256)
+def _pattern(p: str) -> Any:
+    return compile_pattern(p)  # RE2: linear in the text, whatever the pattern
+
+
+def _flow_rules(c: Constraint, value: Any, args: Mapping[str, Any], flow: Flow | None) -> str | None:
+    """The data-flow predicates of ``c``; without a ``Flow`` they fail closed."""
+    if not (c.named_in_request or c.data_about):
+        return None
+    if flow is None:
+        return "no data-flow labels for this call (fail closed)"
+    if c.named_in_request and not named_in(flow.request, value):
+        return f"{value!r} was not named in the request"
+    if c.data_about:
+        target = parse_address(args.get(c.data_about))
+        if isinstance(target, str):
+            return f"cannot tell whom {c.data_about!r} addresses: {target}"
+        label = flow.labels.get(c.arg, Label())
+        others = sorted(set(label.customers) - {target[0]})
+        if others:
+            src = ", ".join(s for s in label.sources if ":" in s) or "earlier steps"
+            return f"carries data about {', '.join(others)} (from {src}), not only about {target[0]}"
+    return None
+
+
+def _constraint(
+    c: Constraint, args: Mapping[str, Any], context: Mapping[str, Any], flow: Flow | None
+) -> str | None:
     if c.arg not in args or args[c.arg] is None:
         return None if c.optional else f"argument {c.arg!r} is missing"
     value = args[c.arg]
-    why = _check(c, value, context)
+    why = _check(c, value, context) or _flow_rules(c, value, args, flow)
     if why is None and c.any_of:
         fails = [_check(alt, value, context) for alt in c.any_of]
         if all(fails):
@@ -229,6 +270,39 @@ def _fires(cond: Condition, args: Mapping[str, Any]) -> bool:
     )
 
 
+def cumulative_sum(lim: CumulativeLimit, tool: str, args: Mapping[str, Any], flow: Flow | None) -> float:
+    """The sum ``lim`` bounds if this call runs: this call + this run's earlier calls of the
+    same tool (same order for ``per: order``) + earlier runs' (``flow.prior``, from the DB)."""
+    total = _number(args.get(lim.arg)) or 0.0
+    key = str(args.get(lim.key, "")) if lim.key else ""
+    if flow is None:
+        return total
+    for call in flow.executed:
+        if call.tool != tool:
+            continue
+        if lim.per == "order" and str(call.args.get(lim.key or "", "")) != key:
+            continue
+        total += _number(call.args.get(lim.arg)) or 0.0
+    if lim.per == "order":
+        total += flow.prior.get(f"{tool}|order|{key}", 0.0)
+    elif lim.per == "tenant_day":
+        total += flow.prior.get(f"{tool}|tenant_day", 0.0)
+    return round(total, 6)
+
+
+def _scope(lim: CumulativeLimit, args: Mapping[str, Any]) -> str:
+    return {"order": f"order {args.get(lim.key or '')}", "run": "this run", "tenant_day": "the tenant today"}[
+        lim.per
+    ]
+
+
+def _provenance_text(flow: Flow | None) -> str:
+    if flow is None:
+        return ""
+    p = flow.provenance
+    return "trusted" if p.trusted else f"untrusted: {p.why}"
+
+
 def check_tool_call(
     policy: Policy,
     tenant: str,
@@ -237,13 +311,29 @@ def check_tool_call(
     tool: ToolInfo | None,
     args: Mapping[str, Any],
     context: Mapping[str, Any] | None = None,
+    flow: Flow | None = None,
 ) -> GateDecision:
     """Level 3: may this exact call run now? Checks in order; the first failure decides.
 
     Order: user → tool known → tool disabled/permissions → each constraint (file order) →
-    approval rules. An allowed call that matches an approval rule comes back with
-    ``allowed=True, needs_approval=True`` and the rule's timeout.
+    cumulative maxima → provenance (``deny``) → approval rules, cumulative approval
+    thresholds, provenance (``approve``). An allowed call that needs a human comes back
+    with ``allowed=True, needs_approval=True`` and the rule's timeout.
     """
+    d = _check_tool_call(policy, tenant, user, permissions, tool, args, context or {}, flow)
+    return d.model_copy(update={"provenance": _provenance_text(flow)}) if flow is not None else d
+
+
+def _check_tool_call(
+    policy: Policy,
+    tenant: str,
+    user: str,
+    permissions: Sequence[str],
+    tool: ToolInfo | None,
+    args: Mapping[str, Any],
+    ctx: Mapping[str, Any],
+    flow: Flow | None,
+) -> GateDecision:
     who = authorize_user(policy, tenant, user, permissions)
     if not who.allowed:
         return who
@@ -253,12 +343,35 @@ def check_tool_call(
     denied = _tool_level(policy, tenant, tool, held)
     if denied:
         return denied
-    ctx = context or {}
     rule = policy.tools.get(tool.name)
     for c in rule.constraints if rule else ():
-        why = _constraint(c, args, ctx)
+        why = _constraint(c, args, ctx, flow)
         if why:
             return _deny(c.name, why, held)
+    sums = [(lim, cumulative_sum(lim, tool.name, args, flow)) for lim in (rule.cumulative if rule else ())]
+    unknown = [
+        lim
+        for lim in (rule.cumulative if rule else ())
+        if flow is not None
+        and lim.per == "order"
+        and f"{tool.name}|order|{args.get(lim.key or '')}" not in flow.prior
+    ]
+    for lim, total in sums:
+        if lim.max is not None and total > lim.max:
+            return _deny(
+                lim.name,
+                f"{lim.arg}: {total:g} in total on {_scope(lim, args)} would exceed the limit {lim.max:g}",
+                held,
+            ).model_copy(update={"amount": total})
+    untrusted = flow is not None and tool.side_effects and not flow.provenance.trusted
+    on_untrusted = (rule.on_untrusted if rule else None) or policy.provenance.untrusted_side_effects
+    if untrusted and on_untrusted == "deny":
+        assert flow is not None
+        return _deny(
+            "untrusted-side-effect",
+            f"{tool.name} has side effects and was planned after untrusted data: {flow.provenance.why}",
+            held,
+        )
     for a in rule.approvals if rule else ():
         if _fires(a.when, args):
             return GateDecision(
@@ -269,7 +382,43 @@ def check_tool_call(
                 effective_permissions=held,
                 approval_timeout_seconds=a.timeout_seconds,
                 on_timeout=a.on_timeout,
+                amount=_number(args.get(a.when.arg)) if a.when.arg else None,
             )
+    for lim, total in sums:
+        if lim.approval_over is not None and total > lim.approval_over:
+            return GateDecision(
+                allowed=True,
+                rule=lim.name,
+                reason=f"{tool.name} needs human approval ({lim.name}: {total:g} in total on "
+                f"{_scope(lim, args)} is over {lim.approval_over:g})",
+                needs_approval=True,
+                effective_permissions=held,
+                approval_timeout_seconds=lim.timeout_seconds,
+                on_timeout=lim.on_timeout,
+                amount=total,
+            )
+    for lim in unknown:  # earlier runs' sum on this order was never read: a human decides
+        return GateDecision(
+            allowed=True,
+            rule=lim.name,
+            reason=f"{tool.name} needs human approval ({lim.name}: earlier {lim.arg} on "
+            f"{_scope(lim, args)} unknown: it was not named in the request)",
+            needs_approval=True,
+            effective_permissions=held,
+            approval_timeout_seconds=lim.timeout_seconds,
+            on_timeout=lim.on_timeout,
+        )
+    if untrusted:
+        assert flow is not None
+        return GateDecision(
+            allowed=True,
+            rule="untrusted-side-effect",
+            reason=f"{tool.name} needs human approval: planned after untrusted data ({flow.provenance.why})",
+            needs_approval=True,
+            effective_permissions=held,
+            approval_timeout_seconds=policy.provenance.approval_timeout_seconds,
+            on_timeout="reject",
+        )
     return GateDecision(
         allowed=True, rule="allow", reason=f"{tool.name} permitted", effective_permissions=held
     )

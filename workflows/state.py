@@ -13,6 +13,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext
+    from keel.labels import ExecutedCall, Label
     from keel.models import (
         FACTS_BEFORE_DECLARATIONS,
         Approval,
@@ -38,6 +39,14 @@ class RunState:
         self.recovered: set[str] = set()
         """Failed steps whose fallback tool succeeded (graceful degradation, not a failure)."""
         self.approvals: dict[str, Approval] = {}
+        self.approval_notes: dict[str, str] = {}
+        """Step id -> who approved or rejected it and why (shown by ``status``)."""
+        self.labels: dict[str, Label] = {}
+        """Data-flow label of each succeeded step's result (``keel.labels``)."""
+        self.executed: list[ExecutedCall] = []
+        """Succeeded calls with their resolved arguments, for cumulative limits."""
+        self.trusted_calls: list[tuple[str, str]] = []
+        """``(tool, signature)`` of every step the first (trusted) plan wrote, resolved."""
         self.waiting_for = ""
         self.iterations = 0
         self.model_label = ""

@@ -16,6 +16,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
     from keel.budget import tool_hold
+    from keel.labels import ExecutedCall, Flow, Label, label_args, label_result, step_provenance
     from keel.models import (
         AgentRequest,
         Approval,
@@ -38,7 +39,13 @@ from workflows.saga import Saga
 from workflows.state import RunState
 from workflows.stop import Abort, Stopper, cause
 
-__all__ = ["StepRunner"]
+__all__ = ["FLOW_PATCH", "APPROVAL_AUDIT_PATCH", "StepRunner"]
+
+FLOW_PATCH = "keel-17-flow-gate"
+"""Runs started after issue 17 pass the gate a ``Flow`` (labels, provenance, cumulative
+sums); older histories replay with the gate they were recorded with."""
+APPROVAL_AUDIT_PATCH = "keel-17-approval-audit"
+"""Runs started after issue 17 audit an approval's request and its abandonment too."""
 
 
 class StepRunner:
@@ -95,8 +102,39 @@ class StepRunner:
             await self._deny(req, record, _unjudgeable(e))
         record = record.model_copy(update={"args": args})
         tool = next((t for t in ctx.all_tools if t.name == step.tool), None)
+        labels: dict[str, Label] = {}
         try:
             _check_payload(args)
+            # Labels are computed for every run (pure, no commands); the gate reads them only
+            # in runs that carry the patch marker, so older histories replay with their gate.
+            labels = label_args(
+                step.args,
+                args,
+                plan=st.iterations,
+                request=req.message,
+                results=st.results,
+                result_labels=st.labels,
+            )
+            signature = d.call_signature(step.tool, args)
+            if st.iterations <= 1:
+                st.trusted_calls.append((step.tool, signature))
+            flow = (
+                Flow(
+                    request=req.message,
+                    labels=labels,
+                    provenance=step_provenance(
+                        st.iterations,
+                        step.tool,
+                        bool(tool and tool.side_effects),
+                        signature,
+                        st.trusted_calls,
+                    ),
+                    prior=ctx.prior_totals,
+                    executed=tuple(st.executed),
+                )
+                if workflow.patched(FLOW_PATCH)
+                else None
+            )
             gate = check_tool_call(
                 st.policy(ctx),
                 req.tenant,
@@ -105,6 +143,7 @@ class StepRunner:
                 tool if tool in ctx.tools else None,
                 args,
                 st.gate_context(ctx),
+                flow,
             )
         except Exception as e:  # pure code meeting arguments it cannot judge: deny, never loop
             gate = _unjudgeable(e)
@@ -112,11 +151,12 @@ class StepRunner:
         if not gate.allowed:
             await self._deny(req, record, gate)
         assert tool is not None
+        approved_by = ""
         if gate.needs_approval:
-            await self._await_approval(
+            approved_by = await self._await_approval(
                 req,
                 record,
-                gate.reason,
+                gate,
                 gate.approval_timeout_seconds or ctx.limits.approval_timeout_seconds,
                 gate.on_timeout == "approve",
             )
@@ -126,7 +166,9 @@ class StepRunner:
         self._holds.placed_by_tool(hold)
         self._stopper.check()
         st.put(record.model_copy(update={"state": StepState.RUNNING}))
-        stepgate = step_gate(ctx, tool, gate.rule, gate.reason, self._admitted)
+        stepgate = step_gate(ctx, tool, gate.rule, gate.reason, self._admitted).model_copy(
+            update={"provenance": gate.provenance, "approved_by": approved_by}
+        )
         try:
             out = await self._stopper.interruptible(self._start_tool(req, tool, args, key, hold, stepgate))
         except ActivityError as e:
@@ -147,7 +189,7 @@ class StepRunner:
             )
             if settled.recorded is not None:
                 self._holds.closed(hold)  # committed with the effect
-                self._succeeded(record, tool, settled.recorded)
+                self._succeeded(record, tool, settled.recorded, labels)
                 st.flags.append("effect_recovered")
                 return StepState.SUCCEEDED
             st.put(record.model_copy(update={"state": StepState.FAILED, "error": why}))
@@ -164,20 +206,31 @@ class StepRunner:
             st.put(record.model_copy(update={"state": StepState.SKIPPED, "summary": out.error}))
             return StepState.SKIPPED
         self._holds.closed(hold)
-        self._succeeded(record, tool, out)
+        self._succeeded(record, tool, out, labels, st.approval_notes.get(record.id, ""))
         return StepState.SUCCEEDED
 
     async def _deny(self, req: AgentRequest, record: StepRecord, gate: GateDecision) -> NoReturn:
         """Record a denial in the audit log and stop the run (the ending undoes what ran)."""
         await self._audit_gate(
-            req, record.id, record.tool, record.args, allowed=False, rule=gate.rule, reason=gate.reason
+            req,
+            record.id,
+            record.tool,
+            record.args,
+            allowed=False,
+            rule=gate.rule,
+            reason=gate.reason,
+            detail=_detail(gate),
         )
         self._state.put(record.model_copy(update={"state": StepState.DENIED, "error": gate.reason}))
         raise Abort("denied", f"step {record.id} ({record.tool}) denied: {gate.reason}", "permission_denied")
 
-    def _succeeded(self, record: StepRecord, tool: ToolInfo, out: ToolResult) -> None:
+    def _succeeded(
+        self, record: StepRecord, tool: ToolInfo, out: ToolResult, labels: dict[str, Label], note: str = ""
+    ) -> None:
         st = self._state
         st.results[record.id] = out.data
+        st.labels[record.id] = label_result(record.id, record.tool, out.data, labels)
+        st.executed.append(ExecutedCall(tool=record.tool, args=record.args))
         if tool.compensation:
             self._saga.push(record.id, tool.compensation, out.data)
         st.charge(out.cost_micros, tool=record.tool, step=record.id)
@@ -185,7 +238,9 @@ class StepRunner:
             record.model_copy(
                 update={
                     "state": StepState.SUCCEEDED,
-                    "summary": out.summary + (" (replayed)" if out.replayed else ""),
+                    "summary": out.summary
+                    + (" (replayed)" if out.replayed else "")
+                    + (f" · {note}" if note else ""),
                     "result": out.data,
                     "cost_micros": out.cost_micros,
                     "score": 1.0,
@@ -205,6 +260,7 @@ class StepRunner:
         if state == StepState.SUCCEEDED:
             st.recovered.add(step.id)
             st.results[step.id] = st.results[fb.id]  # later ${sN.x} references still resolve
+            st.labels[step.id] = st.labels[fb.id]
             st.flags.extend(["degraded", f"fallback:{step.tool}->{tool.fallback}"])
         return state
 
@@ -251,11 +307,30 @@ class StepRunner:
         self,
         req: AgentRequest,
         record: StepRecord,
-        why: str,
+        gate: GateDecision,
         timeout_seconds: int,
         approve_on_timeout: bool,
-    ) -> None:
+    ) -> str:
+        """Wait for a human; returns who approved. Every outcome has an audit row: requested,
+        approved, rejected, timed out, or abandoned when the run stopped while waiting."""
         st = self._state
+        why = gate.reason
+        detail = _detail(gate)
+        audited = workflow.patched(APPROVAL_AUDIT_PATCH)
+        if audited:
+            await self._audit_gate(
+                req,
+                record.id,
+                record.tool,
+                record.args,
+                allowed=False,
+                rule=gate.rule,
+                reason=why,
+                kind="approval",
+                decision="requested",
+                detail={**detail, "timeout_seconds": timeout_seconds},
+                key_suffix="-requested",
+            )
         st.put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
         st.waiting_for = f"approval of {record.id} ({record.tool}): {why}"
         st.phase = "waiting_approval"
@@ -272,6 +347,7 @@ class StepRunner:
                 step_id=record.id,
                 reason=f"no answer within {timeout_seconds} s (policy default: "
                 f"{'approve' if approve_on_timeout else 'reject'})",
+                by="timeout",
             )
         st.waiting_for = ""
         st.phase = "executing"
@@ -285,8 +361,25 @@ class StepRunner:
                     }
                 )
             )
+            if audited and record.id not in st.approvals:
+                await self._audit_gate(
+                    req,
+                    record.id,
+                    record.tool,
+                    record.args,
+                    allowed=False,
+                    rule=gate.rule,
+                    reason=f"abandoned: the run stopped while waiting ({stop.reason})",
+                    kind="approval",
+                    decision="abandoned",
+                    detail=detail,
+                    key_suffix="-abandoned",
+                )
         self._stopper.check()
         decision = st.approvals[record.id]
+        timed_out = decision.by == "timeout" and decision.step_id == record.id
+        verdict = "timed_out" if timed_out else ("approve" if decision.approve else "reject")
+        by = decision.by or "unknown"
         await self._audit_gate(
             req,
             record.id,
@@ -294,9 +387,15 @@ class StepRunner:
             record.args,
             allowed=decision.approve,
             rule="human_approval",
-            reason=decision.reason or ("approved" if decision.approve else "rejected"),
+            reason=(decision.reason or ("approved" if decision.approve else "rejected"))
+            + (f" (by {by}; asked: {why})" if audited else ""),
             kind="approval",
+            decision=verdict if audited else "",
+            detail={**detail, "by": by, "approved": decision.approve} if audited else {},
         )
+        answer = f"{'approved' if decision.approve else 'rejected'} by {by}: {decision.reason or why}"
+        st.approval_notes[record.id] = answer
+        st.put(st.steps[record.id].model_copy(update={"summary": answer}))
         if not decision.approve:
             st.put(
                 record.model_copy(update={"state": StepState.DENIED, "error": decision.reason or "rejected"})
@@ -306,6 +405,7 @@ class StepRunner:
                 f"{record.tool} rejected by a human: {decision.reason or 'no reason given'}",
                 "rejected",
             )
+        return by
 
     async def _audit_gate(
         self,
@@ -318,6 +418,9 @@ class StepRunner:
         rule: str,
         reason: str,
         kind: str = "permission",
+        decision: str = "",
+        detail: dict[str, Any] | None = None,
+        key_suffix: str = "",
     ) -> StepGateResult:
         """Record a denial or a human's answer in the audit log (allowed steps are recorded
         by the tool activity itself, together with their reservation)."""
@@ -335,6 +438,9 @@ class StepRunner:
                     rule=rule,
                     reason=reason,
                     kind=kind,
+                    decision=decision,
+                    detail=detail or {},
+                    key_suffix=key_suffix,
                 ),
                 result_type=StepGateResult,
                 start_to_close_timeout=CONTROL_TIMEOUT,
@@ -342,6 +448,16 @@ class StepRunner:
                 summary=f"gate {tool} ({'allow' if allowed else 'deny'})",
             )
         )
+
+
+def _detail(gate: GateDecision) -> dict[str, Any]:
+    """What an audit row says about a gate decision beyond allow/deny (issue 17)."""
+    out: dict[str, Any] = {"approval_rule": gate.rule} if gate.needs_approval else {}
+    if gate.provenance:
+        out["provenance"] = gate.provenance
+    if gate.amount is not None:
+        out["amount"] = gate.amount
+    return out
 
 
 def _unjudgeable(e: Exception) -> GateDecision:

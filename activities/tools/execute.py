@@ -240,7 +240,12 @@ async def _gate_and_reserve(
                             kind="permission",
                             decision="allow",
                             reason=gate.reason,
-                            data={"rule": gate.rule, "args": redact_data(call.args)},
+                            data={
+                                "rule": gate.rule,
+                                "args": redact_data(call.args),
+                                **({"provenance": gate.provenance} if gate.provenance else {}),
+                                **({"approved_by": gate.approved_by} if gate.approved_by else {}),
+                            },
                             idem_key=f"{call.workflow_id}/{call.step_id}/permission",
                         )
                     ),

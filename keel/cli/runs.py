@@ -131,7 +131,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a.add_argument("--step", default="", help="step id (default: the one waiting)")
     a.add_argument("--reject", action="store_true", help="reject instead of approve")
     a.add_argument("--reason", default="", help="recorded in the audit log")
-    a.add_argument("--by", default="operator", help="who decides (recorded in the audit log)")
+    a.add_argument(
+        "--by",
+        default=_os_user(),
+        help="who decides, recorded in the audit row (default: the operating-system user, "
+        f"here {_os_user()!r})",
+    )
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(func=_approve)
 
@@ -358,9 +363,29 @@ def _sa(attrs: TypedSearchAttributes, name: str) -> Any:
     return None
 
 
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers): still say something true
+        import os
+
+        return f"uid {os.getuid()}"
+
+
 async def _approve(args: argparse.Namespace) -> int:
     run = _run_of(await _client(), args.workflow_id)
     try:
+        # What is being decided (step, tool, rule, amount, provenance), shown to the approver
+        # and printed with the answer (issue 17); the audit row records the same.
+        try:
+            before = await run.status()
+        except RunNotFoundError:
+            raise
+        except Exception:  # no worker answered the query: the answer still goes through
+            before = None
+        what = before.waiting_for if before is not None else ""
         if args.reject:
             result = await run.reject(args.step, reason=args.reason, by=args.by)
         else:
@@ -369,10 +394,22 @@ async def _approve(args: argparse.Namespace) -> int:
         raise CliError(f"refused: {e}") from None
     except RunNotFoundError as e:
         raise CliError(str(e)) from None
+    detail = (
+        f" by {args.by}"
+        + (f": {what}" if what else "")
+        + (f" (reason: {args.reason})" if args.reason else "")
+    )
     print(
-        json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
+        json.dumps(
+            {
+                "workflow_id": args.workflow_id,
+                "result": redact(result),
+                "by": args.by,
+                "decided": redact(what),
+            }
+        )
         if args.json
-        else f"{args.workflow_id}: {redact(result)}"
+        else f"{args.workflow_id}: {redact(result)}{redact(detail)}"
     )
     return 0
 
