@@ -110,6 +110,7 @@ class _Fleet:
     log_dir: Path
     started: list[WorkerProcess] = dataclasses.field(default_factory=list)
     live: list[WorkerProcess] = dataclasses.field(default_factory=list)
+    frozen: list[WorkerProcess] = dataclasses.field(default_factory=list)
 
     def spawn(self) -> WorkerProcess:
         w = start_worker(self.env, self.log_dir, str(len(self.started)))
@@ -134,7 +135,18 @@ class _Fleet:
         w.kill()
         return w
 
+    def freeze(self, w: WorkerProcess) -> None:
+        os.kill(w.proc.pid, signal.SIGSTOP)
+        self.frozen.append(w)
+
+    def thaw(self, w: WorkerProcess) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.proc.pid, signal.SIGCONT)
+        self.frozen.remove(w)
+
     def stop_all(self) -> None:
+        for w in list(self.frozen):  # a stopped process would sit on its SIGTERM
+            self.thaw(w)
         for w in self.started:
             w.stop()
 
@@ -222,11 +234,13 @@ async def fault_run(
             raise RuntimeError(f"the probe run did not complete: {_outcome_of(probe[1])}")
         per_run = probe[1].spend.total_micros
         limit = await _set_limit(url, per_run, runs, admit_share)
+        # A sixth of the orders each is pinned for the zombie and for the database crash.
+        pins = (await _pin(url, orders[1::6]), await _pin(url, orders[4::6]))
         t_start = time.monotonic()
         handles = [await start(i, order) for i, order in enumerate(orders[1:], 1)]
         results = asyncio.gather(*(_outcome(h) for h in handles))
         chaos = asyncio.create_task(
-            _chaos(client, settings, pg, fleet, queue, prefix, runs, temporal, kill_every_s, faults)
+            _chaos(client, settings, pg, fleet, queue, prefix, runs, pins, temporal, kill_every_s, faults)
         )
         try:
             ended = await asyncio.wait_for(results, within_s)
@@ -234,12 +248,16 @@ async def fault_run(
             chaos.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await chaos
+            for pin in pins:
+                with contextlib.suppress(Exception):
+                    await pin.close()
         wall = time.monotonic() - t_start
     finally:
         fleet.stop_all()
         if not pg.postgres_running():  # never leave the database down for the checks (or others)
             pg.start_postgres()
     figures = await _check(url, [probe, *ended])
+    figures["tool_attempts_retried"] = await _retried(handles)
     return {
         "runs": runs,
         "workers": workers,
@@ -276,12 +294,64 @@ async def _orders(url: str, n: int) -> list[str]:
     return ids
 
 
+async def _retried(handles: list[Any]) -> int:
+    """``run_tool`` attempts that were retries (attempt >= 2), from the runs' histories: the
+    faults really hit steps, not only the gaps between them."""
+    from temporalio.api.enums.v1 import EventType
+
+    n = 0
+    for h in handles:
+        events = [e async for e in h.fetch_history_events()]
+        tools = {
+            e.event_id
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == "run_tool"
+        }
+        n += sum(
+            1
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+            and e.activity_task_started_event_attributes.scheduled_event_id in tools
+            and e.activity_task_started_event_attributes.attempt >= 2
+        )
+    return n
+
+
 async def _outcome(handle: Any) -> tuple[str, Any]:
     """(workflow id, AgentResponse) — or the failure when the workflow itself failed."""
+    from temporalio.service import RPCError
+
+    while True:
+        try:
+            return handle.id, await handle.result()
+        except WorkflowFailureError as e:
+            return handle.id, e
+        except RPCError:  # the dev server is being killed and restarted: ask again
+            await asyncio.sleep(0.5)
+
+
+async def _waiting_refunds(url: str) -> int:
+    """Refund attempts blocked inside their effect's transaction (on a pinned order row)."""
     try:
-        return handle.id, await handle.result()
-    except WorkflowFailureError as e:
-        return handle.id, e
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=3) as conn:
+            row = await (
+                await conn.execute(
+                    "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                    " and query ilike '%from orders where id=%for update%'"
+                )
+            ).fetchone()
+    except psycopg.OperationalError:
+        return -1
+    return int(row[0]) if row else 0
+
+
+async def _pin(url: str, orders: list[str]) -> psycopg.AsyncConnection[Any]:
+    """Hold ``orders``' rows: their refunds block inside the effect's transaction (having
+    taken the key's advisory lock) until this transaction ends — or the database dies."""
+    conn = await psycopg.AsyncConnection.connect(url)
+    await conn.execute("select 1 from orders where id = any(%s) for update", (orders,))
+    return conn
 
 
 async def _chaos(
@@ -292,14 +362,28 @@ async def _chaos(
     queue: str,
     prefix: str,
     runs: int,
+    pins: tuple[psycopg.AsyncConnection[Any], psycopg.AsyncConnection[Any]],
     temporal: DevServices | None,
     kill_every_s: float,
     faults: list[str],
 ) -> None:
-    """Kill things at peak load: a worker, then PostgreSQL, then another worker (and the dev
-    server), each restarted; then, with ``kill_every_s``, a worker every so often."""
+    """The faults, at peak load, each where it hurts most:
+
+    1. a zombie: with refunds blocked inside their transactions, a worker is frozen
+       (SIGSTOP) past the tool's heartbeat timeout, so the server retries its attempts
+       elsewhere; the blocked rows are freed and the frozen worker thawed, so its stale
+       attempts and their retries race for the same keys;
+    2. a worker SIGKILLed and replaced;
+    3. PostgreSQL crashed (immediate shutdown) while more refunds are blocked inside their
+       transactions, and restarted; another worker SIGKILLed and replaced (with
+       ``temporal``, the dev server SIGKILLed and restarted too);
+    4. with ``kill_every_s``, a worker SIGKILLed and replaced that often until the end.
+    """
+    from workflows.options import TOOL_HEARTBEAT
+
     url = settings.database_url
     t0 = time.monotonic()
+    zombie_pin, crash_pin = pins
 
     def note(what: str) -> None:
         faults.append(f"{time.monotonic() - t0:5.1f}s {what}")
@@ -307,13 +391,30 @@ async def _chaos(
     async def refunds_reach(n: int) -> bool:
         return await _count_effects(url, prefix, "issue_refund") >= n
 
-    await _until(lambda: refunds_reach(max(1, runs // 10)), 60)
+    async def blocked(n: int) -> bool:
+        return await _waiting_refunds(url) >= n
+
+    await _until(lambda: blocked(max(2, runs // 12)), 60)
+    zombie = fleet.live[-1]
+    blocked_now = await _waiting_refunds(url)
+    note(f"SIGSTOP worker {zombie.identity}, {blocked_now} refunds blocked in their transactions")
+    fleet.freeze(zombie)
+    await asyncio.sleep(TOOL_HEARTBEAT.total_seconds() + 2.0)
+    await zombie_pin.rollback()
+    note("pinned rows of the zombie set released")
+    await asyncio.sleep(0.3)
+    fleet.thaw(zombie)
+    note(f"SIGCONT worker {zombie.identity}")
+    await asyncio.sleep(1.0)
     note(f"SIGKILL worker {fleet.kill(0).identity}")
     await fleet.replace(client, queue)  # started while the database is up: it migrates first
     note("worker replaced")
     await _until(lambda: refunds_reach(max(2, runs // 4)), 20)
+    waiting = await _waiting_refunds(url)
     crash_postgres(pg)
-    note("PostgreSQL immediate shutdown (SIGQUIT)")
+    note(f"PostgreSQL immediate shutdown (SIGQUIT), {waiting} refunds blocked in their transactions")
+    with contextlib.suppress(Exception):
+        await crash_pin.close()
     await asyncio.sleep(1.0)
     await asyncio.to_thread(pg.start_postgres)
     note("PostgreSQL restarted (crash recovery)")
@@ -447,6 +548,8 @@ async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
     burst = {w for w, _ in counted}
     voided = {k.rsplit("/", 1)[0] for k, _, _, status in refunds if status == "voided"} & burst
     outcomes = Counter(r.outcome for r in responses)
+    if len(counted) > len(responses):
+        outcomes["workflow_failed"] = len(counted) - len(responses)
     return {
         "completed": outcomes.get("completed", 0),
         "refused_at_admission": sum("admission_refused" in r.flags for r in responses),
@@ -457,8 +560,17 @@ async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
             for r in responses
         ),
         "stopped_mid_plan": len(voided),
-        "failed": outcomes.get("failed", 0) + (len(counted) - len(responses)),
+        "failed": outcomes.get("failed", 0) + outcomes.get("workflow_failed", 0),
         "outcomes": dict(sorted(outcomes.items())),
+        "not_completed": [
+            f"{r.workflow_id}: {r.outcome} ({r.reason[:120]}); "
+            + ", ".join(
+                f"{s.id}:{s.tool}:{s.state.value}" + (f" [{s.error[:100]}]" if s.error else "")
+                for s in r.steps
+            )
+            for r in responses
+            if r.outcome not in ("completed", "budget_exhausted")
+        ],
         "effects_recovered": sum("effect_recovered" in r.flags for r in responses),
         "refunds_issued": sum(1 for k, *_, s in refunds if s == "issued" and k.rsplit("/", 1)[0] in burst),
         "refunds_voided": len(voided),

@@ -68,13 +68,7 @@ async def test_every_effect_is_accounted_for_through_worker_and_database_crashes
     # run slots (it raises FaultBroken with the findings); these pin what the test exercised.
     assert figures["worker_processes"] >= WORKERS + 2, figures  # two SIGKILLed, two replaced
     assert any("PostgreSQL immediate shutdown" in f for f in figures["faults"]), figures
-    counted = (
-        figures["completed"]
-        + figures["refused_at_admission"]
-        + figures["refused_before_plan"]
-        + figures["failed"]
-    )
-    assert sum(figures["outcomes"].values()) + figures["failed"] - figures["outcomes"].get("failed", 0) == RUNS
+    assert sum(figures["outcomes"].values()) == RUNS, figures  # every run ended, each counted once
     assert figures["refused_at_admission"] >= 1, figures  # the budget is tight on purpose
     assert figures["completed"] >= 1, figures
-    assert counted <= RUNS, figures
+    assert figures["tool_attempts_retried"] >= 1, figures  # the faults hit steps, not gaps
