@@ -237,10 +237,23 @@ async def fault_run(
         # A sixth of the orders each is pinned for the zombie and for the database crash.
         pins = (await _pin(url, orders[1::6]), await _pin(url, orders[4::6]))
         t_start = time.monotonic()
-        handles = [await start(i, order) for i, order in enumerate(orders[1:], 1)]
+        handles = list(await asyncio.gather(*(start(i, order) for i, order in enumerate(orders[1:], 1))))
         results = asyncio.gather(*(_outcome(h) for h in handles))
         chaos = asyncio.create_task(
-            _chaos(client, settings, pg, fleet, queue, prefix, runs, pins, temporal, kill_every_s, faults)
+            _chaos(
+                client,
+                settings,
+                pg,
+                fleet,
+                queue,
+                prefix,
+                runs,
+                pins,
+                temporal,
+                kill_every_s,
+                faults,
+                t_start,
+            )
         )
         try:
             ended = await asyncio.wait_for(results, within_s)
@@ -366,6 +379,7 @@ async def _chaos(
     temporal: DevServices | None,
     kill_every_s: float,
     faults: list[str],
+    t0: float,
 ) -> None:
     """The faults, at peak load, each where it hurts most:
 
@@ -382,7 +396,6 @@ async def _chaos(
     from workflows.options import TOOL_HEARTBEAT
 
     url = settings.database_url
-    t0 = time.monotonic()
     zombie_pin, crash_pin = pins
 
     def note(what: str) -> None:
@@ -553,11 +566,14 @@ async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
     return {
         "completed": outcomes.get("completed", 0),
         "refused_at_admission": sum("admission_refused" in r.flags for r in responses),
-        "refused_before_plan": sum(
+        "refused_at_model_call": sum(
             r.outcome == "budget_exhausted"
             and "admission_refused" not in r.flags
             and not any(s.state in (StepState.SUCCEEDED, StepState.COMPENSATED) for s in r.steps)
             for r in responses
+        ),
+        "budget_reasons": dict(
+            Counter(r.reason.split(":", 1)[0] for r in responses if r.outcome == "budget_exhausted")
         ),
         "stopped_mid_plan": len(voided),
         "failed": outcomes.get("failed", 0) + outcomes.get("workflow_failed", 0),
@@ -599,6 +615,7 @@ async def run(
     runs: int = 150,
     workers: int = 3,
     smoke: bool = False,
+    log_dir: str = "",
 ) -> dict[str, Any]:
     """The big variant against ``settings``' own services (both are killed)."""
     from keel.client import connect
@@ -607,16 +624,17 @@ async def run(
     services = DevServices(settings)
     if smoke:
         runs, workers = 30, 2
-    with tempfile.TemporaryDirectory(prefix="keel-fault-") as logs:
+    with tempfile.TemporaryDirectory(prefix="keel-fault-") as tmp:
+        logs = Path(log_dir or tmp)  # main() creates --logs
         return await fault_run(
             client,
             settings,
             services,
             runs=runs,
             workers=workers,
-            log_dir=Path(logs),
+            log_dir=logs,
             temporal=services,
-            kill_every_s=4.0,
+            kill_every_s=2.0,
             within_s=600.0,
         )
 
@@ -626,11 +644,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=150)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--logs", default="", help="keep the worker logs in this folder")
     args = parser.parse_args()
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
     from bench.common import own_services
 
     with own_services(policy_file=ROOT / "config" / "policy.yaml") as settings:
-        result = asyncio.run(run(settings, runs=args.runs, workers=args.workers, smoke=args.smoke))
+        result = asyncio.run(
+            run(settings, runs=args.runs, workers=args.workers, smoke=args.smoke, log_dir=args.logs)
+        )
     print(json.dumps(result, indent=2))
 
 
