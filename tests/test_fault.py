@@ -16,11 +16,13 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
+from activities.tools.registry import catalog
 from bench.bench_fault import fault_run
 from keel.devservices import DevServices, free_port
 from keel.settings import Settings
@@ -70,5 +72,10 @@ async def test_every_effect_is_accounted_for_through_worker_and_database_crashes
     assert any("PostgreSQL immediate shutdown" in f for f in figures["faults"]), figures
     assert sum(figures["outcomes"].values()) == RUNS, figures  # every run ended, each counted once
     assert figures["refused_at_admission"] >= 1, figures  # the budget is tight on purpose
+    # A refusal names what the plan needs (lookup + refund + e-mail), not "$0.00".
+    needs = sum(t.cost_micros for t in catalog() if t.name in ("lookup_order", "issue_refund", "send_email"))
+    refusals = [r for r in figures["budget_reasons"] if "at admission" in r]
+    exact = format(Decimal(needs).scaleb(-6).normalize(), "f")
+    assert refusals == [f"budget refused the plan at admission (it needs ${exact})"], refusals
     assert figures["completed"] >= 1, figures
     assert figures["tool_attempts_retried"] >= 1, figures  # the faults hit steps, not gaps

@@ -95,8 +95,7 @@ class Holds:
         if not res.admitted:
             raise Abort(
                 "budget_exhausted",
-                f"budget refused the plan at admission (it needs ${res.amount_micros / 1e6:.2f}): "
-                f"{res.reason}",
+                f"budget refused the plan at admission (it needs ${_usd(res.amount_micros)}): {res.reason}",
                 "admission_refused",
             )
         for h in holds:
@@ -184,3 +183,9 @@ class Holds:
         if reserve_key:
             self.open.pop(reserve_key, None)
         return res
+
+
+def _usd(micros: int) -> str:
+    """Exact USD, at least cents: a plan of tool calls costs fractions of a cent, and
+    ``$0.00`` told an operator the plan was free."""
+    return f"{micros // 1_000_000}.{f'{micros % 1_000_000:06d}'.rstrip('0').ljust(2, '0')}"
