@@ -525,6 +525,11 @@ async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
                 )
         else:
             broken.append(f"{wid} FAILED as a workflow: {_outcome_of(resp)}")
+    for wid, resp in ended:  # a plan the budget refused must not have acted at all
+        if isinstance(resp, AgentResponse) and "admission_refused" in resp.flags:
+            acted = sorted(k for k in ok_keys if k.startswith(f"{wid}/"))
+            if acted:
+                broken.append(f"{wid} was refused at admission but has effects: {', '.join(acted)}")
     per_order: Counter[str] = Counter()
     for key, order, amount, status in refunds:
         wid, step_id = key.rsplit("/", 1)
