@@ -26,8 +26,10 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities import audit, ledger
+from activities.control import ControlActivities
 from activities.tools import ToolActivities, effects, testing
 from activities.tools.testing import step
+from keel.agent_io import SettleInput, SettleResult
 from keel.budget import scope_path
 from keel.models import StepState, ToolCall, ToolResult
 from keel.settings import Settings
@@ -201,3 +203,73 @@ async def test_a_second_attempt_on_a_key_returns_the_first_ones_refund_instead_o
             await conn.execute("select amount_micros, status from refunds where order_id = %s", (order,))
         ).fetchall()
     assert rows == [(20_000_000, "issued")], rows
+
+
+class _NeverActs:
+    """``run_tool`` whose ``test_effect`` attempts die before acting (non-retryable, so the
+    step fails at once and the run goes to the fence)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._real = ToolActivities(pool)
+
+    @activity.defn(name="run_tool")
+    async def run_tool(self, call: ToolCall) -> ToolResult:
+        if call.tool == "test_effect":
+            raise ApplicationError("worker lost before the effect", type="Lost", non_retryable=True)
+        return await self._real.run_tool(call)
+
+
+class _DatabaseAway:
+    """``settle_step`` that cannot reach the database for its first ``outage`` attempts —
+    more than the control-plane retry policy allows (10) — then the real one."""
+
+    def __init__(self, pool: AsyncConnectionPool, outage: int) -> None:
+        self._real, self._left = ControlActivities(pool), outage
+
+    @activity.defn(name="settle_step")
+    async def settle_step(self, inp: SettleInput) -> SettleResult:
+        if self._left > 0:
+            self._left -= 1
+            raise ApplicationError("connection refused (database restarting)", type="OperationalError")
+        return await self._real.settle_step(inp)
+
+
+@pytest.mark.timeout(120)
+async def test_the_fence_waits_for_the_database_instead_of_ending_the_run_undecided(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found with a 240 s PostgreSQL outage during a refund: the refund's attempts ran out,
+    then ``settle_step`` ran out of its 10 attempts, and the run ended ``failed`` with the
+    refund step still ``running``, no fence and no settle audit row: the step's fate was
+    never asked of the database, and an attempt still in flight could have acted unreported."""
+    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    testing.register()
+    planner = testing.ScriptedPlanner([plan(step("s1", "test_effect", note="never acts")), plan()])
+    away = _DatabaseAway(db_pool, outage=12)
+    async with running_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        policy_file=write_policy(tmp_path),
+        extra_activities=[planner.plan, _NeverActs(db_pool).run_tool, away.settle_step],
+    ):
+        resp = await (await start(client, task_queue)).result()
+    wid = resp.workflow_id
+    steps = {s.id: s for s in resp.steps}
+    assert away._left == 0
+    assert "activity_failed" not in resp.flags, (resp.outcome, resp.reason)
+    assert steps["s1"].state == StepState.FAILED, steps["s1"]
+    async with db_pool.connection() as conn:
+        record = await (
+            await conn.execute("select ok from tool_effects where idempotency_key = %s", (f"{wid}/s1",))
+        ).fetchall()
+        trail = await audit.trail(conn, wid)
+    assert record == [(False,)], "the key was never fenced"
+    settle = [r.decision for r in trail if r.step_id == "s1" and r.idem_key.endswith("/tool-settle")]
+    assert settle == ["failed"], [(r.idem_key, r.decision) for r in trail]

@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.models import AgentRequest, Decision
 
-from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT
+from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, FENCE_RETRY
 from workflows.state import RunState
 from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper
 
@@ -176,7 +176,9 @@ class Holds:
                 ),
                 result_type=SettleResult,
                 start_to_close_timeout=CONTROL_TIMEOUT,
-                retry_policy=CONTROL_RETRY,
+                # A fenced settle is what decides the step: ending the run without its answer
+                # would leave the step undecided and the key open to an attempt in flight.
+                retry_policy=FENCE_RETRY if effect_key else CONTROL_RETRY,
                 summary=f"settle {subject} ({decision})",
             )
         )
