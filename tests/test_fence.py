@@ -25,13 +25,13 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import audit, ledger
+from activities import audit, concurrency, ledger
 from activities.control import ControlActivities
 from activities.tools import ToolActivities, effects, testing
 from activities.tools.testing import step
 from keel.agent_io import SettleInput, SettleResult
-from keel.budget import scope_path
-from keel.models import StepState, ToolCall, ToolResult
+from keel.budget import ReleaseRequest, ReleaseResult, scope_path
+from keel.models import PlanStep, StepState, ToolCall, ToolResult
 from keel.settings import Settings
 from tests.helpers import make_order, running_worker
 from tests.scripted import plan, start, write_policy
@@ -273,3 +273,57 @@ async def test_the_fence_waits_for_the_database_instead_of_ending_the_run_undeci
     assert record == [(False,)], "the key was never fenced"
     settle = [r.decision for r in trail if r.step_id == "s1" and r.idem_key.endswith("/tool-settle")]
     assert settle == ["failed"], [(r.idem_key, r.decision) for r in trail]
+
+
+class _ReleaseRefused:
+    """``budget_release`` that the ledger refuses (non-retryable, as ``_refusals`` raises it)."""
+
+    calls = 0
+
+    @activity.defn(name="budget_release")
+    async def budget_release(self, req: ReleaseRequest) -> ReleaseResult:
+        self.calls += 1
+        raise ApplicationError("ledger refused the release", type="IdempotencyConflict", non_retryable=True)
+
+
+@pytest.mark.timeout(90)
+async def test_a_release_refused_at_the_end_still_ends_through_the_one_exit(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local activity's failure reaches workflow code as the activity's ``ApplicationError``,
+    not as an ``ActivityError``: the ending caught only the latter, so a refused release of a
+    hold left open (a skipped step's admitted hold) skipped the finish row, memory and the
+    run slot, and failed the workflow."""
+    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    testing.register()
+    skipped = PlanStep(
+        id="s2", tool="echo", args={"note": "never"}, when={"step": "s1", "field": "note", "equals": "x"}
+    )
+    planner = testing.ScriptedPlanner([plan(step("s1", "test_effect", note="acts"), skipped), plan()])
+    refused = _ReleaseRefused()
+    async with running_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        policy_file=write_policy(tmp_path),
+        extra_activities=[planner.plan, refused.budget_release],
+    ):
+        resp = await (await start(client, task_queue)).result()
+    wid = resp.workflow_id
+    assert refused.calls >= 1
+    assert resp.outcome == "completed", (resp.outcome, resp.reason)
+    assert "release_failed" in resp.flags, resp.flags
+    async with db_pool.connection() as conn:
+        trail = await audit.trail(conn, wid)
+        slots = await concurrency.in_flight(conn, "acme")
+        mine = await (
+            await conn.execute("select count(*) from run_slots where workflow_id=%s", (wid,))
+        ).fetchone()
+    assert [r.decision for r in trail if r.idem_key == f"{wid}/finish"] == ["completed"]
+    assert mine == (0,), (mine, slots)
