@@ -202,7 +202,7 @@ async def fault_run(
 
     url = settings.database_url
     batch = uuid.uuid4().hex[:8]
-    prefix = f"agent/{TENANT}/fault-{batch}-"
+    prefix = f"agent/{TENANT}/%/fault-{batch}-"  # a LIKE pattern: the id carries the agent
     queue = f"fault-{batch}"
     await asyncio.to_thread(apply_migrations, url)
     orders = await _orders(url, runs + 1)
