@@ -54,7 +54,19 @@ class LifoPool(AsyncConnectionPool):
 
     Overrides one private method of psycopg_pool; ``tests/test_db.py`` fails if a release
     changes it, so an upgrade cannot silently bring FIFO back.
+
+    A connection that comes back broken (the server closed it: a restart, a crash, an
+    administrator) means its idle siblings are most likely dead too: the pool checks them all
+    at once, before the caller retries. Otherwise each Temporal retry of the failed activity
+    is handed the next dead connection and a step can run out of attempts on a database that
+    is already back. Healthy traffic pays nothing: no check on checkout.
     """
+
+    async def putconn(self, conn: Any) -> None:
+        lost = conn.broken
+        await super().putconn(conn)
+        if lost:
+            await self.check()  # discards the dead idle connections and opens new ones
 
     async def _get_ready_connection(self, timeout: float | None) -> Any:  # noqa: ASYNC109 (base's signature)
         # The base takes the leftmost (oldest) idle connection: put the newest there first.

@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.models import AgentRequest, Decision
 
-from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT
+from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, FENCE_RETRY
 from workflows.state import RunState
 from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper
 
@@ -95,8 +95,7 @@ class Holds:
         if not res.admitted:
             raise Abort(
                 "budget_exhausted",
-                f"budget refused the plan at admission (it needs ${res.amount_micros / 1e6:.2f}): "
-                f"{res.reason}",
+                f"budget refused the plan at admission (it needs ${_usd(res.amount_micros)}): {res.reason}",
                 "admission_refused",
             )
         for h in holds:
@@ -177,10 +176,18 @@ class Holds:
                 ),
                 result_type=SettleResult,
                 start_to_close_timeout=CONTROL_TIMEOUT,
-                retry_policy=CONTROL_RETRY,
+                # A fenced settle is what decides the step: ending the run without its answer
+                # would leave the step undecided and the key open to an attempt in flight.
+                retry_policy=FENCE_RETRY if effect_key else CONTROL_RETRY,
                 summary=f"settle {subject} ({decision})",
             )
         )
         if reserve_key:
             self.open.pop(reserve_key, None)
         return res
+
+
+def _usd(micros: int) -> str:
+    """Exact USD, at least cents: a plan of tool calls costs fractions of a cent, and
+    ``$0.00`` told an operator the plan was free."""
+    return f"{micros // 1_000_000}.{f'{micros % 1_000_000:06d}'.rstrip('0').ljust(2, '0')}"

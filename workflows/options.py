@@ -12,6 +12,7 @@ __all__ = [
     "COMPENSATION_TIMEOUT",
     "CONTROL_RETRY",
     "CONTROL_TIMEOUT",
+    "FENCE_RETRY",
     "MODEL_HEARTBEAT",
     "MODEL_RETRY",
     "MODEL_TIMEOUT",
@@ -36,6 +37,12 @@ CONTROL_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=2),
     non_retryable_error_types=["IdempotencyConflict"],
 )
+FENCE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=50),
+    maximum_attempts=0,
+    maximum_interval=timedelta(seconds=2),
+    non_retryable_error_types=["IdempotencyConflict"],
+)  # the durable record decides a failing step: until the database answers, wait for it
 COMPENSATION_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_attempts=0, maximum_interval=timedelta(seconds=30)
 )  # must eventually undo
