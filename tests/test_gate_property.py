@@ -363,9 +363,9 @@ def test_the_planner_refuses_arguments_nested_too_deep(depth: int) -> None:
 
     plan = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(depth)}}]}
     with pytest.raises(ValueError, match=f"nested deeper than {MAX_ARG_DEPTH} levels"):
-        _check_plan(plan, {"echo"})
+        _check_plan(plan, "", {"echo"})
     ok = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(MAX_ARG_DEPTH - 2)}}]}
-    assert _check_plan(ok, {"echo"}).steps[0].id == "s1"
+    assert _check_plan(ok, "", {"echo"}).steps[0].id == "s1"
 
 
 @pytest.mark.xfail(

@@ -388,7 +388,9 @@ async def test_cascade_replaces_a_bad_cheap_plan_before_its_side_effect_runs(
         roles.checks.append({"score": 0.1, "confidence": 0.9, "reason": "refund amount not checked"})
     roles.plans.extend([cheap, {"steps": [lookup, good_refund], "answer": ""}])
     roles.answers.append(f"Order {order} had shipped, so I refunded $30.0.")
-    req = request(f"Check if order {order} is shipped and refund it if so")
+    # A fresh session: memory from earlier runs would reach the escalated plan, which would
+    # then be untrusted (issue 17's provenance) and its refund would wait for a human.
+    req = request(f"Check if order {order} is shipped and refund it if so", session=f"s-{order}")
     async with running_worker(client, db_pool, temporal_services, task_queue):
         resp = await run_agent(client, task_queue, req)
         history = await client.get_workflow_handle(resp.workflow_id).fetch_history()

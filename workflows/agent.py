@@ -221,6 +221,9 @@ class AgentWorkflow:
         for iteration in range(1, limits.max_iterations + 1):
             st.iterations = iteration
             self._stopper.check()
+            # The planner shows memory from the second plan on, and every recorded step's
+            # result or error: either is untrusted data steering the plan (provenance).
+            st.plan_saw_untrusted = bool(st.order) or (iteration > 1 and bool(ctx.memory))
             plan, tier = await self._planner.plan(req, ctx, tier, iteration)
             st.plan_sizes.append(len(plan.plan.steps))
             checked = workflow.patched(HOLDS_PATCH)  # same answer as inside plan()

@@ -206,13 +206,13 @@ class Planner:
                 labels=label_args(
                     step.args,
                     step.args,
-                    plan=st.iterations,
+                    plan=st.trust_plan(),
                     request=req.message,
                     results=st.results,
                     result_labels=st.labels,
                 ),
                 provenance=step_provenance(
-                    st.iterations,
+                    st.trust_plan(),
                     step.tool,
                     bool(tool and tool.side_effects),
                     d.call_signature(step.tool, step.args),

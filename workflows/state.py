@@ -49,6 +49,9 @@ class RunState:
         """``(tool, signature)`` of every step the first (trusted) plan wrote, resolved."""
         self.waiting_for = ""
         self.iterations = 0
+        self.plan_saw_untrusted = False
+        """Whether the current plan was made after untrusted data reached the planner (a tool's
+        output or error, or memory): set by the loop before each plan."""
         self.model_label = ""
         self.outcome = ""
         self.flags: list[str] = []
@@ -87,6 +90,12 @@ class RunState:
                 if field in data:
                     facts.setdefault(fact, []).append(data[field])
         return facts
+
+    def trust_plan(self) -> int:
+        """The plan number provenance works with: a plan made before any untrusted data reached
+        the planner (e.g. the escalation of a plan refused before it ran) is as trusted as the
+        first one; any other is its iteration number."""
+        return self.iterations if self.plan_saw_untrusted else 1
 
     def put(self, record: StepRecord) -> None:
         if record.id not in self.steps:

@@ -110,20 +110,20 @@ class StepRunner:
             labels = label_args(
                 step.args,
                 args,
-                plan=st.iterations,
+                plan=st.trust_plan(),
                 request=req.message,
                 results=st.results,
                 result_labels=st.labels,
             )
             signature = d.call_signature(step.tool, args)
-            if st.iterations <= 1:
+            if st.trust_plan() <= 1:
                 st.trusted_calls.append((step.tool, signature))
             flow = (
                 Flow(
                     request=req.message,
                     labels=labels,
                     provenance=step_provenance(
-                        st.iterations,
+                        st.trust_plan(),
                         step.tool,
                         bool(tool and tool.side_effects),
                         signature,
