@@ -132,6 +132,14 @@ class KeelEnv(BaseSettings):
     """The interpreter the sandbox's ``run_python`` uses."""
     KEEL_SANDBOX_CONCURRENCY: int = Field(8, ge=1)
     """Sandboxed runs at once per worker."""
+    KEEL_AUDIT_CHECKPOINT_FILE: str | None = None
+    """Signed audit-log heads to verify against (``audit verify --checkpoint``)."""
+    KEEL_AUDIT_HMAC_KEY: str | None = Field(None, repr=False)
+    """Key that signs audit checkpoints."""
+    KEEL_MODEL_BREAKER_THRESHOLD: str | None = None
+    """Consecutive model-provider failures that open its breaker (see ``activities.llm``)."""
+    KEEL_MODEL_TIMEOUT_S: str | None = None
+    """Per-call model timeout in seconds (see ``workflows.options``)."""
     KEEL_FLAG_COST_FACTOR: str | None = None
     """Anomaly flag thresholds, ``KEEL_FLAG_<FIELD>`` (validated by ``keel.anomaly``)."""
 

@@ -368,9 +368,8 @@ def test_run_says_it_waits_approvals_lists_it_approve_says_what(
         assert wid in table and "AGE" in table
         approved = _cli(ready_env, "approve", wid)
         assert approved.returncode == 0, approved.stderr
-        assert approved.stdout.startswith(
-            f"{wid}: approved s2 issue_refund order_id={order}, amount_usd=$250.00"
-        )
+        assert approved.stdout.startswith(f"{wid}: approved by "), approved.stdout
+        assert "approval of s2 (issue_refund)" in approved.stdout  # what was decided
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0 and "Outcome  completed" in out, out
         assert f"Refunded $250.00 on {order}" in out
