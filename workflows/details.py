@@ -35,7 +35,13 @@ def _value(name: str, value: Any) -> str:
             return usd(round(float(str(value)) * 1_000_000))
         except (ValueError, OverflowError):
             pass  # not a finite number after all: show it as it is
-    text = str(value).replace("\n", " ")
+    if isinstance(value, dict | list | tuple):
+        # Never str() a container: a hostile plan nests thousands deep, and a RecursionError
+        # here would fail the workflow task instead of letting the gate deny the step.
+        return f"<{type(value).__name__} of {len(value)}>"
+    text = (
+        str(value).replace("\n", " ") if isinstance(value, str | int | float | bool) else type(value).__name__
+    )
     return text if len(text) <= 40 else text[:37] + "..."
 
 
