@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 
-from keel.settings import load_settings
+from keel.settings import SettingsError, apply_dotenv, load_settings
 from keel.worker import run_worker
 
 
@@ -24,6 +24,13 @@ async def _main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        apply_dotenv()
+        load_settings()
+    except SettingsError as e:  # every bad variable, one line each, before anything starts
+        for line in e.problems:
+            print(f"worker: {line}", file=sys.stderr)
+        sys.exit(2)
     try:
         asyncio.run(_main())
     except Exception as e:  # one line for people; the log has the rest

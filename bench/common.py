@@ -396,7 +396,7 @@ class ProcCpu:
 
 def postgres_pids(settings: Settings) -> list[int]:
     """The postmaster of our PostgreSQL (its backends are its children)."""
-    pidfile = settings.state_dir / "pg" / "postmaster.pid"
+    pidfile = settings.state_dir / "postgres" / "data" / "postmaster.pid"
     with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
         return [int(pidfile.read_text().split()[0])]
     return []

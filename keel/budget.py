@@ -25,9 +25,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from keel.models import BudgetCaps, Decision, Frozen
+from keel.money import usd_reason
 
 __all__ = [
     "CommitRequest",
@@ -172,6 +173,12 @@ class ReserveResult(Frozen):
     would_decision: Decision | None = None
     replayed: bool = False
 
+    @field_validator("reason")
+    @classmethod
+    def _dollars(cls, v: str) -> str:
+        # The ledger's SQL speaks micro-USD; every message that quotes it shows dollars.
+        return usd_reason(v)
+
 
 class CommitRequest(Frozen):
     """Record what the call really cost; op key ``<key>/commit``."""
@@ -280,6 +287,11 @@ class HistoryEntry(Frozen):
     updated_at: datetime
     expires_at: datetime
 
+    @field_validator("reason")
+    @classmethod
+    def _dollars(cls, v: str) -> str:
+        return usd_reason(v)
+
 
 def tool_hold(
     *, key: str, scopes: tuple[str, ...], amount_micros: int, tool: str, run_id: str, step_id: str, ttl: int
@@ -316,3 +328,8 @@ class AdmitResult(Frozen):
     """What the plan needs in all."""
     reason: str = ""
     """Why the plan was refused: the first hold the ledger denied."""
+
+    @field_validator("reason")
+    @classmethod
+    def _dollars(cls, v: str) -> str:
+        return usd_reason(v)

@@ -79,10 +79,11 @@ class RefusedError(KeelClientError):
 
 async def connect(settings: Settings) -> TemporalClient:
     """Connect with the pydantic converter and the encryption codec: every payload Temporal
-    stores (inputs, results, failures, summaries) is ciphertext under the settings' keys."""
+    stores (inputs, results, failures, summaries) is ciphertext under the settings' keys.
+    Address, namespace, TLS, API key and gRPC metadata come from the envconfig profile."""
     return await TemporalClient.connect(
         settings.temporal_address,
-        namespace=settings.temporal_namespace,
+        **settings.connect_options(),
         data_converter=data_converter(load_keyring(settings)),
     )
 

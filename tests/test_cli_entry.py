@@ -59,9 +59,9 @@ def test_console_script_help_version_and_bad_command() -> None:
     [
         (["keel", "bud"], {"budget"}),
         (["keel", "budget", "s"], {"set", "show"}),
-        (["keel", "budget", "set", "--o"], {"--observe", "--overdraft"}),
+        (["keel", "budget", "set", "--o"], {"--observe", "--overdraft", "--output"}),
         (["keel", "run", "--fo"], {"--follow"}),
-        (["keel", "dev", ""], {"up", "down", "status", "--workers", "--json", "--help"}),
+        (["keel", "dev", ""], {"up", "down", "status", "--workers", "--json", "--output", "--help"}),
         (["keel", "tools", ""], {"list", "--help"}),
     ],
 )

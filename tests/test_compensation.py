@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import CancelledError
 
 from activities.ledger import check_invariant
 from activities.tools.testing import step
 from bench.bench_recovery import relevant_violations
-from keel.models import StepState
+from keel.models import RunStatus, StepState
 from keel.settings import Settings
 from tests.helpers import make_order
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
+from workflows.agent import OUTCOME
 
 
 async def _refund_row(pool: AsyncConnectionPool, workflow_id: str) -> list[tuple[int, str]]:
@@ -113,23 +115,37 @@ async def test_cancel_during_a_step_rolls_back(
         await wait_status(handle, "s3", StepState.RUNNING)
         if how == "update":
             assert await handle.execute_update("cancel", "customer changed their mind") == "cancelling"
+            resp = await handle.result()
+            assert resp.outcome == "cancelled", resp
+            assert "cancelled" in resp.flags and resp.reason == "customer changed their mind"
+            assert resp.compensated == ("s2", "s1")
+            steps = resp.steps
         else:
-            await handle.cancel()
-        resp = await handle.result()
-    assert resp.outcome == "cancelled", resp
-    assert "cancelled" in resp.flags
-    assert resp.reason == ("customer changed their mind" if how == "update" else "workflow cancelled")
-    assert resp.compensated == ("s2", "s1")
-    assert [s.id for s in resp.steps] == ["s1", "s2", "s3"]  # s4 never started
-    assert resp.steps[2].state == StepState.FAILED and "cancelled" in resp.steps[2].error
-    assert await _refund_row(db_pool, resp.workflow_id) == [(5_000_000, "voided")]
-    assert await effects_of(db_pool, resp.workflow_id) == [("s2", "test_effect", "first", "undone")]
+            # A Temporal cancel (the Web UI's button, `keel cancel`) ends Canceled, in
+            # Temporal's own terms, after the same compensation.
+            await handle.cancel(reason="customer withdrew")
+            with pytest.raises(WorkflowFailureError) as failed:
+                await handle.result()
+            assert isinstance(failed.value.cause, CancelledError)
+            desc = await handle.describe()
+            assert desc.status == WorkflowExecutionStatus.CANCELED
+            assert desc.typed_search_attributes.get(OUTCOME) == "cancelled"
+            st = await handle.query("status", result_type=RunStatus)
+            assert st.outcome == "cancelled" and st.phase == "done"
+            steps = st.steps
+            assert [s.state for s in steps[:2]] == [StepState.COMPENSATED, StepState.COMPENSATED]
+    assert [s.id for s in steps] == ["s1", "s2", "s3"]  # s4 never started
+    assert steps[2].state == StepState.FAILED and "cancelled" in steps[2].error
+    if how == "temporal":
+        assert "customer withdrew" in steps[2].error  # the cancel's reason, not a generic one
+    assert await _refund_row(db_pool, handle.id) == [(5_000_000, "voided")]
+    assert await effects_of(db_pool, handle.id) == [("s2", "test_effect", "first", "undone")]
     async with db_pool.connection() as conn:
-        assert relevant_violations(await check_invariant(conn), [resp.workflow_id]) == []
+        assert relevant_violations(await check_invariant(conn), [handle.id]) == []
         held = await (
             await conn.execute(
                 "select count(*) from keel_budget_reservations where key like %s and status='held'",
-                (f"{resp.workflow_id}/%",),
+                (f"{handle.id}/%",),
             )
         ).fetchone()
         assert held == (0,)

@@ -348,14 +348,14 @@ def test_cli_set_show_history(
         args = parser.parse_args(["budget", *argv])
         return int(args.func(args))
 
-    assert run("set", tenant, "2.5", "--overdraft", "0.1") == 0
+    assert run("set", tenant, "2.5", "--overdraft", "0.1", "--new-tenant") == 0
     assert run("show", tenant) == 0
     out = capsys.readouterr().out
-    assert "2.500000" in out and "overdraft 0.100000" in out
+    assert "$2.50" in out and "overdraft $0.10" in out
     assert run("history", tenant, "--json") == 0
     assert capsys.readouterr().out.strip() == "[]"
     for bad in ("-1", "nan", "inf", "1.0000001", "abc"):
         with pytest.raises(CliError):
-            run("set", tenant, bad)
+            run("set", tenant, bad, "--new-tenant")
     assert cli.parse_usd("0.000001") == 1
     assert cli.parse_usd("unlimited", allow_unlimited=True) is None

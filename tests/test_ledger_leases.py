@@ -46,7 +46,7 @@ def own_pg() -> Iterator[DevServices]:
 
 
 def _crash(services: DevServices) -> None:
-    pid_file = services.state / "pg" / "postmaster.pid"
+    pid_file = services.pg_data / "postmaster.pid"
     pid = int(pid_file.read_text().split()[0])
     os.kill(pid, signal.SIGQUIT)  # immediate shutdown: no checkpoint, unwritten WAL is gone
     deadline = time.monotonic() + 30

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
@@ -78,6 +79,9 @@ class AgentWorkflow:
             iterations=st.iterations,
             model_label=st.model_label,
             outcome=st.outcome,
+            details=st.details,
+            waiting_since=st.waiting_since,
+            waiting_step=st.waiting_step() if st.waiting_for else "",
         )
 
     @workflow.update(name="approve")
@@ -165,7 +169,7 @@ class AgentWorkflow:
             st.flags.append(a.flag or a.outcome)
         except asyncio.CancelledError:
             # Temporal cancellation outside any activity (e.g. a timer): undo, then report.
-            outcome, reason = "cancelled", "workflow cancelled"
+            outcome, reason = "cancelled", workflow.cancellation_reason() or "workflow cancelled"
             st.flags.append("cancelled")
         except ACTIVITY_FAILURES as e:  # a control-plane call out of retries, a ledger refusal
             outcome, reason = "failed", f"{_activity_name(e)} failed: {cause(e)}"
@@ -177,7 +181,17 @@ class AgentWorkflow:
         finally:
             if deadline is not None:
                 deadline.cancel()
-        return await self._end(req, ctx, outcome, reason, answer, internal)
+        resp = await self._end(req, ctx, outcome, reason, answer, internal)
+        if (
+            outcome == "cancelled"
+            and workflow.cancellation_reason() is not None
+            and workflow.patched("keel-cancel-ends-canceled")
+        ):
+            # A Temporal cancel ends Canceled, as the Web UI and `list --status cancelled`
+            # expect, once compensation, releases and the finish row are done. (The
+            # `cancel` update alone cannot: only a cancel request lets a workflow end so.)
+            raise asyncio.CancelledError(reason)
+        return resp
 
     async def _end(
         self,
@@ -204,10 +218,41 @@ class AgentWorkflow:
         return resp
 
     async def _deadline(self, seconds: int) -> None:
-        await workflow.sleep(seconds, summary="run deadline")
+        if not workflow.patched("keel-deadline-pauses-for-people"):
+            await workflow.sleep(seconds, summary="run deadline")
+            self._stopper.request(
+                Abort(
+                    "escape_hatch", f"deadline: the run exceeded its {seconds} s wall-clock limit", "deadline"
+                )
+            )
+            return
+        await self._compute_deadline(seconds)
         self._stopper.request(
-            Abort("escape_hatch", f"deadline: the run exceeded its {seconds} s wall-clock limit", "deadline")
+            Abort(
+                "escape_hatch",
+                f"deadline: the run used its {seconds} s limit (time waiting for a person not counted)",
+                "deadline",
+            )
         )
+
+    async def _compute_deadline(self, seconds: int) -> None:
+        """The deadline counts the run's own time: a wait for a person pauses it. That wait
+        has its own timeout and safe default, which must be able to fire: a one-hour approval
+        timeout inside a five-minute deadline otherwise never does."""
+        st = self._state
+        left = float(seconds)
+        while left > 0:
+            started = workflow.now()
+            try:
+                await workflow.wait_condition(
+                    lambda: st.phase == "waiting_approval",
+                    timeout=timedelta(seconds=left),
+                    timeout_summary=f"run deadline: {round(left)} s left (paused while a person decides)",
+                )
+            except TimeoutError:
+                return
+            left -= (workflow.now() - started).total_seconds()
+            await workflow.wait_condition(lambda: st.phase != "waiting_approval")
 
     async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
         st, limits = self._state, ctx.limits

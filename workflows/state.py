@@ -7,6 +7,7 @@ it. Spend counts only what the ledger committed, so the report equals the ledger
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from temporalio import workflow
@@ -23,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
         StepState,
     )
     from keel.policy import Policy
+    from keel.redact import redact
+    from workflows.details import args_text, phase_details
 
 __all__ = ["RunState"]
 
@@ -32,7 +35,12 @@ class RunState:
 
     def __init__(self) -> None:
         self.wid = ""
-        self.phase = "starting"
+        self._phase = "starting"
+        self.running = ""
+        """The step in flight, as the Web UI shows it (``s2 issue_refund order_id=...``)."""
+        self.waiting_since: Any = None
+        self.details = ""
+        """The Web UI's Current Details as last set (the status query returns it too)."""
         self.steps: dict[str, StepRecord] = {}
         self.order: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -70,6 +78,32 @@ class RunState:
             "cheapest": 0,
         }
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        if value != "waiting_approval":  # the wait writes its own, more precise, details
+            self.show()
+
+    def show(self, text: str = "") -> None:
+        """Keep the Web UI's Current Details true: ``text``, or what the phase and spend say.
+        Not a command: it rides on the task completion and is not part of replay."""
+        if not text:
+            text = phase_details(
+                self._phase,
+                iteration=self.iterations,
+                spent_micros=self._spend["total"] if hasattr(self, "_spend") else 0,
+                outcome=self.outcome,
+                running=self.running,
+            )
+        text = redact(text)  # arguments carry customer data; details are stored in plaintext
+        self.details = text
+        with contextlib.suppress(Exception):  # outside a workflow (unit tests of helpers)
+            workflow.set_current_details(text)
+
     def policy(self, ctx: RunContext) -> Policy:
         """The run's policy snapshot, validated once per run (not once per step)."""
         if self._policy is None:
@@ -101,6 +135,11 @@ class RunState:
         if record.id not in self.steps:
             self.order.append(record.id)
         self.steps[record.id] = record
+        if record.state == StepState.RUNNING:
+            self.running = f"{record.id} {record.tool} {args_text(record.args)}"[:200]
+            self.show()
+        elif self.running.startswith(f"{record.id} "):
+            self.running = ""
 
     def records(self) -> tuple[StepRecord, ...]:
         return tuple(self.steps[s] for s in self.order)

@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.redact import redact
     from keel.text import problem as text_problem
     from workflows import decisions as d
+    from workflows.details import approval_details, rule_text
     from workflows.gate import GateDecision, check_tool_call
 
 from workflows.holds import Holds
@@ -159,6 +160,7 @@ class StepRunner:
                 gate,
                 gate.approval_timeout_seconds or ctx.limits.approval_timeout_seconds,
                 gate.on_timeout == "approve",
+                _approval_rule(st.policy(ctx), step.tool, gate.rule),
             )
         # The allow decision is made here; the tool activity records it in the audit log and
         # holds the step's budget before the effect (one round trip per step, see bench/).
@@ -170,7 +172,10 @@ class StepRunner:
             update={"provenance": gate.provenance, "approved_by": approved_by}
         )
         try:
-            out = await self._stopper.interruptible(self._start_tool(req, tool, args, key, hold, stepgate))
+            effect = _reused_key(req, step.id, tool.name, args) or key
+            out = await self._stopper.interruptible(self._start_tool(req, tool, args, effect, hold, stepgate))
+            if effect != key and out.replayed:  # the earlier run paid for it (ledger and report)
+                out = out.model_copy(update={"cost_micros": 0})
         except ActivityError as e:
             cancelled = self._stopper.note_cancel(e)
             stop = self._stopper.stop
@@ -185,7 +190,7 @@ class StepRunner:
                 None,
                 "cancelled" if cancelled else "failed",
                 why,
-                effect_key=key,
+                effect_key=_reused_key(req, step.id, tool.name, args) or key,
             )
             if settled.recorded is not None:
                 self._holds.closed(hold)  # committed with the effect
@@ -310,9 +315,11 @@ class StepRunner:
         gate: GateDecision,
         timeout_seconds: int,
         approve_on_timeout: bool,
+        rule: tuple[str, str] = ("", ""),
     ) -> str:
         """Wait for a human; returns who approved. Every outcome has an audit row: requested,
-        approved, rejected, timed out, or abandoned when the run stopped while waiting."""
+        approved, rejected, timed out, or abandoned when the run stopped while waiting.
+        ``rule`` (name, condition as text) makes the Web UI's Current Details say why."""
         st = self._state
         why = gate.reason
         detail = _detail(gate)
@@ -333,11 +340,18 @@ class StepRunner:
             )
         st.put(record.model_copy(update={"state": StepState.WAITING_APPROVAL, "summary": why}))
         st.waiting_for = f"approval of {record.id} ({record.tool}): {why}"
+        st.waiting_since = workflow.now()
         st.phase = "waiting_approval"
+        default = "approve" if approve_on_timeout else "reject"
+        details = approval_details(
+            st.wid, record.id, record.tool, record.args, rule[0] or why, rule[1], timeout_seconds, default
+        )
+        st.show(details)
         try:
             await workflow.wait_condition(
                 lambda: record.id in st.approvals or self._stopper.stop is not None,
                 timeout=timedelta(seconds=timeout_seconds),
+                timeout_summary=f"approval of {record.id} {record.tool}: {default} after {timeout_seconds} s",
             )
         except asyncio.CancelledError:
             self._stopper.note_workflow_cancel()
@@ -350,6 +364,7 @@ class StepRunner:
                 by="timeout",
             )
         st.waiting_for = ""
+        st.waiting_since = None
         st.phase = "executing"
         stop = self._stopper.stop
         if stop is not None:
@@ -517,3 +532,23 @@ def _tool_queue(tool: ToolInfo) -> str | None:
     if not tool.rate_limit_per_second:
         return None
     return f"{workflow.info().task_queue}-{tool.queue or f'tool-{tool.name}'}"
+
+
+def _approval_rule(policy: Any, tool: str, name: str) -> tuple[str, str]:
+    """(rule name, its condition as text) of the approval rule the gate matched."""
+    rule = policy.tools.get(tool)
+    for a in rule.approvals if rule else ():
+        if a.name == name:
+            return a.name, rule_text(a.when)
+    return name, ""
+
+
+def _reused_key(req: AgentRequest, step_id: str, tool: str, args: dict[str, Any]) -> str:
+    """The earlier run's key for this exact step (same id, tool and arguments), or "".
+
+    Only an exact match reuses a record: a retried plan that does something else under the
+    same step id acts anew rather than being answered with another action's result."""
+    for r in req.reuse_effects:
+        if r.step_id == step_id and r.tool == tool and r.args == args:
+            return r.key
+    return ""

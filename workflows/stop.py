@@ -58,7 +58,8 @@ class Stopper:
 
     def note_workflow_cancel(self) -> None:
         if self.stop is None:
-            self.stop = Abort("cancelled", "workflow cancelled", "cancelled")
+            reason = workflow.cancellation_reason() or "workflow cancelled"
+            self.stop = Abort("cancelled", reason, "cancelled")
 
     def note_cancel(self, e: ActivityError) -> bool:
         """True when ``e`` is a cancellation; one we did not ask for is Temporal's cancel."""

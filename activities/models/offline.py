@@ -232,13 +232,13 @@ def respond_text(request: str, executed: list[dict[str, Any]]) -> str:
             refunded = data.get("refunded_usd") or 0
             lines.append(
                 f"Order {data.get('order_id')} is {data.get('status')} "
-                f"(total ${data.get('total_usd')}"
-                + (f", ${refunded} already refunded" if refunded else "")
+                f"(total {_money(data.get('total_usd'))}"
+                + (f", {_money(refunded)} already refunded" if refunded else "")
                 + ")."
             )
         elif tool == "issue_refund":
             lines.append(
-                f"Refunded ${data.get('amount_usd')} on {data.get('order_id')} "
+                f"Refunded {_money(data.get('amount_usd'))} on {data.get('order_id')} "
                 f"(refund #{data.get('refund_id')})."
             )
         elif tool == "send_email":
@@ -310,3 +310,11 @@ class OfflineModel:
         return ModelResult(
             text=text, parsed=parsed, usage=usage, model="offline", provider="offline", latency_ms=0.0
         )
+
+
+def _money(value: object) -> str:
+    """``$42.50``, as people write money (a tool's ``42.5`` is a number, not a text)."""
+    try:
+        return f"${float(str(value)):,.2f}"
+    except ValueError:
+        return f"${value}"

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("runs", "list recent runs"),
     "approve": ("runs", "approve (or --reject) a step waiting for a human"),
     "cancel": ("runs", "cancel a run; its side effects are compensated"),
+    "approvals": ("steer", "list every step waiting for a person, across runs"),
+    "retry": ("steer", "run a stopped or failed request again, reusing its recorded effects"),
+    "doctor": ("doctor", "check services, workers, migrations, search attributes, policy and prices"),
     "breakers": ("ops", "show circuit-breaker state per tool and model provider"),
     "budget": ("budget", "budget ledger: limits, spend, reservations"),
     "audit": ("audit", "verify the tamper-evident audit log or show a run's trail"),
@@ -115,6 +118,19 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # ``| head`` closed the pipe: stop quietly, as ``cat`` would. Point stdout at
+        # /dev/null so the interpreter's final flush cannot raise again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         command = _command_of(argv)
@@ -126,7 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):  # pragma: no cover - stubs only exist for unchosen commands
         parser.print_help(sys.stderr)
         return 2
+    from keel.settings import SettingsError, apply_dotenv, load_settings
+
     try:
+        apply_dotenv()
+        load_settings()  # every problem at once, before any command acts on half a config
+    except SettingsError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    try:
+        if hasattr(args, "json"):
+            from keel.cli._output import fmt
+
+            args.output = fmt(args)  # -o table|json|jsonl; --json is -o json
+            args.json = args.output != "table"
+            args.output_resolved = True
         result = args.func(args)
         import inspect
 
@@ -135,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = asyncio.run(result)
         return int(result or 0)
+    except BrokenPipeError:
+        raise
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,9 @@ __all__ = ["Progress", "render_response", "render_status", "usd"]
 
 
 def usd(micros: int) -> str:
-    return f"${micros / 1_000_000:.6f}"
+    from keel.money import usd as _usd
+
+    return _usd(micros)
 
 
 def _steps(steps: tuple[StepRecord, ...]) -> list[str]:

@@ -19,6 +19,7 @@ import psycopg
 
 from keel.audit_models import AuditRow, VerifyResult
 from keel.cli import CliError
+from keel.cli._output import add_output, emit_json, fmt
 from keel.settings import load_settings
 
 __all__ = ["register", "render_trail", "render_verify"]
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.add_argument("--tenant", help="check only this tenant's chain (default: all)")
-    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output(v)
     v.add_argument(
         "--checkpoint",
         metavar="FILE",
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/req-42")
-    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_output(s)
     s.set_defaults(func=_show)
 
 
@@ -187,8 +188,11 @@ async def _verify(args: argparse.Namespace) -> int:
             anchored = await verify_checkpoint(conn, checkpoints, key)
             if not anchored.ok:
                 result = anchored.model_copy(update={"checked": result.checked})
-    print(result.model_dump_json(indent=2) if args.json else render_verify(result))
-    if result.ok and checkpoints is not None and not args.json:
+    if fmt(args) != "table":
+        emit_json(result.model_dump(mode="json"), fmt(args))
+    else:
+        print(render_verify(result))
+    if result.ok and checkpoints is not None and fmt(args) == "table":
         print(f"checked against the last signed heads in {args.checkpoint}")
     return 0 if result.ok else 1
 
@@ -223,8 +227,8 @@ async def _show(args: argparse.Namespace) -> int:
 
     async with await _connect() as conn:
         rows = await trail(conn, args.workflow_id)
-    if args.json:
-        print(json.dumps([r.model_dump(mode="json", exclude={"existing"}) for r in rows], indent=2))
+    if fmt(args) != "table":
+        emit_json([r.model_dump(mode="json", exclude={"existing"}) for r in rows], fmt(args))
         return 0
     if not rows:
         raise CliError(f"no audit rows for workflow {args.workflow_id!r}")

@@ -1,7 +1,9 @@
 """``budget`` commands: set a scope's limit, show a scope, list its reservations.
 
 USD on the command line is parsed as a decimal string (never through a float) and stored as
-integer micro-USD; output prints USD with 6 decimals, the ledger's resolution.
+integer micro-USD; output prints dollars with two decimals (``-o json`` has the exact
+micro-USD). A scope whose tenant is not in the policy is refused with the closest names, so
+a typo (``acmee``) cannot silently create a budget nobody spends against.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import psycopg
 from activities import ledger
 from keel.budget import HistoryEntry, ScopeView
 from keel.cli import CliError
+from keel.cli._output import add_output, emit_json, fmt, print_table
+from keel.money import usd
 from keel.settings import load_settings
 
 __all__ = ["parse_usd", "register"]
@@ -41,23 +45,27 @@ def parse_usd(text: str, *, allow_unlimited: bool = False) -> int | None:
 
 
 def _usd(micros: int | None) -> str:
-    if micros is None:
-        return "unlimited"
-    sign = "-" if micros < 0 else ""
-    return f"{sign}{abs(micros) // 1_000_000}.{abs(micros) % 1_000_000:06d}"
+    return usd(micros)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    body = [
-        "  ".join(
-            c.rjust(w) if c[:1].isdigit() or (c[:1] == "-" and c[1:2].isdigit()) else c.ljust(w)
-            for c, w in zip(r, widths, strict=True)
-        )
-        for r in rows
-    ]
-    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+def _known_tenant(scope: str) -> None:
+    """Refuse a scope whose tenant the policy does not know, naming the closest ones."""
+    import difflib
+
+    from keel.policy import load_policy
+
+    tenant = scope.split("/", 1)[0]
+    settings = load_settings()
+    known = sorted(load_policy(settings.policy_file).tenants)
+    if tenant in known:
+        return
+    close = difflib.get_close_matches(tenant, known, n=3, cutoff=0.6)
+    hint = (
+        f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f" (known: {', '.join(known)})"
+    )
+    raise CliError(
+        f"unknown tenant {tenant!r} in {settings.policy_file.name}{hint} (--new-tenant to create it anyway)"
+    )
 
 
 async def _with_conn(fn: Any, *args: Any) -> Any:
@@ -69,6 +77,8 @@ async def _with_conn(fn: Any, *args: Any) -> Any:
 def _set(args: argparse.Namespace) -> int:
     limit = parse_usd(args.usd, allow_unlimited=True)
     overdraft = None if args.overdraft is None else parse_usd(args.overdraft)
+    if not args.new_tenant:
+        _known_tenant(args.scope)
     asyncio.run(_with_conn(ledger.set_limit, args.scope, limit, args.observe, overdraft))
     if args.json:
         print(
@@ -83,8 +93,8 @@ def _set(args: argparse.Namespace) -> int:
         )
         return 0
     mode = "observe (dry-run: decisions recorded, not enforced)" if args.observe else "enforced"
-    extra = "" if overdraft is None else f", overdraft {_usd(overdraft)} USD"
-    print(f"{args.scope}: limit {_usd(limit)} USD, {mode}{extra}")
+    extra = "" if overdraft is None else f", overdraft {_usd(overdraft)}"
+    print(f"{args.scope}: limit {_usd(limit)}, {mode}{extra}")
     return 0
 
 
@@ -104,15 +114,16 @@ def _show(args: argparse.Namespace) -> int:
     view: ScopeView | None = asyncio.run(_with_conn(ledger.show, args.scope))
     if view is None:
         raise CliError(f"no budget scope {args.scope!r} (scopes appear on first use or `budget set`)")
-    if args.json:
-        print(view.model_dump_json(indent=2))
+    if fmt(args) != "table":
+        emit_json(view.model_dump(mode="json"), fmt(args))
         return 0
     headers = ["scope", "limit", "spent", "reserved", "remaining", "debt", "mode"]
-    print(_table(headers, [_row(view), *(_row(c) for c in view.children)]))
+    money = ("limit", "spent", "reserved", "remaining", "debt")
+    print_table(headers, [_row(view), *(_row(c) for c in view.children)], right=money)
     print(
-        f"\neffective remaining (with ancestors): {_usd(view.effective_remaining_micros)} USD"
-        + (f"; overdraft {_usd(view.overdraft_micros)} USD" if view.overdraft_micros else "")
-        + (f"; OVER LIMIT by {_usd(view.over_limit_micros)} USD" if view.over_limit_micros else "")
+        f"\neffective remaining (with ancestors): {_usd(view.effective_remaining_micros)}"
+        + (f"; overdraft {_usd(view.overdraft_micros)}" if view.overdraft_micros else "")
+        + (f"; OVER LIMIT by {_usd(view.over_limit_micros)}" if view.over_limit_micros else "")
     )
     return 0
 
@@ -121,8 +132,8 @@ def _history(args: argparse.Namespace) -> int:
     if args.limit <= 0:
         raise CliError("--limit must be a positive number")
     entries: list[HistoryEntry] = asyncio.run(_with_conn(ledger.history, args.scope, args.limit))
-    if args.json:
-        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+    if fmt(args) != "table":
+        emit_json([e.model_dump(mode="json") for e in entries], fmt(args))
         return 0
     if not entries:
         print(f"no reservations charged {args.scope}")
@@ -133,7 +144,7 @@ def _history(args: argparse.Namespace) -> int:
             e.key,
             e.kind,
             e.subject,
-            e.decision.value + ("*" if e.would_decision else ""),
+            e.decision.value + (f" (would {e.would_decision.value})" if e.would_decision else ""),
             e.status,
             _usd(e.amount_micros),
             "" if e.actual_micros is None else _usd(e.actual_micros),
@@ -141,9 +152,10 @@ def _history(args: argparse.Namespace) -> int:
         ]
         for e in entries
     ]
-    print(_table(["created", "key", "kind", "subject", "decision", "status", "held", "actual", ""], rows))
+    headers = ["created", "key", "kind", "subject", "decision", "status", "held", "actual", ""]
+    print_table(headers, rows, right=("held", "actual"))
     if any(e.would_decision for e in entries):
-        print("\n* observe mode: a stricter decision was recorded but not enforced")
+        print("\n(would X): observe mode recorded a stricter decision X without enforcing it")
     return 0
 
 
@@ -180,7 +192,8 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--overdraft", metavar="USD", help="how far commits may overrun the limit, recorded as debt"
     )
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--new-tenant", action="store_true", help="allow a tenant the policy does not name (yet)")
+    add_output(s)
     s.set_defaults(func=_set)
 
     sh = bsub.add_parser(
@@ -190,7 +203,7 @@ def register(sub: Any) -> None:
         epilog="example: python starter.py budget show acme/ws:default",
     )
     sh.add_argument("scope")
-    sh.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output(sh)
     sh.set_defaults(func=_show)
 
     h = bsub.add_parser(
@@ -200,6 +213,6 @@ def register(sub: Any) -> None:
         epilog="example: python starter.py budget history acme --limit 20",
     )
     h.add_argument("scope")
-    h.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output(h)
     h.add_argument("--limit", type=int, default=50, help="how many (default 50)")
     h.set_defaults(func=_history)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from keel.cli import CliError
+from keel.cli._output import add_output, emit_json, fmt
 from keel.settings import load_settings
 
 __all__ = ["register", "render_breakers"]
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--events", type=int, default=0, metavar="N", help="also show the last N state changes")
-    p.add_argument("--json", action="store_true", help="print breakers and events as JSON")
+    add_output(p)
     p.set_defaults(func=_breakers)
 
 
@@ -86,15 +86,16 @@ async def _breakers(args: argparse.Namespace) -> int:
     ) as conn:
         views = await breaker.snapshot(conn)
         events = await breaker.events(conn, limit=args.events) if args.events else []
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "breakers": [v.model_dump(mode="json") for v in views],
-                    "events": [e.model_dump(mode="json") for e in events],
-                },
-                indent=2,
-            )
+    if fmt(args) == "jsonl":  # one line per breaker, then per event
+        emit_json([{"breaker": v.model_dump(mode="json")} for v in views], "jsonl")
+        emit_json([{"event": e.model_dump(mode="json")} for e in events], "jsonl")
+    elif fmt(args) == "json":
+        emit_json(
+            {
+                "breakers": [v.model_dump(mode="json") for v in views],
+                "events": [e.model_dump(mode="json") for e in events],
+            },
+            "json",
         )
     else:
         print(render_breakers(views, events, datetime.now(UTC)))

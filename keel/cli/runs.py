@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import uuid
 from typing import Any
 
 from pydantic import ValidationError
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import TypedSearchAttributes
+from temporalio.exceptions import CancelledError
 
 from keel.cli import CliError
+from keel.cli._output import FORMATS, add_output, emit_json, fmt, print_table
 from keel.cli._render import Progress, render_response, render_status
+from keel.cli._waits import await_result, query_status, require_worker
 from keel.client import WORKFLOW, Client, RefusedError, Run, RunExistsError, RunNotFoundError
-from keel.models import AgentRequest, ModelPolicy
-from keel.redact import redact, redact_data
+from keel.models import AgentRequest, AgentResponse, ModelPolicy
+from keel.money import usd
+from keel.redact import redact
 
 __all__ = ["register"]
 
@@ -77,7 +81,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="override the policy's wall-clock deadline",
     )
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="print the AgentResponse as JSON")
+    out.add_argument("--json", action="store_true", help="print the AgentResponse as JSON (same as -o json)")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default=None,
+        help="table (default), json, or jsonl (with --follow: a JSON line per status, then the result)",
+    )
     out.add_argument("--no-wait", action="store_true", help="print the workflow id and return")
     out.add_argument(
         "--follow",
@@ -95,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=raw,
     )
     s.add_argument("workflow_id", metavar="WORKFLOW_ID", help="e.g. agent/acme/support/r-1234")
-    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    add_output(s)  # -o table|json|jsonl and --json
     s.set_defaults(func=_status)
 
     ls = sub.add_parser(
@@ -115,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         choices=["running", "completed", "failed", "cancelled", "terminated", "timed_out"],
     )
     ls.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
-    ls.add_argument("--json", action="store_true", help="print the runs as JSON")
+    add_output(ls)  # -o table|json|jsonl and --json
     ls.set_defaults(func=_list)
 
     a = sub.add_parser(
@@ -137,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="who decides, recorded in the audit row (default: the operating-system user, "
         f"here {_os_user()!r})",
     )
-    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output(a)  # -o table|json|jsonl and --json
     a.set_defaults(func=_approve)
 
     c = sub.add_parser(
@@ -150,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     c.add_argument("workflow_id", metavar="WORKFLOW_ID")
     c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit log")
-    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output(c)  # -o table|json|jsonl and --json
     c.set_defaults(func=_cancel)
 
     from keel.cli import ops  # operations commands live in their own module
@@ -195,12 +206,6 @@ def _request(args: argparse.Namespace) -> AgentRequest:
         raise CliError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-def _json(data: Any) -> str:
-    """CLI JSON output: step results and summaries carry raw tool output, so every string
-    is redacted (secrets and PII) before it reaches a terminal, a log or a pipe."""
-    return json.dumps(redact_data(data), indent=2, ensure_ascii=False)
-
-
 async def _client() -> Client:
     client = await Client.connect()
     client.temporal = _traced(client.temporal)
@@ -232,6 +237,8 @@ async def _run(args: argparse.Namespace) -> int:
             raise CliError(f"unknown tier {tier!r} (fast, balanced, powerful)")
     req = _request(args)
     client = await _client()
+    if not args.no_wait:  # --no-wait may queue a run for a worker that starts later
+        await require_worker(client.temporal, client.settings.temporal_namespace, client.settings.task_queue)
     try:
         run = await client.start(req)
     except RunExistsError as e:
@@ -243,18 +250,55 @@ async def _run(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(run.workflow_id)
         return 0
+    output = fmt(args)
     if args.follow:
-        await _follow(run, client.url(run.workflow_id))
-    resp = await run.result()
-    if args.json:
-        print(_json(resp.model_dump(mode="json")))
+        await _follow(run, client.url(run.workflow_id), client, jsonl=output == "jsonl")
+    handle = client.temporal.get_workflow_handle(run.workflow_id, result_type=AgentResponse)
+    settings = client.settings
+    try:
+        resp = await await_result(
+            handle,
+            client.temporal,
+            settings.temporal_namespace,
+            settings.task_queue,
+            notices=output == "table",
+        )
+    except WorkflowFailureError as e:
+        if not isinstance(e.cause, CancelledError):
+            raise
+        return await _ended_canceled(handle, client, output)
+    if output != "table":
+        doc = resp.model_dump(mode="json")
+        emit_json({"event": "result", **doc} if args.follow and output == "jsonl" else doc, output)
     else:
         print(redact(render_response(resp, client.url(run.workflow_id))))
     return 0 if resp.outcome in ("completed", "partial") else 3
 
 
-async def _follow(run: Run, url: str) -> None:
-    """Draw the run's status snapshots as progress on stderr until it ends."""
+async def _ended_canceled(handle: Any, client: Client, output: str) -> int:
+    """A cancelled run has no result: show what its status says (steps, compensation)."""
+    st = await query_status(handle)
+    if output != "table":
+        emit_json({"temporal_status": "canceled", **(st.model_dump(mode="json") if st else {})}, output)
+    elif st is not None:
+        print(redact(render_status(st, "canceled", client.url(handle.id))))
+    else:
+        print(f"{handle.id}: canceled")
+    return 3
+
+
+async def _follow(run: Run, url: str, client: Client, *, jsonl: bool = False) -> None:
+    """Draw the run's status snapshots as progress on stderr until it ends; with ``jsonl``
+    each snapshot goes to stdout as one JSON line instead (the result line follows). With
+    no worker polling the queue it says so after 2 s instead of waiting forever."""
+    handle = client.temporal.get_workflow_handle(run.workflow_id)
+    if await query_status(handle) is None:
+        await require_worker(client.temporal, client.settings.temporal_namespace, client.settings.task_queue)
+    if jsonl:
+        async for snapshot in run.watch():
+            emit_json({"event": "status", **snapshot.model_dump(mode="json")}, "jsonl")
+            sys.stdout.flush()
+        return
     progress = Progress(
         run.workflow_id,
         url,
@@ -286,18 +330,21 @@ async def _follow(run: Run, url: str) -> None:
 async def _status(args: argparse.Namespace) -> int:
     client = await _client()
     run = _run_of(client, args.workflow_id)
+    handle = client.temporal.get_workflow_handle(args.workflow_id)
     try:
         status_name = await run.temporal_status()
-        st = await run.status()
     except RunNotFoundError as e:
         raise CliError(str(e)) from None
+    st = await query_status(handle)  # bounded: a query with no worker would wait forever
+    if st is None and status_name == "completed":
+        st = await run.status()  # answered from the result
     if st is None:
-        raise CliError(
-            f"{args.workflow_id} is {status_name} and no worker answered the status "
-            "query (is a worker running?)"
-        )
-    if args.json:
-        print(_json({"temporal_status": status_name, **st.model_dump(mode="json")}))
+        desc = await handle.describe()
+        queue = desc.task_queue or client.settings.task_queue
+        await require_worker(client.temporal, client.settings.temporal_namespace, queue)
+        raise CliError(f"{args.workflow_id} is {status_name} and no worker answered the status query")
+    if fmt(args) != "table":
+        emit_json({"temporal_status": status_name, **st.model_dump(mode="json")}, fmt(args))
     else:
         print(redact(render_status(st, status_name, client.url(args.workflow_id))))
     return 0
@@ -328,21 +375,30 @@ async def _list(args: argparse.Namespace) -> int:
                 "user": _sa(sa, "KeelUser"),
                 "agent": _sa(sa, "KeelAgent"),
                 "outcome": _sa(sa, "KeelOutcome"),
-                "spend_usd": (_sa(sa, "KeelSpendMicros") or 0) / 1e6,
+                "spend_micros": _sa(sa, "KeelSpendMicros") or 0,
             }
         )
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if fmt(args) != "table":
+        emit_json(rows, fmt(args))
         return 0
     if not rows:
         print("no runs")
         return 0
-    print(f"{'WORKFLOW ID':<34} {'STATUS':<10} {'OUTCOME':<16} {'SPEND USD':>10}  STARTED")
-    for r in rows:
-        print(
-            f"{r['workflow_id']:<34} {r['status']:<10} {r['outcome'] or '-':<16} "
-            f"{r['spend_usd']:>10.6f}  {r['started']}"
-        )
+    print_table(
+        ["workflow id", "status", "outcome", "agent", "spend", "started"],
+        [
+            (
+                r["workflow_id"],
+                r["status"],
+                r["outcome"] or "-",
+                r["agent"] or "-",
+                usd(r["spend_micros"]),
+                r["started"],
+            )
+            for r in rows
+        ],
+        right=("spend",),
+    )
     return 0
 
 
@@ -375,7 +431,8 @@ def _os_user() -> str:
 
 
 async def _approve(args: argparse.Namespace) -> int:
-    run = _run_of(await _client(), args.workflow_id)
+    client = await _client()
+    run = _run_of(client, args.workflow_id)
     try:
         # What is being decided (step, tool, rule, amount, provenance), shown to the approver
         # and printed with the answer (issue 17); the audit row records the same.
@@ -399,32 +456,36 @@ async def _approve(args: argparse.Namespace) -> int:
         + (f": {what}" if what else "")
         + (f" (reason: {args.reason})" if args.reason else "")
     )
-    print(
-        json.dumps(
-            {
-                "workflow_id": args.workflow_id,
-                "result": redact(result),
-                "by": args.by,
-                "decided": redact(what),
-            }
+    if fmt(args) != "table":
+        emit_json(
+            {"workflow_id": args.workflow_id, "result": result, "by": args.by, "decided": what}, fmt(args)
         )
-        if args.json
-        else f"{args.workflow_id}: {redact(result)}{redact(detail)}"
-    )
+        return 0
+    print(f"{args.workflow_id}: {redact(result)}{redact(detail)}")
     return 0
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    run = _run_of(await _client(), args.workflow_id)
+    """A Temporal cancel request with the reason: the run compensates, then ends Canceled
+    (the Web UI's Cancel button does the same)."""
+    client = await _client()
+    handle = client.temporal.get_workflow_handle(args.workflow_id)
     try:
-        result = await run.cancel(args.reason)
-    except RefusedError as e:
-        raise CliError(f"refused: {e}") from None
-    except RunNotFoundError as e:
-        raise CliError(str(e)) from None
-    print(
-        json.dumps({"workflow_id": args.workflow_id, "result": redact(result)})
-        if args.json
-        else f"{args.workflow_id}: {redact(result)} (side effects will be compensated)"
-    )
+        desc = await handle.describe()
+    except Exception as e:
+        from temporalio.service import RPCError, RPCStatusCode
+
+        if isinstance(e, RPCError) and e.status == RPCStatusCode.NOT_FOUND:
+            raise CliError(f"no run {args.workflow_id!r}") from None
+        raise
+    if desc.status != WorkflowExecutionStatus.RUNNING:
+        raise CliError(
+            f"{args.workflow_id} already ended ({desc.status.name.lower() if desc.status else '?'})"
+        )
+    await handle.cancel(reason=args.reason)
+    result = "cancelling"
+    if fmt(args) != "table":
+        emit_json({"workflow_id": args.workflow_id, "result": result}, fmt(args))
+        return 0
+    print(f"{args.workflow_id}: {result} (side effects will be compensated; the run ends Canceled)")
     return 0
