@@ -77,7 +77,7 @@ class FaultBroken(AssertionError):
 # ---------------------------------------------------------------------------- faults
 def crash_postgres(pg: DevServices) -> None:
     """Immediate shutdown (SIGQUIT to the postmaster): no checkpoint, backends killed at once."""
-    pid = int((pg.state / "pg" / "postmaster.pid").read_text().split()[0])
+    pid = int((pg.pg_data / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGQUIT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -134,6 +134,24 @@ async def test_injected_instructions_cause_no_unrequested_side_effect(
     assert any(r.data.get("provenance", "").startswith("untrusted") for r in denials)
 
 
+async def _approval_or_end(handle: Any, step: str, within: float = 30.0) -> Any:
+    """The status once ``step`` waits for approval, or None when the run ended first."""
+    import asyncio
+    import time
+
+    from keel.models import RunStatus
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        st = await handle.query("status", result_type=RunStatus)
+        if any(r.id == step and r.state == StepState.WAITING_APPROVAL for r in st.steps):
+            return st
+        if st.phase == "done":
+            return None
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{step} neither waited for approval nor ended within {within} s")
+
+
 async def test_untrusted_side_effect_waits_for_a_human_under_the_shipped_policy(
     client: Client,
     db_pool: AsyncConnectionPool,
@@ -148,8 +166,16 @@ async def test_untrusted_side_effect_waits_for_a_human_under_the_shipped_policy(
         )
     async with running_worker(client, db_pool, temporal_services, task_queue):
         handle = await start(client, task_queue, request(f"What is the status of order {order}?"))
-        status = await wait_status(handle, "s2", StepState.WAITING_APPROVAL, within=30)
-        assert "planned after untrusted data" in status.waiting_for and "$" not in status.waiting_for[:0]
+        # Two defences meet here since issue 16's plan check: the request asks for no refund, so
+        # the intent rules refuse the injected plan before it is admitted (needs_human); when a
+        # plan gets past them, provenance makes its untrusted refund wait for a human.
+        status = await _approval_or_end(handle, "s2")
+        if status is None:
+            resp = await handle.result()
+            assert resp.outcome == "needs_human" and "plan_refused" in resp.flags, resp
+            assert await _rows(db_pool, "select 1 from refunds where order_id=%s", order) == []
+            return
+        assert "planned after untrusted data" in status.waiting_for
         await handle.execute_update("approve", Approval(approve=False, reason="not asked for", by="carol"))
         resp = await handle.result()
     assert resp.outcome == "rejected"

@@ -208,11 +208,11 @@ async def test_a_ledger_refusal_after_an_effect_ends_through_the_one_exit(
     tmp_path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The ledger refuses the second planning call (its key was taken by a different request:
-    IdempotencyConflict, non-retryable). A local activity's failure reaches workflow code as a
-    bare ApplicationError; it must end the run like any activity failure — the effect undone,
-    the finish row, the slot — and complete with outcome ``failed``, not fail the workflow as
-    an internal error."""
+    """The ledger refuses the second plan's admission (its step's hold key was taken by a
+    different request: IdempotencyConflict, non-retryable). A local activity's failure reaches
+    workflow code as a bare ApplicationError; it must end the run like any activity failure —
+    the effect undone, the finish row, the slot — and complete with outcome ``failed``, not
+    fail the workflow as an internal error."""
     from activities import ledger
     from keel.budget import ReleaseRequest, ReserveRequest
     from tests.helpers import request
@@ -220,12 +220,15 @@ async def test_a_ledger_refusal_after_an_effect_ends_through_the_one_exit(
 
     req = request("record an effect, then plan again")
     wid = f"agent/{req.tenant}/{req.request_id}"
-    squatter = f"{wid}/plan2.fast"
+    squatter = f"{wid}/s2/reserve"
     async with db_pool.connection() as conn:
         await ledger.reserve(
             conn, ReserveRequest(key=squatter, scopes=("acme",), amount_micros=7, kind="model")
         )
-    plans = [plan(step("s1", "test_effect", note="undo me"), replan=True), plan(answer="never")]
+    plans = [
+        plan(step("s1", "test_effect", note="undo me"), replan=True),
+        plan(step("s2", "test_effect", note="never")),
+    ]
     try:
         async with scripted_worker(
             client,

@@ -361,10 +361,10 @@ def test_the_planner_refuses_arguments_nested_too_deep(depth: int) -> None:
     refuses it (a repair, then InvalidPlan), so it never reaches the workflow."""
     from activities.agent import MAX_ARG_DEPTH, _check_plan
 
-    plan = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(depth)}}]}
+    plan = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(depth)}}], "answer": ""}
     with pytest.raises(ValueError, match=f"nested deeper than {MAX_ARG_DEPTH} levels"):
         _check_plan(plan, "", {"echo"})
-    ok = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(MAX_ARG_DEPTH - 2)}}]}
+    ok = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(MAX_ARG_DEPTH - 2)}}], "answer": ""}
     assert _check_plan(ok, "", {"echo"}).steps[0].id == "s1"
 
 
