@@ -34,7 +34,13 @@ with workflow.unsafe.imports_passed_through():
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from workflows import decisions as d
     from workflows.holds import Holds
-    from workflows.options import CONTROL_RETRY, MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT, PREPARE_TIMEOUT
+    from workflows.options import (
+        CONTROL_RETRY,
+        FINISH_RETRY,
+        MODEL_HEARTBEAT,
+        MODEL_TIMEOUT,
+        PREPARE_TIMEOUT,
+    )
     from workflows.options import TOOL_HEARTBEAT as TOOL_HEARTBEAT
     from workflows.planning import HOLDS_PATCH, Planner
     from workflows.saga import Saga
@@ -386,7 +392,7 @@ class AgentWorkflow:
                 result_type=FinishOutput,
                 start_to_close_timeout=MODEL_TIMEOUT,
                 heartbeat_timeout=MODEL_HEARTBEAT,
-                retry_policy=MODEL_RETRY,
+                retry_policy=FINISH_RETRY,
                 summary=f"respond ({outcome})",
             )
         )

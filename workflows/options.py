@@ -13,6 +13,7 @@ __all__ = [
     "CONTROL_RETRY",
     "CONTROL_TIMEOUT",
     "FENCE_RETRY",
+    "FINISH_RETRY",
     "MODEL_HEARTBEAT",
     "MODEL_RETRY",
     "MODEL_TIMEOUT",
@@ -43,6 +44,9 @@ FENCE_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=2),
     non_retryable_error_types=["IdempotencyConflict"],
 )  # the durable record decides a failing step: until the database answers, wait for it
+FINISH_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_attempts=0, maximum_interval=timedelta(seconds=30)
+)  # the ending must happen (finish row, memory, run slot): wait out a database outage
 COMPENSATION_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_attempts=0, maximum_interval=timedelta(seconds=30)
 )  # must eventually undo
