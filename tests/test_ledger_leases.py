@@ -9,11 +9,8 @@ is still there when the crash comes (by default it is written within 200 ms)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ import pytest
 
 from activities import ledger
 from activities.ledger_batch import LedgerBatcher
+from bench.bench_fault import crash_postgres
 from keel.budget import CommitRequest, ReservationNotFound, ReserveRequest, scope_path
 from keel.db import apply_migrations, open_pool
 from keel.devservices import DevServices, free_port
@@ -43,20 +41,6 @@ def own_pg() -> Iterator[DevServices]:
     finally:
         services.stop_postgres()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _crash(services: DevServices) -> None:
-    pid_file = services.pg_data / "postmaster.pid"
-    pid = int(pid_file.read_text().split()[0])
-    os.kill(pid, signal.SIGQUIT)  # immediate shutdown: no checkpoint, unwritten WAL is gone
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("postmaster did not exit after SIGQUIT")
 
 
 def _keys(url: str, tenant: str) -> set[str]:
@@ -89,7 +73,7 @@ async def test_a_crash_loses_only_lease_holds_and_commits_still_record_the_spend
             assert (await lease.reserve(req(name))).granted_micros == 1_000
     finally:
         await pool.close()
-    _crash(own_pg)
+    crash_postgres(own_pg)  # immediate shutdown: no checkpoint, unwritten WAL is gone
     own_pg.start_postgres()  # crash recovery replays what reached the WAL file
 
     survived = _keys(url, tenant)

@@ -28,10 +28,8 @@ with workflow.unsafe.imports_passed_through():
         RunContext,
     )
     from keel.intent import plan_problems
-    from keel.labels import Flow, label_args, step_provenance
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
     from keel.tiers import TIER_ORDER, clamp_tier
-    from workflows import decisions as d
     from workflows.gate import check_tool_call
 
 from workflows.holds import Holds
@@ -201,26 +199,7 @@ class Planner:
             # The same data-flow facts the step runner gives the gate (labels, provenance,
             # earlier sums): without them the gate fails closed on every flow rule, and a
             # predicted denial would skip the plan's rules for the steps it hides.
-            flow = Flow(
-                request=req.message,
-                labels=label_args(
-                    step.args,
-                    step.args,
-                    plan=st.trust_plan(),
-                    request=req.message,
-                    results=st.results,
-                    result_labels=st.labels,
-                ),
-                provenance=step_provenance(
-                    st.trust_plan(),
-                    step.tool,
-                    bool(tool and tool.side_effects),
-                    d.call_signature(step.tool, step.args),
-                    st.trusted_calls,
-                ),
-                prior=ctx.prior_totals,
-                executed=tuple(st.executed),
-            )
+            flow = st.flow(req, ctx, tool, step.tool, step.args, step.args)
             gate = check_tool_call(
                 st.policy(ctx),
                 req.tenant,

@@ -8,23 +8,27 @@ it. Spend counts only what the ledger committed, so the report equals the ledger
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext
-    from keel.labels import ExecutedCall, Label
+    from keel.labels import ExecutedCall, Flow, Label, label_args, step_provenance
     from keel.models import (
         FACTS_BEFORE_DECLARATIONS,
+        AgentRequest,
         Approval,
         ModelCallRecord,
         Spend,
         StepRecord,
         StepState,
+        ToolInfo,
     )
     from keel.policy import Policy
     from keel.redact import redact
+    from workflows import decisions as d
     from workflows.details import args_text, phase_details
 
 __all__ = ["RunState"]
@@ -130,6 +134,39 @@ class RunState:
         the planner (e.g. the escalation of a plan refused before it ran) is as trusted as the
         first one; any other is its iteration number."""
         return self.iterations if self.plan_saw_untrusted else 1
+
+    def flow(
+        self,
+        req: AgentRequest,
+        ctx: RunContext,
+        tool: ToolInfo | None,
+        name: str,
+        raw_args: Mapping[str, Any],
+        args: Mapping[str, Any],
+    ) -> Flow:
+        """The data-flow facts the gate judges a call with: its arguments' labels, the step's
+        provenance, earlier sums and the calls executed so far. One construction for the step
+        runner (which decides) and the plan check (which predicts the decision)."""
+        return Flow(
+            request=req.message,
+            labels=label_args(
+                raw_args,
+                args,
+                plan=self.trust_plan(),
+                request=req.message,
+                results=self.results,
+                result_labels=self.labels,
+            ),
+            provenance=step_provenance(
+                self.trust_plan(),
+                name,
+                bool(tool and tool.side_effects),
+                d.call_signature(name, args),
+                self.trusted_calls,
+            ),
+            prior=ctx.prior_totals,
+            executed=tuple(self.executed),
+        )
 
     def put(self, record: StepRecord) -> None:
         if record.id not in self.steps:

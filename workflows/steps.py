@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
     from keel.budget import tool_hold
-    from keel.labels import ExecutedCall, Flow, Label, label_args, label_result, step_provenance
+    from keel.labels import ExecutedCall, Label, label_result
     from keel.models import (
         AgentRequest,
         Approval,
@@ -108,34 +108,11 @@ class StepRunner:
             _check_payload(args)
             # Labels are computed for every run (pure, no commands); the gate reads them only
             # in runs that carry the patch marker, so older histories replay with their gate.
-            labels = label_args(
-                step.args,
-                args,
-                plan=st.trust_plan(),
-                request=req.message,
-                results=st.results,
-                result_labels=st.labels,
-            )
-            signature = d.call_signature(step.tool, args)
+            facts = st.flow(req, ctx, tool, step.tool, step.args, args)
+            labels = facts.labels
             if st.trust_plan() <= 1:
-                st.trusted_calls.append((step.tool, signature))
-            flow = (
-                Flow(
-                    request=req.message,
-                    labels=labels,
-                    provenance=step_provenance(
-                        st.trust_plan(),
-                        step.tool,
-                        bool(tool and tool.side_effects),
-                        signature,
-                        st.trusted_calls,
-                    ),
-                    prior=ctx.prior_totals,
-                    executed=tuple(st.executed),
-                )
-                if workflow.patched(FLOW_PATCH)
-                else None
-            )
+                st.trusted_calls.append((step.tool, d.call_signature(step.tool, args)))
+            flow = facts if workflow.patched(FLOW_PATCH) else None
             gate = check_tool_call(
                 st.policy(ctx),
                 req.tenant,
