@@ -34,7 +34,8 @@ if __name__ == "__main__":
     try:
         asyncio.run(_main())
     except Exception as e:  # one line for people; the log has the rest
-        from activities.tools.loader import ToolLoadError
+        from keel.activities.tools.loader import ToolLoadError
+
         from keel.agents import AgentError
 
         first = str(e).splitlines()[0] if str(e) else ""

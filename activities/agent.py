@@ -7,7 +7,7 @@ the visible tools; an invalid plan is repaired once with the reason, then refuse
 executed. ``evaluate`` applies the intent rules (``keel.intent``) and, with a provider key, a
 model judge; ``finish_run`` has a live model write the answer and checks it against the steps.
 
-Every model call these make holds and commits its own budget (``activities.metered``); each
+Every model call these make holds and commits its own budget (``keel.activities.metered``); each
 activity returns, or attaches to its error, what its calls cost, so the run's report is the
 ledger's.
 """
@@ -19,21 +19,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+from keel.activities import audit, ledger, memory, provenance
+from keel.activities.agent_defs import find_agent
+from keel.activities.concurrency import acquire_run_slot, release_run_slot, tenant_run_limit, ttl_for
+from keel.activities.flags import flag_run
+from keel.activities.guardrails import detect_injection, redact, redact_data, scan_input
+from keel.activities.metered import Meter, with_report
+from keel.activities.models import split_model
+from keel.activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
+from keel.activities.models.offline import OFFLINE_DONE, respond_text
+from keel.activities.tools.mcp import server_tools
+from keel.activities.tools.registry import catalog
+from keel.workflows.decisions import ReferenceError_, resolve_args
+from keel.workflows.gate import authorize_user, visible_tools
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import audit, ledger, memory, provenance
-from activities.agent_defs import find_agent
-from activities.concurrency import acquire_run_slot, release_run_slot, tenant_run_limit, ttl_for
-from activities.flags import flag_run
-from activities.guardrails import detect_injection, redact, redact_data, scan_input
-from activities.metered import Meter, with_report
-from activities.models import split_model
-from activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
-from activities.models.offline import OFFLINE_DONE, respond_text
-from activities.tools.mcp import server_tools
-from activities.tools.registry import catalog
 from keel import telemetry
 from keel.agent_io import (
     EvalInput,
@@ -57,8 +59,6 @@ from keel.policy import Policy, PolicyError, parse_policy, policy_hash
 from keel.pricing import PricingError, load_prices, price_for
 from keel.settings import Settings
 from keel.tiers import TIER_ORDER, model_label, resolve_tiers
-from workflows.decisions import ReferenceError_, resolve_args
-from workflows.gate import authorize_user, visible_tools
 
 __all__ = [
     "ANSWER_SYSTEM",
@@ -452,7 +452,7 @@ class AgentActivities:
         """Ask the model for a plan: one repair for an invalid one, then refused (``InvalidPlan``).
 
         Every call (and each Temporal retry's) holds and commits its own budget; the output,
-        or the error's first detail, reports what they all cost (``activities.metered``).
+        or the error's first detail, reports what they all cost (``keel.activities.metered``).
         """
         telemetry.annotate(tier=inp.tier, iteration=inp.iteration)
         telemetry.record_cascade(

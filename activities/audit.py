@@ -31,12 +31,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from keel.activities.guardrails import redact, redact_data
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from activities.guardrails import redact, redact_data
 from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
 
 __all__ = [

@@ -23,12 +23,12 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from keel.activities import ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import ledger
-from activities.ledger_batch import LedgerBatcher
 from keel import telemetry
 from keel.budget import (
     AdmitRequest,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from keel.activities import audit
 from psycopg import AsyncConnection
 
-from activities import audit
 from keel import telemetry
 from keel.agent_io import FinishInput
 from keel.anomaly import AnomalyLimits, CallShape, RunShape, run_flags

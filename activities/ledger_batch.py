@@ -30,10 +30,10 @@ import asyncio
 import json
 from typing import Any, TypeVar
 
+from keel.activities import ledger
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
-from activities import ledger
 from keel import pgcall
 from keel.budget import (
     CommitRequest,

@@ -10,7 +10,7 @@ provider, the call goes to the other provider's model of the same tier instead (
 names the model that answered, so cost is priced right); otherwise it fails at once with the
 non-retryable ``CircuitOpen``. Only outages count as failures (5xx, timeouts, connection
 errors, unexpected SDK errors), never bad requests, refusals, bad output or 429s (a rate
-limit is retried after its ``retry-after``, see ``activities.models.errors``).
+limit is retried after its ``retry-after``, see ``keel.activities.models.errors``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
-
-from activities import breaker
-from activities.models import get_provider, split_model
-from activities.models.errors import (
+from keel.activities import breaker
+from keel.activities.models import get_provider, split_model
+from keel.activities.models.errors import (
     BAD_REQUEST,
     PROVIDER_ERROR,
     TIMEOUT,
     UNAVAILABLE,
     translate_provider_error,
 )
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
 from keel import telemetry
 from keel.models import ModelCall, ModelResult
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
@@ -114,7 +114,7 @@ async def send(routed: Routed) -> ModelResult:
     """Send one routed call (exactly one provider request), heartbeating, errors translated.
 
     Raises:
-        ApplicationError: every failure, typed by ``activities.models.errors``.
+        ApplicationError: every failure, typed by ``keel.activities.models.errors``.
     """
     call, provider_name, guard = routed.call, routed.provider, routed.guard
     tenant = _tenant()
@@ -159,12 +159,12 @@ async def send(routed: Routed) -> ModelResult:
 async def call_model(call: ModelCall) -> ModelResult:
     """Run ``call`` on the provider its ``model`` names and return the result with latency.
 
-    Unmetered: it holds no budget (the agent's own activities use ``activities.metered``,
+    Unmetered: it holds no budget (the agent's own activities use ``keel.activities.metered``,
     which does). Kept for tools and operators that need one raw call.
 
     Raises:
         ApplicationError: for every failure; unknown models and bad credentials are
-            non-retryable, rate limits and outages retryable (see ``activities.models.errors``);
+            non-retryable, rate limits and outages retryable (see ``keel.activities.models.errors``);
             ``CircuitOpen`` (non-retryable) when the provider's breaker is open and no other
             provider can take the call.
     """
@@ -223,7 +223,8 @@ def model_breaker_threshold(env: Mapping[str, str]) -> int:
 def configured_models(env: Mapping[str, str]) -> dict[str, str]:
     """Every model this worker may call, with why: the tiers (the worker's, and each agent
     definition's), and each tier's failover model."""
-    from activities.agent_defs import agent_definitions
+    from keel.activities.agent_defs import agent_definitions
+
     from keel.agents import agent_tiers
 
     base = resolve_tiers(env)
@@ -251,7 +252,8 @@ def check_model_config(env: Mapping[str, str]) -> None:
     Raises:
         ValueError: one line (``PricingError`` for a model without a price).
     """
-    from activities.models.errors import model_timeout_s
+    from keel.activities.models.errors import model_timeout_s
+
     from keel.pricing import PricingError, load_prices, price_for
 
     prices = load_prices()

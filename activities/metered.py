@@ -8,7 +8,7 @@ the ledger, never from the attempt, so a retried activity continues the count (a
 replayed workflow never re-spends).
 
 A hold charges the run's scopes plus ``<tenant>/model:<provider>:<model>`` for the model
-really called (the breaker may move a call to the other provider: :func:`activities.llm.route`
+really called (the breaker may move a call to the other provider: :func:`keel.activities.llm.route`
 decides first, then the hold is priced). It is committed with the provider-reported usage;
 when there is none (timeout, dropped connection, 5xx, a server that omits usage) with the
 whole hold, the safe side; a 4xx refusal before the model ran (429, 401, 400) commits zero.
@@ -29,13 +29,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from psycopg_pool import AsyncConnectionPool
-from temporalio.exceptions import ApplicationError
-
-from activities import ledger
-from activities.llm import Routed, route, send
-from activities.models import add_usage, system_text
-from activities.models.errors import (
+from keel.activities import ledger
+from keel.activities.llm import Routed, route, send
+from keel.activities.models import add_usage, system_text
+from keel.activities.models.errors import (
     BUDGET_DENIED,
     PRICING_ERROR,
     TRUNCATED,
@@ -44,6 +41,9 @@ from activities.models.errors import (
     repair_instruction,
     usage_of,
 )
+from psycopg_pool import AsyncConnectionPool
+from temporalio.exceptions import ApplicationError
+
 from keel import telemetry
 from keel.budget import (
     CommitRequest,

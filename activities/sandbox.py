@@ -50,9 +50,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from keel.activities.guardrails import redact
 from pydantic import BaseModel, ConfigDict, Field
-
-from activities.guardrails import redact
 
 __all__ = [
     "SANDBOX_WORKDIR",

@@ -286,7 +286,7 @@ async def fault_run(
 
 async def _set_limit(url: str, per_run: int, runs: int, admit_share: float) -> int:
     """Limit the tenant to what it spent so far plus ``admit_share`` of ``runs`` more runs."""
-    from activities import ledger
+    from keel.activities import ledger
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         view = await ledger.show(conn, TENANT)
@@ -393,7 +393,7 @@ async def _chaos(
        ``temporal``, the dev server SIGKILLed and restarted too);
     4. with ``kill_every_s``, a worker SIGKILLed and replaced that often until the end.
     """
-    from workflows.options import TOOL_HEARTBEAT
+    from keel.workflows.options import TOOL_HEARTBEAT
 
     url = settings.database_url
     zombie_pin, crash_pin = pins
@@ -449,7 +449,8 @@ async def _chaos(
 # ---------------------------------------------------------------------------- the checks
 async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
     """Every check of the module docstring over ``ended`` (the probe run first); the figures."""
-    from activities import audit, concurrency, ledger
+    from keel.activities import audit, concurrency, ledger
+
     from keel.budget import scope_path
     from keel.models import AgentResponse, StepState
 

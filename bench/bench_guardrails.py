@@ -26,7 +26,7 @@ from tests.adversarial.families import ATTACKS, BENIGN  # noqa: E402
 
 def _load(path: str | None) -> ModuleType:
     if path is None:
-        import activities.guardrails as current
+        import keel.activities.guardrails as current
 
         return current
     spec = importlib.util.spec_from_file_location("baseline_guardrails", path)

@@ -58,7 +58,7 @@ TENANT, USER = "bench", "bench"
 
 async def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
     """Run one of Keel's demo tool functions in its own transaction (no Keel control)."""
-    from activities.tools.registry import REGISTRY, ToolContext, catalog
+    from keel.activities.tools.registry import REGISTRY, ToolContext, catalog
 
     catalog()
     spec = REGISTRY[name]

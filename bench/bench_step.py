@@ -133,9 +133,10 @@ async def _codec_micro(codec: Any, repeat: int = 2000) -> dict[str, float]:
 
 def _workflow_code_ms(settings: Any, repeat: int = 300) -> dict[str, float]:
     """CPU of the pure per-step decisions the workflow makes, outside the sandbox (ms/step)."""
-    from activities.tools.registry import catalog
+    from keel.activities.tools.registry import catalog
+    from keel.workflows.gate import check_tool_call
+
     from keel.policy import Policy, load_policy
-    from workflows.gate import check_tool_call
 
     snapshot = load_policy(settings.policy_file).model_dump(mode="json")
     noop = next(t for t in catalog(include_hidden=True) if t.name == "noop")

@@ -126,7 +126,7 @@ class _BenchAgentActivities:
 
     @activity.defn(name="prepare_run")
     async def prepare_run(self, inp: PrepareInput) -> RunContext:
-        from activities.tools.registry import catalog
+        from keel.activities.tools.registry import catalog
 
         ctx: RunContext = await self._real.prepare_run(inp)
         if not ctx.authorized or not _NOOP_RE.match(inp.request.message):
@@ -188,9 +188,10 @@ async def keel_worker(
 
     With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
     """
-    from activities.agent import AgentActivities
+    from keel.activities.agent import AgentActivities
+    from keel.workflows.agent import AgentWorkflow
+
     from keel.worker import STICKY_TIMEOUT, _activities
-    from workflows.agent import AgentWorkflow
 
     s = dataclasses.replace(settings, task_queue=task_queue)
     sub = _BenchAgentActivities(AgentActivities(pool, s))
@@ -267,10 +268,10 @@ async def demo_request(pool: Any, *, tenant: str = "bench", user: str = "bench")
 
 async def run_keel(client: Client, task_queue: str, req: Any) -> tuple[Any, float, str]:
     """Run one AgentWorkflow to its end; returns (response, wall seconds, workflow id)."""
+    from keel.workflows.agent import TENANT, USER
     from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
     from keel.models import AgentResponse
-    from workflows.agent import TENANT, USER
 
     wid = f"agent/{req.tenant}/{req.request_id}"
     t0 = time.perf_counter()

@@ -68,7 +68,7 @@ async def queue_pollers(client: Any, namespace: str, queue: str, kind: str = "wo
 def worker_queues(settings: Settings) -> list[tuple[str, str]]:
     """(queue, kind) pairs a complete worker polls: the main queue for workflow and activity
     tasks, plus one activity queue per rate-limited tool."""
-    from activities.tools import catalog
+    from keel.activities.tools import catalog
 
     queues = [(settings.task_queue, "workflow"), (settings.task_queue, "activity")]
     queues += [

@@ -62,7 +62,7 @@ GUARDRAIL_CATEGORIES = (
     "encoded",
     "off_topic",
 )
-"""Input-guardrail categories ``activities.guardrails.scan_input`` can report."""
+"""Input-guardrail categories ``keel.activities.guardrails.scan_input`` can report."""
 
 _VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}\.\d+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:*-]{0,63}$")

@@ -137,9 +137,9 @@ class KeelEnv(BaseSettings):
     KEEL_AUDIT_HMAC_KEY: str | None = Field(None, repr=False)
     """Key that signs audit checkpoints."""
     KEEL_MODEL_BREAKER_THRESHOLD: str | None = None
-    """Consecutive model-provider failures that open its breaker (see ``activities.llm``)."""
+    """Consecutive model-provider failures that open its breaker (see ``keel.activities.llm``)."""
     KEEL_MODEL_TIMEOUT_S: str | None = None
-    """Per-call model timeout in seconds (see ``workflows.options``)."""
+    """Per-call model timeout in seconds (see ``keel.workflows.options``)."""
     KEEL_FLAG_COST_FACTOR: str | None = None
     """Anomaly flag thresholds, ``KEEL_FLAG_<FIELD>`` (validated by ``keel.anomaly``)."""
 

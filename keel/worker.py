@@ -28,7 +28,7 @@ from temporalio.worker import (
 )
 
 from keel.settings import Settings
-from workflows.arity import OneRequest
+from keel.workflows.arity import OneRequest
 
 __all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "run_worker"]
 
@@ -44,11 +44,11 @@ timeout, which leaves tools (4 s timeout) under a second of slack and delays can
 
 
 def _activities(pool: Any, settings: Settings) -> list[Any]:
-    from activities.agent import AgentActivities
-    from activities.budget import BudgetActivities
-    from activities.control import ControlActivities
-    from activities.llm import call_model
-    from activities.tools import ToolActivities
+    from keel.activities.agent import AgentActivities
+    from keel.activities.budget import BudgetActivities
+    from keel.activities.control import ControlActivities
+    from keel.activities.llm import call_model
+    from keel.activities.tools import ToolActivities
     from keel.codec import load_keyring
 
     agent = AgentActivities(pool, settings)
@@ -86,7 +86,7 @@ def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
 
 class KeelActivityInterceptor(Interceptor):
     """Gives every activity this worker runs its breaker store and common span attributes,
-    and guards the workflow's one argument (``workflows.arity``).
+    and guards the workflow's one argument (``keel.workflows.arity``).
 
     ``call_model`` also runs inside ``plan``/``evaluate`` as a plain function, so the pool
     travels in a context variable scoped to the activity rather than in an argument.
@@ -100,7 +100,7 @@ class KeelActivityInterceptor(Interceptor):
         return _ActivityContext(next, self._pool)
 
     def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[OneRequest]:
-        """Refuse a start with more than one argument (see ``workflows.arity``)."""
+        """Refuse a start with more than one argument (see ``keel.workflows.arity``)."""
         return OneRequest
 
 
@@ -112,7 +112,7 @@ class _ActivityContext(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         from temporalio import activity
 
-        from activities.breaker import BREAKER_POOL
+        from keel.activities.breaker import BREAKER_POOL
         from keel.telemetry import annotate, tenant_of
 
         info = activity.info()
@@ -141,10 +141,10 @@ def build_workers(
     """
     import os
 
-    from activities.llm import check_model_config
-    from activities.tools import ToolActivities, catalog
+    from keel.activities.llm import check_model_config
+    from keel.activities.tools import ToolActivities, catalog
     from keel.codec import load_keyring
-    from workflows.agent import AgentWorkflow
+    from keel.workflows.agent import AgentWorkflow
 
     check_model_config(os.environ)  # an unpriced model fails here, once, in one line
 
@@ -163,7 +163,7 @@ def build_workers(
             interceptors=chain,
         )
     ]
-    from activities.agent_defs import agent_definitions
+    from keel.activities.agent_defs import agent_definitions
 
     limited = [(f"tool-{t.name}", t.rate_limit_per_second) for t in catalog(include_hidden=True)]
     servers = {s.name: s for agent, _ in agent_definitions().values() for s in agent.mcp}
@@ -188,10 +188,10 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     """Run until ``stop`` is set (or forever): connect, migrate, serve, sweep."""
     import os
 
-    from activities.agent_defs import agent_definitions
-    from activities.ledger import run_sweeper
-    from activities.llm import check_model_config
-    from activities.tools import catalog
+    from keel.activities.agent_defs import agent_definitions
+    from keel.activities.ledger import run_sweeper
+    from keel.activities.llm import check_model_config
+    from keel.activities.tools import catalog
     from keel.client import connect
     from keel.db import apply_migrations, open_pool
     from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing

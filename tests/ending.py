@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.activities.ledger import check_invariant
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 
-from activities.ledger import check_invariant
 from bench.bench_recovery import relevant_violations
 from keel.models import AgentResponse
 

@@ -51,7 +51,7 @@ def request(message: str, **kw: Any) -> AgentRequest:
 
 
 async def run_agent(client: Client, task_queue: str, req: AgentRequest) -> AgentResponse:
-    from workflows.agent import TENANT, USER
+    from keel.workflows.agent import TENANT, USER
 
     return await client.execute_workflow(
         "AgentWorkflow",

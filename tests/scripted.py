@@ -1,7 +1,7 @@
 """Workflow-logic test harness: a worker whose ``plan`` activity follows a script.
 
 Everything else is real: the dev server, PostgreSQL, the gate, the ledger, the tool activity
-and the test tools (``activities.tools.testing``, enabled with ``KEEL_TEST_TOOLS=1``).
+and the test tools (``keel.activities.tools.testing``, enabled with ``KEEL_TEST_TOOLS=1``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.activities.tools import testing
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from activities.tools import testing
 from keel.models import AgentRequest, AgentResponse, Plan, PlanStep, RunStatus, StepState
 from keel.settings import Settings
 from tests.helpers import request, running_worker
@@ -60,7 +60,7 @@ async def scripted_worker(
 async def start(
     client: Client, task_queue: str, req: AgentRequest | None = None, **kw: Any
 ) -> WorkflowHandle[Any, AgentResponse]:
-    from workflows.agent import TENANT, USER
+    from keel.workflows.agent import TENANT, USER
 
     req = req or request("scripted test run", **kw)
     return await client.start_workflow(

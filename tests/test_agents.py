@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from keel.activities.tools.testing import ScriptedPlanner
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from temporalio.client import Client as TemporalClient
 
-from activities.tools.testing import ScriptedPlanner
 from keel.agents import Agent, AgentError, load_agents
 from keel.client import Client, RefusedError, RunEvent, RunExistsError, RunNotFoundError
 from keel.models import Plan, StepState

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.activities.tools.testing import step
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.tools.testing import step
 from keel import telemetry
 from keel.anomaly import ANOMALY_FLAGS, AnomalyLimits, CallShape, RunShape, canonical_call, run_flags
 from keel.models import Plan
@@ -146,7 +146,7 @@ async def _run(
         resp = await handle.result()
         desc = await handle.describe()
     sa = desc.typed_search_attributes
-    from workflows.agent import FLAGS
+    from keel.workflows.agent import FLAGS
 
     return resp, list(sa.get(FLAGS) or [])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowUpdateFailedError
 
-from activities.tools.testing import step
 from keel.models import Approval, StepState
 from keel.settings import Settings
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy

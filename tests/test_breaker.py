@@ -10,6 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from keel.activities import breaker
+from keel.activities.breaker import BreakerConfig
+from keel.activities.tools import registry
+from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
@@ -17,10 +21,6 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import breaker
-from activities.breaker import BreakerConfig
-from activities.tools import registry
-from activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from keel.agent_io import PlanInput, PlanOutput
 from keel.models import Plan, PlanStep, StepState, ToolCall
 from keel.settings import Settings
@@ -149,7 +149,7 @@ async def test_run_tool_counts_only_transient_failures(
     db_pool: AsyncConnectionPool,
     fast_breakers: None,
 ) -> None:
-    from activities.tools import ToolActivities
+    from keel.activities.tools import ToolActivities
 
     name = f"flaky_{uuid.uuid4().hex[:6]}"
     calls: list[int] = []
@@ -197,7 +197,7 @@ async def test_replay_of_a_recorded_effect_is_served_while_open(
     db_pool: AsyncConnectionPool,
     fast_breakers: None,
 ) -> None:
-    from activities.tools import ToolActivities
+    from keel.activities.tools import ToolActivities
 
     name = f"once_{uuid.uuid4().hex[:6]}"
 
@@ -258,8 +258,9 @@ async def test_provider_breaker_opens_and_falls_back_to_the_other_provider(
     db_pool: AsyncConnectionPool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from activities import llm
-    from activities.models import close_clients
+    from keel.activities import llm
+    from keel.activities.models import close_clients
+
     from keel.models import ChatMessage, ModelCall
     from tests.providers import fake_anthropic as fa
     from tests.providers import fake_openai as fo

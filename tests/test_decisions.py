@@ -1,10 +1,9 @@
-"""The pure escape-hatch logic in ``workflows.decisions`` (no services needed)."""
+"""The pure escape-hatch logic in ``keel.workflows.decisions`` (no services needed)."""
 
 from __future__ import annotations
 
 import pytest
-
-from workflows import decisions as d
+from keel.workflows import decisions as d
 
 LIMITS = d.Limits(max_tool_calls=5, max_consecutive_failures=3, thrash_repeats=3)
 

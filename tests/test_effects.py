@@ -12,12 +12,12 @@ import asyncio
 import uuid
 
 import pytest
+from keel.activities.control import ControlActivities
+from keel.activities.tools import ToolActivities, testing
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.control import ControlActivities
-from activities.tools import ToolActivities, testing
 from keel.agent_io import SettleInput
 from keel.models import ToolCall
 from tests.helpers import make_order

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from activities.tools.testing import step
 from keel.models import StepState
 from keel.settings import Settings
 from tests.helpers import request

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.tools.testing import step
 from keel.models import StepState
 from keel.settings import Settings
 from tests.ending import assert_one_exit
@@ -213,7 +213,8 @@ async def test_a_ledger_refusal_after_an_effect_ends_through_the_one_exit(
     workflow code as a bare ApplicationError; it must end the run like any activity failure —
     the effect undone, the finish row, the slot — and complete with outcome ``failed``, not
     fail the workflow as an internal error."""
-    from activities import ledger
+    from keel.activities import ledger
+
     from keel.budget import ReleaseRequest, ReserveRequest
     from tests.helpers import request
     from tests.scripted import effects_of

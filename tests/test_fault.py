@@ -20,9 +20,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from keel.activities.tools.registry import catalog
 from temporalio.client import Client
 
-from activities.tools.registry import catalog
 from bench.bench_fault import fault_run
 from keel.devservices import DevServices, free_port
 from keel.settings import Settings

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from keel.activities import audit, concurrency, ledger
+from keel.activities.control import ControlActivities
+from keel.activities.tools import ToolActivities, effects, testing
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import audit, concurrency, ledger
-from activities.control import ControlActivities
-from activities.tools import ToolActivities, effects, testing
-from activities.tools.testing import step
 from keel.agent_io import SettleInput, SettleResult
 from keel.budget import ReleaseRequest, ReleaseResult, scope_path
 from keel.models import PlanStep, StepState, ToolCall, ToolResult

@@ -2,8 +2,8 @@
 injection or a buggy planner could write them: huge integers (``10**400``), lists and dicts
 where strings go, NUL characters, non-finite floats.
 
-Two levels. The pure level maps which inputs make ``workflows.gate.check_tool_call`` raise
-(those must be caught by the workflow) and shows that the ``workflows.decisions`` helpers the
+Two levels. The pure level maps which inputs make ``keel.workflows.gate.check_tool_call`` raise
+(those must be caught by the workflow) and shows that the ``keel.workflows.decisions`` helpers the
 loop calls outside that guard never raise. The workflow level sends such arguments through a
 real run (real Temporal, PostgreSQL, gate, ledger and tools; only the planner is scripted):
 no exception escapes, and every run ends through the one exit — an outcome, an audit row for
@@ -23,11 +23,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from keel.activities.tools import testing
+from keel.activities.tools.registry import catalog
+from keel.workflows import decisions as d
+from keel.workflows.gate import GateDecision, check_tool_call
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.tools import testing
-from activities.tools.registry import catalog
 from keel.agent_io import PlanInput
 from keel.models import AgentResponse, Plan, PlanStep, StepState
 from keel.policy import Policy, load_policy
@@ -35,8 +37,6 @@ from keel.settings import Settings
 from tests.ending import assert_one_exit, history_counts
 from tests.helpers import request, running_worker
 from tests.scripted import start
-from workflows import decisions as d
-from workflows.gate import GateDecision, check_tool_call
 
 HUGE = 10**400
 
@@ -359,7 +359,7 @@ def test_the_planner_refuses_arguments_nested_too_deep(depth: int) -> None:
     """A model's plan nested 200-250 levels deep encodes in the activity but cannot be decoded
     by the workflow: every workflow task of the run would fail, for ever. The plan activity
     refuses it (a repair, then InvalidPlan), so it never reaches the workflow."""
-    from activities.agent import MAX_ARG_DEPTH, _check_plan
+    from keel.activities.agent import MAX_ARG_DEPTH, _check_plan
 
     plan = {"steps": [{"id": "s1", "tool": "echo", "args": {"note": _nested(depth)}}], "answer": ""}
     with pytest.raises(ValueError, match=f"nested deeper than {MAX_ARG_DEPTH} levels"):

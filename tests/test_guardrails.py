@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import keel.activities.guardrails as guardrails
 import pytest
 import yaml
-
-import activities.guardrails as guardrails
-from activities.guardrails import detect_injection, redact, redact_data, scan_input, untrusted
+from keel.activities.guardrails import detect_injection, redact, redact_data, scan_input, untrusted
 
 CORPUS: dict[str, list[Any]] = yaml.safe_load(
     (Path(__file__).parent / "adversarial" / "corpus.yaml").read_text(encoding="utf-8")

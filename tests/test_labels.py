@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.activities.tools.registry import catalog
+from keel.workflows.gate import GateDecision, check_tool_call
 
-from activities.tools.registry import catalog
 from keel.labels import (
     ExecutedCall,
     Flow,
@@ -21,7 +22,6 @@ from keel.labels import (
     step_provenance,
 )
 from keel.policy import load_policy
-from workflows.gate import GateDecision, check_tool_call
 
 TOOLS = {t.name: t for t in catalog(include_hidden=True)}
 POLICY = load_policy(Path(__file__).parent.parent / "config" / "policy.yaml", tuple(TOOLS.values()))
@@ -51,7 +51,7 @@ LABELS = _labels_of(RESULTS, {"s1": "lookup_order", "s2": "lookup_order"})
 def _gate(
     tool: str, raw: dict[str, Any], *, plan: int = 1, request: str = REQUEST, **flow: Any
 ) -> GateDecision:
-    from workflows.decisions import call_signature, resolve_args
+    from keel.workflows.decisions import call_signature, resolve_args
 
     args = resolve_args(raw, RESULTS)
     labels = label_args(raw, args, plan=plan, request=request, results=RESULTS, result_labels=LABELS)

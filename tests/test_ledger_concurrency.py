@@ -22,9 +22,8 @@ from typing import Any
 import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from keel.activities.ledger import run_sweeper
 from psycopg_pool import AsyncConnectionPool
-
-from activities.ledger import run_sweeper
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +31,8 @@ _WORKER = r"""
 import asyncio, json, random, sys, time
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from activities import ledger
-from activities.ledger_batch import LedgerBatcher
+from keel.activities import ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from keel.budget import *
 
 class Direct:

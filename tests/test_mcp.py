@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from keel.activities import agent_defs
+from keel.activities.tools import testing
+from keel.activities.tools.testing import ScriptedPlanner, step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client as TemporalClient
 
-from activities import agent_defs
-from activities.tools import testing
-from activities.tools.testing import ScriptedPlanner, step
 from keel.client import Client
 from keel.devservices import free_port
 from keel.models import Plan, StepState

@@ -158,7 +158,7 @@ def test_history_decoding_is_lenient() -> None:
 
 # --- failing closed (issue 17) -------------------------------------------------------------
 
-from activities.tools.registry import catalog  # noqa: E402  (the real registry, hidden tools too)
+from keel.activities.tools.registry import catalog  # noqa: E402  (the real registry, hidden tools too)
 
 CATALOGUE = catalog(include_hidden=True)
 SHIPPED_TEXT = SHIPPED.read_text()
@@ -205,7 +205,7 @@ def test_catastrophic_pattern_runs_in_linear_time() -> None:
     """``(a+)+$`` takes Python's re ~0.7 s at 25 characters and 4x per 2 more; RE2 is linear."""
     import time
 
-    from workflows.gate import _pattern
+    from keel.workflows.gate import _pattern
 
     policy = parse_policy(
         'version: "2026-11-01.1"\ntools: {noop: {constraints: [{name: evil, arg: note, pattern: "(a+)+$"}]}}',

@@ -10,21 +10,21 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
-from temporalio import workflow
-from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-
-from activities.concurrency import (
+from keel.activities.concurrency import (
     acquire_run_slot,
     in_flight,
     release_run_slot,
     tenant_run_limit,
     ttl_for,
 )
-from activities.tools import registry
-from activities.tools.registry import REGISTRY, ToolContext, tool
+from keel.activities.tools import registry
+from keel.activities.tools.registry import REGISTRY, ToolContext, tool
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
 from keel.client import connect
 from keel.models import ToolCall, ToolResult
 from keel.settings import Settings

@@ -15,19 +15,19 @@ import os
 from pathlib import Path
 
 import pytest
+from keel.activities.tools.testing import step
+from keel.workflows.agent import AgentWorkflow
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
 
-from activities.tools.testing import step
 from keel.codec import ENCODING, KeyRing, UnknownKeyError, data_converter, new_key_line, parse_keys
 from keel.models import Approval, StepState
 from keel.settings import Settings
 from tests.conftest import TEST_CODEC_KEYS
 from tests.helpers import make_order, request
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
-from workflows.agent import AgentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 SHAPES = (
@@ -121,7 +121,8 @@ async def _record_shapes(
 
 
 def _with_real(script):
-    from activities.models.offline import offline_plan
+    from keel.activities.models.offline import offline_plan
+
     from keel.models import Plan
 
     def both(inp):

@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 import pytest
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from activities.tools.testing import step
 from keel.agents import workflow_id as agent_workflow_id
 from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings

@@ -17,14 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from keel.activities.ledger import check_invariant
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from activities.ledger import check_invariant
-from activities.tools.testing import step
 from bench.bench_recovery import relevant_violations
 from keel.agent_io import PlanInput
 from keel.models import AgentResponse, Plan, StepState

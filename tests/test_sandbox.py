@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from activities.sandbox import (
+from keel.activities.sandbox import (
     SandboxError,
     SandboxLimits,
     SandboxSpec,
@@ -29,6 +28,7 @@ from activities.sandbox import (
     sandbox_available,
     sandbox_python,
 )
+
 from keel.settings import PROJECT_ROOT
 
 _OK, _WHY = sandbox_available()
@@ -275,7 +275,7 @@ async def test_cancelling_the_caller_kills_the_sandbox() -> None:
 def test_a_worker_without_bwrap_refuses_sandboxed_tools_in_one_line() -> None:
     code = (
         "import logging; logging.basicConfig(format='%(message)s')\n"
-        "from activities.tools.registry import catalog\n"
+        "from keel.activities.tools.registry import catalog\n"
         "names = {t.name for t in catalog()}\n"
         "assert 'run_python' not in names and 'run_command' not in names, names\n"
         "assert 'lookup_order' in names\n"
@@ -319,7 +319,8 @@ def test_an_unprivileged_worker_gets_the_same_confinement() -> None:
     )
     snoop = f"open({str(PROJECT_ROOT / 'pyproject.toml')!r})"
     code = (
-        "from activities.sandbox import *\n"
+        f"import site; site.addsitedir({site!r})\n"
+        "from keel.activities.sandbox import *\n"
         "s = SandboxSpec(executables=(sandbox_python(),), limits=SandboxLimits(max_processes=8))\n"
         f"r = run_sandboxed_sync([sandbox_python(), '-I', '-c', {forks!r}], s)\n"
         f"q = run_sandboxed_sync([sandbox_python(), '-I', '-c', {snoop!r}], s)\n"

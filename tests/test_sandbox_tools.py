@@ -12,12 +12,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from keel.activities.sandbox import sandbox_available
+from keel.activities.tools import testing
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.sandbox import sandbox_available
-from activities.tools import testing
-from activities.tools.testing import step
 from keel.models import StepState
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker

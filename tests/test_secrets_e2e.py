@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.activities.models import close_clients
+from keel.activities.tools import testing
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
-from activities.models import close_clients
-from activities.tools import testing
 from keel.client import connect
 from keel.codec import KEY_ID_METADATA, data_converter, load_keyring, new_key_line, open_sealed
 from keel.models import AgentResponse, Approval, StepState

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keel.activities.models import close_clients
+from keel.workflows.agent import AgentWorkflow
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
 
-from activities.models import close_clients
 from keel.codec import data_converter, parse_keys
 from keel.models import AgentResponse, Plan
 from keel.settings import Settings
@@ -31,7 +32,6 @@ from tests.providers import fake_openai as fo
 from tests.providers.fake_anthropic import FakeAnthropic
 from tests.providers.fake_openai import FakeOpenAI
 from tests.providers.sloppy import Roles, ledger_model_rows, role_of, server_bill
-from workflows.agent import AgentWorkflow
 
 GOLDEN = Path(__file__).parent / "histories" / "model_run_judged_cascade.json"
 

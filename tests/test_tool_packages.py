@@ -12,10 +12,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from activities.tools.testing import step
 from keel.models import StepState
 from keel.settings import PROJECT_ROOT, Settings
 from tests.carrier import running_carrier
@@ -49,7 +49,7 @@ def acme_installed() -> None:
 
 
 def _policy(tmp_path: Path) -> Path:
-    from activities.tools import testing
+    from keel.activities.tools import testing
 
     text = testing.policy_yaml().replace("tester: [test:run,", "tester: [shipments:write, test:run,")
     path = tmp_path / "policy.yaml"
@@ -83,7 +83,10 @@ def test_tools_list_shows_the_package_tool_and_where_it_comes_from(test_env: dic
     ("module", "says"),
     [
         ("broken_tools", "ModuleNotFoundError: No module named 'keel_no_such_dependency'"),
-        ("dupe_tools", "tool 'lookup_order' is declared twice (in activities.tools.demo and in dupe_tools)"),
+        (
+            "dupe_tools",
+            "tool 'lookup_order' is declared twice (in keel.activities.tools.demo and in dupe_tools)",
+        ),
     ],
 )
 def test_a_bad_tool_module_stops_the_worker_with_one_line(

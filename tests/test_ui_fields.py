@@ -12,16 +12,16 @@ import asyncio
 from typing import Any
 
 import pytest
+from keel.activities.tools.testing import step
+from keel.workflows.agent import OUTCOME
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 
-from activities.tools.testing import step
 from keel.models import StepState
 from keel.settings import Settings
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
-from workflows.agent import OUTCOME
 
 WAITING = [plan(step("s1", "test_effect", note="first"), step("s2", "test_effect", note="approve-me"))]
 

@@ -1,8 +1,8 @@
 """AgentWorkflow: one durable run of the agent loop per request.
 
 Deterministic by construction: all I/O happens in activities referenced by name; time comes
-from ``workflow.now()``; decisions come from the pure modules ``workflows.decisions`` and
-``workflows.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
+from ``workflow.now()``; decisions come from the pure modules ``keel.workflows.decisions`` and
+``keel.workflows.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
 by its first activity, so a redeploy mid-run cannot change what it decides on replay.
 
 Flow: prepare (authorize + guardrails + memory) → loop { plan (``planning``); for each step
@@ -27,26 +27,26 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
-
-    from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
-    from keel.intent import unaddressed
-    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
-    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
-    from workflows import decisions as d
-    from workflows.holds import Holds
-    from workflows.options import (
+    from keel.workflows import decisions as d
+    from keel.workflows.holds import Holds
+    from keel.workflows.options import (
         CONTROL_RETRY,
         FINISH_RETRY,
         MODEL_HEARTBEAT,
         MODEL_TIMEOUT,
         PREPARE_TIMEOUT,
     )
-    from workflows.options import TOOL_HEARTBEAT as TOOL_HEARTBEAT
-    from workflows.planning import HOLDS_PATCH, Planner
-    from workflows.saga import Saga
-    from workflows.state import RunState
-    from workflows.steps import StepRunner
-    from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
+    from keel.workflows.options import TOOL_HEARTBEAT as TOOL_HEARTBEAT
+    from keel.workflows.planning import HOLDS_PATCH, Planner
+    from keel.workflows.saga import Saga
+    from keel.workflows.state import RunState
+    from keel.workflows.steps import StepRunner
+    from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
+
+    from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.intent import unaddressed
+    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
+    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 

@@ -23,9 +23,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.models import AgentRequest, Decision
 
-from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, FENCE_RETRY
-from workflows.state import RunState
-from workflows.stop import ACTIVITY_FAILURES, Abort, Stopper
+from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, FENCE_RETRY
+from keel.workflows.state import RunState
+from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper
 
 __all__ = ["Holds"]
 

@@ -1,6 +1,6 @@
 """Model calls of the loop: the plan of each iteration, its check, and its evaluation.
 
-Holds have one owner, the activity that spends (``activities.metered``): each model call a
+Holds have one owner, the activity that spends (``keel.activities.metered``): each model call a
 plan, check or evaluate activity makes is held and committed by that activity, which reports
 every call's cost — on success in its output, on failure in its error's first detail. This
 module books those reports, so the run's spend equals the ledger's; a ``BudgetDenied`` from
@@ -18,6 +18,8 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from keel.workflows.gate import check_tool_call
+
     from keel.agent_io import (
         EvalInput,
         EvalOutput,
@@ -30,12 +32,11 @@ with workflow.unsafe.imports_passed_through():
     from keel.intent import plan_problems
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
     from keel.tiers import TIER_ORDER, clamp_tier
-    from workflows.gate import check_tool_call
 
-from workflows.holds import Holds
-from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT
-from workflows.state import RunState
-from workflows.stop import Abort, Stopper, cause
+from keel.workflows.holds import Holds
+from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, MODEL_HEARTBEAT, MODEL_RETRY, MODEL_TIMEOUT
+from keel.workflows.state import RunState
+from keel.workflows.stop import Abort, Stopper, cause
 
 __all__ = ["HOLDS_PATCH", "JUDGE_TOKENS", "MAX_EXECUTED_IN_PROMPT", "PLAN_TOKENS", "Planner"]
 

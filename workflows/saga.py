@@ -10,10 +10,10 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from keel.models import AgentRequest, StepState, ToolCall, ToolResult
 
-from workflows.holds import Holds
-from workflows.options import COMPENSATION_RETRY, COMPENSATION_TIMEOUT
-from workflows.state import RunState
-from workflows.stop import Stopper, cause
+from keel.workflows.holds import Holds
+from keel.workflows.options import COMPENSATION_RETRY, COMPENSATION_TIMEOUT
+from keel.workflows.state import RunState
+from keel.workflows.stop import Stopper, cause
 
 __all__ = ["Saga"]
 

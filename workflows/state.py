@@ -14,6 +14,9 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from keel.workflows import decisions as d
+    from keel.workflows.details import args_text, phase_details
+
     from keel.agent_io import RunContext
     from keel.labels import ExecutedCall, Flow, Label, label_args, step_provenance
     from keel.models import (
@@ -28,8 +31,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.policy import Policy
     from keel.redact import redact
-    from workflows import decisions as d
-    from workflows.details import args_text, phase_details
 
 __all__ = ["RunState"]
 

@@ -14,6 +14,10 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from keel.workflows import decisions as d
+    from keel.workflows.details import approval_details, rule_text
+    from keel.workflows.gate import GateDecision, check_tool_call
+
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
     from keel.budget import tool_hold
     from keel.labels import ExecutedCall, Label, label_result
@@ -30,15 +34,12 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.redact import redact
     from keel.text import problem as text_problem
-    from workflows import decisions as d
-    from workflows.details import approval_details, rule_text
-    from workflows.gate import GateDecision, check_tool_call
 
-from workflows.holds import Holds
-from workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT
-from workflows.saga import Saga
-from workflows.state import RunState
-from workflows.stop import Abort, Stopper, cause
+from keel.workflows.holds import Holds
+from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT
+from keel.workflows.saga import Saga
+from keel.workflows.state import RunState
+from keel.workflows.stop import Abort, Stopper, cause
 
 __all__ = ["FLOW_PATCH", "APPROVAL_AUDIT_PATCH", "StepRunner"]
 

@@ -34,7 +34,7 @@ class ModelProvider(Protocol):
     """Anything that turns one :class:`ModelCall` into one :class:`ModelResult`.
 
     Implementations raise ``temporalio.exceptions.ApplicationError`` (via
-    :mod:`activities.models.errors`) so the activity's retry policy sees the right signal.
+    :mod:`keel.activities.models.errors`) so the activity's retry policy sees the right signal.
     """
 
     async def complete(self, call: ModelCall) -> ModelResult: ...
@@ -64,14 +64,14 @@ def get_provider(model: str) -> ModelProvider:
     """
     provider, _ = split_model(model)
     if provider == "openai":
-        from activities.models.openai_provider import OpenAIProvider
+        from keel.activities.models.openai_provider import OpenAIProvider
 
         return OpenAIProvider()
     if provider == "anthropic":
-        from activities.models.anthropic_provider import AnthropicProvider
+        from keel.activities.models.anthropic_provider import AnthropicProvider
 
         return AnthropicProvider()
-    from activities.models.offline import OfflineModel
+    from keel.activities.models.offline import OfflineModel
 
     return OfflineModel()
 
@@ -111,8 +111,8 @@ async def close_clients() -> None:
     import sys
 
     for module_name in (
-        "activities.models.openai_provider",
-        "activities.models.anthropic_provider",
+        "keel.activities.models.openai_provider",
+        "keel.activities.models.anthropic_provider",
     ):
         module = sys.modules.get(module_name)
         if module is not None:

@@ -6,7 +6,7 @@ tool definition and the system prompt carry ``cache_control`` breakpoints: plann
 repeat the same tool catalogue and instructions, and cached reads cost a tenth of the price.
 
 One ``complete`` is exactly one HTTP request: repairs and truncation retries are decided by
-the caller (``activities.metered``), which holds budget for each request before it is sent.
+the caller (``keel.activities.metered``), which holds budget for each request before it is sent.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from typing import Any
 
 from anthropic import AsyncAnthropic
 from anthropic.types import Message
-from temporalio.exceptions import ApplicationError
-
-from activities.models import split_model, system_text, tool_name
-from activities.models.errors import (
+from keel.activities.models import split_model, system_text, tool_name
+from keel.activities.models.errors import (
     BAD_REQUEST,
     check_required,
     missing_key_error,
@@ -31,6 +29,8 @@ from activities.models.errors import (
     refusal_error,
     translate_provider_error,
 )
+from temporalio.exceptions import ApplicationError
+
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["AnthropicProvider", "close_clients"]
@@ -40,7 +40,7 @@ _CLIENTS: dict[tuple[str, str | None], tuple[asyncio.AbstractEventLoop, AsyncAnt
 
 
 class AnthropicProvider:
-    """:class:`~activities.models.ModelProvider` for ``anthropic:<model>``."""
+    """:class:`~keel.activities.models.ModelProvider` for ``anthropic:<model>``."""
 
     async def complete(self, call: ModelCall) -> ModelResult:
         """Send one request; structured output is parsed, or ``parse_error`` says why not.

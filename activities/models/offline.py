@@ -5,7 +5,7 @@ request and the tool catalogue it is offered (names and argument schemas), so a 
 caller may not use is never planned, and it answers from the executed steps. Token usage is
 estimated (4 characters per token) so budgets behave as with a paid model.
 
-Prompt protocol (shared with ``activities.planning``): the request is the first user message
+Prompt protocol (shared with ``keel.activities.planning``): the request is the first user message
 after ``REQUEST:``; results of executed steps arrive in a user message that starts with
 ``EXECUTED STEPS`` followed by one JSON object per line.
 """

@@ -6,7 +6,7 @@ point ``OPENAI_BASE_URL`` at them and nothing else changes. Structured output us
 servers without it can be switched to plain JSON mode with ``KEEL_OPENAI_JSON_MODE=json_object``.
 
 One ``complete`` is exactly one HTTP request: repairs and truncation retries are decided by
-the caller (``activities.metered``), which holds budget for each request before it is sent.
+the caller (``keel.activities.metered``), which holds budget for each request before it is sent.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ import json
 import os
 from typing import Any
 
-from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
-from temporalio.exceptions import ApplicationError
-
-from activities.models import split_model, system_text, tool_name
-from activities.models.errors import (
+from keel.activities.models import split_model, system_text, tool_name
+from keel.activities.models.errors import (
     BAD_REQUEST,
     missing_key_error,
     model_timeout_s,
@@ -30,6 +26,10 @@ from activities.models.errors import (
     refusal_error,
     translate_provider_error,
 )
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
+from temporalio.exceptions import ApplicationError
+
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["OpenAIProvider", "close_clients"]
@@ -39,7 +39,7 @@ _CLIENTS: dict[tuple[str, str | None], tuple[asyncio.AbstractEventLoop, AsyncOpe
 
 
 class OpenAIProvider:
-    """:class:`~activities.models.ModelProvider` for ``openai:<model>``."""
+    """:class:`~keel.activities.models.ModelProvider` for ``openai:<model>``."""
 
     async def complete(self, call: ModelCall) -> ModelResult:
         """Send one request; structured output is parsed, or ``parse_error`` says why not."""

@@ -1,6 +1,6 @@
 """Tools: the registry, the demo tools, and the activity that runs any of them."""
 
-from activities.tools.execute import ToolActivities
-from activities.tools.registry import REGISTRY, Tool, ToolContext, ToolError, catalog, tool
+from keel.activities.tools.execute import ToolActivities
+from keel.activities.tools.registry import REGISTRY, Tool, ToolContext, ToolError, catalog, tool
 
 __all__ = ["REGISTRY", "Tool", "ToolActivities", "ToolContext", "ToolError", "catalog", "tool"]

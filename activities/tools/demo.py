@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.activities.tools.registry import ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
-
-from activities.tools.registry import ToolContext, ToolError, tool
 
 __all__ = ["LookupOrder", "CheckInventory", "IssueRefund", "VoidRefund", "SendEmail", "Noop"]
 

@@ -20,17 +20,17 @@ import uuid
 from typing import Any
 
 import psycopg
+from keel.activities import audit, breaker, ledger
+from keel.activities.guardrails import redact, redact_data
+from keel.activities.tools import effects
+from keel.activities.tools.mcp import mcp_spec
+from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import audit, breaker, ledger
-from activities.guardrails import redact, redact_data
-from activities.tools import effects
-from activities.tools.mcp import mcp_spec
-from activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
 from keel import telemetry
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold

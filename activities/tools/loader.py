@@ -2,10 +2,10 @@
 
 A worker's catalogue is, in this order:
 
-1. ``activities.tools.demo`` and ``activities.tools.operations`` (the built-in tools of the
-   support and operations agents) and ``activities.tools.sandboxed`` (tools that run
+1. ``keel.activities.tools.demo`` and ``keel.activities.tools.operations`` (the built-in tools of the
+   support and operations agents) and ``keel.activities.tools.sandboxed`` (tools that run
    programs in a sandbox);
-2. ``activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
+2. ``keel.activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
 3. every entry point in the group ``keel.tools`` of the installed distributions (a tool
    package says ``[project.entry-points."keel.tools"] acme = "acme_tools"`` in its
    ``pyproject.toml``; ``pip install`` is the whole deployment);
@@ -29,7 +29,11 @@ from importlib import metadata
 __all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "load_tools", "sources"]
 
 ENTRY_POINT_GROUP = "keel.tools"
-BUILTIN = ("activities.tools.demo", "activities.tools.operations", "activities.tools.sandboxed")
+BUILTIN = (
+    "keel.activities.tools.demo",
+    "keel.activities.tools.operations",
+    "keel.activities.tools.sandboxed",
+)
 
 
 class ToolLoadError(RuntimeError):
@@ -92,7 +96,7 @@ def load_tools(env: Mapping[str, str]) -> None:
     for module in BUILTIN:
         _import(module, "built-in")
     if env.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
-        _import("activities.tools.testing", "KEEL_TEST_TOOLS", "register")
+        _import("keel.activities.tools.testing", "KEEL_TEST_TOOLS", "register")
     for ep in _entry_points():
         module, _, attr = ep.value.partition(":")
         _import(module.strip(), f"entry point {ep.name!r} of {_dist_of(ep)}", attr.strip() or None)

@@ -33,9 +33,9 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from pydantic import BaseModel, ConfigDict
 
-from activities.tools.registry import Tool, ToolContext, ToolError
 from keel.agents import Agent, McpServer
 from keel.models import ToolInfo
 
@@ -186,7 +186,7 @@ def _leaf(e: BaseException) -> str:
 
 
 def _server(name: str) -> McpServer | None:
-    from activities.agent_defs import agent_definitions
+    from keel.activities.agent_defs import agent_definitions
 
     for agent, _ in agent_definitions().values():
         for server in agent.mcp:

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from keel.activities.sandbox import SandboxError, SandboxResult, SandboxSpec, run_sandboxed, sandbox_available
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
-from activities.sandbox import SandboxError, SandboxResult, SandboxSpec, run_sandboxed, sandbox_available
 from keel.models import ToolInfo
 
 __all__ = ["Tool", "ToolContext", "ToolError", "tool", "REGISTRY", "REFUSED", "catalog", "NETWORK_PERMISSION"]
@@ -182,9 +182,9 @@ _loaded = False
 
 def _load_builtin_tools() -> None:
     """The built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool
-    packages (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``); see ``activities.tools.loader``."""
+    packages (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``); see ``keel.activities.tools.loader``."""
     global _loaded
-    from activities.tools.loader import load_tools
+    from keel.activities.tools.loader import load_tools
 
     load_tools(os.environ)
     if not _loaded:

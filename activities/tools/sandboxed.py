@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from keel.activities.sandbox import SandboxLimits, SandboxResult, SandboxSpec, sandbox_python
+from keel.activities.tools.registry import ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
-
-from activities.sandbox import SandboxLimits, SandboxResult, SandboxSpec, sandbox_python
-from activities.tools.registry import ToolContext, ToolError, tool
 
 __all__ = ["COMMANDS", "PYTHON_SANDBOX", "COMMAND_SANDBOX", "RunCommand", "RunPython", "result_data"]
 

@@ -19,10 +19,10 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
 
-from activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from keel.agent_io import PlanInput, PlanOutput
 from keel.models import Plan, PlanStep
 

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def _mcp_tools(agent: object) -> dict[str, object]:
-    from activities.tools.mcp import server_tools
+    from keel.activities.tools.mcp import server_tools
 
     tools, problems = await server_tools(agent)  # type: ignore[arg-type]
     return {
@@ -69,8 +69,8 @@ async def _mcp_tools(agent: object) -> dict[str, object]:
 async def _list(args: argparse.Namespace) -> int:
     import os
 
-    from activities.tools.loader import ToolLoadError
-    from activities.tools.registry import catalog
+    from keel.activities.tools.loader import ToolLoadError
+    from keel.activities.tools.registry import catalog
     from keel.agents import AgentError, load_agents, select_tools
 
     try:

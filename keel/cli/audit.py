@@ -176,7 +176,7 @@ def _read_checkpoints(path: str) -> list[dict[str, Any]]:
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    from activities.audit import verify, verify_checkpoint
+    from keel.activities.audit import verify, verify_checkpoint
 
     checkpoints = _read_checkpoints(args.checkpoint) if args.checkpoint else None
     key = _key() if checkpoints is not None else b""
@@ -209,7 +209,7 @@ def _append_lines(path: str, lines: list[str]) -> None:
 
 
 async def _checkpoint(args: argparse.Namespace) -> int:
-    from activities.audit import checkpoint
+    from keel.activities.audit import checkpoint
 
     key = _key()
     async with await _connect() as conn:
@@ -223,7 +223,7 @@ async def _checkpoint(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace) -> int:
-    from activities.audit import trail
+    from keel.activities.audit import trail
 
     async with await _connect() as conn:
         rows = await trail(conn, args.workflow_id)

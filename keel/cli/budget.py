@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from activities import ledger
+from keel.activities import ledger
 from keel.budget import HistoryEntry, ScopeView
 from keel.cli import CliError
 from keel.cli._output import add_output, emit_json, fmt, print_table

@@ -77,7 +77,7 @@ def _until(v: Any, now: datetime) -> str:
 async def _breakers(args: argparse.Namespace) -> int:
     import psycopg
 
-    from activities import breaker
+    from keel.activities import breaker
 
     if args.events < 0:
         raise CliError("--events must be 0 or more")

@@ -1,6 +1,6 @@
 """``tools list``: the catalogue a worker started with this environment would load.
 
-It loads the tools in this process exactly as a worker does (``activities.tools.loader``),
+It loads the tools in this process exactly as a worker does (``keel.activities.tools.loader``),
 so a module that would stop a worker fails here too, with the same one line.
 """
 
@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _rows() -> list[dict[str, object]]:
-    from activities.tools.loader import ToolLoadError, sources
-    from activities.tools.registry import REGISTRY, catalog
+    from keel.activities.tools.loader import ToolLoadError, sources
+    from keel.activities.tools.registry import REGISTRY, catalog
 
     try:
         infos = catalog(include_hidden=True)

@@ -7,24 +7,24 @@ import email.utils
 import time
 from datetime import timedelta
 
+import keel.activities.llm as llm
+import keel.activities.models as models
 import pytest
-from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
-
-import activities.llm as llm
-import activities.models as models
-import keel.pricing as pricing
-import keel.tiers as tiers
-from activities.models import (
+from keel.activities.models import (
     ModelProvider,
     anthropic_provider,
     errors,
     get_provider,
     openai_provider,
 )
-from activities.models.anthropic_provider import AnthropicProvider
-from activities.models.errors import translate_provider_error
-from activities.models.openai_provider import OpenAIProvider
+from keel.activities.models.anthropic_provider import AnthropicProvider
+from keel.activities.models.errors import translate_provider_error
+from keel.activities.models.openai_provider import OpenAIProvider
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+import keel.pricing as pricing
+import keel.tiers as tiers
 from keel.models import ChatMessage, ModelCall, Usage
 from keel.pricing import cost_micros
 from tests.providers import fake_anthropic as fa
@@ -69,7 +69,7 @@ def test_get_provider_dispatches_on_prefix() -> None:
 
 
 def test_get_provider_offline() -> None:
-    pytest.importorskip("activities.models.offline")
+    pytest.importorskip("keel.activities.models.offline")
     assert isinstance(get_provider("offline"), ModelProvider)
 
 

@@ -2,9 +2,8 @@
 
 from typing import Any
 
+from keel.activities.tools import ToolContext, tool
 from pydantic import BaseModel
-
-from activities.tools import ToolContext, tool
 
 
 class _Args(BaseModel):
