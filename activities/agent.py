@@ -30,8 +30,6 @@ from keel.activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
 from keel.activities.models.offline import OFFLINE_DONE, respond_text
 from keel.activities.tools.mcp import server_tools
 from keel.activities.tools.registry import catalog
-from keel.workflows.decisions import ReferenceError_, resolve_args
-from keel.workflows.gate import authorize_user, visible_tools
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -53,6 +51,8 @@ from keel.agent_io import (
 from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
+from keel.decisions import ReferenceError_, resolve_args
+from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, unaddressed
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
 from keel.policy import Policy, PolicyError, parse_policy, policy_hash

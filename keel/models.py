@@ -566,4 +566,4 @@ class ToolInfo(Frozen):
     facts: dict[str, str] | None = None
     """Result field -> gate-context fact (``customer_email`` -> ``order_customer``): what a
     successful call establishes for the policy's ``one_of_ref`` checks of later steps.
-    ``None`` only in snapshots recorded before tools declared facts (see keel.workflows.gate)."""
+    ``None`` only in snapshots recorded before tools declared facts (see keel.gate)."""

@@ -17,7 +17,7 @@ is not a limit); a key written twice in one mapping is refused (YAML would keep 
 silently); patterns are compiled by RE2, a linear-time engine, because they are evaluated in
 workflow code on model-chosen text (a backtracking ``(a+)+$`` would stall a workflow task).
 
-Evaluation lives in ``workflows/gate.py``; this module only describes and validates.
+Evaluation lives in ``keel/gate.py``; this module only describes and validates.
 """
 
 from __future__ import annotations

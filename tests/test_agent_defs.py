@@ -6,11 +6,11 @@ their old facts so recorded runs replay)."""
 from __future__ import annotations
 
 import pytest
-from keel.workflows.gate import check_tool_call
 from keel.workflows.state import RunState
 
 from keel.agent_io import RunContext
 from keel.agents import Agent, AgentError, agent_tiers, load_agents, merged_policy, select_tools
+from keel.gate import check_tool_call
 from keel.models import StepRecord, StepState, ToolInfo
 from keel.policy import parse_policy
 

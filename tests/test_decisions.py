@@ -1,9 +1,10 @@
-"""The pure escape-hatch logic in ``keel.workflows.decisions`` (no services needed)."""
+"""The pure escape-hatch logic in ``keel.decisions`` (no services needed)."""
 
 from __future__ import annotations
 
 import pytest
-from keel.workflows import decisions as d
+
+from keel import decisions as d
 
 LIMITS = d.Limits(max_tool_calls=5, max_consecutive_failures=3, thrash_repeats=3)
 

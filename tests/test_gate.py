@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keel.workflows.gate as gate_mod
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from keel.workflows.gate import authorize_user, check_tool_call, visible_tools
 
+import keel.gate as gate_mod
+from keel.gate import authorize_user, check_tool_call, visible_tools
 from keel.labels import Flow
 from keel.models import ToolInfo
 from keel.policy import load_policy, parse_policy

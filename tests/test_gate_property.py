@@ -2,8 +2,8 @@
 injection or a buggy planner could write them: huge integers (``10**400``), lists and dicts
 where strings go, NUL characters, non-finite floats.
 
-Two levels. The pure level maps which inputs make ``keel.workflows.gate.check_tool_call`` raise
-(those must be caught by the workflow) and shows that the ``keel.workflows.decisions`` helpers the
+Two levels. The pure level maps which inputs make ``keel.gate.check_tool_call`` raise
+(those must be caught by the workflow) and shows that the ``keel.decisions`` helpers the
 loop calls outside that guard never raise. The workflow level sends such arguments through a
 real run (real Temporal, PostgreSQL, gate, ledger and tools; only the planner is scripted):
 no exception escapes, and every run ends through the one exit — an outcome, an audit row for
@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.activities.tools import testing
 from keel.activities.tools.registry import catalog
-from keel.workflows import decisions as d
-from keel.workflows.gate import GateDecision, check_tool_call
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel import decisions as d
 from keel.agent_io import PlanInput
+from keel.gate import GateDecision, check_tool_call
 from keel.models import AgentResponse, Plan, PlanStep, StepState
 from keel.policy import Policy, load_policy
 from keel.settings import Settings

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from keel.activities.tools.registry import catalog
-from keel.workflows.gate import GateDecision, check_tool_call
 
+from keel.gate import GateDecision, check_tool_call
 from keel.labels import (
     ExecutedCall,
     Flow,
@@ -51,7 +51,7 @@ LABELS = _labels_of(RESULTS, {"s1": "lookup_order", "s2": "lookup_order"})
 def _gate(
     tool: str, raw: dict[str, Any], *, plan: int = 1, request: str = REQUEST, **flow: Any
 ) -> GateDecision:
-    from keel.workflows.decisions import call_signature, resolve_args
+    from keel.decisions import call_signature, resolve_args
 
     args = resolve_args(raw, RESULTS)
     labels = label_args(raw, args, plan=plan, request=request, results=RESULTS, result_labels=LABELS)

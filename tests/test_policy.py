@@ -205,7 +205,7 @@ def test_catastrophic_pattern_runs_in_linear_time() -> None:
     """``(a+)+$`` takes Python's re ~0.7 s at 25 characters and 4x per 2 more; RE2 is linear."""
     import time
 
-    from keel.workflows.gate import _pattern
+    from keel.gate import _pattern
 
     policy = parse_policy(
         'version: "2026-11-01.1"\ntools: {noop: {constraints: [{name: evil, arg: note, pattern: "(a+)+$"}]}}',

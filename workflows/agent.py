@@ -1,8 +1,8 @@
 """AgentWorkflow: one durable run of the agent loop per request.
 
 Deterministic by construction: all I/O happens in activities referenced by name; time comes
-from ``workflow.now()``; decisions come from the pure modules ``keel.workflows.decisions`` and
-``keel.workflows.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
+from ``workflow.now()``; decisions come from the pure modules ``keel.decisions`` and
+``keel.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
 by its first activity, so a redeploy mid-run cannot change what it decides on replay.
 
 Flow: prepare (authorize + guardrails + memory) → loop { plan (``planning``); for each step
@@ -27,7 +27,6 @@ from temporalio.exceptions import ActivityError, ApplicationError
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
-    from keel.workflows import decisions as d
     from keel.workflows.holds import Holds
     from keel.workflows.options import (
         CONTROL_RETRY,
@@ -43,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.steps import StepRunner
     from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
 
+    from keel import decisions as d
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState

@@ -18,8 +18,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from keel.workflows.gate import check_tool_call
-
     from keel.agent_io import (
         EvalInput,
         EvalOutput,
@@ -29,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         PlanOutput,
         RunContext,
     )
+    from keel.gate import check_tool_call
     from keel.intent import plan_problems
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
     from keel.tiers import TIER_ORDER, clamp_tier

@@ -14,9 +14,9 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from keel.workflows import decisions as d
     from keel.workflows.details import args_text, phase_details
 
+    from keel import decisions as d
     from keel.agent_io import RunContext
     from keel.labels import ExecutedCall, Flow, Label, label_args, step_provenance
     from keel.models import (

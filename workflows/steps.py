@@ -14,12 +14,12 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from keel.workflows import decisions as d
     from keel.workflows.details import approval_details, rule_text
-    from keel.workflows.gate import GateDecision, check_tool_call
 
+    from keel import decisions as d
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
     from keel.budget import tool_hold
+    from keel.gate import GateDecision, check_tool_call
     from keel.labels import ExecutedCall, Label, label_result
     from keel.models import (
         AgentRequest,
