@@ -161,8 +161,13 @@ def test_dockerfile_runs_the_worker_unprivileged() -> None:
     assert "opentelemetry-exporter-otlp-proto-http" in text
     assert re.search(r"^USER (?!root)", text, flags=re.M)
     assert 'CMD ["python", "worker.py"]' in text
-    for folder in ("keel", "workflows", "activities", "config"):
-        assert f"COPY {folder} ./{folder}" in text
+    # The code is installed as the one package `keel` (workflows/ and activities/ mapped into
+    # it); /app holds only configuration and the scripts, so nothing there shadows the install.
+    for folder in ("keel", "workflows", "activities"):
+        assert f"COPY {folder} /src/{folder}" in text
+        assert f"COPY {folder} ./{folder}" not in text
+    assert "pip install --no-deps /src" in text
+    assert "COPY config ./config" in text
 
 
 def test_the_production_image_ships_no_dev_services() -> None:
