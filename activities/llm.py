@@ -254,7 +254,7 @@ def check_model_config(env: Mapping[str, str]) -> None:
     """
     from keel.activities.models.errors import model_timeout_s
 
-    from keel.pricing import PricingError, load_prices, price_for
+    from keel.pricing import PricingError, load_prices, price_for, prices_file
 
     prices = load_prices()
     for model, why in configured_models(env).items():
@@ -262,8 +262,9 @@ def check_model_config(env: Mapping[str, str]) -> None:
             price_for(model, prices)
         except PricingError as e:
             raise PricingError(
-                f"{model} ({why}) has no price: add it to the JSON file named by KEEL_PRICES_FILE "
-                '(e.g. {"' + model + '": {"input": 0, "output": 0}} for a free local model)'
+                f"{model} ({why}) has no price in genai-prices: add it to the prices override file "
+                f"{prices_file()} (KEEL_PRICES_FILE), e.g. "
+                '"' + model + '": {input: 0, output: 0} for a free local model'
             ) from e
     model_timeout_s(dict(env))
     model_breaker_threshold(env)

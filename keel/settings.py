@@ -91,7 +91,7 @@ class KeelEnv(BaseSettings):
     """``lease``: a transaction placing only budget holds commits without waiting for its WAL
     flush; ``durable``: it waits (see migration 009)."""
     KEEL_PRICES_FILE: Path | None = None
-    """JSON of model prices merged over the built-in table."""
+    """Model prices (YAML) that win over genai-prices' (default ``config/prices.yaml``)."""
     KEEL_MODEL_FAST: str | None = None
     """Model for the ``fast`` tier (``offline``, ``openai:<name>``, ``anthropic:<name>``)."""
     KEEL_MODEL_BALANCED: str | None = None
