@@ -32,12 +32,13 @@ from keel.activities.models.errors import (
     TIMEOUT,
     UNAVAILABLE,
     translate_provider_error,
+    usage_of,
 )
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
-from keel.models import ModelCall, ModelResult
+from keel.models import ModelCall, ModelResult, Usage
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
 __all__ = [
@@ -120,30 +121,35 @@ async def send(routed: Routed) -> ModelResult:
     tenant = _tenant()
     telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
     provider = get_provider(call.model)
-    started = time.monotonic()
-    beat = asyncio.create_task(_heartbeat_forever())
-    try:
-        result = await provider.complete(call)
-    except Exception as e:
-        err = translate_provider_error(e, provider_name)
-        if isinstance(err, ApplicationError):
-            if guard is not None:
-                await guard.outcome(err)
-            telemetry.record_model_call(
-                model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
-            )
-        if err is e:
-            raise
-        raise err from e
-    finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
-    if guard is not None:
-        await guard.outcome(None)
-    latency_ms = round((time.monotonic() - started) * 1000, 1)
-    model = result.model or call.model
-    _account(model, provider_name, tenant, result)
+    with telemetry.model_call(call, provider=provider_name, tenant=tenant) as span:
+        started = time.monotonic()
+        beat = asyncio.create_task(_heartbeat_forever())
+        try:
+            result = await provider.complete(call)
+        except Exception as e:
+            err = translate_provider_error(e, provider_name)
+            if isinstance(err, ApplicationError):
+                if guard is not None:
+                    await guard.outcome(err)
+                telemetry.record_model_call(
+                    model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
+                )
+                usage = usage_of(err)
+                span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        if guard is not None:
+            await guard.outcome(None)
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
+        model = result.model or call.model
+        cost = _cost(model, result.usage)
+        span.succeeded(result, cost_micros=cost)
+    _account(model, provider_name, tenant, result, cost)
     activity.logger.info(
         "model call %s: %d in (%d cached) / %d out tokens in %.0f ms",
         model,
@@ -325,31 +331,21 @@ class _ProviderGuard:
             activity.logger.warning("breaker %s: could not record outcome: %s", self.scope, e)
 
 
-def _account(model: str, provider: str, tenant: str, result: ModelResult) -> None:
+def _cost(model: str, usage: Usage) -> int:
+    """The call's cost for telemetry; an unpriced model (the ledger refuses it before a
+    metered call) must not fail a call that already happened."""
     from keel.pricing import cost_micros
 
-    u = result.usage
     try:
-        cost = cost_micros(model, u)
-    except Exception:  # an unpriced model must not fail a call that already happened
-        cost = 0
-    telemetry.record_model_call(
-        model=model,
-        provider=provider,
-        outcome="ok",
-        tenant=tenant,
-        input_tokens=u.input_tokens,
-        output_tokens=u.output_tokens,
-        cached_tokens=u.cached_input_tokens,
-    )
+        return cost_micros(model, usage)
+    except Exception:
+        return 0
+
+
+def _account(model: str, provider: str, tenant: str, result: ModelResult, cost: int) -> None:
+    telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant)
     telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
-    telemetry.annotate(
-        provider=provider,
-        input_tokens=u.input_tokens,
-        output_tokens=u.output_tokens,
-        cached_tokens=u.cached_input_tokens,
-        cost_micros=cost,
-    )
+    telemetry.annotate(provider=provider)
 
 
 async def _heartbeat_forever() -> None:

@@ -140,6 +140,8 @@ class KeelEnv(BaseSettings):
     """Consecutive model-provider failures that open its breaker (see ``keel.activities.llm``)."""
     KEEL_MODEL_TIMEOUT_S: str | None = None
     """Per-call model timeout in seconds (see ``keel.workflows.options``)."""
+    KEEL_GENAI_CAPTURE_CONTENT: bool = False
+    """Record prompts and completions on the ``chat`` spans (redacted by ``keel.redact``)."""
     KEEL_FLAG_COST_FACTOR: str | None = None
     """Anomaly flag thresholds, ``KEEL_FLAG_<FIELD>`` (validated by ``keel.anomaly``)."""
 

@@ -1,0 +1,249 @@
+"""OpenTelemetry GenAI conventions on every model call, through the real OpenAI and Anthropic
+SDKs against the local fakes (and the offline model): one ``chat {model}`` span per request
+with the ``gen_ai.*`` attributes, the two GenAI client histograms, the cost as
+``keel.cost_micros``, and no prompt or completion text anywhere unless capture is turned on —
+and then redacted."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import keel.activities.llm as llm
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from keel import telemetry
+from keel.models import ChatMessage, ModelCall, Usage
+from keel.pricing import cost_micros
+from keel.redact import redact
+from keel.settings import KeelEnv, SettingsError
+from tests.providers import fake_anthropic as fa
+from tests.providers import fake_openai as fo
+
+SECRET = "AKIAIOSFODNN7EXAMPLE"  # an AWS access key id: keel.redact must catch it
+PROMPT_MARK = "planted-prompt-marker-7f3a"
+SYSTEM_MARK = "planted-system-marker-91c2"
+ANSWER_MARK = "planted-answer-marker-d04e"
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def chat_spans(self) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name.startswith("chat ")]
+
+    def points(self, name: str) -> list[tuple[dict[str, Any], int, float]]:
+        """(attributes, count, sum) of each point of histogram ``name``."""
+        data = self.reader.get_metrics_data()
+        out = []
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == name:
+                        for p in metric.data.data_points:  # type: ignore[attr-defined]
+                            out.append((dict(p.attributes or {}), p.count, p.sum))
+        return out
+
+    def everything(self) -> str:
+        """Every span (names, attributes, events, status) and every metric point, as text."""
+        data = self.reader.get_metrics_data()
+        return "\n".join(
+            [s.to_json() for s in self.spans.get_finished_spans()] + [data.to_json() if data else ""]
+        )
+
+
+@pytest.fixture
+def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Telemetry]:
+    monkeypatch.delenv("KEEL_GENAI_CAPTURE_CONTENT", raising=False)
+    t = Telemetry()
+    telemetry.use_tracer_provider(t.tracer_provider)
+    telemetry.use_meter_provider(t.meter_provider)
+    try:
+        yield t
+    finally:
+        telemetry.use_tracer_provider(None)
+        telemetry._instruments = None
+        t.tracer_provider.shutdown()
+        t.meter_provider.shutdown()
+
+
+def _call(model: str, *, schema: bool = False, max_tokens: int = 300) -> ModelCall:
+    return ModelCall(
+        model=model,
+        role="respond",
+        system=f"You answer customers. {SYSTEM_MARK}",
+        messages=(
+            ChatMessage(role="user", content=f"{PROMPT_MARK}: my key is {SECRET}, where is order 42?"),
+        ),
+        output_schema=SCHEMA if schema else None,
+        schema_name="answer",
+        max_tokens=max_tokens,
+    )
+
+
+async def _send(call: ModelCall) -> Any:
+    return await ActivityEnvironment().run(llm.call_model, call)
+
+
+async def test_openai_call_is_one_chat_span_with_genai_attributes(
+    fake_openai: fo.FakeOpenAI, otel: Telemetry
+) -> None:
+    fake_openai.push(
+        fo.chat(
+            f"Order 42 shipped. {ANSWER_MARK}", prompt_tokens=1200, completion_tokens=40, cached_tokens=1024
+        )
+    )
+    result = await _send(_call("openai:gpt-4o-mini"))
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    assert span.name == "chat gpt-4o-mini" and span.kind == SpanKind.CLIENT
+    assert span.status.status_code != StatusCode.ERROR
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-4o-mini"
+    assert a["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"  # what the API answered
+    assert a["gen_ai.response.id"] == "chatcmpl-fake"
+    assert a["gen_ai.request.max_tokens"] == 300
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert a["gen_ai.output.type"] == "text"
+    assert a["gen_ai.usage.input_tokens"] == 1200 and a["gen_ai.usage.output_tokens"] == 40
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 1024
+    assert a["keel.cost_micros"] == cost_micros("openai:gpt-4o-mini", result.usage) == 128
+    assert a["keel.role"] == "respond" and "error.type" not in a
+
+    tokens = otel.points("gen_ai.client.token.usage")
+    by_type = {p[0]["gen_ai.token.type"]: p for p in tokens}
+    assert set(by_type) == {"input", "output"}
+    assert (by_type["input"][1], by_type["input"][2]) == (1, 1200)
+    assert (by_type["output"][1], by_type["output"][2]) == (1, 40)
+    for attrs, _, _ in tokens:
+        assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.provider.name"] == "openai"
+        assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+        assert attrs["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
+    [(attrs, count, seconds)] = otel.points("gen_ai.client.operation.duration")
+    assert count == 1 and 0 < seconds < 30 and "error.type" not in attrs
+    assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+
+
+async def test_anthropic_structured_call_reports_cache_and_finish_reason(
+    fake_anthropic: fa.FakeAnthropic, otel: Telemetry
+) -> None:
+    fake_anthropic.push(
+        fa.tool_use(
+            "answer",
+            {"answer": "shipped"},
+            input_tokens=50,
+            output_tokens=30,
+            cache_read=900,
+            cache_write=100,
+        )
+    )
+    result = await _send(_call("anthropic:claude-haiku-4-5", schema=True, max_tokens=512))
+    assert result.parsed == {"answer": "shipped"}
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    assert span.name == "chat claude-haiku-4-5" and span.kind == SpanKind.CLIENT
+    assert a["gen_ai.provider.name"] == "anthropic"
+    assert a["gen_ai.response.model"] == "claude-haiku-4-5-20251001"
+    assert a["gen_ai.response.id"] == "msg_fake"
+    assert a["gen_ai.response.finish_reasons"] == ("tool_use",)
+    assert a["gen_ai.request.max_tokens"] == 512 and a["gen_ai.output.type"] == "json"
+    # the convention's input_tokens is the whole prompt, cache reads and writes included
+    assert a["gen_ai.usage.input_tokens"] == 1050 and a["gen_ai.usage.output_tokens"] == 30
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 900
+    assert a["gen_ai.usage.cache_creation.input_tokens"] == 100
+    usage = Usage(input_tokens=1050, cached_input_tokens=900, cache_write_tokens=100, output_tokens=30)
+    assert a["keel.cost_micros"] == cost_micros("anthropic:claude-haiku-4-5", usage) > 0
+
+
+async def test_a_failed_call_has_error_type_and_no_token_points(
+    fake_openai: fo.FakeOpenAI, fake_anthropic: fa.FakeAnthropic, otel: Telemetry
+) -> None:
+    fake_openai.push(fo.error(503, "unavailable", type_="server_error"))
+    fake_anthropic.push(fa.error(429, "rate_limit_error", "slow down", headers={"retry-after": "1"}))
+    for model in ("openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"):
+        with pytest.raises(ApplicationError):
+            await _send(_call(model))
+    spans = {s.attributes["gen_ai.provider.name"]: s for s in otel.chat_spans()}  # type: ignore[index]
+    assert set(spans) == {"openai", "anthropic"}
+    assert spans["openai"].attributes["error.type"] == "ProviderUnavailable"  # type: ignore[index]
+    assert spans["anthropic"].attributes["error.type"] == "ProviderRateLimited"  # type: ignore[index]
+    for span in spans.values():
+        assert span.status.status_code == StatusCode.ERROR
+        assert "gen_ai.usage.input_tokens" not in (span.attributes or {})
+    assert otel.points("gen_ai.client.token.usage") == []
+    durations = otel.points("gen_ai.client.operation.duration")
+    assert sorted(p[0]["error.type"] for p in durations) == ["ProviderRateLimited", "ProviderUnavailable"]
+
+
+async def test_offline_calls_are_spans_too(otel: Telemetry) -> None:
+    await _send(_call("offline"))
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    assert span.name == "chat offline" and span.kind == SpanKind.INTERNAL  # in-process model
+    assert a["gen_ai.provider.name"] == "keel.offline" and a["gen_ai.request.model"] == "offline"
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["keel.cost_micros"] > 0
+    assert {p[0]["gen_ai.token.type"] for p in otel.points("gen_ai.client.token.usage")} == {
+        "input",
+        "output",
+    }
+
+
+async def test_no_prompt_or_completion_text_anywhere_by_default(
+    fake_openai: fo.FakeOpenAI, fake_anthropic: fa.FakeAnthropic, otel: Telemetry
+) -> None:
+    fake_openai.push(fo.chat(f"{ANSWER_MARK} {SECRET}"))
+    fake_anthropic.push(fa.text(f"{ANSWER_MARK} {SECRET}"))
+    for model in ("openai:gpt-4o-mini", "anthropic:claude-haiku-4-5", "offline"):
+        await _send(_call(model))
+    assert len(otel.chat_spans()) == 3
+    text = otel.everything()
+    for planted in (SECRET, PROMPT_MARK, SYSTEM_MARK, ANSWER_MARK, "where is order 42"):
+        assert planted not in text, planted
+    assert "gen_ai.input.messages" not in text and "gen_ai.output.messages" not in text
+
+
+async def test_captured_content_is_opt_in_and_redacted(
+    fake_openai: fo.FakeOpenAI, otel: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert redact(SECRET) != SECRET
+    monkeypatch.setenv("KEEL_GENAI_CAPTURE_CONTENT", "true")
+    fake_openai.push(fo.chat(f"{ANSWER_MARK} and the key {SECRET}"))
+    await _send(_call("openai:gpt-4o-mini"))
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    system = json.loads(str(a["gen_ai.system_instructions"]))
+    inputs = json.loads(str(a["gen_ai.input.messages"]))
+    outputs = json.loads(str(a["gen_ai.output.messages"]))
+    assert SYSTEM_MARK in system[0]["content"]
+    assert inputs[0]["role"] == "user" and PROMPT_MARK in inputs[0]["parts"][0]["content"]
+    assert outputs[0]["role"] == "assistant" and ANSWER_MARK in outputs[0]["parts"][0]["content"]
+    assert outputs[0]["finish_reason"] == "stop"
+    assert "[REDACTED:" in inputs[0]["parts"][0]["content"] + outputs[0]["parts"][0]["content"]
+    assert SECRET not in otel.everything()  # captured, and still no secret in any span or metric
+
+
+def test_capture_setting_is_validated_by_keel_env() -> None:
+    assert KeelEnv.from_env({}).KEEL_GENAI_CAPTURE_CONTENT is False
+    assert KeelEnv.from_env({"KEEL_GENAI_CAPTURE_CONTENT": "true"}).KEEL_GENAI_CAPTURE_CONTENT is True
+    with pytest.raises(SettingsError, match="KEEL_GENAI_CAPTURE_CONTENT"):
+        KeelEnv.from_env({"KEEL_GENAI_CAPTURE_CONTENT": "perhaps"})
+    assert telemetry.capture_content({"KEEL_GENAI_CAPTURE_CONTENT": "perhaps"}) is False
+    assert telemetry.capture_content({"KEEL_GENAI_CAPTURE_CONTENT": "1"}) is True
+    assert telemetry.capture_content({}) is False
