@@ -18,6 +18,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -25,9 +27,12 @@ from keel import telemetry
 from keel.models import ChatMessage, ModelCall, Usage
 from keel.pricing import cost_micros
 from keel.redact import redact
-from keel.settings import KeelEnv, SettingsError
+from keel.settings import KeelEnv, Settings, SettingsError
+from tests.helpers import make_order, request, run_agent, running_worker
 from tests.providers import fake_anthropic as fa
 from tests.providers import fake_openai as fo
+from tests.providers.fake_openai import FakeOpenAI
+from tests.providers.sloppy import Roles, role_of, server_bill
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"  # an AWS access key id: keel.redact must catch it
 PROMPT_MARK = "planted-prompt-marker-7f3a"
@@ -247,3 +252,62 @@ def test_capture_setting_is_validated_by_keel_env() -> None:
     assert telemetry.capture_content({"KEEL_GENAI_CAPTURE_CONTENT": "perhaps"}) is False
     assert telemetry.capture_content({"KEEL_GENAI_CAPTURE_CONTENT": "1"}) is True
     assert telemetry.capture_content({}) is False
+
+
+async def test_every_model_call_of_a_run_is_a_chat_span_priced_as_the_ledger(
+    otel: Telemetry,
+    monkeypatch: pytest.MonkeyPatch,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+) -> None:
+    """A whole run on the OpenAI SDK (fake server): the plan, its repair, the judge and the
+    answer are each one span under the activity that sent it, with the role, and the spans'
+    keel.cost_micros add up to what the server billed and the ledger committed."""
+    roles = Roles()
+    server = FakeOpenAI(responder=roles).start()
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key-000000000000")
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+    async with db_pool.connection() as conn:
+        await conn.execute("delete from circuit_breakers where scope like 'model:%%'")
+    try:
+        order = await make_order(db_pool)
+        step = {"id": "s1", "tool": "lookup_order", "args": {"order_id": order}, "why": "status"}
+        roles.plans.extend([{"plan": {"steps": [step], "answer": ""}}, {"steps": [step], "answer": ""}])
+        roles.answers.append(f"Order {order} is shipped.")
+        traced = telemetry.with_tracing(client, otel.tracer_provider)
+        text = f"{PROMPT_MARK} where is order {order}?"
+        async with running_worker(traced, db_pool, temporal_services, task_queue):
+            resp = await run_agent(traced, task_queue, request(text))
+    finally:
+        server.stop()
+    assert resp.outcome == "completed", resp.reason
+    assert [role_of(r) for r, _ in server.answered] == ["plan", "plan", "eval", "answer"]
+
+    spans = otel.spans.get_finished_spans()
+    chats = sorted(otel.chat_spans(), key=lambda s: s.start_time or 0)
+    parents = {s.context.span_id: s.name for s in spans if s.name.startswith("RunActivity:")}
+    assert [str((s.attributes or {})["keel.role"]) for s in chats] == ["plan", "plan", "evaluate", "respond"]
+    assert [parents[s.parent.span_id] for s in chats if s.parent] == [
+        "RunActivity:plan",
+        "RunActivity:plan",
+        "RunActivity:evaluate",
+        "RunActivity:finish_run",  # the answer is written where the run is finished
+    ]
+    assert len({s.context.trace_id for s in chats}) == 1
+    for chat in chats:
+        a = chat.attributes or {}
+        assert chat.name == "chat gpt-4o-mini" and a["gen_ai.provider.name"] == "openai"
+        assert a["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18" and a["keel.tenant"] == "acme"
+    answered, _, costs = server_bill([(server, "openai")])
+    assert answered == len(chats)
+    spent = sum(int((s.attributes or {})["keel.cost_micros"]) for s in chats)
+    assert spent == sum(costs) == sum(resp.spend.by_model.values())
+    by_type = {}
+    for attrs, count, _ in otel.points("gen_ai.client.token.usage"):
+        by_type[attrs["gen_ai.token.type"]] = by_type.get(attrs["gen_ai.token.type"], 0) + count
+    assert by_type == {"input": 4, "output": 4}
+    assert sum(p[1] for p in otel.points("gen_ai.client.operation.duration")) == 4
+    assert PROMPT_MARK not in otel.everything()  # the request text is in no span or metric
