@@ -39,6 +39,7 @@ from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
 from keel.models import ModelCall, ModelResult, Usage
+from keel.pricing import cost_micros
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
 __all__ = [
@@ -334,8 +335,6 @@ class _ProviderGuard:
 def _cost(model: str, usage: Usage) -> int:
     """The call's cost for telemetry; an unpriced model (the ledger refuses it before a
     metered call) must not fail a call that already happened."""
-    from keel.pricing import cost_micros
-
     try:
         return cost_micros(model, usage)
     except Exception:

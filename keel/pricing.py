@@ -40,6 +40,8 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from keel.models import Usage
 
 __all__ = [
@@ -229,8 +231,6 @@ def load_prices(env: Mapping[str, str] | None = None) -> dict[str, Price]:
         raise PricingError(f"KEEL_PRICES_FILE {path}: cannot read ({e.strerror})") from e
     if _cache is not None and _cache[0] == stamp:
         return _cache[1]
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)

@@ -43,6 +43,10 @@ from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.trace import Status, StatusCode
+
+from keel.redact import redact
+from keel.settings import KeelEnv, SettingsError
 
 __all__ = [
     "BREAKER_STATE_VALUE",
@@ -374,8 +378,6 @@ def capture_content(env: Mapping[str, str] | None = None) -> bool:
     raw = ((os.environ if env is None else env).get("KEEL_GENAI_CAPTURE_CONTENT") or "").strip()
     hit = _capture_cache.get(raw)
     if hit is None:
-        from keel.settings import KeelEnv, SettingsError
-
         try:
             hit = KeelEnv.from_env({"KEEL_GENAI_CAPTURE_CONTENT": raw}).KEEL_GENAI_CAPTURE_CONTENT
         except SettingsError:
@@ -439,8 +441,6 @@ class ModelCallSpan:
             self.span.set_attribute("keel.cost_micros", cost_micros)
             self.span.set_attribute("keel.usage_known", False)
         if self.capture and self.span.is_recording():
-            from keel.redact import redact
-
             message = {
                 "role": "assistant",
                 "parts": [{"type": "text", "content": redact(result.text or "")}],
@@ -462,8 +462,6 @@ class ModelCallSpan:
         if error_type:
             attrs["error.type"] = error_type
             self.span.set_attribute("error.type", error_type)
-            from opentelemetry.trace import Status, StatusCode
-
             self.span.set_status(Status(StatusCode.ERROR, error_type))
         _m().operation_duration.record(seconds, attrs)
 
