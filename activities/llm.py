@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from keel.activities import breaker
 from keel.activities.models import get_provider, split_model
@@ -122,7 +123,9 @@ async def send(routed: Routed) -> ModelResult:
     tenant = _tenant()
     telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
     provider = get_provider(call.model)
-    with telemetry.model_call(call, provider=provider_name, tenant=tenant) as span:
+    with telemetry.model_call(
+        call, provider=provider_name, tenant=tenant, server=_server(provider_name)
+    ) as span:
         started = time.monotonic()
         beat = asyncio.create_task(_heartbeat_forever())
         try:
@@ -330,6 +333,23 @@ class _ProviderGuard:
                     await breaker.record_success(conn, self.scope, self.owner)
         except Exception as e:
             activity.logger.warning("breaker %s: could not record outcome: %s", self.scope, e)
+
+
+_DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
+
+
+def _server(provider: str) -> tuple[str, int] | None:
+    """The endpoint the provider's SDK will call, as the conventions' ``server.address`` and
+    ``server.port`` (``None`` for the in-process offline model)."""
+    if provider not in _DEFAULT_BASE_URL:
+        return None
+    url = urlsplit(os.environ.get(_BASE_URL_ENV[provider]) or _DEFAULT_BASE_URL[provider])
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a malformed port: the SDK will say so
+        return None
+    return (url.hostname, port) if url.hostname else None
 
 
 def _cost(model: str, usage: Usage) -> int:

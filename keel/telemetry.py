@@ -470,9 +470,12 @@ _current_call: ContextVar[ModelCallSpan | None] = ContextVar("keel_model_call", 
 
 
 @contextlib.contextmanager
-def model_call(call: Any, *, provider: str, tenant: str = "") -> Iterator[ModelCallSpan]:
+def model_call(
+    call: Any, *, provider: str, tenant: str = "", server: tuple[str, int] | None = None
+) -> Iterator[ModelCallSpan]:
     """The ``chat {model}`` span around one provider request of ``call`` (a
-    ``keel.models.ModelCall``), and its duration point when it ends.
+    ``keel.models.ModelCall``), and its duration point when it ends; ``server`` is the
+    endpoint's ``(host, port)`` (``server.address``/``server.port``).
 
     An exception leaving the block ends the span with ``error.type`` (an
     ``ApplicationError``'s type, else the exception's class name) and status ERROR, and is
@@ -485,6 +488,8 @@ def model_call(call: Any, *, provider: str, tenant: str = "") -> Iterator[ModelC
         "gen_ai.provider.name": gen_provider,
         "gen_ai.request.model": name,
     }
+    if server is not None:
+        metric_attrs["server.address"], metric_attrs["server.port"] = server
     if tenant:
         metric_attrs["keel.tenant"] = tenant
     attributes: dict[str, Any] = {

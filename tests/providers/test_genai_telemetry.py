@@ -130,6 +130,8 @@ async def test_openai_call_is_one_chat_span_with_genai_attributes(
     assert a["gen_ai.usage.cache_read.input_tokens"] == 1024
     assert a["keel.cost_micros"] == cost_micros("openai:gpt-4o-mini", result.usage) == 128
     assert a["keel.role"] == "respond" and "error.type" not in a
+    host, port = fake_openai.url.removeprefix("http://").split(":")
+    assert (a["server.address"], a["server.port"]) == (host, int(port))
 
     tokens = otel.points("gen_ai.client.token.usage")
     by_type = {p[0]["gen_ai.token.type"]: p for p in tokens}
@@ -196,11 +198,26 @@ async def test_a_failed_call_has_error_type_and_no_token_points(
     assert sorted(p[0]["error.type"] for p in durations) == ["ProviderRateLimited", "ProviderUnavailable"]
 
 
+async def test_a_billed_refusal_keeps_its_usage_and_cost(fake_openai: fo.FakeOpenAI, otel: Telemetry) -> None:
+    fake_openai.push(fo.chat(None, refusal="I can't help with that.", prompt_tokens=300, completion_tokens=7))
+    with pytest.raises(ApplicationError) as info:
+        await _send(_call("openai:gpt-4o-mini"))
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    assert a["error.type"] == info.value.type and span.status.status_code == StatusCode.ERROR
+    assert a["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (300, 7)
+    usage = Usage(input_tokens=300, output_tokens=7)
+    assert a["keel.cost_micros"] == cost_micros("openai:gpt-4o-mini", usage) > 0
+    assert sorted(p[2] for p in otel.points("gen_ai.client.token.usage")) == [7, 300]
+
+
 async def test_offline_calls_are_spans_too(otel: Telemetry) -> None:
     await _send(_call("offline"))
     [span] = otel.chat_spans()
     a = dict(span.attributes or {})
     assert span.name == "chat offline" and span.kind == SpanKind.INTERNAL  # in-process model
+    assert "server.address" not in a
     assert a["gen_ai.provider.name"] == "keel.offline" and a["gen_ai.request.model"] == "offline"
     assert a["gen_ai.response.finish_reasons"] == ("stop",)
     assert a["gen_ai.usage.input_tokens"] > 0 and a["keel.cost_micros"] > 0
