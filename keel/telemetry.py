@@ -437,8 +437,7 @@ class ModelCallSpan:
             self.response_model = (result.model or "").split(":", 1)[-1]
         if result.usage_known:
             self.usage(result.usage, cost_micros=cost_micros)
-        else:
-            self.span.set_attribute("keel.cost_micros", cost_micros)
+        else:  # no usage, no price: the ledger charges the call's whole hold (keel.activities.metered)
             self.span.set_attribute("keel.usage_known", False)
         if self.capture and self.span.is_recording():
             message = {

@@ -6,6 +6,7 @@ and then redacted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -210,6 +211,22 @@ async def test_a_billed_refusal_keeps_its_usage_and_cost(fake_openai: fo.FakeOpe
     usage = Usage(input_tokens=300, output_tokens=7)
     assert a["keel.cost_micros"] == cost_micros("openai:gpt-4o-mini", usage) > 0
     assert sorted(p[2] for p in otel.points("gen_ai.client.token.usage")) == [7, 300]
+
+
+async def test_a_reply_without_usage_claims_no_tokens_or_price(
+    fake_openai: fo.FakeOpenAI, otel: Telemetry
+) -> None:
+    reply = fo.chat("ok")
+    body = dict(reply.body)  # type: ignore[arg-type]
+    del body["usage"]  # some OpenAI-compatible servers omit it
+    fake_openai.push(dataclasses.replace(reply, body=body))
+    await _send(_call("openai:gpt-4o-mini"))
+    [span] = otel.chat_spans()
+    a = dict(span.attributes or {})
+    assert a["keel.usage_known"] is False and "keel.cost_micros" not in a  # the ledger charges the hold
+    assert not [k for k in a if k.startswith("gen_ai.usage.")]
+    assert otel.points("gen_ai.client.token.usage") == []
+    assert len(otel.points("gen_ai.client.operation.duration")) == 1
 
 
 async def test_offline_calls_are_spans_too(otel: Telemetry) -> None:
