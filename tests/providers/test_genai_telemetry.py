@@ -32,6 +32,7 @@ from keel.settings import KeelEnv, Settings, SettingsError
 from tests.helpers import make_order, request, run_agent, running_worker
 from tests.providers import fake_anthropic as fa
 from tests.providers import fake_openai as fo
+from tests.providers.fake_anthropic import FakeAnthropic
 from tests.providers.fake_openai import FakeOpenAI
 from tests.providers.sloppy import Roles, role_of, server_bill
 
@@ -345,3 +346,60 @@ async def test_every_model_call_of_a_run_is_a_chat_span_priced_as_the_ledger(
     assert by_type == {"input": 4, "output": 4}
     assert sum(p[1] for p in otel.points("gen_ai.client.operation.duration")) == 4
     assert PROMPT_MARK not in otel.everything()  # the request text is in no span or metric
+
+
+async def test_an_escalated_run_on_anthropic_has_a_span_per_request_on_each_tier(
+    otel: Telemetry,
+    monkeypatch: pytest.MonkeyPatch,
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+) -> None:
+    """The cheap tier's plan is refused by the rules and the run escalates: each request the
+    Anthropic server answered (cheap plan, escalated plan, judges, answer) is one span, in
+    order, naming the model it went to and its role, priced as the server billed."""
+    roles = Roles(anthropic=True)
+    server = FakeAnthropic(responder=roles).start()
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key-00000000")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+    async with db_pool.connection() as conn:
+        await conn.execute("delete from circuit_breakers where scope like 'model:%%'")
+    try:
+        order = await make_order(db_pool, status="shipped", total_usd=30.0)
+        lookup = {"id": "s1", "tool": "lookup_order", "args": {"order_id": order}, "why": "status"}
+        refund = {
+            "id": "s2",
+            "tool": "issue_refund",
+            "args": {"order_id": order, "amount_usd": "${s1.refundable_usd}", "reason": "asked"},
+            "when": {"step": "s1", "field": "shipped", "equals": True},
+        }
+        unconditional = {**refund, "id": "s1", "args": {**refund["args"], "amount_usd": 30.0}, "when": None}
+        roles.plans.extend(
+            [{"steps": [unconditional], "answer": ""}, {"steps": [lookup, refund], "answer": ""}]
+        )
+        roles.answers.append(f"Order {order} had shipped, so I refunded $30.0.")
+        traced = telemetry.with_tracing(client, otel.tracer_provider)
+        req = request(f"Check if order {order} is shipped and refund it if so", session=f"s-{order}")
+        async with running_worker(traced, db_pool, temporal_services, task_queue):
+            resp = await run_agent(traced, task_queue, req)
+    finally:
+        server.stop()
+    assert resp.outcome == "completed", resp.reason
+    assert "escalated_to_balanced" in resp.flags
+
+    chats = sorted(otel.chat_spans(), key=lambda s: s.start_time or 0)
+    sent = [(r.body["model"], role_of(r)) for r, _ in server.answered]
+    as_role = {"plan": "plan", "check": "evaluate", "eval": "evaluate", "answer": "respond"}
+    assert [
+        (str((s.attributes or {})["gen_ai.request.model"]), str((s.attributes or {})["keel.role"]))
+        for s in chats
+    ] == [(model, as_role[role]) for model, role in sent]
+    plans = [m for m, role in sent if role == "plan"]
+    assert plans == ["claude-haiku-4-5", "claude-sonnet-4-5"]  # the escalation is its own span
+    assert all(str((s.attributes or {})["gen_ai.provider.name"]) == "anthropic" for s in chats)
+    answered, _, costs = server_bill([(server, "anthropic")])
+    spent = sum(int((s.attributes or {})["keel.cost_micros"]) for s in chats)
+    assert answered == len(chats) and spent == sum(costs) == sum(resp.spend.by_model.values())
