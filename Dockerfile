@@ -30,6 +30,7 @@ RUN pip install --no-deps /src && rm -rf /src
 COPY config ./config
 COPY worker.py starter.py ./
 ENV KEEL_POLICY_FILE=/app/config/policy.yaml \
+    KEEL_PRICES_FILE=/app/config/prices.yaml \
     KEEL_AGENT_PATH=/app/config/agents \
     KEEL_STATE_DIR=/app/.keel
 

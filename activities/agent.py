@@ -760,5 +760,7 @@ async def _earlier_run(conn: Any, wid: str, run_id: str) -> str | None:
 
 
 def _price_pair(model: str, prices: Any) -> tuple[int, int]:
+    """The run's (input, output) rates of ``model``, base context tier: the workflow's own
+    estimates are for Keel's bounded prompts; each call's hold is priced at its tier anyway."""
     p = price_for(model, prices)
     return max(p.input, p.cache_write), p.output

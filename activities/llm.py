@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from keel.activities import breaker
 from keel.activities.models import get_provider, split_model
@@ -32,12 +33,14 @@ from keel.activities.models.errors import (
     TIMEOUT,
     UNAVAILABLE,
     translate_provider_error,
+    usage_of,
 )
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
-from keel.models import ModelCall, ModelResult
+from keel.models import ModelCall, ModelResult, Usage
+from keel.pricing import cost_micros
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
 __all__ = [
@@ -120,30 +123,37 @@ async def send(routed: Routed) -> ModelResult:
     tenant = _tenant()
     telemetry.annotate(tenant=tenant, model=call.model, role=call.role)
     provider = get_provider(call.model)
-    started = time.monotonic()
-    beat = asyncio.create_task(_heartbeat_forever())
-    try:
-        result = await provider.complete(call)
-    except Exception as e:
-        err = translate_provider_error(e, provider_name)
-        if isinstance(err, ApplicationError):
-            if guard is not None:
-                await guard.outcome(err)
-            telemetry.record_model_call(
-                model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
-            )
-        if err is e:
-            raise
-        raise err from e
-    finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
-    if guard is not None:
-        await guard.outcome(None)
-    latency_ms = round((time.monotonic() - started) * 1000, 1)
-    model = result.model or call.model
-    _account(model, provider_name, tenant, result)
+    with telemetry.model_call(
+        call, provider=provider_name, tenant=tenant, server=_server(provider_name)
+    ) as span:
+        started = time.monotonic()
+        beat = asyncio.create_task(_heartbeat_forever())
+        try:
+            result = await provider.complete(call)
+        except Exception as e:
+            err = translate_provider_error(e, provider_name)
+            if isinstance(err, ApplicationError):
+                if guard is not None:
+                    await guard.outcome(err)
+                telemetry.record_model_call(
+                    model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
+                )
+                usage = usage_of(err)
+                span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        if guard is not None:
+            await guard.outcome(None)
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
+        model = result.model or call.model
+        cost = _cost(model, result.usage)
+        span.succeeded(result, cost_micros=cost)
+    _account(model, provider_name, tenant, result, cost)
     activity.logger.info(
         "model call %s: %d in (%d cached) / %d out tokens in %.0f ms",
         model,
@@ -254,7 +264,7 @@ def check_model_config(env: Mapping[str, str]) -> None:
     """
     from keel.activities.models.errors import model_timeout_s
 
-    from keel.pricing import PricingError, load_prices, price_for
+    from keel.pricing import PricingError, load_prices, price_for, prices_file
 
     prices = load_prices()
     for model, why in configured_models(env).items():
@@ -262,8 +272,9 @@ def check_model_config(env: Mapping[str, str]) -> None:
             price_for(model, prices)
         except PricingError as e:
             raise PricingError(
-                f"{model} ({why}) has no price: add it to the JSON file named by KEEL_PRICES_FILE "
-                '(e.g. {"' + model + '": {"input": 0, "output": 0}} for a free local model)'
+                f"{model} ({why}) has no price in genai-prices: add it to the prices override file "
+                f"{prices_file()} (KEEL_PRICES_FILE), e.g. "
+                '"' + model + '": {input: 0, output: 0} for a free local model'
             ) from e
     model_timeout_s(dict(env))
     model_breaker_threshold(env)
@@ -324,31 +335,36 @@ class _ProviderGuard:
             activity.logger.warning("breaker %s: could not record outcome: %s", self.scope, e)
 
 
-def _account(model: str, provider: str, tenant: str, result: ModelResult) -> None:
-    from keel.pricing import cost_micros
+_DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
-    u = result.usage
+
+def _server(provider: str) -> tuple[str, int] | None:
+    """The endpoint the provider's SDK will call, as the conventions' ``server.address`` and
+    ``server.port`` (``None`` for the in-process offline model)."""
+    if provider not in _DEFAULT_BASE_URL:
+        return None
+    url = urlsplit(os.environ.get(_BASE_URL_ENV[provider]) or _DEFAULT_BASE_URL[provider])
     try:
-        cost = cost_micros(model, u)
-    except Exception:  # an unpriced model must not fail a call that already happened
-        cost = 0
-    telemetry.record_model_call(
-        model=model,
-        provider=provider,
-        outcome="ok",
-        tenant=tenant,
-        input_tokens=u.input_tokens,
-        output_tokens=u.output_tokens,
-        cached_tokens=u.cached_input_tokens,
-    )
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a malformed port: the SDK will say so
+        return None
+    return (url.hostname, port) if url.hostname else None
+
+
+def _cost(model: str, usage: Usage) -> int:
+    """The call's cost for telemetry; an unpriced model (the ledger refuses it before a
+    metered call) must not fail a call that already happened."""
+    try:
+        return cost_micros(model, usage)
+    except Exception:
+        return 0
+
+
+def _account(model: str, provider: str, tenant: str, result: ModelResult, cost: int) -> None:
+    telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant)
     telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
-    telemetry.annotate(
-        provider=provider,
-        input_tokens=u.input_tokens,
-        output_tokens=u.output_tokens,
-        cached_tokens=u.cached_input_tokens,
-        cost_micros=cost,
-    )
+    telemetry.annotate(provider=provider)
 
 
 async def _heartbeat_forever() -> None:

@@ -244,7 +244,7 @@ class Meter:
         model = routed.call.model
         in_tokens = estimate_input_tokens(routed.call)
         try:
-            price = price_for(model)
+            price = price_for(model).at(in_tokens)  # the context tier the prompt falls in
             amount = estimate_micros(model, in_tokens, call.max_tokens)
             floor = estimate_micros(model, in_tokens, min(MIN_OUTPUT_TOKENS, call.max_tokens))
         except PricingError as e:

@@ -232,7 +232,8 @@ async def _prices(env: Mapping[str, str]) -> Check:
             "prices",
             False,
             f"no price for {', '.join(missing)}",
-            "add them to the KEEL_PRICES_FILE JSON (USD per million tokens)",
+            "add them to the prices override file (KEEL_PRICES_FILE, default config/prices.yaml; "
+            "USD per million tokens)",
         )
     return Check("prices", True, ", ".join(f"{t}={m}" for t, m in tiers.items()))
 

@@ -1,52 +1,69 @@
 """Model prices and integer cost arithmetic for the budget ledger.
 
-Prices are stored as integer micro-USD per million tokens (``$0.15/Mtok`` is ``150_000``), so
-``tokens * price`` is an exact integer and a cost is one ceiling division away: no float ever
-reaches the ledger, and rounding always goes against the spender (up), never in their favour.
+Prices come from ``genai-prices`` (pydantic's maintained table of list prices, with context
+tiers and cache prices), overlaid by a local override file that wins for the models it names:
+``config/prices.yaml`` by default, another with ``KEEL_PRICES_FILE``. The override file is where
+the offline model gets its nominal price and where a private or local model (an Ollama or vLLM
+model behind ``OPENAI_BASE_URL``) gets its price, usually 0::
 
-The built-in table covers a handful of current models (list prices, standard tier, 5-minute
-cache writes for Anthropic). ``KEEL_PRICES_FILE`` names a JSON file whose entries replace or
-extend it — needed for any model served by an OpenAI-compatible server, e.g.::
-
-    {"openai:llama3.1": {"input": 0, "output": 0},
-     "openai:gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.6}}
+    offline: {input: 0.15, cached_input: 0.075, output: 0.60}
+    "openai:llama3.1": {input: 0, output: 0}
 
 Values are USD per million tokens; ``cached_input`` and ``cache_write`` default to ``input``.
-The module is pure standard library so workflow code may import it, but reading the
-environment and the file is I/O the workflow sandbox forbids: workflow code passes an explicit
-``prices`` table (``DEFAULT_PRICES``, or one an activity returned from :func:`load_prices`).
+JSON is YAML, so a JSON file of the same shape works too.
+
+No network: genai-prices bundles its data in the wheel, and fetches newer data only when
+asked to (its ``UpdatePrices`` background updater), which Keel never starts, so a price is
+what the installed version says until the package is upgraded (``tests/providers/test_pricing.py``
+prices with sockets blocked).
+
+Prices are held as integer micro-USD per million tokens (``$0.15/Mtok`` is ``150_000``, rounded
+up), so ``tokens * price`` is an exact integer and a cost is one ceiling division away: no float
+ever reaches the ledger, and rounding always goes against the spender (up), never in their
+favour. A context tier (Anthropic's long-context rates past 200K input tokens) applies to all
+tokens of a call whose input passes its threshold, as the providers bill it.
+
+Reading the override file and the genai-prices data is I/O the workflow sandbox forbids: only
+activities (and the worker's start-up check) price; a run's workflow gets the prices it needs
+in its context, from an activity.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from keel.models import Usage
 
 __all__ = [
-    "DEFAULT_PRICES",
+    "DEFAULT_PRICES_FILE",
     "Price",
     "PricingError",
     "cost_micros",
     "estimate_micros",
     "load_prices",
     "price_for",
+    "prices_file",
 ]
 
 _PER_MTOK = 1_000_000
 _FIELDS = ("input", "cached_input", "output", "cache_write")
-_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+DEFAULT_PRICES_FILE = Path(__file__).resolve().parent.parent / "config" / "prices.yaml"
+"""The override file read when ``KEEL_PRICES_FILE`` is unset (a missing one is no overrides)."""
+_FIX = "add it to the prices override file (KEEL_PRICES_FILE, default config/prices.yaml)"
 
 
 class PricingError(ValueError):
-    """A model has no price, or ``KEEL_PRICES_FILE`` is malformed. Configuration, not luck."""
+    """A model has no price, or the override file is malformed. Configuration, not luck."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,55 +78,52 @@ class Price:
     """Output tokens, reasoning tokens included."""
     cache_write: int
     """Input tokens written to the prompt cache (Anthropic charges extra; OpenAI does not)."""
+    tiers: tuple[tuple[int, Price], ...] = ()
+    """Context tiers ``(threshold, rates)``, ascending: a call whose total input tokens exceed
+    ``threshold`` pays ``rates`` for all its tokens (the providers' cliff model)."""
+    source: str = ""
+    """``genai-prices <version>`` or the override file it came from (for ``doctor``)."""
 
+    def at(self, input_tokens: int) -> Price:
+        """The rates a call with ``input_tokens`` of input pays (its context tier's)."""
+        for threshold, rates in reversed(self.tiers):
+            if input_tokens > threshold:
+                return rates
+        return self
 
-def _usd(input: str, cached_input: str, output: str, cache_write: str | None = None) -> Price:
-    def micros(usd: str) -> int:
-        return int(Decimal(usd) * _PER_MTOK)
-
-    return Price(micros(input), micros(cached_input), micros(output), micros(cache_write or input))
-
-
-DEFAULT_PRICES: dict[str, Price] = {
-    "openai:gpt-4o-mini": _usd("0.15", "0.075", "0.60"),
-    "openai:gpt-4.1-mini": _usd("0.40", "0.10", "1.60"),
-    "openai:gpt-4.1": _usd("2.00", "0.50", "8.00"),
-    "openai:o3": _usd("2.00", "0.50", "8.00"),
-    "anthropic:claude-haiku-4-5": _usd("1.00", "0.10", "5.00", "1.25"),
-    "anthropic:claude-sonnet-4-5": _usd("3.00", "0.30", "15.00", "3.75"),
-    "anthropic:claude-opus-4-1": _usd("15.00", "1.50", "75.00", "18.75"),
-    # Nominal: the offline model costs nothing, but a non-zero price (that of a cheap hosted
-    # model) makes budgets, caps and the ledger behave offline exactly as they would live.
-    "offline": _usd("0.15", "0.075", "0.60"),
-}
-"""Built-in list prices, keyed ``provider:name`` (or ``offline``)."""
+    def dearest(self) -> Price:
+        """The highest rates of any tier (a bound for prompts of unknown size)."""
+        return self.tiers[-1][1] if self.tiers else self
 
 
 def price_for(model: str, prices: Mapping[str, Price] | None = None) -> Price:
     """The price of ``model`` (``provider:name`` or ``offline``).
 
-    A dated snapshot (``openai:gpt-4.1-2025-04-14``) falls back to its undated entry; other
-    suffixes do not, so ``o3-pro`` is never priced as ``o3``. ``prices`` defaults to
-    :func:`load_prices` (environment and file: activities only).
+    ``prices`` (the override table) defaults to :func:`load_prices`; a model it does not name
+    is looked up in genai-prices (dated snapshots such as ``gpt-4.1-2025-04-14`` resolve to
+    their model; other suffixes do not, so ``o3-pro`` is never priced as ``o3``).
 
     Raises:
-        PricingError: if no price is known, or ``KEEL_PRICES_FILE`` is invalid.
+        PricingError: one line, if no price is known or the override file is invalid.
     """
     table = load_prices() if prices is None else prices
     key = "offline" if model.split(":", 1)[0] == "offline" else model
-    for candidate in (key, _DATE_SUFFIX.sub("", key)):
-        if candidate in table:
-            return table[candidate]
-    raise PricingError(f"no price for model {model!r}: add it to the JSON file named by KEEL_PRICES_FILE")
+    if key in table:
+        return table[key]
+    found = _genai_price(key, datetime.now(UTC).date().isoformat())
+    if found is None:
+        raise PricingError(f"no price for model {model!r}: {_FIX}")
+    return found
 
 
 def cost_micros(model: str, usage: Usage, prices: Mapping[str, Price] | None = None) -> int:
     """Actual cost of a call in integer micro-USD, rounded up.
 
     ``usage.input_tokens`` is the total input; the cached and cache-write parts of it are
-    priced at their own rates and the rest at the full input rate.
+    priced at their own rates and the rest at the full input rate, all at the rates of the
+    context tier the total input falls in.
     """
-    p = price_for(model, prices)
+    p = price_for(model, prices).at(usage.input_tokens)
     cached = max(usage.cached_input_tokens, 0)
     written = max(usage.cache_write_tokens, 0)
     plain = max(usage.input_tokens - cached - written, 0)
@@ -126,49 +140,121 @@ def estimate_micros(
     model: str, input_tokens: int, max_tokens: int, prices: Mapping[str, Price] | None = None
 ) -> int:
     """Worst-case cost before a call, for a budget reservation: every output token used, no
-    cache hit, and input at the dearer of the input and cache-write rates (the Anthropic
-    provider marks prompts for caching, and a first call writes the cache at 1.25x)."""
-    p = price_for(model, prices)
+    cache hit, input at the dearer of the input and cache-write rates (the Anthropic provider
+    marks prompts for caching, and a first call writes the cache at 1.25x), all at the context
+    tier of ``input_tokens`` (an upper bound of the prompt, so of its tier too)."""
+    p = price_for(model, prices).at(input_tokens)
     total = max(input_tokens, 0) * max(p.input, p.cache_write) + max(max_tokens, 0) * p.output
     return -(-total // _PER_MTOK)
+
+
+# ---------------------------------------------------------------------------- genai-prices
+_genai_cache: dict[tuple[str, str], Price | None] = {}
+
+
+def _genai_price(model: str, day: str) -> Price | None:
+    """``model``'s price in genai-prices' bundled data (``None`` when it has none); cached per
+    day, since the data holds dated price changes."""
+    hit = _genai_cache.get((model, day), False)
+    if hit is not False:
+        return hit  # type: ignore[return-value]
+    provider, sep, name = model.partition(":")
+    price = None
+    if sep and name and provider in ("openai", "anthropic"):
+        price = _from_genai(provider, name)
+    _genai_cache[(model, day)] = price
+    return price
+
+
+def _from_genai(provider: str, name: str) -> Price | None:
+    # Imported here: the data module is large (~0.3 s), and the CLI's fast paths never price.
+    import genai_prices
+    from genai_prices import data_snapshot
+    from genai_prices.types import TieredPrices
+
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(name, None, provider, None)
+    except LookupError:
+        return None
+    mp = info.get_prices(datetime.now(UTC))
+    raw = {
+        "input": mp.input_mtok,
+        "cached_input": mp.cache_read_mtok,
+        "output": mp.output_mtok,
+        "cache_write": mp.cache_write_mtok,
+    }
+    if raw["input"] is None or raw["output"] is None:
+        return None  # priced per request or per second, not per token: not a chat model for us
+    raw["cached_input"] = raw["cached_input"] if raw["cached_input"] is not None else raw["input"]
+    raw["cache_write"] = raw["cache_write"] if raw["cache_write"] is not None else raw["input"]
+
+    def rate(value: Any, input_tokens: int) -> int:
+        usd = value.base if isinstance(value, TieredPrices) else value
+        if isinstance(value, TieredPrices):
+            for tier in reversed(value.tiers):
+                if input_tokens > tier.start:
+                    usd = tier.price
+                    break
+        return _to_micros(Decimal(usd))
+
+    def rates(input_tokens: int) -> dict[str, int]:
+        return {f: rate(raw[f], input_tokens) for f in _FIELDS}
+
+    starts = sorted({t.start for v in raw.values() if isinstance(v, TieredPrices) for t in v.tiers})
+    source = f"genai-prices {genai_prices.__version__}"
+    tiers = tuple((s, Price(**rates(s + 1), source=source)) for s in starts)
+    return Price(**rates(0), tiers=tiers, source=source)
+
+
+# ---------------------------------------------------------------------------- override file
+def prices_file(env: Mapping[str, str] | None = None) -> Path:
+    """The override file: ``KEEL_PRICES_FILE``, else ``config/prices.yaml`` of the checkout."""
+    e = os.environ if env is None else env
+    raw = (e.get("KEEL_PRICES_FILE") or "").strip()
+    return Path(raw) if raw else DEFAULT_PRICES_FILE
 
 
 _cache: tuple[tuple[str, int], dict[str, Price]] | None = None
 
 
-def load_prices() -> dict[str, Price]:
-    """The built-in table merged with ``KEEL_PRICES_FILE`` (re-read when the file changes)."""
+def load_prices(env: Mapping[str, str] | None = None) -> dict[str, Price]:
+    """The override table (re-read when the file changes); ``{}`` when the default file is
+    absent. A named ``KEEL_PRICES_FILE`` that cannot be read is an error."""
     global _cache
-    path = os.environ.get("KEEL_PRICES_FILE")
-    if not path:
-        return DEFAULT_PRICES
+    path = prices_file(env)
+    named = path != DEFAULT_PRICES_FILE
     try:
-        stamp = (path, os.stat(path).st_mtime_ns)
+        stamp = (str(path), os.stat(path).st_mtime_ns)
     except OSError as e:
+        if not named:
+            return {}
         raise PricingError(f"KEEL_PRICES_FILE {path}: cannot read ({e.strerror})") from e
     if _cache is not None and _cache[0] == stamp:
         return _cache[1]
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PricingError(f"KEEL_PRICES_FILE {path}: not valid JSON ({e})") from e
-    table = {**DEFAULT_PRICES, **_parse(path, raw)}
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PricingError(f"KEEL_PRICES_FILE {path}: not valid YAML ({first})") from e
+    table = _parse(path, {} if raw is None else raw)
     _cache = (stamp, table)
     return table
 
 
-def _parse(path: str, raw: Any) -> dict[str, Price]:
+def _parse(path: Path, raw: Any) -> dict[str, Price]:
     if not isinstance(raw, dict):
-        raise PricingError(f"KEEL_PRICES_FILE {path}: expected an object of model -> prices")
+        raise PricingError(f"KEEL_PRICES_FILE {path}: expected a mapping of model -> prices")
     out: dict[str, Price] = {}
     for model, entry in raw.items():
         where = f"KEEL_PRICES_FILE {path}: {model!r}"
-        if model != "offline" and not re.fullmatch(r"(openai|anthropic):\S+", model):
+        if not isinstance(model, str) or (
+            model != "offline" and not re.fullmatch(r"(openai|anthropic):\S+", model)
+        ):
             raise PricingError(f"{where}: model must be 'offline' or 'openai:/anthropic:<name>'")
         if not isinstance(entry, dict):
-            raise PricingError(f"{where}: expected an object with input/output prices")
-        unknown = sorted(set(entry) - set(_FIELDS))
+            raise PricingError(f"{where}: expected a mapping with input/output prices")
+        unknown = sorted(set(map(str, entry)) - set(_FIELDS))
         if unknown:
             raise PricingError(f"{where}: unknown field(s) {', '.join(unknown)}")
         for required in ("input", "output"):
@@ -177,7 +263,7 @@ def _parse(path: str, raw: Any) -> dict[str, Price]:
         values = {name: _micros(where, name, entry[name]) for name in _FIELDS if name in entry}
         values.setdefault("cached_input", values["input"])
         values.setdefault("cache_write", values["input"])
-        out[model] = Price(**values)
+        out[model] = Price(**values, source=str(path))
     return out
 
 
@@ -188,6 +274,10 @@ def _micros(where: str, name: str, value: Any) -> int:
     if not math.isfinite(value) or value < 0:
         raise PricingError(f"{where}.{name} must be a finite, non-negative number")
     try:
-        return int((Decimal(str(value)) * _PER_MTOK).to_integral_value(rounding=ROUND_CEILING))
+        return _to_micros(Decimal(str(value)))
     except InvalidOperation as e:  # pragma: no cover - excluded by the checks above
         raise PricingError(f"{where}.{name} is not a usable number") from e
+
+
+def _to_micros(usd_per_mtok: Decimal) -> int:
+    return int((usd_per_mtok * _PER_MTOK).to_integral_value(rounding=ROUND_CEILING))

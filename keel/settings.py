@@ -91,7 +91,7 @@ class KeelEnv(BaseSettings):
     """``lease``: a transaction placing only budget holds commits without waiting for its WAL
     flush; ``durable``: it waits (see migration 009)."""
     KEEL_PRICES_FILE: Path | None = None
-    """JSON of model prices merged over the built-in table."""
+    """Model prices (YAML) that win over genai-prices' (default ``config/prices.yaml``)."""
     KEEL_MODEL_FAST: str | None = None
     """Model for the ``fast`` tier (``offline``, ``openai:<name>``, ``anthropic:<name>``)."""
     KEEL_MODEL_BALANCED: str | None = None
@@ -140,6 +140,8 @@ class KeelEnv(BaseSettings):
     """Consecutive model-provider failures that open its breaker (see ``keel.activities.llm``)."""
     KEEL_MODEL_TIMEOUT_S: str | None = None
     """Per-call model timeout in seconds (see ``keel.workflows.options``)."""
+    KEEL_GENAI_CAPTURE_CONTENT: bool = False
+    """Record prompts and completions on the ``chat`` spans (redacted by ``keel.redact``)."""
     KEEL_FLAG_COST_FACTOR: str | None = None
     """Anomaly flag thresholds, ``KEEL_FLAG_<FIELD>`` (validated by ``keel.anomaly``)."""
 

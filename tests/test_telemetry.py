@@ -132,13 +132,39 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     assert refund["keel.cost_micros"] == 2000 and refund["keel.breaker_state"] == "closed"
     plan = next(s for s in spans if s.name == "RunActivity:plan").attributes or {}
     assert plan["keel.tenant"] == "acme" and plan["keel.model"] == "offline"
-    assert "keel.input_tokens" in plan and "keel.cost_micros" in plan
+
+    # Every model call of the run is one GenAI "chat" span, a child of the activity that sent
+    # it, in the run's trace (tests/providers/test_genai_telemetry.py: every role, live SDKs).
+    everything = exporter.get_finished_spans()
+    chats = [s for s in everything if s.name == "chat offline"]
+    activities = {s.context.span_id: s.name for s in spans if s.name.startswith("RunActivity:")}
+    assert chats and all(s.context.trace_id == spans[0].context.trace_id for s in chats)
+    assert all(s.parent is not None and s.parent.span_id in activities for s in chats)
+    # offline, only the planner is a model (the judge and the answer are deterministic)
+    assert {activities[s.parent.span_id] for s in chats if s.parent} == {"RunActivity:plan"}
+    assert {str((s.attributes or {})["keel.role"]) for s in chats} == {"plan"}
+    sent = [c for c in resp.calls if c.outcome == "ok"]
+    assert len(sent) == len(resp.calls)  # offline: every call answered, none refused
+    assert len(chats) == len(sent), "one span per request sent, no more, no fewer"
+    assert sum(int((s.attributes or {})["keel.cost_micros"]) for s in chats) == sum(
+        c.cost_micros for c in sent
+    )
+    for chat in chats:
+        a = chat.attributes or {}
+        assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "keel.offline"
+        assert a["gen_ai.usage.input_tokens"] > 0 and a["keel.cost_micros"] > 0  # type: ignore[operator]
+        assert a["keel.tenant"] == "acme"
+    # the customer's request is in no span: content capture is off by default
+    assert not [s.name for s in everything if "refund it if so" in s.to_json()]
+    usage = _points(meter, "gen_ai.client.token.usage")
+    assert {a["gen_ai.token.type"] for a, _ in usage} == {"input", "output"}
 
     calls = _points(meter, "keel.tool.calls")
     assert ({"tool": "issue_refund", "outcome": "ok", "tenant": "acme"}, 1) in calls
     assert ({"tenant": "acme", "kind": "tool", "tool": "issue_refund"}, 2000) in _points(meter, "keel.cost")
     models = _points(meter, "keel.model.calls")
     assert any(a["model"] == "offline" and a["outcome"] == "ok" for a, _ in models)
+    telemetry.use_tracer_provider(None)  # with_tracing pointed the model spans at it
     provider.shutdown()
 
 

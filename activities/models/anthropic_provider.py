@@ -31,6 +31,7 @@ from keel.activities.models.errors import (
 )
 from temporalio.exceptions import ApplicationError
 
+from keel import telemetry
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["AnthropicProvider", "close_clients"]
@@ -131,6 +132,9 @@ async def _create(client: AsyncAnthropic, kwargs: dict[str, Any]) -> Message:
         message = await client.messages.create(**kwargs)
     except Exception as e:
         raise translate_provider_error(e, "anthropic") from e
+    telemetry.model_response(
+        model=message.model, response_id=message.id, finish_reasons=[message.stop_reason or ""]
+    )
     if message.stop_reason == "refusal":
         raise refusal_error("anthropic", _text(message), _usage(message))
     return message

@@ -30,6 +30,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from temporalio.exceptions import ApplicationError
 
+from keel import telemetry
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["OpenAIProvider", "close_clients"]
@@ -46,6 +47,11 @@ class OpenAIProvider:
         _, name = split_model(call.model)
         client, compatible = _client()
         completion = await _create(client, name, call, _messages(call), compatible)
+        telemetry.model_response(
+            model=completion.model or "",
+            response_id=completion.id or "",
+            finish_reasons=[c.finish_reason or "" for c in completion.choices],
+        )
         usage, known = _usage(completion)
         text = _text(completion, usage)
         truncated = bool(completion.choices) and completion.choices[0].finish_reason == "length"

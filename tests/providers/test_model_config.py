@@ -22,7 +22,7 @@ def test_unpriced_local_model_is_refused_naming_the_fix(monkeypatch: pytest.Monk
         check_model_config(LOCAL)
     msg = str(info.value)
     assert "openai:qwen2.5-0.5b-instruct (tier fast) has no price" in msg
-    assert "KEEL_PRICES_FILE" in msg and "\n" not in msg
+    assert "KEEL_PRICES_FILE" in msg and "genai-prices" in msg and "\n" not in msg
 
 
 def test_a_prices_file_makes_it_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
