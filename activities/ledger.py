@@ -2,13 +2,26 @@
 
 (``activities/ledger_batch.py`` puts many concurrent operations of a worker into one call.)
 
+ONE way to call the ledger, on psycopg's public API only: every ledger statement is a
+:class:`Statement` built here and sent by :func:`execute`, which is ``conn.execute(...,
+prepare=True)``: a server-side prepared statement (psycopg prepares it on the first use on
+each connection and keeps it in the connection's cache), so a call is one Bind/Execute round
+trip with no parse or plan on the server. Integer parameters are sent with fixed types
+(``Int8``/``Int4``) so that one statement is one prepared statement whatever the amounts.
+Inside ``conn.pipeline()`` the same :func:`execute` queues the statement (the tool activity
+sends its audit row, its reservation and the COMMIT in one round trip); the cursor's rows
+are read after the pipeline syncs. Cancellation is psycopg's own: a cancelled caller's query
+is cancelled on the server and the connection is left usable (or closed, if the server does
+not stop in time), and the pool (``keel.db``) replaces connections a server restart killed.
+
 Functions take a psycopg ``AsyncConnection`` rather than a pool so that a caller can run them
 inside a transaction it owns: the tool activity commits the cost in the same transaction as
 the tool's effect, so either both happen or neither does. On an autocommit connection each
 call is its own short transaction, and row locks are held only for the function's duration.
 
 All amounts are integer micro-USD. Refusals surface as :class:`keel.budget.LedgerError`
-subclasses, mapped from the custom SQLSTATEs raised by ``keel/migrations/002_ledger.sql``.
+subclasses, mapped from the custom SQLSTATEs raised by the ledger's SQL
+(``keel/migrations/baseline/ledger.sql``).
 """
 
 from __future__ import annotations
@@ -18,15 +31,17 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import psycopg
-from psycopg import AsyncConnection, pq
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg.types.numeric import Int4, Int8
 from psycopg_pool import AsyncConnectionPool
 
-from keel import pgcall
 from keel.budget import (
     CommitRequest,
     CommitResult,
@@ -48,14 +63,20 @@ from keel.budget import (
 )
 
 __all__ = [
+    "Statement",
     "answer_error",
     "batch_op",
+    "batch_statement",
     "check_invariant",
     "commit",
+    "commit_statement",
+    "execute",
     "extend",
     "history",
-    "op_call",
     "op_statement",
+    "reserve_result",
+    "reserve_statement",
+    "run_batch",
     "run_op",
     "refusals",
     "open_run",
@@ -101,18 +122,36 @@ def refusals() -> Iterator[None]:
         raise translated from e
 
 
-async def _call(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Any:
+class Statement(NamedTuple):
+    """One ledger statement: SQL with ``%s`` placeholders and its parameters. A tuple, so
+    ``conn.execute(*stmt)`` works too, but send it with :func:`execute` (prepared)."""
+
+    sql: str
+    params: tuple[Any, ...]
+
+
+async def execute(conn: AsyncConnection[Any], stmt: Statement) -> AsyncCursor[Any]:
+    """Send one ledger statement, prepared on the server (psycopg's ``prepare=True``). In a
+    pipeline it is queued and the cursor's rows arrive when the pipeline syncs."""
+    return await conn.execute(stmt.sql, stmt.params, prepare=True)
+
+
+async def _value(conn: AsyncConnection[Any], stmt: Statement) -> Any:
+    """The single value the ledger function returns; refusals raised as typed exceptions."""
     with refusals():
-        cur = await conn.execute(sql, params)
-        row = await cur.fetchone()
+        row = await (await execute(conn, stmt)).fetchone()
     assert row is not None
     return row[0]
 
 
 async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunResult:
     """Create the run's scopes and its limit; safe to repeat (the first limit wins)."""
-    out = await _call(
-        conn, "select keel_budget_open_run(%s::text[], %s::bigint)", (list(req.scopes), req.run_limit_micros)
+    out = await _value(
+        conn,
+        Statement(
+            "select keel_budget_open_run(%s::text[], %s::bigint)",
+            (list(req.scopes), _int8(req.run_limit_micros)),
+        ),
     )
     return OpenRunResult.model_validate(out)
 
@@ -205,69 +244,89 @@ _OP_SQL: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     ),
     "release": ("keel_budget_release", (("key", ""), ("reason", ""), ("hash", ""))),
 }
-_OP_PREPARED = {
-    op: pgcall.Prepared(
-        f"keel_ledger_{op}", f"select {fn}({', '.join(f'${i}{cast}' for i, (_, cast) in enumerate(args, 1))})"
-    )
-    for op, (fn, args) in _OP_SQL.items()
+_OP_TEXT = {
+    op: f"select {fn}({', '.join(f'%s{cast}' for _, cast in args)})" for op, (fn, args) in _OP_SQL.items()
 }
-BATCH_PREPARED = pgcall.Prepared("keel_ledger_batch", "select keel_budget_batch($1::jsonb)")
+_LEASE = ", set_config('synchronous_commit', 'off', true)"
+"""Appended to a statement that only places holds: its transaction commits without waiting
+for its WAL flush, because holds are leases (the ledger's SQL, ``baseline/ledger.sql``,
+explains what a database crash can then lose, and how a commit still records the spend). It
+is ``SET LOCAL``: one autocommit statement is the whole transaction."""
+_BATCH_TEXT = "select keel_budget_batch(%s::jsonb)"
 """All of one worker's waiting operations in one call (``activities/ledger_batch.py``)."""
 
 
-def _as_lease(stmt: pgcall.Prepared) -> pgcall.Prepared:
-    """``stmt`` committing without waiting for its WAL flush: for transactions that only place
-    holds, which are leases (migration 009 explains what a database crash can then lose, and
-    how a commit still records the spend). It is ``SET LOCAL``: one autocommit statement is
-    the whole transaction."""
-    return pgcall.Prepared(f"{stmt.name}_lease", f"{stmt.sql}, set_config('synchronous_commit', 'off', true)")
+def _int8(value: int | None) -> Int8 | None:
+    return None if value is None else Int8(value)
 
 
-_RESERVE_LEASE = _as_lease(_OP_PREPARED["reserve"])
-BATCH_LEASE_PREPARED = _as_lease(BATCH_PREPARED)
-"""``BATCH_PREPARED`` for a batch of reservations only, as a lease."""
+def _param(value: Any, cast: str) -> Any:
+    """Integers with a fixed type, so one statement maps to one prepared statement (psycopg
+    types a bare ``int`` by its magnitude: ``int2`` for 900, ``int4`` for 100000)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if cast == "::bigint":
+        return Int8(value)
+    if cast == "::int":
+        return Int4(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
-def op_statement(op: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
-    """The single-operation SQL of a ``batch_op``, for ``conn.execute`` (a lone operation
-    skips the batch wrapper)."""
-    fn, args = _OP_SQL[op["op"]]
-    return f"select {fn}({', '.join(f'%s{cast}' for _, cast in args)})", tuple(op[f] for f, _ in args)
-
-
-def op_call(op: dict[str, Any], *, lease: bool = False) -> tuple[pgcall.Prepared, list[str | None]]:
-    """The same statement as ``op_statement``, prepared, with text parameters for
-    ``keel.pgcall``; a reserve with ``lease`` commits without waiting for its flush."""
+def op_statement(op: dict[str, Any], *, lease: bool = False) -> Statement:
+    """The single-operation statement of a ``batch_op`` (a lone operation skips the batch
+    wrapper); a reserve with ``lease`` commits without waiting for its flush."""
     _, args = _OP_SQL[op["op"]]
-    stmt = _RESERVE_LEASE if lease and op["op"] == "reserve" else _OP_PREPARED[op["op"]]
-    return stmt, [pgcall.text(op[f]) for f, _ in args]
+    sql = _OP_TEXT[op["op"]] + (_LEASE if lease and op["op"] == "reserve" else "")
+    return Statement(sql, tuple(_param(op[f], cast) for f, cast in args))
+
+
+def batch_statement(ops: Sequence[dict[str, Any]], *, lease: bool = False) -> Statement:
+    """Many ``batch_op``s in one ``keel_budget_batch`` call; ``lease`` only for reservations."""
+    return Statement(_BATCH_TEXT + (_LEASE if lease else ""), (Jsonb(list(ops)),))
+
+
+def _check_lease(conn: AsyncConnection[Any], lease: bool) -> None:
+    if lease and conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("a lease reserve must be its own transaction (autocommit, idle)")
 
 
 async def run_op(conn: AsyncConnection[Any], op: dict[str, Any], *, lease: bool = False) -> dict[str, Any]:
-    """One ``batch_op`` through its single-operation function on the hot path (``keel.pgcall``:
-    prepared, no cursor layer). A ledger refusal comes back as an answer value
-    (``{"error", "message"}``, read it with ``answer_error``), as ``keel_budget_batch`` returns
-    it; any other database error is raised. ``lease`` (a reserve placed as a lease) needs an
-    autocommit connection outside any transaction: it would weaken the caller's whole
-    transaction."""
-    if lease and conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        raise psycopg.ProgrammingError("a lease reserve must be its own transaction (autocommit, idle)")
-    stmt, params = op_call(op, lease=lease)
+    """One ``batch_op`` through its single-operation function (the batcher's lone call). A
+    ledger refusal comes back as an answer value (``{"error", "message"}``, read it with
+    ``answer_error``), as ``keel_budget_batch`` returns it; any other database error is
+    raised. ``lease`` (a reserve placed as a lease) needs an autocommit connection outside any
+    transaction: it would weaken the caller's whole transaction."""
+    _check_lease(conn, lease)
     try:
-        out = await pgcall.fetch_value(conn, stmt, params)
+        row = await (await execute(conn, op_statement(op, lease=lease))).fetchone()
     except psycopg.Error as e:
         err = translate_error(e)
         if err is e:
             raise
         return {"error": e.sqlstate, "message": str(err)}
-    assert out is not None
-    answer: dict[str, Any] = json.loads(out)
+    assert row is not None
+    answer: dict[str, Any] = row[0]
     return answer
 
 
-def reserve_statement(req: ReserveRequest) -> tuple[str, tuple[Any, ...]]:
-    """The SQL of a reservation, for callers that batch it with other statements (the tool
-    activity pipelines it with the audit row); parse the row with ``reserve_result``."""
+async def run_batch(
+    conn: AsyncConnection[Any], ops: Sequence[dict[str, Any]], *, lease: bool = False
+) -> list[dict[str, Any]]:
+    """Many ``batch_op``s in ONE transaction (``keel_budget_batch``), one answer each, in order;
+    a refusal is an answer value, as in ``run_op``. ``lease``: reservations only, own
+    transaction."""
+    _check_lease(conn, lease)
+    row = await (await execute(conn, batch_statement(ops, lease=lease))).fetchone()
+    assert row is not None
+    return list(row[0])
+
+
+def reserve_statement(req: ReserveRequest) -> Statement:
+    """The statement of a reservation, for callers that queue it with other statements (the
+    tool activity pipelines it with the audit row) through :func:`execute`; parse the row
+    with ``reserve_result``."""
     return op_statement(batch_op(req))
 
 
@@ -275,13 +334,13 @@ def reserve_result(row: Any) -> ReserveResult:
     return ReserveResult.model_validate(row[0])
 
 
-def commit_statement(req: CommitRequest) -> tuple[str, tuple[Any, ...]]:
-    """The SQL of a commit, for batching (see ``reserve_statement``)."""
+def commit_statement(req: CommitRequest) -> Statement:
+    """The statement of a commit, for pipelining (see ``reserve_statement``)."""
     return op_statement(batch_op(req))
 
 
-def release_statement(req: ReleaseRequest) -> tuple[str, tuple[Any, ...]]:
-    """The SQL of a release (see ``reserve_statement``)."""
+def release_statement(req: ReleaseRequest) -> Statement:
+    """The statement of a release (see ``reserve_statement``)."""
     return op_statement(batch_op(req))
 
 
@@ -293,32 +352,34 @@ def translate_error(e: psycopg.Error) -> Exception:
 
 async def reserve(conn: AsyncConnection[Any], req: ReserveRequest) -> ReserveResult:
     """Hold money on every scope of the path, all or none, and decide ALLOW/CAPS/DENY."""
-    return ReserveResult.model_validate(await _call(conn, *reserve_statement(req)))
+    return ReserveResult.model_validate(await _value(conn, reserve_statement(req)))
 
 
 async def commit(conn: AsyncConnection[Any], req: CommitRequest) -> CommitResult:
     """Record the true cost; works inside the caller's open transaction (tool effect + cost)."""
-    return CommitResult.model_validate(await _call(conn, *commit_statement(req)))
+    return CommitResult.model_validate(await _value(conn, commit_statement(req)))
 
 
 async def release(conn: AsyncConnection[Any], req: ReleaseRequest) -> ReleaseResult:
     """Return a hold; a no-op (reporting the status) when it was already committed or expired."""
-    return ReleaseResult.model_validate(await _call(conn, *release_statement(req)))
+    return ReleaseResult.model_validate(await _value(conn, release_statement(req)))
 
 
 async def extend(conn: AsyncConnection[Any], req: ExtendRequest) -> ExtendResult:
     """Lengthen a hold's lease (long tool calls); measured on the database clock."""
-    out = await _call(
+    out = await _value(
         conn,
-        "select keel_budget_extend(%s, %s::int, %s::int, %s)",
-        (req.key, req.ttl_seconds, req.seq, _hash(op="extend", ttl=req.ttl_seconds)),
+        Statement(
+            "select keel_budget_extend(%s, %s::int, %s::int, %s)",
+            (req.key, Int4(req.ttl_seconds), Int4(req.seq), _hash(op="extend", ttl=req.ttl_seconds)),
+        ),
     )
     return ExtendResult.model_validate(out)
 
 
 async def sweep_expired(conn: AsyncConnection[Any], batch: int = SWEEP_BATCH) -> int:
     """Expire holds whose lease passed and return their money; returns how many."""
-    return int(await _call(conn, "select keel_budget_sweep(%s::int)", (batch,)))
+    return int(await _value(conn, Statement("select keel_budget_sweep(%s::int)", (Int4(batch),))))
 
 
 async def set_limit(
@@ -331,9 +392,12 @@ async def set_limit(
     """Set or clear (``None``) a scope's limit; ``overdraft_micros=None`` keeps the current one."""
     if (limit_micros is not None and limit_micros < 0) or (overdraft_micros or 0) < 0:
         raise ValueError("limit and overdraft must be >= 0 micro-USD")
-    await conn.execute(
-        "select keel_budget_set_limit(%s, %s::bigint, %s, %s::bigint)",
-        (scope, limit_micros, observe, overdraft_micros),
+    await _value(
+        conn,
+        Statement(
+            "select keel_budget_set_limit(%s, %s::bigint, %s, %s::bigint)",
+            (scope, _int8(limit_micros), observe, _int8(overdraft_micros)),
+        ),
     )
 
 
@@ -390,7 +454,7 @@ async def history(conn: AsyncConnection[Any], scope: str, limit: int = 50) -> li
 
 async def check_invariant(conn: AsyncConnection[Any]) -> list[str]:
     """Violations of the ledger's accounting invariant (empty list = consistent)."""
-    cur = await conn.execute("select * from keel_check_invariant()")
+    cur = await execute(conn, Statement("select * from keel_check_invariant()", ()))
     return [r[0] for r in await cur.fetchall()]
 
 

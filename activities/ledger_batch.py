@@ -10,9 +10,9 @@ one tenant-row lock for the lot. The database runs them one after another, exact
 they had arrived alone, and each caller gets its own answer or its own refusal.
 
 No call waits for company: a call that finds no batch in flight goes out at once, alone,
-through the single-operation function (the lowest-latency path). Both kinds of transaction are
-sent through ``keel.pgcall`` (a prepared statement without psycopg's cursor layer), which on
-the benchmark VM takes ~0.3-0.5 ms off every call. Calls that arrive while
+through the single-operation function (the lowest-latency path). Both kinds of transaction go
+through the ledger client's one way to call (``ledger.execute``: psycopg's server-side
+prepared statements, one round trip). Calls that arrive while
 ``max_in_flight`` batches are out wait for the next one, so batches grow only as far as the
 load makes them. If a batch fails as a whole (a malformed scope, a deadlock, a dropped
 connection) its operations are re-run one by one, which is safe because every operation is
@@ -27,14 +27,12 @@ PostgreSQL crash can then cost (holds, never spend) and how a commit records a l
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, TypeVar
 
 from keel.activities import ledger
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
-from keel import pgcall
 from keel.budget import (
     CommitRequest,
     CommitResult,
@@ -138,15 +136,12 @@ class LedgerBatcher:
 
     async def _execute(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run ``ops`` in one transaction; a lone op uses its single-operation function.
-        Both go through ``keel.pgcall`` (prepared, no cursor layer): this is the hot path."""
+        Both are prepared statements (``ledger.execute``): this is the hot path."""
         lease = self._lease_holds and all(op["op"] == "reserve" for op in ops)
         async with self._pool.connection() as conn:
             if len(ops) == 1:
                 return [await ledger.run_op(conn, ops[0], lease=lease)]
-            stmt = ledger.BATCH_LEASE_PREPARED if lease else ledger.BATCH_PREPARED
-            out = await pgcall.fetch_value(conn, stmt, [json.dumps(ops)])
-            assert out is not None
-            return list(json.loads(out))
+            return await ledger.run_batch(conn, ops, lease=lease)
 
 
 def _settle(

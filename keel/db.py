@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["apply_migrations", "open_pool", "LifoPool", "MIGRATIONS_DIR"]
+__all__ = ["apply_migrations", "open_pool", "Pool", "MIGRATIONS_DIR"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_345_001  # arbitrary advisory-lock id owned by Keel's migrator
@@ -43,23 +43,13 @@ def apply_migrations(url: str) -> list[str]:
     return applied_now
 
 
-class LifoPool(AsyncConnectionPool):
-    """A pool that hands out the most recently returned connection first.
-
-    psycopg_pool serves its idle connections in FIFO order, so a worker making one call at a
-    time rotates through every connection it ever opened, and each call lands on a backend
-    that has been asleep the longest. Measured on the ledger's reserve through a 4-connection
-    pool on this 2-core VM: ~0.2-0.3 ms more per call than reusing the connection that was
-    just returned. LIFO keeps the busy few hot and lets the rest age out (``max_idle``).
-
-    Overrides one private method of psycopg_pool; ``tests/test_db.py`` fails if a release
-    changes it, so an upgrade cannot silently bring FIFO back.
-
-    A connection that comes back broken (the server closed it: a restart, a crash, an
-    administrator) means its idle siblings are most likely dead too: the pool checks them all
-    at once, before the caller retries. Otherwise each Temporal retry of the failed activity
-    is handed the next dead connection and a step can run out of attempts on a database that
-    is already back. Healthy traffic pays nothing: no check on checkout.
+class Pool(AsyncConnectionPool):
+    """psycopg_pool's pool, plus one rule: a connection that comes back broken (the server
+    closed it: a restart, a crash, an administrator) means its idle siblings are most likely
+    dead too, so the pool checks them all at once (``check()``), before the caller retries.
+    Otherwise each Temporal retry of the failed activity is handed the next dead connection
+    and a step can run out of attempts on a database that is already back. Healthy traffic
+    pays nothing: no check on checkout. Public API only (``putconn``, ``check``, ``broken``).
     """
 
     async def putconn(self, conn: Any) -> None:
@@ -68,21 +58,10 @@ class LifoPool(AsyncConnectionPool):
         if lost:
             await self.check()  # discards the dead idle connections and opens new ones
 
-    async def _get_ready_connection(self, timeout: float | None) -> Any:  # noqa: ASYNC109 (base's signature)
-        # The base takes the leftmost (oldest) idle connection: put the newest there first.
-        self._pool.rotate(1)
-        try:
-            return await super()._get_ready_connection(timeout)
-        except BaseException:
-            self._pool.rotate(-1)
-            raise
-
 
 async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> AsyncConnectionPool:
-    """Open an autocommit (LIFO) pool; callers open explicit transactions where they need
+    """Open an autocommit pool; callers open explicit transactions where they need
     atomicity. ``kwargs`` are connection parameters (e.g. ``options``)."""
-    pool = LifoPool(
-        url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True, **kwargs}
-    )
+    pool = Pool(url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True, **kwargs})
     await pool.open(wait=True, timeout=15)
     return pool

@@ -251,8 +251,9 @@ async def _gate_and_reserve(
                     ),
                     prepare=True,
                 )
-                cur = await conn.execute(
-                    *ledger.reserve_statement(
+                cur = await ledger.execute(
+                    conn,
+                    ledger.reserve_statement(
                         tool_hold(
                             key=call.reservation_key,
                             scopes=gate.scopes,
@@ -263,7 +264,6 @@ async def _gate_and_reserve(
                             ttl=gate.hold_ttl_seconds,
                         )
                     ),
-                    prepare=True,
                 )
     res = ledger.reserve_result(await cur.fetchone())
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
@@ -305,11 +305,11 @@ async def _record_and_settle(
                 prepare=True,
             )
             if call.reservation_key:
-                await conn.execute(
-                    *ledger.commit_statement(
+                await ledger.execute(
+                    conn,
+                    ledger.commit_statement(
                         CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
                     ),
-                    prepare=True,
                 )
 
 
