@@ -87,7 +87,7 @@ class BudgetActivities:
     async def release(self, req: ReleaseRequest) -> ReleaseResult:
         """Give back a hold that will not be used (skipped step, cancel, compensation). A hold
         the workflow was granted can only be missing if the database lost it as a lease
-        (migration 009): then nothing is held, which is what a release wants."""
+        (``baseline/ledger.sql``, lost holds): then nothing is held, which is what a release wants."""
         return await _refusals(self._release(req))
 
     async def _release(self, req: ReleaseRequest) -> ReleaseResult:

@@ -20,8 +20,9 @@ idempotent by key and payload: the failed batch either committed entirely or not
 
 Holds are leases (``lease_holds``, ``KEEL_LEDGER_HOLDS=lease`` by default): a transaction
 holding only reservations commits without waiting for its WAL flush, so a lone reservation does
-not pay for the disk; any transaction with a commit or release waits. Migration 009 says what a
-PostgreSQL crash can then cost (holds, never spend) and how a commit records a lost hold.
+not pay for the disk; any transaction with a commit or release waits. The ledger's SQL
+(``keel/migrations/baseline/ledger.sql``) says what a PostgreSQL crash can then cost (holds,
+never spend) and how a commit records a lost hold.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class LedgerBatcher:
     ``max_in_flight`` is how many batches may be out at once: 2 lets the next batch travel
     and queue while the previous one flushes. With ``lease_holds`` (``KEEL_LEDGER_HOLDS=lease``,
     the default) a transaction holding only reservations commits without waiting for its WAL
-    flush; any transaction with a commit or release waits (migration 009 says why that is
-    safe and what a database crash can cost).
+    flush; any transaction with a commit or release waits (``baseline/ledger.sql`` says why
+    that is safe and what a database crash can cost).
     """
 
     def __init__(

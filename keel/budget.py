@@ -1,7 +1,7 @@
 """Budget ledger payloads and scope naming, shared by the workflow and the activities.
 
 Pure and I/O-free so the workflow can import it. The ledger itself lives in PostgreSQL
-(``keel/migrations/002_ledger.sql``, hot path in ``008_ledger_lean.sql``);
+(its current schema in one file: ``keel/migrations/baseline/ledger.sql``);
 ``activities/ledger.py`` and its batcher ``activities/ledger_batch.py`` are the only code that
 talks to it.
 

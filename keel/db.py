@@ -4,6 +4,15 @@ Migrations are plain ``keel/migrations/NNN_name.sql`` files applied in name orde
 under an advisory lock so that several workers starting together do not race. Workers apply
 them on start (so a production worker needs no separate step) and ``dev up`` applies them for
 the embedded default.
+
+A baseline (``keel/migrations/baseline/*.sql``) is the current schema of one part, written as
+one file to be read: ``baseline/ledger.sql`` is the whole budget ledger. Its first line names
+the numbered migrations it stands for (``-- replaces: 002_ledger.sql ...``). A database that
+has applied none of them, nor anything numbered after the first of them (a new database), gets
+the baseline in their place, and they are recorded as applied; a database that has applied
+any of them keeps upgrading through the numbered files. Both end at the same schema
+(``tests/test_migrations.py`` builds one each way and compares their dumps), so a change to
+the ledger's SQL is a new numbered migration AND the same change in the baseline.
 """
 
 from __future__ import annotations
@@ -14,14 +23,51 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["apply_migrations", "open_pool", "Pool", "MIGRATIONS_DIR"]
+__all__ = ["apply_migrations", "open_pool", "Pool", "BASELINE_DIR", "MIGRATIONS_DIR"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+BASELINE_DIR = MIGRATIONS_DIR / "baseline"
 _MIGRATION_LOCK = 7_345_001  # arbitrary advisory-lock id owned by Keel's migrator
+_REPLACES = "-- replaces:"
 
 
-def apply_migrations(url: str) -> list[str]:
-    """Apply pending migrations; returns the names applied now (empty when up to date)."""
+def _replaces(baseline: Path) -> list[str]:
+    """The numbered migrations a baseline stands for, from its first line."""
+    first = baseline.read_text().splitlines()[0] if baseline.stat().st_size else ""
+    if not first.startswith(_REPLACES) or not first[len(_REPLACES) :].split():
+        raise ValueError(f"{baseline}: the first line must be '{_REPLACES} NNN_name.sql ...'")
+    return sorted(first[len(_REPLACES) :].split())
+
+
+def _plan(done: set[str], *, baselines: bool, upto: str | None) -> list[tuple[Path, list[str]]]:
+    """(file to run, names it records) in order: a baseline takes the place of the first
+    migration it replaces when nothing from there on has been applied."""
+    numbered = sorted(p for p in MIGRATIONS_DIR.glob("*.sql") if upto is None or p.name <= upto)
+    instead: dict[str, tuple[Path, list[str]]] = {}
+    skipped: set[str] = set()
+    for baseline in sorted(BASELINE_DIR.glob("*.sql")) if baselines else []:
+        names = _replaces(baseline)
+        if upto is not None and names[-1] > upto:
+            continue
+        if not any(name >= names[0] for name in done):
+            instead[names[0]] = (baseline, [*names, f"baseline/{baseline.name}"])
+            skipped.update(names)
+    steps: list[tuple[Path, list[str]]] = []
+    for path in numbered:
+        if path.name in done:
+            continue
+        if path.name in instead:
+            steps.append(instead[path.name])
+        elif path.name not in skipped:
+            steps.append((path, [path.name]))
+    return steps
+
+
+def apply_migrations(url: str, *, baselines: bool = True, upto: str | None = None) -> list[str]:
+    """Apply pending migrations; returns the names recorded now (empty when up to date). A
+    baseline applied is recorded as the migrations it replaces plus ``baseline/<file>``.
+    ``baselines=False`` takes the numbered path only and ``upto`` stops after that file:
+    both for tests and staged upgrades, not for normal use."""
     applied_now: list[str] = []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
@@ -31,13 +77,12 @@ def apply_migrations(url: str) -> list[str]:
                 "name text primary key, applied_at timestamptz not null default now())"
             )
             done = {r[0] for r in conn.execute("select name from keel_migrations")}
-            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-                if path.name in done:
-                    continue
+            for path, names in _plan(done, baselines=baselines, upto=upto):
                 with conn.transaction():
                     conn.execute(path.read_text())  # type: ignore[arg-type]
-                    conn.execute("insert into keel_migrations(name) values (%s)", (path.name,))
-                applied_now.append(path.name)
+                    for name in names:
+                        conn.execute("insert into keel_migrations(name) values (%s)", (name,))
+                applied_now.extend(names)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied_now

@@ -26,7 +26,7 @@ def usd(micros: int | None, *, unlimited: str = "unlimited") -> str:
 
 
 _SENTENCES = (
-    # keel/migrations/002_ledger.sql keel_budget_decide: DENY, partial grant, low water.
+    # keel/migrations/baseline/ledger.sql keel_budget_decide: DENY, partial grant, low water.
     (
         re.compile(r"has (-?\d+) micro-USD left of its (-?\d+) limit; request needs (\d+) \(minimum (\d+)\)"),
         "has {0} left of its {1} limit; request needs {2} (minimum {3})",

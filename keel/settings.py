@@ -89,7 +89,7 @@ class KeelEnv(BaseSettings):
     """Where people look at runs (default the embedded UI)."""
     KEEL_LEDGER_HOLDS: Literal["lease", "durable"] = "lease"
     """``lease``: a transaction placing only budget holds commits without waiting for its WAL
-    flush; ``durable``: it waits (see migration 009)."""
+    flush; ``durable``: it waits (see ``keel/migrations/baseline/ledger.sql``)."""
     KEEL_PRICES_FILE: Path | None = None
     """Model prices (YAML) that win over genai-prices' (default ``config/prices.yaml``)."""
     KEEL_MODEL_FAST: str | None = None

@@ -1,3 +1,7 @@
+-- UPGRADE PATH ONLY. The ledger's current schema reads in one file, baseline/ledger.sql,
+-- which a new database gets instead of 002, 008 and 009; this file upgrades databases that
+-- applied the steps before it, and records why the step was taken.
+--
 -- Budget ledger: hierarchical scopes, reserve -> commit / release, TTL leases, idempotency.
 --
 -- Every worker shares this ledger, so the database is the only authority: each operation is

@@ -1,3 +1,7 @@
+-- UPGRADE PATH ONLY. The ledger's current schema reads in one file, baseline/ledger.sql,
+-- which a new database gets instead of 002, 008 and 009; this file upgrades databases that
+-- applied the steps before it, and records why the step was taken.
+--
 -- Budget ledger, second cut: a lean hot path and batches.
 --
 -- Same contract as 002 (which stays the record of the tables): same functions, same answers,

@@ -1,3 +1,7 @@
+-- UPGRADE PATH ONLY. The ledger's current schema reads in one file, baseline/ledger.sql,
+-- which a new database gets instead of 002, 008 and 009; this file upgrades databases that
+-- applied the steps before it, and records why the step was taken.
+--
 -- Budget ledger, third cut: holds are leases, spend is durable.
 --
 -- A hold is soft state by design: it has a TTL, and a hold whose worker dies expires and
