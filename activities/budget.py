@@ -53,9 +53,17 @@ _Out = TypeVar("_Out")
 class BudgetActivities:
     """Ledger activities bound to the worker's pool (register the bound methods)."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, lease_holds: bool = True) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        lease_holds: bool = True,
+        ledger_pool: AsyncConnectionPool | None = None,
+    ) -> None:
+        """``ledger_pool``: the batcher's own small pool (``keel.db.open_ledger_pool``, what
+        the worker passes: it keeps the hot path on warm connections); default ``pool``."""
         self._pool = pool
-        self._batcher = LedgerBatcher(pool, lease_holds=lease_holds)
+        self._batcher = LedgerBatcher(ledger_pool or pool, lease_holds=lease_holds)
 
     @activity.defn(name="budget_reserve")
     async def reserve(self, req: ReserveRequest) -> ReserveResult:

@@ -57,7 +57,8 @@ class LedgerBatcher:
     and queue while the previous one flushes. With ``lease_holds`` (``KEEL_LEDGER_HOLDS=lease``,
     the default) a transaction holding only reservations commits without waiting for its WAL
     flush; any transaction with a commit or release waits (``baseline/ledger.sql`` says why
-    that is safe and what a database crash can cost).
+    that is safe and what a database crash can cost). ``pool`` is best a ledger-only pool of
+    ``max_in_flight`` connections (``keel.db.open_ledger_pool``, what the worker gives it).
     """
 
     def __init__(

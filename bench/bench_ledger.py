@@ -46,7 +46,7 @@ from keel.activities.ledger_batch import LedgerBatcher
 from psycopg_pool import AsyncConnectionPool
 
 from keel.budget import CommitRequest, CommitResult, ReserveRequest, ReserveResult, model_scope, scope_path
-from keel.db import apply_migrations, open_pool
+from keel.db import apply_migrations, open_ledger_pool
 
 __all__ = ["run"]
 
@@ -165,10 +165,8 @@ async def _select1(pool: AsyncConnectionPool, seconds: float, timings: list[floa
 
 
 async def _pool(url: str, mode: str) -> AsyncConnectionPool:
-    """The worker's kind of pool (``keel.db.open_pool``: autocommit, psycopg_pool)."""
-    return await open_pool(
-        url, min_size=2, max_size=4, **({"options": f"-c synchronous_commit={mode}"} if mode else {})
-    )
+    """The worker's ledger pool (``keel.db.open_ledger_pool``: autocommit, two connections)."""
+    return await open_ledger_pool(url, **({"options": f"-c synchronous_commit={mode}"} if mode else {}))
 
 
 async def run(url: str, smoke: bool = False) -> dict[str, Any]:

@@ -43,7 +43,7 @@ HEARTBEAT_THROTTLE = timedelta(seconds=1)
 timeout, which leaves tools (4 s timeout) under a second of slack and delays cancellation."""
 
 
-def _activities(pool: Any, settings: Settings) -> list[Any]:
+def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[Any]:
     from keel.activities.agent import AgentActivities
     from keel.activities.budget import BudgetActivities
     from keel.activities.control import ControlActivities
@@ -52,7 +52,7 @@ def _activities(pool: Any, settings: Settings) -> list[Any]:
     from keel.codec import load_keyring
 
     agent = AgentActivities(pool, settings)
-    budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease")
+    budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease", ledger_pool=ledger_pool)
     keys = load_keyring(settings)
     control, tools = ControlActivities(pool, keys), ToolActivities(pool, keys)
     return [
@@ -133,6 +133,7 @@ def build_workers(
     max_cached_workflows: int = 1000,
     extra_activities: Sequence[Any] = (),
     interceptors: Sequence[Interceptor] = (),
+    ledger_pool: Any = None,
 ) -> list[Worker]:
     """The main worker plus one per rate-limited tool (Temporal enforces the queue's rate).
 
@@ -155,7 +156,7 @@ def build_workers(
             client,
             task_queue=queue,
             workflows=[AgentWorkflow],
-            activities=_merge(_activities(pool, settings), extra_activities),
+            activities=_merge(_activities(pool, settings, ledger_pool), extra_activities),
             max_cached_workflows=max_cached_workflows,
             sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
             max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
@@ -193,7 +194,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     from keel.activities.llm import check_model_config
     from keel.activities.tools import catalog
     from keel.client import connect
-    from keel.db import apply_migrations, open_pool
+    from keel.db import apply_migrations, open_ledger_pool, open_pool
     from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing
 
     catalog(include_hidden=True)  # a tool module or agent definition that cannot load
@@ -202,11 +203,12 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     await asyncio.to_thread(apply_migrations, settings.database_url)
     tracer_provider, meter_provider = setup_telemetry("keel-worker")
     pool = await open_pool(settings.database_url, max_size=20)
+    ledger_pool = await open_ledger_pool(settings.database_url)
     client = await connect(settings)
     if tracer_provider is not None:
         client = with_tracing(client, tracer_provider)
     stop = stop or asyncio.Event()
-    workers = build_workers(client, pool, settings)
+    workers = build_workers(client, pool, settings, ledger_pool=ledger_pool)
     sweeper = asyncio.create_task(run_sweeper(pool, interval_seconds=5.0, stop=stop))
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -217,5 +219,6 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sweeper
+        await ledger_pool.close()
         await pool.close()
         shutdown_telemetry(tracer_provider, meter_provider)
