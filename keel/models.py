@@ -454,6 +454,18 @@ class ModelResult(Frozen):
     """The provider reported usage; ``False`` means the ledger charges the call's full hold."""
 
 
+class EffectLimit(Frozen):
+    """A cumulative limit the tool itself enforces where the money moves (issue 17): the
+    policy's ``CumulativeLimit`` as the step's gate carries it to the tool activity."""
+
+    name: str
+    arg: str
+    per: Literal["order", "run", "tenant_day"]
+    key: str | None = None
+    max: float | None = None
+    approval_over: float | None = None
+
+
 class StepGate(Frozen):
     """The workflow's allow decision for a step, and the budget to hold for it."""
 
@@ -468,6 +480,10 @@ class StepGate(Frozen):
     """``trusted`` or ``untrusted: why`` (issue 17); recorded in the allow row."""
     approved_by: str = ""
     """Who approved the step, when a human did."""
+    limits: tuple[EffectLimit, ...] = ()
+    """The policy's cumulative limits on this tool. The gate checked them against the sums
+    it could see at run start; the tool re-checks them under a lock inside its effect's
+    transaction, so concurrent runs cannot together pass what each passed alone."""
 
 
 class ToolCall(Frozen):

@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.models import (
         AgentRequest,
         Approval,
+        EffectLimit,
         PlanStep,
         StepGate,
         StepRecord,
@@ -147,7 +148,11 @@ class StepRunner:
         self._stopper.check()
         st.put(record.model_copy(update={"state": StepState.RUNNING}))
         stepgate = step_gate(ctx, tool, gate.rule, gate.reason, self._admitted).model_copy(
-            update={"provenance": gate.provenance, "approved_by": approved_by}
+            update={
+                "provenance": gate.provenance,
+                "approved_by": approved_by,
+                "limits": effect_limits(st.policy(ctx), tool.name),
+            }
         )
         try:
             effect = _reused_key(req, step.id, tool.name, args) or key
@@ -475,6 +480,15 @@ def step_gate(ctx: RunContext, tool: ToolInfo, rule: str, reason: str, admitted:
         scopes=ctx.scopes,
         amount_micros=tool.cost_micros,
         hold_ttl_seconds=admitted_ttl(ctx) if admitted else 300,
+    )
+
+
+def effect_limits(policy: Any, tool: str) -> tuple[EffectLimit, ...]:
+    """The policy's cumulative limits on ``tool``, for the tool to re-check at its effect."""
+    rule = policy.tools.get(tool)
+    return tuple(
+        EffectLimit(name=c.name, arg=c.arg, per=c.per, key=c.key, max=c.max, approval_over=c.approval_over)
+        for c in (rule.cumulative if rule else ())
     )
 
 

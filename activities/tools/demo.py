@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from keel.activities.tools.registry import ToolContext, ToolError, tool
+from keel.activities.tools import effects
+from keel.activities.tools.registry import LimitExceeded, ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from keel.models import EffectLimit
 
 __all__ = ["LookupOrder", "CheckInventory", "IssueRefund", "VoidRefund", "SendEmail", "Noop"]
 
@@ -148,6 +151,7 @@ async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
             f"refund of ${a.amount_usd:.2f} exceeds what is left on {a.order_id} "
             f"(${_usd(order[0] - already):.2f})"
         )
+    await _within_limits(ctx, a, amount)
     row = await (
         await ctx.conn.execute(
             "insert into refunds (tenant, order_id, amount_micros, reason, idempotency_key) "
@@ -157,6 +161,73 @@ async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
     ).fetchone()
     assert row is not None
     return {"refund_id": row[0], "order_id": a.order_id, "amount_usd": _usd(amount), "status": "issued"}
+
+
+_SUMS = {
+    "order": "select coalesce(sum(amount_micros),0) from refunds "
+    "where tenant=%s and order_id=%s and status='issued'",
+    "run": "select coalesce(sum(amount_micros),0) from refunds "
+    "where tenant=%s and left(idempotency_key, length(%s) + 1) = %s || '/' and status='issued'",
+    "tenant_day": "select coalesce(sum(amount_micros),0) from refunds where tenant=%s and status='issued' "
+    "and created_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'",
+}
+"""What each scope of a cumulative limit already holds: issued refunds (a voided refund is a
+compensated effect and no longer counts). The ``refunds`` row is written in the same
+transaction as the step's ``tool_effects`` record, so it is exactly the recorded effects."""
+
+
+async def _within_limits(ctx: ToolContext, a: IssueRefund, amount: int) -> None:
+    """The policy's cumulative limits, enforced where the money moves.
+
+    The gate judged the step against sums read at run start, so two runs refunding one order
+    at once each pass alone. Here, inside the effect's transaction, every scope the limits
+    name is locked (sorted, so concurrent refunds never deadlock), the issued refunds are
+    summed, and a refund that would take a sum above ``max`` is refused, as is one crossing
+    ``approval_over`` in a step no human (or approve-on-timeout rule) approved.
+    """
+    gate = ctx.gate
+    if gate is None or not gate.limits:
+        return
+    run = ctx.idempotency_key.rsplit("/", 1)[0]
+    for key in sorted({_scope_key(lim, ctx.tenant, a.order_id, run) for lim in gate.limits}):
+        await effects.lock(ctx.conn, key)
+    for lim in gate.limits:
+        args: tuple[object, ...] = {
+            "order": (ctx.tenant, a.order_id),
+            "run": (ctx.tenant, run, run),
+            "tenant_day": (ctx.tenant,),
+        }[lim.per]
+        row = await (await ctx.conn.execute(_SUMS[lim.per], args)).fetchone()
+        total = (row[0] if row else 0) + amount
+        where = {"order": f"order {a.order_id}", "run": "this run", "tenant_day": "the tenant today"}[lim.per]
+        if lim.max is not None and total > round(lim.max * 1_000_000):
+            raise LimitExceeded(
+                f"{lim.name}: refunds on {where} would reach ${_usd(total):.2f}, above the limit "
+                f"${lim.max:g} (checked at the effect, with concurrent runs' refunds)",
+                rule=lim.name,
+                amount=_usd(total),
+            )
+        if (
+            lim.approval_over is not None
+            and total > round(lim.approval_over * 1_000_000)
+            and not gate.approved_by
+        ):
+            raise LimitExceeded(
+                f"{lim.name}: refunds on {where} would reach ${_usd(total):.2f}, over "
+                f"${lim.approval_over:g}, and no human approved this step (checked at the effect, "
+                "with concurrent runs' refunds)",
+                rule=lim.name,
+                amount=_usd(total),
+            )
+
+
+def _scope_key(lim: EffectLimit, tenant: str, order_id: str, run: str) -> str:
+    """The advisory-lock key of a limit's scope (shared by every worker)."""
+    return {
+        "order": f"limit/{tenant}/order/{order_id}",
+        "run": f"limit/{tenant}/run/{run}",
+        "tenant_day": f"limit/{tenant}/day",
+    }[lim.per]
 
 
 @tool(

@@ -24,7 +24,7 @@ from keel.activities import audit, breaker, ledger
 from keel.activities.guardrails import redact, redact_data
 from keel.activities.tools import effects
 from keel.activities.tools.mcp import mcp_spec
-from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, catalog
+from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError, catalog
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
@@ -121,6 +121,7 @@ class ToolActivities:
                             tenant=call.tenant,
                             user=call.user,
                             idempotency_key=call.idempotency_key,
+                            gate=call.gate,
                         )
                         data = await spec.fn(ctx, args)
                         result = ToolResult(
@@ -141,6 +142,8 @@ class ToolActivities:
                 # Transient failures count against the breaker; a permanent one (order not
                 # found, refund too large) proves the tool's dependency answered.
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
+                if isinstance(e, LimitExceeded):  # the effect rolled back; the refusal is recorded
+                    await _audit_limit(conn, call, e)
                 kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
                 telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
                 # The cause travels too (failure chain, worker log): redact it in place.
@@ -288,6 +291,33 @@ async def _gate_and_reserve(
         )
         return ToolResult(ok=False, refused="optional", error="optional step disabled by budget caps")
     return None
+
+
+async def _audit_limit(conn: psycopg.AsyncConnection[Any], call: ToolCall, e: LimitExceeded) -> None:
+    """One ``deny`` row for a call the tool's own limit check refused (after the gate's
+    ``allow`` row): the rule, the sum it would have reached, and that the tool decided."""
+    await audit.append_many(
+        conn,
+        [
+            AuditEntry(
+                tenant=call.tenant,
+                user=call.user,
+                workflow_id=call.workflow_id,
+                step_id=call.step_id,
+                kind="permission",
+                subject=call.tool,
+                decision="deny",
+                reason=redact(str(e))[:500],
+                data={
+                    "rule": e.rule,
+                    "amount": e.amount,
+                    "enforced_by": "tool",
+                    "args": redact_data(call.args),
+                },
+                idem_key=f"{call.workflow_id}/{call.step_id}/limit",
+            )
+        ],
+    )
 
 
 async def _record_and_settle(

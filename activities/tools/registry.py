@@ -26,9 +26,19 @@ from keel.activities.sandbox import SandboxError, SandboxResult, SandboxSpec, ru
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
-from keel.models import ToolInfo
+from keel.models import StepGate, ToolInfo
 
-__all__ = ["Tool", "ToolContext", "ToolError", "tool", "REGISTRY", "REFUSED", "catalog", "NETWORK_PERMISSION"]
+__all__ = [
+    "Tool",
+    "ToolContext",
+    "ToolError",
+    "LimitExceeded",
+    "tool",
+    "REGISTRY",
+    "REFUSED",
+    "catalog",
+    "NETWORK_PERMISSION",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,16 @@ class ToolError(Exception):
         self.retryable = retryable
 
 
+class LimitExceeded(ToolError):
+    """A policy limit the tool enforced itself refused the call (never retried): the tool
+    activity records it as a ``deny`` audit row naming ``rule``, and no effect happens."""
+
+    def __init__(self, message: str, *, rule: str, amount: float | None = None) -> None:
+        super().__init__(message, retryable=False)
+        self.rule = rule
+        self.amount = amount
+
+
 @dataclass(frozen=True)
 class ToolContext:
     """What a tool may use: a connection inside the effect's transaction and who asked."""
@@ -54,6 +74,9 @@ class ToolContext:
     idempotency_key: str
     sandbox: SandboxSpec | None = None
     """Set for tools declared with ``sandbox=``; :meth:`run` confines programs with it."""
+    gate: StepGate | None = None
+    """The workflow's allow decision (approver, the policy's cumulative limits), when the
+    step came through the gate; tools that move money re-check limits against it."""
 
     async def run(
         self, argv: Sequence[str], *, files: Mapping[str, bytes | str] | None = None
