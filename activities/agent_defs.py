@@ -9,8 +9,13 @@ again only when restarted, like its code.
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from keel.activities.tools.registry import catalog
 
 from keel.agents import DEFAULT_AGENT, Agent, load_agents
+from keel.policy import PolicyError, load_policy
+from keel.settings import SettingsError, load_settings
 
 __all__ = ["agent_definitions", "find_agent", "reset"]
 
@@ -18,11 +23,23 @@ _AGENTS: dict[str, tuple[Agent, str]] | None = None
 
 
 def agent_definitions() -> dict[str, tuple[Agent, str]]:
-    """``{name: (definition, where it came from)}``; raises ``AgentError`` on a bad one."""
+    """``{name: (definition, where it came from)}``; raises ``AgentError`` on a bad one,
+    including a policy section that names a tool, argument or permission that does not exist
+    (checked against the tool catalogue and the roles of the policy file)."""
     global _AGENTS
     if _AGENTS is None:
-        _AGENTS = load_agents(os.environ)
+        tools = catalog(include_hidden=True)
+        _AGENTS = load_agents(os.environ, tools=tools, policy=_policy(tools))
     return _AGENTS
+
+
+def _policy(tools: Any) -> Any:
+    """The policy file's roles to check permissions against; a policy that does not load is
+    reported by every run's ``prepare_run`` (it refuses them all), so it is skipped here."""
+    try:
+        return load_policy(load_settings(os.environ).policy_file, tools)
+    except (PolicyError, SettingsError):
+        return None
 
 
 def find_agent(name: str) -> tuple[Agent | None, str]:

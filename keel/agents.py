@@ -39,7 +39,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from keel.policy import Limits, ToolRule, _loc, _Strict
+from keel.models import ToolInfo
+from keel.policy import Limits, ToolRule, _loc, _Strict, check_tool_rules
 
 __all__ = [
     "DEFAULT_AGENT",
@@ -47,6 +48,7 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentPolicy",
+    "check_agent",
     "McpServer",
     "McpToolOverride",
     "load_agents",
@@ -225,8 +227,43 @@ def _from_entry_points() -> list[tuple[Agent, str]]:
     return found
 
 
-def load_agents(env: Mapping[str, str], builtin: Path | None = None) -> dict[str, tuple[Agent, str]]:
-    """Every definition this environment names: ``{name: (agent, where it came from)}``."""
+def check_agent(agent: Agent, source: str, tools: Sequence[ToolInfo], policy: Any = None) -> None:
+    """Refuse (``AgentError``, one line) an agent whose policy section names a tool or an
+    argument the catalogue ``tools`` does not have, or a permission no role of ``policy``
+    grants: like the policy file's own rules, a typo must not load (a rule on a misspelt
+    tool would silently never apply). Rules on ``<server>.<tool>`` need the agent's MCP
+    server ``<server>``."""
+    bad = check_tool_rules(agent.policy.tools, tools, "policy.tools", tuple(s.name for s in agent.mcp))
+    if bad is None and policy is not None:
+        held = {p for perms in policy.roles.values() for p in perms}
+        for tool, rule in agent.policy.tools.items():
+            for i, perm in enumerate(rule.permissions):
+                if not any(_grants(h, perm) for h in held):
+                    bad = (
+                        f"policy.tools.{tool}.permissions[{i}]",
+                        f"no role grants {perm!r} (roles: {', '.join(sorted(policy.roles)) or 'none'})",
+                    )
+                    break
+            if bad:
+                break
+    if bad:
+        raise AgentError(f"{source}: agent {agent.name!r}: {bad[0]}: {bad[1]}")
+
+
+def _grants(held: str, perm: str) -> bool:
+    return held == perm or held == "*" or (held.endswith(":*") and perm.startswith(held[:-1]))
+
+
+def load_agents(
+    env: Mapping[str, str],
+    builtin: Path | None = None,
+    tools: Sequence[ToolInfo] | None = None,
+    policy: Any = None,
+) -> dict[str, tuple[Agent, str]]:
+    """Every definition this environment names: ``{name: (agent, where it came from)}``.
+
+    With ``tools`` (the catalogue, hidden tools included) each agent's policy section is
+    checked against it, and with ``policy`` against the roles it defines (``check_agent``)."""
     from keel.settings import PROJECT_ROOT
 
     found: list[tuple[Agent, str]] = []
@@ -247,6 +284,8 @@ def load_agents(env: Mapping[str, str], builtin: Path | None = None) -> dict[str
                 f"agent {agent.name!r} is defined twice (in {agents[agent.name][1]} and in {where})"
             )
         agents[agent.name] = (agent, where)
+        if tools is not None:
+            check_agent(agent, where, tools, policy)
     servers: dict[str, tuple[McpServer, str]] = {}
     for name, (agent, _) in agents.items():
         for server in agent.mcp:  # a tool call names only <server>.<tool>: one config per name
@@ -260,7 +299,8 @@ def load_agents(env: Mapping[str, str], builtin: Path | None = None) -> dict[str
 
 def merged_policy(policy: Any, agent: Agent) -> Any:
     """``policy`` (a ``keel.policy.Policy``) with the agent's section added: its tool rules'
-    permissions, constraints and approvals appended to the file's, its limits instead."""
+    permissions, constraints, approvals and cumulative limits appended to the file's, the
+    stricter ``on_untrusted`` of the two, its limits instead."""
     tools = dict(policy.tools)
     for name, rule in agent.policy.tools.items():
         base = tools.get(name) or ToolRule()
@@ -268,11 +308,18 @@ def merged_policy(policy: Any, agent: Agent) -> Any:
             permissions=tuple(dict.fromkeys((*base.permissions, *rule.permissions))),
             constraints=(*base.constraints, *rule.constraints),
             approvals=(*base.approvals, *rule.approvals),
+            cumulative=(*base.cumulative, *rule.cumulative),
+            on_untrusted=_stricter(base.on_untrusted, rule.on_untrusted),
         )
     update: dict[str, Any] = {"tools": tools}
     if agent.policy.limits is not None:
         update["limits"] = agent.policy.limits
     return policy.model_copy(update=update)
+
+
+def _stricter(a: str | None, b: str | None) -> Any:
+    """``deny`` over ``approve`` over unset: an agent's section can only tighten."""
+    return "deny" if "deny" in (a, b) else ("approve" if "approve" in (a, b) else None)
 
 
 def agent_tiers(tiers: Mapping[str, str], agent: Agent, env: Mapping[str, str]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -346,25 +346,61 @@ def _check_catalogue(p: Policy, tools: Sequence[ToolInfo]) -> tuple[str, str] | 
         for i, tool in enumerate(t.deny_tools):
             if tool not in known:
                 return f"tenants.{tname}.deny_tools[{i}]", f"unknown tool {tool!r} (known: {names})"
-    for tool, rule in p.tools.items():
-        if tool not in known:
-            return f"tools.{tool}", f"unknown tool {tool!r} (known: {names})"
-        args = _tool_args(known[tool])
-        refs = [(f"constraints[{i}].arg", c.arg) for i, c in enumerate(rule.constraints)]
-        refs += [
-            (f"constraints[{i}].data_about", c.data_about)
-            for i, c in enumerate(rule.constraints)
-            if c.data_about
-        ]
-        refs += [(f"approvals[{i}].when.arg", a.when.arg) for i, a in enumerate(rule.approvals) if a.when.arg]
-        refs += [(f"cumulative[{i}].arg", c.arg) for i, c in enumerate(rule.cumulative)]
-        refs += [(f"cumulative[{i}].key", c.key) for i, c in enumerate(rule.cumulative) if c.key]
-        for path, arg in refs:
-            if arg not in args:
-                return (
-                    f"tools.{tool}.{path}",
-                    f"tool {tool!r} has no argument {arg!r} (arguments: {', '.join(sorted(args)) or 'none'})",
-                )
+    return check_tool_rules(p.tools, tools)
+
+
+def check_tool_rules(
+    rules: Mapping[str, ToolRule], tools: Sequence[ToolInfo], prefix: str = "tools", mcp: Sequence[str] = ()
+) -> tuple[str, str] | None:
+    """Every tool and argument the rules name must exist in the catalogue ``tools`` (the
+    policy file's ``tools:`` and an agent's ``policy.tools:`` alike); a rule on an MCP tool
+    ``<server>.<tool>`` needs ``<server>`` in ``mcp`` (its arguments are known only when a
+    run lists the server's tools). Also the shape checks: one name per rule, comparisons
+    with an ``arg``. Returns (path, problem) or None."""
+    known = {t.name: t for t in tools}
+    names = ", ".join(sorted(known))
+    for tool, rule in rules.items():
+        where = f"{prefix}.{tool}"
+        server = tool.split(".", 1)[0] if "." in tool else ""
+        if tool not in known and not (server and server in mcp):
+            extra = f"; MCP servers: {', '.join(mcp)}" if mcp else ""
+            return where, f"unknown tool {tool!r} (known: {names}{extra})"
+        for i, perm in enumerate(rule.permissions):
+            if not _NAME_RE.match(perm):
+                return f"{where}.permissions[{i}]", f"invalid permission {perm!r}"
+        if tool in known:
+            args = _tool_args(known[tool])
+            refs = [(f"constraints[{i}].arg", c.arg) for i, c in enumerate(rule.constraints)]
+            refs += [
+                (f"constraints[{i}].data_about", c.data_about)
+                for i, c in enumerate(rule.constraints)
+                if c.data_about
+            ]
+            refs += [
+                (f"approvals[{i}].when.arg", a.when.arg) for i, a in enumerate(rule.approvals) if a.when.arg
+            ]
+            refs += [(f"cumulative[{i}].arg", c.arg) for i, c in enumerate(rule.cumulative)]
+            refs += [(f"cumulative[{i}].key", c.key) for i, c in enumerate(rule.cumulative) if c.key]
+            listed = ", ".join(sorted(args)) or "none"
+            for path, arg in refs:
+                if arg not in args:
+                    return f"{where}.{path}", f"tool {tool!r} has no argument {arg!r} (arguments: {listed})"
+        bad = _rule_shape(rule, where)
+        if bad:
+            return bad
+    return None
+
+
+def _rule_shape(rule: ToolRule, where: str) -> tuple[str, str] | None:
+    names = [c.name for c in rule.constraints] + [a.name for a in rule.approvals]
+    names += [c.name for c in rule.cumulative]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        return where, f"rule name {dup!r} used twice; denials must name one rule"
+    for i, a in enumerate(rule.approvals):
+        c = a.when
+        if (c.gt, c.gte, c.lt, c.lte, c.equals) != (None,) * 5 and not c.arg:
+            return f"{where}.approvals[{i}].when", "a comparison needs 'arg'"
     return None
 
 
@@ -386,15 +422,9 @@ def _check_references(p: Policy) -> tuple[str, str] | None:
         if t.any_user and not t.roles:
             return f"tenants.{tname}.roles", 'users: "*" needs roles for those users'
     for tool, rule in p.tools.items():
-        names = [c.name for c in rule.constraints] + [a.name for a in rule.approvals]
-        names += [c.name for c in rule.cumulative]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup:
-            return f"tools.{tool}", f"rule name {dup!r} used twice; denials must name one rule"
-        for i, a in enumerate(rule.approvals):
-            c = a.when
-            if (c.gt, c.gte, c.lt, c.lte, c.equals) != (None,) * 5 and not c.arg:
-                return f"tools.{tool}.approvals[{i}].when", "a comparison needs 'arg'"
+        bad = _rule_shape(rule, f"tools.{tool}")
+        if bad:
+            return bad
     return None
 
 

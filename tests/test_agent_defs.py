@@ -12,7 +12,7 @@ from keel.agent_io import RunContext
 from keel.agents import Agent, AgentError, agent_tiers, load_agents, merged_policy, select_tools
 from keel.gate import check_tool_call
 from keel.models import StepRecord, StepState, ToolInfo
-from keel.policy import parse_policy
+from keel.policy import ToolRule, parse_policy
 
 POLICY = parse_policy(
     """version: "2026-12-01.1"
@@ -56,6 +56,117 @@ def test_a_policy_section_adds_rules_and_replaces_limits_only() -> None:
     assert gate(title="ok", priority="urgent").rule == "prio"
     assert gate(title="ok", priority="high").needs_approval
     assert gate(title="ok", priority="low").allowed
+
+
+TICKET_ARGS = TICKET.model_copy(
+    update={"args_schema": {"properties": {"title": {"type": "string"}, "priority": {"type": "string"}}}}
+)
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        (
+            {"open_tiket": {"approvals": [{"name": "all"}]}},
+            "policy.tools.open_tiket: unknown tool 'open_tiket'",
+        ),
+        (
+            {"open_ticket": {"approvals": [{"name": "high", "when": {"arg": "prio", "equals": "high"}}]}},
+            "policy.tools.open_ticket.approvals[0].when.arg: tool 'open_ticket' has no argument 'prio'",
+        ),
+        (
+            {"open_ticket": {"constraints": [{"name": "c", "arg": "titel", "max_length": 5}]}},
+            "policy.tools.open_ticket.constraints[0].arg: tool 'open_ticket' has no argument 'titel'",
+        ),
+        (
+            {"open_ticket": {"permissions": ["tickets:admin"]}},
+            "policy.tools.open_ticket.permissions[0]: no role grants 'tickets:admin' (roles: ops)",
+        ),
+        (
+            {"open_ticket": {"approvals": [{"name": "a"}], "constraints": [{"name": "a", "arg": "title"}]}},
+            "policy.tools.open_ticket: rule name 'a' used twice",
+        ),
+        ({"crm.create": {"approvals": [{"name": "all"}]}}, "unknown tool 'crm.create'"),
+    ],
+)
+def test_an_agent_policy_naming_what_does_not_exist_is_refused_in_one_line(
+    tmp_path, section: dict, says: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Like the policy file: a misspelt tool, argument or permission in an agent's section
+    would make its rule silently never apply, so the definition does not load."""
+    path = tmp_path / "ops.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"name": "ops", "instructions": "x", "policy": {"tools": section}}))
+    with pytest.raises(AgentError) as e:
+        load_agents(
+            {"KEEL_AGENT_PATH": str(path)}, builtin=tmp_path / "none", tools=(TICKET_ARGS,), policy=POLICY
+        )
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"{path}: agent 'ops': ")
+
+
+def test_a_valid_agent_section_loads_and_mcp_rules_need_the_agents_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    path = tmp_path / "ops.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ops",
+                "instructions": "x",
+                "mcp": [{"name": "crm", "command": "true"}],
+                "policy": {
+                    "tools": {
+                        "open_ticket": {
+                            "permissions": ["tickets:write"],
+                            "approvals": [{"name": "high", "when": {"arg": "priority", "equals": "high"}}],
+                        },
+                        "crm.create": {"approvals": [{"name": "all"}]},
+                    }
+                },
+            }
+        )
+    )
+    agents = load_agents(
+        {"KEEL_AGENT_PATH": str(path)}, builtin=tmp_path / "none", tools=(TICKET_ARGS,), policy=POLICY
+    )
+    assert agents["ops"][0].policy.tools["crm.create"].approvals[0].name == "all"
+
+
+def test_the_shipped_agents_load_against_the_shipped_catalogue_and_policy() -> None:
+    from keel.activities.tools.registry import catalog
+
+    from keel.policy import load_policy
+    from keel.settings import PROJECT_ROOT
+
+    tools = catalog(include_hidden=True)
+    policy = load_policy(PROJECT_ROOT / "config" / "policy.yaml", tools)
+    assert {"support", "operations"} <= set(load_agents({}, tools=tools, policy=policy))
+
+
+def test_an_agent_section_keeps_the_files_cumulative_limits_and_untrusted_rule() -> None:
+    """Naming a tool in an agent's section used to rebuild its rule from permissions,
+    constraints and approvals only: the file's cumulative limits and ``on_untrusted`` fell
+    away (fail open). They stay, and the stricter ``on_untrusted`` wins."""
+    policy = parse_policy(
+        """version: "2026-12-02.1"
+roles: {ops: [tickets:write]}
+tenants: {acme: {users: {carol: [ops]}}}
+tools:
+  open_ticket:
+    on_untrusted: approve
+    cumulative:
+      - {name: tickets-per-run, arg: priority, per: run, max: 1}
+"""
+    )
+    agent = _agent(policy={"tools": {"open_ticket": {"on_untrusted": "deny", "approvals": [{"name": "a"}]}}})
+    rule = merged_policy(policy, agent).tools["open_ticket"]
+    assert [c.name for c in rule.cumulative] == ["tickets-per-run"]
+    assert rule.on_untrusted == "deny"
+    loose = _agent(policy={"tools": {"open_ticket": {"on_untrusted": "approve"}}})
+    strict = policy.model_copy(update={"tools": {"open_ticket": ToolRule(on_untrusted="deny")}})
+    assert merged_policy(strict, loose).tools["open_ticket"].on_untrusted == "deny"
 
 
 def test_tool_selection_memory_scope_and_tiers() -> None:

@@ -186,7 +186,17 @@ def test_definitions_are_validated_with_one_line(tmp_path: Path, test_env: dict[
     (dupe / "support.yaml").write_text("name: support\ninstructions: a second support agent\n")
     with pytest.raises(AgentError, match="agent 'support' is defined twice"):
         load_agents({"KEEL_AGENT_PATH": str(dupe)})
-    for path, says in ((bad, "unknown field 'tols'"), (dupe, "agent 'support' is defined twice")):
+    typo = tmp_path / "typo.yaml"  # a misspelt tool in the policy section: its rule would never apply
+    typo.write_text(
+        "name: ops3\ninstructions: hi\npolicy:\n  tools:\n    open_tiket:\n      approvals:\n"
+        "        - {name: all, when: {}}\n"
+    )
+    cases = (
+        (bad, "unknown field 'tols'"),
+        (dupe, "agent 'support' is defined twice"),
+        (typo, "agent 'ops3': policy.tools.open_tiket: unknown tool 'open_tiket'"),
+    )
+    for path, says in cases:
         env = {**test_env, "KEEL_AGENT_PATH": str(path)}
         listing = subprocess.run(
             [str(KEEL), "agents", "list"], env=env, capture_output=True, text=True, timeout=60

@@ -67,14 +67,14 @@ async def _mcp_tools(agent: object) -> dict[str, object]:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    import os
 
+    from keel.activities.agent_defs import agent_definitions
     from keel.activities.tools.loader import ToolLoadError
     from keel.activities.tools.registry import catalog
-    from keel.agents import AgentError, load_agents, select_tools
+    from keel.agents import AgentError, select_tools
 
     try:
-        agents = load_agents(os.environ)
+        agents = agent_definitions()  # as the worker loads them: checked against the catalogue
         tools = [(t.name, t.tags) for t in catalog()]
     except (AgentError, ToolLoadError) as e:
         raise CliError(str(e)) from None
