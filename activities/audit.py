@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
 from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
+from keel.budget import ReserveResult
 
 __all__ = [
     "AuditActivities",
@@ -47,6 +48,8 @@ __all__ = [
     "checkpoint",
     "append_many",
     "append_statement",
+    "budget_change_entry",
+    "observed_entry",
     "row_hash",
     "row_hash_v2",
     "trail",
@@ -131,6 +134,74 @@ def _row(r: Sequence[Any], existing: bool = False) -> AuditRow:
         "hash",
     )
     return AuditRow(**dict(zip(names, r, strict=True)), existing=existing)
+
+
+def observed_entry(
+    res: ReserveResult,
+    *,
+    tenant: str,
+    key: str,
+    subject: str,
+    requested_micros: int,
+    user: str = "",
+    workflow_id: str = "",
+    step_id: str = "",
+) -> AuditEntry | None:
+    """The audit row of an observe-mode scope's would-be decision (issue 17), or None.
+
+    An observed scope records what it would have decided without enforcing it; the ledger
+    keeps that in its reservation row, and this makes it one audit row in the tenant's chain
+    (``would_deny`` or ``would_cap``) so ``audit show`` tells what enforcing would change."""
+    if not res.observed:
+        return None
+    would = (res.would_decision or res.decision).value
+    return AuditEntry(
+        tenant=tenant,
+        user=user,
+        workflow_id=workflow_id,
+        step_id=step_id,
+        kind="budget",
+        subject=subject,
+        decision="would_deny" if would == "DENY" else "would_cap",
+        reason=(res.reason or f"an observe-mode scope would decide {would}")[:500],
+        data={
+            "rule": "observe-mode",
+            "enforced": res.decision.value,
+            "would": would,
+            "requested_micros": requested_micros,
+            "granted_micros": res.granted_micros,
+        },
+        idem_key=f"{key}/observe",
+    )
+
+
+def budget_change_entry(
+    *,
+    tenant: str,
+    key: str,
+    subject: str,
+    decision: str,
+    reason: str,
+    data: dict[str, Any],
+    user: str = "",
+    workflow_id: str = "",
+    step_id: str = "",
+) -> AuditEntry:
+    """The audit row of a budget decision that changed the run (issue 17): caps applied (a
+    cheaper tier, fewer output tokens than asked, less budget than asked) or an optional step
+    skipped. ``data["rule"]`` names what decided (``budget-caps``)."""
+    return AuditEntry(
+        tenant=tenant,
+        user=user,
+        workflow_id=workflow_id,
+        step_id=step_id,
+        kind="budget",
+        subject=subject,
+        decision=decision,
+        reason=reason[:500],
+        data={"rule": "budget-caps", **data},
+        idem_key=f"{key}/{decision}",
+    )
 
 
 async def append_many(conn: AsyncConnection[Any], entries: Sequence[AuditEntry]) -> list[AuditRow]:

@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from keel.activities import ledger
+from keel.activities import audit, ledger
 from keel.activities.ledger_batch import LedgerBatcher
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
@@ -69,6 +69,7 @@ class BudgetActivities:
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
         """Hold budget before a model or tool call; DENY is a result, not an error."""
         res = await _refusals(self._batcher.reserve(req))
+        await self._audit_observed([(req, res)])
         telemetry.record_budget_decision(
             res.decision.value, tenant=req.scopes[0].split("/")[0] if req.scopes else "", kind=req.kind
         )
@@ -110,17 +111,43 @@ class BudgetActivities:
         """Hold a whole plan, all or none, in one transaction: a run that cannot afford its
         plan stops before acting, and one that can is not starved halfway by its neighbours."""
         total = sum(h.amount_micros for h in req.holds)
+        seen: list[tuple[ReserveRequest, ReserveResult]] = []
         async with self._pool.connection() as conn:
             with contextlib.suppress(_Refused):
                 async with conn.transaction():
                     for hold in req.holds:
                         res = await _refusals(ledger.reserve(conn, hold))
+                        seen.append((hold, res))
                         if res.decision == Decision.DENY:
                             refusal = res.reason
                             raise _Refused  # rolls back every hold placed so far
-                    return AdmitResult(admitted=True, amount_micros=total)
+                await self._audit_observed(seen)
+                return AdmitResult(admitted=True, amount_micros=total)
+        await self._audit_observed(seen)  # what observe mode saw, even when the plan is refused
         telemetry.record_budget_decision("DENY", tenant=_tenant(req), kind="admission")
         return AdmitResult(admitted=False, amount_micros=total, reason=refusal)
+
+    async def _audit_observed(self, pairs: list[tuple[ReserveRequest, ReserveResult]]) -> None:
+        """One audit row per observe-mode would-be decision (issue 17); none otherwise."""
+        rows = [
+            e
+            for req, res in pairs
+            if (
+                e := audit.observed_entry(
+                    res,
+                    tenant=req.scopes[0].split("/")[0] if req.scopes else "",
+                    workflow_id=req.run_id,
+                    step_id=req.step_id,
+                    key=req.key,
+                    subject=req.subject,
+                    requested_micros=req.amount_micros,
+                )
+            )
+            is not None
+        ]
+        if rows:
+            async with self._pool.connection() as conn:
+                await audit.append_many(conn, rows)
 
 
 async def _refusals(call: Awaitable[_Out]) -> _Out:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from keel.activities import ledger
+from keel.activities import audit, ledger
 from keel.activities.llm import Routed, route, send
 from keel.activities.models import add_usage, system_text
 from keel.activities.models.errors import (
@@ -269,7 +269,18 @@ class Meter:
                     tier=self._tier,
                 ),
             )
+        who = {
+            "tenant": self._tenant.split("/", 1)[0],
+            "workflow_id": self._run_id(),
+            "step_id": key[len(self._run_id()) + 1 :],
+        }
+        changes = [
+            e
+            for e in [audit.observed_entry(res, **who, key=key, subject=model, requested_micros=amount)]
+            if e is not None
+        ]
         if res.decision == Decision.DENY:
+            await self._audit(changes)
             self.report.calls.append(self._record(key, model, routed, Usage(), 0, 0.0, "budget_denied"))
             raise ApplicationError(
                 f"budget denied the {self._role()} call to {model}: {res.reason or 'no headroom'}",
@@ -287,6 +298,18 @@ class Meter:
             # again for the cheaper tier's model (the records show the tier that served).
             async with self._pool.connection() as conn, _ledger_refusals():
                 await ledger.release(conn, ReleaseRequest(key=key, reason=f"capped to {capped}"))
+            changes.append(
+                audit.budget_change_entry(
+                    **who,
+                    key=key,
+                    subject=model,
+                    decision="capped_tier",
+                    reason=f"{self._role()} call capped from tier {self._tier} to {capped}: "
+                    f"{res.reason or 'little budget left'}",
+                    data={"from_tier": self._tier, "to_tier": capped, "requested_micros": amount},
+                )
+            )
+            await self._audit(changes)
             self.report.calls.append(self._record(key, model, routed, Usage(), 0, 0.0, f"capped_to_{capped}"))
             self._tier = capped
             return await self.call(call.model_copy(update={"model": self._tiers[capped]}))
@@ -297,6 +320,24 @@ class Meter:
         if affordable is not None:
             max_tokens = min(max_tokens, affordable)
         sized = routed.call.model_copy(update={"max_tokens": max(1, max_tokens)})
+        if sized.max_tokens < call.max_tokens:  # the call's budget cut to what is left
+            changes.append(
+                audit.budget_change_entry(
+                    **who,
+                    key=key,
+                    subject=model,
+                    decision="capped_tokens",
+                    reason=f"{self._role()} call to {model} capped at {sized.max_tokens} output tokens "
+                    f"(asked {call.max_tokens}): ${granted / 1e6:.6f} granted of ${amount / 1e6:.6f}",
+                    data={
+                        "asked_tokens": call.max_tokens,
+                        "granted_tokens": sized.max_tokens,
+                        "requested_micros": amount,
+                        "granted_micros": granted,
+                    },
+                )
+            )
+        await self._audit(changes)
         try:
             result = await send(Routed(sized, routed.provider, routed.guard, routed.fallback_from))
         except BaseException as e:
@@ -442,6 +483,12 @@ class Meter:
             fallback_from=routed.fallback_from,
             outcome=outcome,
         )
+
+    async def _audit(self, entries: list[Any]) -> None:
+        """Budget decisions that changed this call (issue 17): one row each, nothing if none."""
+        if entries:
+            async with self._pool.connection() as conn:
+                await audit.append_many(conn, entries)
 
     def _run_id(self) -> str:
         return self._prefix.rsplit("/", 1)[0]

@@ -223,7 +223,7 @@ class DevServices:
     def _ensure_database(self) -> None:
         import psycopg
 
-        url = self.settings.database_url
+        url = self.settings.owner_url
         dbname = url.rsplit("/", 1)[1].split("?")[0]
         admin = url.rsplit("/", 1)[0] + "/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -459,7 +459,7 @@ class DevServices:
         from keel.db import apply_migrations
 
         self.start_postgres()
-        apply_migrations(self.settings.database_url)
+        apply_migrations(self.settings.owner_url)  # as the owner; runs use keel_app
         self.start_codec_server()
         self.start_temporal()
 

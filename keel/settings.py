@@ -76,7 +76,11 @@ class KeelEnv(BaseSettings):
     KEEL_TASK_QUEUE: str = Field("keel", pattern=r"^[A-Za-z0-9._:/-]{1,200}$")
     """Task queue for workflows and activities."""
     KEEL_DATABASE_URL: str | None = Field(None, pattern=r"^postgres(ql)?://")
-    """PostgreSQL holding the ledger, audit log, memory and business data."""
+    """PostgreSQL holding the ledger, audit log, memory and business data, as the role the
+    application runs as (default: the embedded server's ``keel_app``)."""
+    KEEL_DATABASE_OWNER_URL: str | None = Field(None, pattern=r"^postgres(ql)?://")
+    """The same database as the role that owns the schema: migrations run as it (default:
+    the embedded server's superuser; with ``KEEL_DATABASE_URL`` set, that URL)."""
     KEEL_STATE_DIR: Path | None = None
     """Embedded services' data, logs and pid files (default ``.keel/`` in the checkout)."""
     KEEL_UI_PORT: int = Field(8233, ge=1, le=65535)
@@ -200,8 +204,13 @@ class Settings:
     """Temporal namespace (``TEMPORAL_NAMESPACE`` or the profile)."""
     task_queue: str = "keel"
     """Task queue for workflows and activities (``KEEL_TASK_QUEUE``)."""
-    database_url: str = "postgresql://postgres@127.0.0.1:55432/keel"
-    """PostgreSQL holding the ledger, audit log, memory and business data (``KEEL_DATABASE_URL``)."""
+    database_url: str = "postgresql://keel_app@127.0.0.1:55432/keel"
+    """PostgreSQL holding the ledger, audit log, memory and business data, as the application
+    role (``KEEL_DATABASE_URL``). The embedded server's default is ``keel_app`` (migration
+    012): it cannot bend the audit trail, as in production."""
+    database_owner_url: str = ""
+    """The schema owner's connection (``KEEL_DATABASE_OWNER_URL``): migrations, creating the
+    database. Nothing that serves runs connects with it. Empty: ``database_url`` (one role)."""
     state_dir: Path = field(default=PROJECT_ROOT / ".keel")
     """Embedded services' data, logs and pid files (``KEEL_STATE_DIR``)."""
     ui_port: int = 8233
@@ -227,6 +236,11 @@ class Settings:
     """Key file (``KEEL_CODEC_KEY_FILE``; default ``<state_dir>/codec.keys``)."""
     codec_port: int = 8234
     """Port of the embedded codec server the Web UI decodes payloads through (``KEEL_CODEC_PORT``)."""
+
+    @property
+    def owner_url(self) -> str:
+        """Where migrations run: the owner's URL, or the app's when only one role is set."""
+        return self.database_owner_url or self.database_url
 
     @property
     def key_file(self) -> Path:
@@ -258,6 +272,7 @@ class Settings:
             "TEMPORAL_NAMESPACE": self.temporal_namespace,
             "KEEL_TASK_QUEUE": self.task_queue,
             "KEEL_DATABASE_URL": self.database_url,
+            "KEEL_DATABASE_OWNER_URL": self.owner_url,
             "KEEL_STATE_DIR": str(self.state_dir),
             "KEEL_UI_PORT": str(self.ui_port),
             "KEEL_PG_PORT": str(self.pg_port),
@@ -304,7 +319,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         temporal_address=address,
         temporal_namespace=namespace,
         task_queue=keel.KEEL_TASK_QUEUE,
-        database_url=keel.KEEL_DATABASE_URL or f"postgresql://postgres@127.0.0.1:{pg_port}/keel",
+        database_url=keel.KEEL_DATABASE_URL or f"postgresql://keel_app@127.0.0.1:{pg_port}/keel",
+        database_owner_url=keel.KEEL_DATABASE_OWNER_URL
+        or keel.KEEL_DATABASE_URL
+        or f"postgresql://postgres@127.0.0.1:{pg_port}/keel",
         state_dir=keel.KEEL_STATE_DIR or PROJECT_ROOT / ".keel",
         ui_port=keel.KEEL_UI_PORT,
         pg_port=pg_port,

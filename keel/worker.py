@@ -200,7 +200,8 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     catalog(include_hidden=True)  # a tool module or agent definition that cannot load
     agent_definitions()  # stops the worker before it connects to anything
     check_model_config(os.environ)  # so does a model without a price: one line, before any service
-    await asyncio.to_thread(apply_migrations, settings.database_url)
+    # Migrations as the schema owner; the pool (everything that serves runs) as the app role.
+    await asyncio.to_thread(apply_migrations, settings.owner_url)
     tracer_provider, meter_provider = setup_telemetry("keel-worker")
     pool = await open_pool(settings.database_url, max_size=20)
     ledger_pool = await open_ledger_pool(settings.database_url)

@@ -1,5 +1,9 @@
 """Session fixtures: the real Temporal dev server and the real PostgreSQL, started once.
 
+Every test connects as the application role ``keel_app`` (``pg_url``, ``db_pool``, the
+workers' ``KEEL_DATABASE_URL``); migrations run as the owner, and tests that play an operator
+or attacker with more rights ask for ``owner_pg_url`` explicitly.
+
 Tests run their own services in a temporary state folder on free ports, so a developer's
 ``make demo`` services keep running untouched, and everything started here is stopped at
 the end of the session (Temporal first, then PostgreSQL), also when the session is ended by
@@ -53,7 +57,8 @@ def settings() -> Iterator[Settings]:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         services.start_postgres()
-        apply_migrations(s.database_url)
+        apply_migrations(s.owner_url)  # the owner migrates; everything else is keel_app
+        assert s.database_url.startswith("postgresql://keel_app@"), s.database_url
         yield s
     finally:
         services.down()
@@ -69,7 +74,16 @@ def test_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def pg_url(settings: Settings) -> str:
+    """The application role ``keel_app``, as workers connect in production (migration 012):
+    tests prove what production gets, not what a superuser could do."""
     return settings.database_url
+
+
+@pytest.fixture(scope="session")
+def owner_pg_url(settings: Settings) -> str:
+    """The superuser that owns the schema: only for tests that play an operator or an
+    attacker with more rights than the application (they say so)."""
+    return settings.owner_url
 
 
 @pytest.fixture(scope="session")

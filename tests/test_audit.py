@@ -51,9 +51,10 @@ async def _fill(pool: AsyncConnectionPool, tenant: str, n: int = 5) -> list[int]
     return [r.id for r in rows]
 
 
-async def _tamper(pool: AsyncConnectionPool, sql: str, params: tuple[object, ...]) -> None:
-    async with pool.connection() as conn, conn.transaction():
-        # Only a superuser can switch triggers off (the app role cannot): a DBA-level tamper.
+async def _tamper(owner_pg_url: str, sql: str, params: tuple[object, ...]) -> None:
+    # Only a superuser can switch triggers off (the app role every other test uses cannot):
+    # a DBA-level tamper, so explicitly on the owner's connection.
+    async with await psycopg.AsyncConnection.connect(owner_pg_url) as conn, conn.transaction():
         await conn.execute("set local session_replication_role = replica")
         await conn.execute(sql, params)  # type: ignore[arg-type]
 
@@ -133,20 +134,29 @@ async def test_secrets_never_stored(db_pool: AsyncConnectionPool) -> None:
     assert got.hash == row.hash
 
 
-async def test_table_is_append_only(db_pool: AsyncConnectionPool) -> None:
+async def test_table_is_append_only(db_pool: AsyncConnectionPool, owner_pg_url: str) -> None:
+    """The app role (every test's pool) has no UPDATE/DELETE grant at all; even the owner,
+    who has, meets the append-only trigger (only switching triggers off gets past it)."""
     t = _tenant()
     ids = await _fill(db_pool, t, 2)
     async with db_pool.connection() as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        with pytest.raises(
+            psycopg.errors.InsufficientPrivilege, match="permission denied for table audit_log"
+        ):
             await conn.execute("update audit_log set reason = 'x' where id = %s", (ids[0],))
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             await conn.execute("delete from audit_log where id = %s", (ids[0],))
+    async with await psycopg.AsyncConnection.connect(owner_pg_url, autocommit=True) as owner:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            await owner.execute("update audit_log set reason = 'x' where id = %s", (ids[0],))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            await owner.execute("delete from audit_log where id = %s", (ids[0],))
 
 
-async def test_edit_detected(db_pool: AsyncConnectionPool) -> None:
+async def test_edit_detected(db_pool: AsyncConnectionPool, owner_pg_url: str) -> None:
     t = _tenant()
     ids = await _fill(db_pool, t)
-    await _tamper(db_pool, "update audit_log set reason = 'nothing to see' where id = %s", (ids[2],))
+    await _tamper(owner_pg_url, "update audit_log set reason = 'nothing to see' where id = %s", (ids[2],))
     async with db_pool.connection() as conn:
         res = await verify(conn, t)
         assert not res.ok and res.first_bad_id == ids[2] and "modified" in res.reason
@@ -154,11 +164,11 @@ async def test_edit_detected(db_pool: AsyncConnectionPool) -> None:
         assert not whole.ok and whole.tenant == t
 
 
-async def test_edit_of_data_detected(db_pool: AsyncConnectionPool) -> None:
+async def test_edit_of_data_detected(db_pool: AsyncConnectionPool, owner_pg_url: str) -> None:
     t = _tenant()
     ids = await _fill(db_pool, t)
     await _tamper(
-        db_pool,
+        owner_pg_url,
         "update audit_log set data = data || '{\"amount_usd\": 1}' where id = %s",
         (ids[1],),
     )
@@ -168,11 +178,11 @@ async def test_edit_of_data_detected(db_pool: AsyncConnectionPool) -> None:
 
 
 @pytest.mark.parametrize("which", ["middle", "last"])
-async def test_delete_detected(db_pool: AsyncConnectionPool, which: str) -> None:
+async def test_delete_detected(db_pool: AsyncConnectionPool, which: str, owner_pg_url: str) -> None:
     t = _tenant()
     ids = await _fill(db_pool, t)
     victim = ids[2] if which == "middle" else ids[-1]
-    await _tamper(db_pool, "delete from audit_log where id = %s", (victim,))
+    await _tamper(owner_pg_url, "delete from audit_log where id = %s", (victim,))
     async with db_pool.connection() as conn:
         res = await verify(conn, t)
     assert not res.ok
@@ -180,24 +190,24 @@ async def test_delete_detected(db_pool: AsyncConnectionPool, which: str) -> None
     assert ("rows removed" if which == "middle" else "newest rows removed") in res.reason
 
 
-async def test_swap_detected(db_pool: AsyncConnectionPool) -> None:
+async def test_swap_detected(db_pool: AsyncConnectionPool, owner_pg_url: str) -> None:
     t = _tenant()
     ids = await _fill(db_pool, t)
     a, b = ids[1], ids[2]
-    await _tamper(db_pool, "update audit_log set id = -1 where id = %s", (a,))
-    await _tamper(db_pool, "update audit_log set id = %s where id = %s", (a, b))
-    await _tamper(db_pool, "update audit_log set id = %s where id = -1", (b,))
+    await _tamper(owner_pg_url, "update audit_log set id = -1 where id = %s", (a,))
+    await _tamper(owner_pg_url, "update audit_log set id = %s where id = %s", (a, b))
+    await _tamper(owner_pg_url, "update audit_log set id = %s where id = -1", (b,))
     async with db_pool.connection() as conn:
         res = await verify(conn, t)
     assert not res.ok and res.first_bad_id == a and "reordered" in res.reason
 
 
-async def test_swapped_content_detected(db_pool: AsyncConnectionPool) -> None:
+async def test_swapped_content_detected(db_pool: AsyncConnectionPool, owner_pg_url: str) -> None:
     """Rewriting two rows' content (but keeping seq and hashes) in swapped order is caught."""
     t = _tenant()
     ids = await _fill(db_pool, t)
     await _tamper(
-        db_pool,
+        owner_pg_url,
         "update audit_log a set reason = b.reason, step_id = b.step_id "
         "from audit_log b where (a.id, b.id) in ((%s, %s), (%s, %s))",
         (ids[1], ids[3], ids[3], ids[1]),
@@ -218,6 +228,7 @@ async def test_cli_show_and_verify(
     pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    owner_pg_url: str,
 ) -> None:
     monkeypatch.setenv("KEEL_DATABASE_URL", pg_url)
     t = _tenant()
@@ -234,7 +245,7 @@ async def test_cli_show_and_verify(
     args = _cli(["audit", "verify", "--tenant", t])
     assert await args.func(args) == 0
     assert capsys.readouterr().out.startswith(f"audit log OK: 3 row(s) verified (tenant {t})")
-    await _tamper(db_pool, "update audit_log set decision = 'allow!' where id = %s", (ids[1],))
+    await _tamper(owner_pg_url, "update audit_log set decision = 'allow!' where id = %s", (ids[1],))
     assert await args.func(args) == 1
     line = capsys.readouterr().out.strip()
     assert line.startswith("audit log TAMPERED:") and f"first bad row id {ids[1]}" in line

@@ -45,7 +45,9 @@ def _entries(tenant: str, n: int) -> list[AuditEntry]:
 
 
 def _as_app(pg_url: str) -> str:
-    return pg_url.replace("postgres@", "keel_app@", 1)
+    """Every test connects as the app role (tests/conftest.py); checked, not assumed."""
+    assert pg_url.startswith("postgresql://keel_app@"), pg_url
+    return pg_url
 
 
 async def _fill(pool: AsyncConnectionPool, tenant: str, n: int = 4) -> None:
@@ -98,9 +100,10 @@ async def test_app_role_appends_and_reads_through_the_definer_function(pg_url: s
         assert (await verify(conn, t)).ok
 
 
-async def _superuser_truncates_newest(pool: AsyncConnectionPool, tenant: str, keep: int) -> None:
-    """What a DBA (or an attacker with superuser) can do: drop the newest rows, fix the head."""
-    async with pool.connection() as conn, conn.transaction():
+async def _superuser_truncates_newest(owner_pg_url: str, tenant: str, keep: int) -> None:
+    """What a DBA (or an attacker with superuser) can do: drop the newest rows, fix the head.
+    Explicitly the owner's connection (``owner_pg_url``): the app role cannot (see above)."""
+    async with await psycopg.AsyncConnection.connect(owner_pg_url) as conn, conn.transaction():
         await conn.execute("set local session_replication_role = replica")
         await conn.execute("delete from audit_log where tenant=%s and seq > %s", (tenant, keep))
         await conn.execute(
@@ -111,14 +114,14 @@ async def _superuser_truncates_newest(pool: AsyncConnectionPool, tenant: str, ke
 
 
 async def test_deleting_newest_rows_and_rewriting_the_head_is_caught_by_the_checkpoint(
-    db_pool: AsyncConnectionPool,
+    db_pool: AsyncConnectionPool, owner_pg_url: str
 ) -> None:
     t = _tenant()
     await _fill(db_pool, t, 5)
     async with db_pool.connection() as conn:
         signed = [c for c in await checkpoint(conn, KEY) if c["tenant"] == t]
     assert signed and signed[0]["seq"] == 5
-    await _superuser_truncates_newest(db_pool, t, 3)
+    await _superuser_truncates_newest(owner_pg_url, t, 3)
     async with db_pool.connection() as conn:
         assert (await verify(conn, t)).ok  # the chain alone cannot tell
         found = await verify_checkpoint(conn, signed, KEY)
@@ -143,7 +146,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_cli_checkpoint_then_verify_detects_truncation(
-    db_pool: AsyncConnectionPool, test_env: dict[str, str], tmp_path: Path
+    db_pool: AsyncConnectionPool, owner_pg_url: str, test_env: dict[str, str], tmp_path: Path
 ) -> None:
     t = _tenant()
     await _fill(db_pool, t, 4)
@@ -159,7 +162,7 @@ async def test_cli_checkpoint_then_verify_detects_truncation(
     assert any(x["tenant"] == t and x["seq"] == 4 for x in lines)
     ok = _cli(env, "audit", "verify", "--tenant", t, "--checkpoint", str(file))
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
-    await _superuser_truncates_newest(db_pool, t, 2)
+    await _superuser_truncates_newest(owner_pg_url, t, 2)
     bad = _cli(env, "audit", "verify", "--tenant", t, "--checkpoint", str(file))
     assert bad.returncode == 1 and "TAMPERED" in bad.stdout and "gone" in bad.stdout, bad.stdout
     assert len(file.read_bytes()) > 0

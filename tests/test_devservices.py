@@ -71,7 +71,8 @@ def test_postgres_starts_from_a_private_folder_and_touches_no_outside_mode(
         assert private.stat().st_mode & 0o777 == 0o700
         before = _modes(_outside_paths(state))
         services.start_postgres()
-        with psycopg.connect(s.database_url) as conn:
+        # Before migrations only the owner exists (migration 012 creates the app role keel_app).
+        with psycopg.connect(s.owner_url) as conn:
             assert conn.execute("select current_database()").fetchone() == ("keel",)
         pid = int((services.pg_data / "postmaster.pid").read_text().split()[0])
         status = dict(

@@ -325,14 +325,16 @@ async def test_sigkilled_holder_is_swept(pg_url: str, db_pool: AsyncConnectionPo
     assert _violations(pg_url, tenant) == []
 
 
-def test_naive_counter_runs_away_but_the_ledger_does_not(pg_url: str) -> None:
+def test_naive_counter_runs_away_but_the_ledger_does_not(pg_url: str, owner_pg_url: str) -> None:
     tenant = f"n{uuid.uuid4().hex[:10]}"
     amount, limit = 100, 2_000
-    with psycopg.connect(pg_url, autocommit=True) as c:
+    with psycopg.connect(owner_pg_url, autocommit=True) as c:  # test scaffolding: the owner's DDL
         c.execute(
             "create table if not exists ledger_test_naive (id text primary key,"
             " limit_micros bigint not null, spent_micros bigint not null)"
         )
+        c.execute("grant select, insert, update, delete on ledger_test_naive to keel_app")
+    with psycopg.connect(pg_url, autocommit=True) as c:
         c.execute("insert into ledger_test_naive values (%s, %s, 0)", (tenant, limit))
         c.execute("select keel_budget_set_limit(%s, %s, false, null)", (tenant, limit))
     start_at = time.time() + 1.5  # let every process connect, then start together

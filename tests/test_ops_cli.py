@@ -89,7 +89,7 @@ def test_doctor_no_worker_pending_migrations_bad_policy_unpriced_model(
     test_env: dict[str, str], temporal_services: Settings, tmp_path: Path
 ) -> None:
     db = f"doctor_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(temporal_services.database_url, autocommit=True) as conn:
+    with psycopg.connect(temporal_services.owner_url, autocommit=True) as conn:  # an operator's act
         conn.execute(f'create database "{db}"')
     bad_policy = tmp_path / "policy.yaml"
     bad_policy.write_text("version: 3\ntenants: {}\n")

@@ -270,26 +270,56 @@ async def _gate_and_reserve(
                 )
     res = ledger.reserve_result(await cur.fetchone())
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
+    who = {k: base[k] for k in ("tenant", "user", "workflow_id", "step_id")}
+    # An observe-mode scope's would-be decision is a row of its own (issue 17).
+    rows = [
+        e
+        for e in [
+            audit.observed_entry(
+                res,
+                **who,
+                key=call.reservation_key,
+                subject=call.tool,
+                requested_micros=gate.amount_micros,
+            )
+        ]
+        if e is not None
+    ]
     if res.decision == Decision.DENY:
-        await audit.append_many(
-            conn,
-            [
-                AuditEntry(
-                    **base,
-                    kind="budget",
-                    decision="deny",
-                    reason=res.reason,
-                    data={"requested_micros": gate.amount_micros},
-                    idem_key=f"{call.workflow_id}/{call.step_id}/budget",
-                )
-            ],
+        rows.append(
+            AuditEntry(
+                **base,
+                kind="budget",
+                decision="deny",
+                reason=res.reason,
+                data={"requested_micros": gate.amount_micros},
+                idem_key=f"{call.workflow_id}/{call.step_id}/budget",
+            )
         )
+        await audit.append_many(conn, rows)
         return ToolResult(ok=False, refused="budget", error=res.reason)
     if optional and res.caps.disable_optional:
         await ledger.release(
             conn, ReleaseRequest(key=call.reservation_key, reason="optional step disabled by caps")
         )
+        rows.append(
+            audit.budget_change_entry(
+                **who,
+                key=call.reservation_key,
+                subject=call.tool,
+                decision="skipped_optional",
+                reason=f"optional step {call.tool} skipped: little budget left, caps switch optional "
+                f"steps off ({res.reason or 'caps'})",
+                data={
+                    "caps": res.caps.model_dump(exclude_defaults=True),
+                    "granted_micros": res.granted_micros,
+                },
+            )
+        )
+        await audit.append_many(conn, rows)
         return ToolResult(ok=False, refused="optional", error="optional step disabled by budget caps")
+    if rows:
+        await audit.append_many(conn, rows)
     return None
 
 
