@@ -294,6 +294,8 @@ def test_exports() -> None:
         "Checkpoint",
         "checkpoint",
         "verify_checkpoint",
+        "observed_entry",
+        "budget_change_entry",
     }
     assert all(hasattr(models_mod, n) for n in models_mod.__all__)
     assert audit_cli.__all__ == ["register", "render_trail", "render_verify"]
