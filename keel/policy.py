@@ -349,6 +349,12 @@ def _check_catalogue(p: Policy, tools: Sequence[ToolInfo]) -> tuple[str, str] | 
     return check_tool_rules(p.tools, tools)
 
 
+CROSS_RUN_SUMS = ("issue_refund",)
+"""Tools whose earlier runs' sums Keel can read (``refunds``): only they may have a
+``per: tenant_day`` limit. On any other tool such a limit could only sum this run's calls, a
+limit that silently means less than it says, so it is refused at load time."""
+
+
 def check_tool_rules(
     rules: Mapping[str, ToolRule], tools: Sequence[ToolInfo], prefix: str = "tools", mcp: Sequence[str] = ()
 ) -> tuple[str, str] | None:
@@ -385,6 +391,13 @@ def check_tool_rules(
             for path, arg in refs:
                 if arg not in args:
                     return f"{where}.{path}", f"tool {tool!r} has no argument {arg!r} (arguments: {listed})"
+        for i, c in enumerate(rule.cumulative):
+            if c.per == "tenant_day" and tool not in CROSS_RUN_SUMS:
+                return (
+                    f"{where}.cumulative[{i}].per",
+                    f"per: tenant_day needs the tool's calls across runs, which Keel records only for "
+                    f"{', '.join(CROSS_RUN_SUMS)} (use per: run, or per: order, which asks a human)",
+                )
         bad = _rule_shape(rule, where)
         if bad:
             return bad

@@ -185,6 +185,15 @@ def test_shipped_policy_loads_against_the_tool_registry() -> None:
         (("bob: [viewer]", "bob: [viewr]"), "tenants.acme.users.bob: unknown role 'viewr'"),
         (("max_length: 200", r"pattern: '(\w)\1'"), "refused by the linear-time engine"),
         (("max_length: 200", "pattern: '(?=a)a'"), "refused by the linear-time engine"),
+        (
+            # A daily cap on e-mails would only ever count one run's: refused, not weakened.
+            (
+                "  send_email:\n    constraints:\n",
+                "  send_email:\n    cumulative:\n      - {name: mails-"
+                "per-day, arg: to, per: tenant_day, max: 50}\n    constraints:\n",
+            ),
+            "tools.send_email.cumulative[0].per: per: tenant_day needs the tool's calls across runs",
+        ),
     ],
 )
 def test_a_typo_in_the_shipped_policy_is_refused(edit: tuple[str, str], expected: str) -> None:
