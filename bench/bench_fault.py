@@ -204,7 +204,7 @@ async def fault_run(
     batch = uuid.uuid4().hex[:8]
     prefix = f"agent/{TENANT}/%/fault-{batch}-"  # a LIKE pattern: the id carries the agent
     queue = f"fault-{batch}"
-    await asyncio.to_thread(apply_migrations, url)
+    await asyncio.to_thread(apply_migrations, settings.owner_url)  # the owner migrates
     orders = await _orders(url, runs + 1)
 
     fleet = _Fleet(worker_environment(settings, queue, base_env), log_dir)

@@ -169,9 +169,13 @@ async def _pool(url: str, mode: str) -> AsyncConnectionPool:
     return await open_ledger_pool(url, **({"options": f"-c synchronous_commit={mode}"} if mode else {}))
 
 
-async def run(url: str, smoke: bool = False) -> dict[str, Any]:
-    """Measure and return the figures (also used by the aggregate benchmark report)."""
-    apply_migrations(url)
+async def run(url: str, smoke: bool = False, owner_url: str | None = None) -> dict[str, Any]:
+    """Measure and return the figures (also used by the aggregate benchmark report).
+
+    ``url`` is the role measured (the app role ``keel_app`` under the dev services);
+    ``owner_url`` migrates and creates the floor table (the app role has no CREATE)."""
+    owner_url = owner_url or url
+    apply_migrations(owner_url)
     seconds = 1.0 if smoke else 5.0
     tenant = f"bench{uuid.uuid4().hex[:8]}"
     table = f"keel_bench_floor_{uuid.uuid4().hex[:8]}"
@@ -179,7 +183,9 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
     # Limited (so every decision checks them) but roomy: tenant, workspace and each run.
     await ledger.set_limit(admin, tenant, 10**15)
     await ledger.set_limit(admin, f"{tenant}/ws:bench", 10**14)
-    await admin.execute(f"create table {table} (id int primary key, n bigint not null)")
+    async with await psycopg.AsyncConnection.connect(owner_url, autocommit=True) as owner:
+        await owner.execute(f"create table {table} (id int primary key, n bigint not null)")
+        await owner.execute(f"grant select, insert, update, delete on {table} to public")
     await admin.execute(f"insert into {table} values (1, 0)")
     sync_commit = (await (await admin.execute("show synchronous_commit")).fetchone() or ("?",))[0]
     out: dict[str, Any] = {
@@ -268,8 +274,9 @@ async def run(url: str, smoke: bool = False) -> dict[str, Any]:
                 await pool.close()
         out["invariant_violations"] = await ledger.check_invariant(admin)
     finally:
-        await admin.execute(f"drop table if exists {table}")
         await admin.close()
+        async with await psycopg.AsyncConnection.connect(owner_url, autocommit=True) as owner:
+            await owner.execute(f"drop table if exists {table}")
     out["targets_met"] = {
         label: {
             "reserve_p50_at_most_1ms": lat["p50"] <= TARGET_P50_MS,
@@ -312,11 +319,12 @@ def _markdown(r: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="PostgreSQL URL (migrations are applied)")
+    parser.add_argument("--url", required=True, help="PostgreSQL URL of the role to measure")
+    parser.add_argument("--owner-url", help="the schema owner (migrations, the floor table); default --url")
     parser.add_argument("--smoke", action="store_true", help="1 s per point instead of 5 s")
     parser.add_argument("--json", action="store_true", help="print the raw figures too")
     args = parser.parse_args()
-    result = asyncio.run(run(args.url, smoke=args.smoke))
+    result = asyncio.run(run(args.url, smoke=args.smoke, owner_url=args.owner_url))
     print(_markdown(result))
     if args.json:
         print(json.dumps(result, indent=2))

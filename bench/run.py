@@ -139,7 +139,8 @@ async def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
                     },
                 ),
                 "ledger": lambda: _external(
-                    "bench_ledger", {"url": settings.database_url, "smoke": args.smoke}
+                    "bench_ledger",
+                    {"url": settings.database_url, "owner_url": settings.owner_url, "smoke": args.smoke},
                 ),
             }
             for name in only:

@@ -40,7 +40,9 @@ def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
             temporal_services,
             state_dir=state,
             pg_port=port,
-            database_url=f"postgresql://postgres@127.0.0.1:{port}/keel",
+            # The app role, as everywhere in the suite; the owner creates and migrates it.
+            database_url=f"postgresql://keel_app@127.0.0.1:{port}/keel",
+            database_owner_url=f"postgresql://postgres@127.0.0.1:{port}/keel",
         )
     )
     try:
