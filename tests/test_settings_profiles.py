@@ -191,3 +191,22 @@ def test_every_keel_variable_read_anywhere_is_in_the_model() -> None:
     # A prefix built into a name at run time (f"KEEL_MODEL_{tier}") is covered by its fields.
     missing = sorted(n for n in names - fields if not any(f.startswith(n + "_") for f in fields))
     assert missing == [], f"add these to keel.settings.KeelEnv: {missing}"
+
+
+def test_the_app_role_serves_runs_and_the_owner_migrates() -> None:
+    """Embedded default: runs connect as ``keel_app`` (the role that cannot bend the audit
+    trail), migrations as the superuser; one URL given means one role for both (as before);
+    both given, each its own."""
+    dev = load_settings({"KEEL_PG_PORT": "54000"})
+    assert dev.database_url == "postgresql://keel_app@127.0.0.1:54000/keel"
+    assert dev.owner_url == "postgresql://postgres@127.0.0.1:54000/keel"
+    one = load_settings({"KEEL_DATABASE_URL": "postgresql://keel@db/keel"})
+    assert one.database_url == one.owner_url == "postgresql://keel@db/keel"
+    two = load_settings(
+        {
+            "KEEL_DATABASE_URL": "postgresql://keel_app@db/keel",
+            "KEEL_DATABASE_OWNER_URL": "postgresql://own@db/keel",
+        }
+    )
+    assert (two.database_url, two.owner_url) == ("postgresql://keel_app@db/keel", "postgresql://own@db/keel")
+    assert load_settings(two.to_env()).owner_url == two.owner_url  # workers inherit both
