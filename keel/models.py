@@ -480,6 +480,11 @@ class StepGate(Frozen):
     """``trusted`` or ``untrusted: why`` (issue 17); recorded in the allow row."""
     approved_by: str = ""
     """Who approved the step, when a human did."""
+    approved_rule: str = ""
+    approved_total: float | None = None
+    """When a human approved the step on a cumulative rule: that rule and the total the
+    approver was shown. The tool refuses if concurrent runs have since taken the sum above
+    it (the human approved $250 in total, not whatever the total has become)."""
     limits: tuple[EffectLimit, ...] = ()
     """The policy's cumulative limits on this tool. The gate checked them against the sums
     it could see at run start; the tool re-checks them under a lock inside its effect's

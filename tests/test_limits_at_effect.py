@@ -191,6 +191,44 @@ async def test_concurrent_unapproved_parts_cannot_cross_the_approval_threshold(
         ]
 
 
+async def test_an_approval_covers_the_total_the_human_saw_not_what_concurrent_runs_add(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    model: ObedientModel,
+) -> None:
+    """$80 already refunded; two runs ask $30 each. Each gate sees $110 in total (over the
+    $100 threshold), so each asks a human, who approves "$110 in total on the order". The
+    first refund makes it $110; the second would make it $140, which nobody approved."""
+    order = await make_order(db_pool, total_usd=1000)
+    async with db_pool.connection() as conn:
+        await conn.execute(
+            "insert into refunds (tenant, order_id, amount_micros, reason, idempotency_key) "
+            "values ('acme', %s, 80000000, 'earlier', %s)",
+            (order, f"earlier/{order}"),
+        )
+    async with running_worker(client, db_pool, temporal_services, task_queue, max_cached_workflows=10):
+        handles = [
+            await start(client, task_queue, request(f"Refund {order} for $30", session=f"a{i}"))
+            for i in range(2)
+        ]
+        for h in handles:
+            status = await _wait_waiting(h)
+            assert "refund-order-total" in status.waiting_for and "110" in status.waiting_for, status
+        await asyncio.gather(
+            *(h.execute_update("approve", Approval(reason="ok", by="carol")) for h in handles)
+        )
+        results = await asyncio.gather(*(h.result() for h in handles))
+    assert await _issued(db_pool, order) == 110_000_000
+    assert sorted(r.outcome for r in results) == ["completed", "partial"], [
+        (r.outcome, r.reason) for r in results
+    ]
+    [refused] = [r for r in results if r.outcome == "partial"]
+    [err] = [x.error for x in refused.steps if x.tool == "issue_refund"]
+    assert "a human approved refunds on order" in err and "$110 in total" in err and "$140.00" in err, err
+
+
 def x_state(r: AgentResponse) -> list[StepState]:
     return [x.state for x in r.steps if x.tool == "issue_refund"]
 

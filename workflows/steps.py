@@ -152,6 +152,11 @@ class StepRunner:
                 "provenance": gate.provenance,
                 "approved_by": approved_by,
                 "limits": effect_limits(st.policy(ctx), tool.name),
+                **(
+                    {"approved_rule": gate.rule, "approved_total": gate.amount}
+                    if approved_by and gate.needs_approval
+                    else {}
+                ),
             }
         )
         try:

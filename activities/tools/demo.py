@@ -183,7 +183,8 @@ async def _within_limits(ctx: ToolContext, a: IssueRefund, amount: int) -> None:
     at once each pass alone. Here, inside the effect's transaction, every scope the limits
     name is locked (sorted, so concurrent refunds never deadlock), the issued refunds are
     summed, and a refund that would take a sum above ``max`` is refused, as is one crossing
-    ``approval_over`` in a step no human (or approve-on-timeout rule) approved.
+    ``approval_over`` in a step no human (or approve-on-timeout rule) approved, or one that
+    takes the sum above the total a human approved on that limit.
     """
     gate = ctx.gate
     if gate is None or not gate.limits:
@@ -204,6 +205,14 @@ async def _within_limits(ctx: ToolContext, a: IssueRefund, amount: int) -> None:
             raise LimitExceeded(
                 f"{lim.name}: refunds on {where} would reach ${_usd(total):.2f}, above the limit "
                 f"${lim.max:g} (checked at the effect, with concurrent runs' refunds)",
+                rule=lim.name,
+                amount=_usd(total),
+            )
+        seen = gate.approved_total if gate.approved_by and gate.approved_rule == lim.name else None
+        if seen is not None and total > round(seen * 1_000_000):
+            raise LimitExceeded(
+                f"{lim.name}: a human approved refunds on {where} of ${seen:g} in total; with "
+                f"concurrent runs' refunds they would reach ${_usd(total):.2f}",
                 rule=lim.name,
                 amount=_usd(total),
             )
