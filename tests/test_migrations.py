@@ -47,7 +47,10 @@ def _url(base: str, dbname: str) -> str:
 
 
 @pytest.fixture
-def two_databases(pg_url: str) -> Iterator[tuple[str, str]]:
+def two_databases(owner_pg_url: str) -> Iterator[tuple[str, str]]:
+    """Two fresh databases, as the owner: creating and migrating a database is the owner's
+    job (the app role ``keel_app`` every other test uses has neither right)."""
+    pg_url = owner_pg_url
     names = [f"keel_mig_{uuid.uuid4().hex[:8]}_{how}" for how in ("new", "old")]
     with psycopg.connect(pg_url, autocommit=True) as admin:
         for name in names:
