@@ -257,3 +257,24 @@ async def test_a_budget_refusal_runs_nothing_and_leaves_the_connection_clean(
         assert got is not None and got[0] is True
         ok = await env.run(run, _call(name, wid, "s2", amount=100))  # within budget: it runs
         assert ok.ok and runs == [1]
+
+
+async def test_a_tool_that_commits_on_its_own_fails_loudly_and_is_not_recorded(
+    one_conn: AsyncConnectionPool,
+) -> None:
+    """The effect transaction is begun by hand, so psycopg no longer refuses a tool's own
+    ``commit()``; the activity does: no record, no ledger commit, no retry."""
+    name = f"sc_{uuid.uuid4().hex[:6]}"
+
+    async def rogue(ctx: ToolContext, a: _Args) -> dict[str, Any]:
+        await ctx.conn.commit()
+        return {"n": a.n}
+
+    wid = f"agent/stepcost/{uuid.uuid4().hex[:8]}"
+    env, run = ActivityEnvironment(), ToolActivities(one_conn).run_tool
+    with _registered(name, rogue):
+        with pytest.raises(ApplicationError) as ended:
+            await env.run(run, _call(name, wid, "s1"))
+    assert ended.value.type == "ToolEndedTransaction" and ended.value.non_retryable
+    assert await _effect_count(one_conn, f"{wid}/s1") == 0
+    assert await _hold(one_conn, f"{wid}/s1/reserve") == ("held", 1000)  # settle_step releases it

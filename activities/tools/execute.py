@@ -357,6 +357,16 @@ async def _effect(
                 return found, None
         ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user, idempotency_key=key)
         data = await spec.fn(ctx, args)
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            # The transaction is begun by hand (so it can share a round trip with the gate's),
+            # and psycopg does not forbid a tool's own commit() or rollback() inside it: any
+            # writes already committed stand without a record, so say so and never retry.
+            raise ApplicationError(
+                f"{call.tool}: the tool ended the effect's transaction itself (commit or "
+                "rollback on ctx.conn); its effect is not recorded",
+                type="ToolEndedTransaction",
+                non_retryable=True,
+            )
         result = ToolResult(
             ok=True,
             data=data,
