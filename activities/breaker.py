@@ -42,8 +42,10 @@ __all__ = [
     "Permit",
     "acquire",
     "circuit_open_error",
+    "closed_permit",
     "config_from_env",
     "events",
+    "peek_statement",
     "record_failure",
     "record_success",
     "snapshot",
@@ -130,20 +132,34 @@ class BreakerEvent(BaseModel):
 Conn = psycopg.AsyncConnection[Any]
 
 
+def peek_statement(scope: str) -> tuple[str, tuple[Any, ...]]:
+    """The read ``acquire`` starts with, for callers that pipeline it with other statements
+    (``run_tool``); a closed breaker needs nothing more (see ``closed_permit``)."""
+    return (
+        "select state, opened_until, probe_lease_until, now() as now, consecutive_failures "
+        "from circuit_breakers where scope = %s",
+        (scope,),
+    )
+
+
+def closed_permit(row: Any) -> Permit | None:
+    """The permit a ``peek_statement`` row grants without any write (no breaker yet, or a
+    closed one), else None: the caller must ``acquire``, whose probe claim commits alone."""
+    if row is None or row[0] == "closed":
+        return Permit(allowed=True, failures=row[4] if row else 0)
+    return None
+
+
 async def acquire(conn: Conn, scope: str, cfg: BreakerConfig, owner: str) -> Permit:
     """May ``owner`` call ``scope`` now? Claims the half-open probe if it is free.
 
     Call outside any transaction of your own: a claim must commit even if your work fails.
     """
-    row = await (
-        await conn.execute(
-            "select state, opened_until, probe_lease_until, now() as now, consecutive_failures "
-            "from circuit_breakers where scope = %s",
-            (scope,),
-        )
-    ).fetchone()
-    if row is None or row[0] == "closed":
-        return Permit(allowed=True, failures=row[4] if row else 0)
+    row = await (await conn.execute(*peek_statement(scope))).fetchone()
+    permit = closed_permit(row)
+    if permit is not None:
+        return permit
+    assert row is not None
     state, opened_until, lease_until, now, _ = row
     if state == "open" and opened_until is not None and now < opened_until:
         return Permit(allowed=False, state="open", retry_at=opened_until)

@@ -26,15 +26,46 @@ from keel.codec import KeyRing, open_sealed, seal
 from keel.models import ToolResult
 from keel.redact import redact_data
 
-__all__ = ["MAX_RESULT_BYTES", "at_rest", "fence", "lock", "recorded", "shrink"]
+__all__ = [
+    "MAX_RESULT_BYTES",
+    "at_rest",
+    "fence",
+    "from_row",
+    "lock",
+    "lock_statement",
+    "record_statement",
+    "recorded",
+    "recorded_statement",
+    "shrink",
+]
 
 MAX_RESULT_BYTES = 4096
 """Results larger than this stay in ``tool_effects``; history carries a reference + summary."""
 
 
+def lock_statement(key: str) -> tuple[str, tuple[Any, ...]]:
+    """The key's transaction-scoped advisory lock, for callers that pipeline it."""
+    return "select pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,)
+
+
 async def lock(conn: psycopg.AsyncConnection[Any], key: str) -> None:
     """Serialise every attempt on ``key`` until the current transaction ends."""
-    await conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,), prepare=True)
+    await conn.execute(*lock_statement(key), prepare=True)
+
+
+def recorded_statement(key: str) -> tuple[str, tuple[Any, ...]]:
+    """The lookup of ``key``'s record, for callers that pipeline it (parse with ``from_row``)."""
+    return "select result from tool_effects where idempotency_key=%s", (key,)
+
+
+def record_statement(
+    key: str, tool: str, tenant: str, result: ToolResult, keys: KeyRing | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The insert of a successful effect's record (its result at rest, see ``at_rest``)."""
+    return (
+        "insert into tool_effects (idempotency_key, tool, tenant, ok, result) values (%s,%s,%s,true,%s)",
+        (key, tool, tenant, Jsonb(at_rest(result, keys))),
+    )
 
 
 def at_rest(result: ToolResult, keys: KeyRing | None) -> dict[str, Any]:
@@ -51,9 +82,12 @@ async def recorded(
 ) -> ToolResult | None:
     """The effect recorded under ``key`` (marked replayed), or None. A record sealed under a
     key id this process lacks raises the non-retryable ``UnknownKeyError`` naming it."""
-    row = await (
-        await conn.execute("select result from tool_effects where idempotency_key=%s", (key,), prepare=True)
-    ).fetchone()
+    row = await (await conn.execute(*recorded_statement(key), prepare=True)).fetchone()
+    return from_row(row, key, keys)
+
+
+def from_row(row: Any, key: str, keys: KeyRing | None = None) -> ToolResult | None:
+    """The result ``recorded_statement`` found (marked replayed), or None for no row."""
     if row is None:
         return None
     stored = dict(row[0])

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -25,7 +26,6 @@ from keel.activities.guardrails import redact, redact_data
 from keel.activities.tools import effects
 from keel.activities.tools.mcp import mcp_spec
 from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError, catalog
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from temporalio import activity
@@ -93,45 +93,29 @@ class ToolActivities:
                 type="InvalidToolArguments",
                 non_retryable=True,
             ) from None
+        scope = f"tool:{call.tool}"
         async with self._pool.connection() as conn:
-            found = await effects.recorded(conn, call.idempotency_key, self._keys)
-            if found is not None:  # a replay is not a call: the breaker never sees it
-                return _replayed(call, found)
-            if call.gate is not None:
-                refused = await _gate_and_reserve(conn, call, spec.info.optional)
-                if refused is not None:
-                    return refused
-            # The breaker check sits outside the effect's transaction: its claim and its
-            # verdict must commit even when the tool's own writes roll back.
-            guard = _Guard(
-                conn,
-                f"tool:{call.tool}",
-                breaker.config_from_env(probe_lease_seconds=spec.info.timeout_seconds + 5),
-            )
-            await guard.enter(call)
             try:
-                async with conn.transaction():
-                    # Attempts on one key are serialised for the whole attempt: the loser
-                    # waits here, then finds the winner's record instead of acting again.
-                    await effects.lock(conn, call.idempotency_key)
-                    found = await effects.recorded(conn, call.idempotency_key, self._keys)
-                    if found is None:
-                        ctx = ToolContext(
-                            conn=conn,
-                            tenant=call.tenant,
-                            user=call.user,
-                            idempotency_key=call.idempotency_key,
-                            gate=call.gate,
-                        )
-                        data = await spec.fn(ctx, args)
-                        result = ToolResult(
-                            ok=True,
-                            data=data,
-                            summary=summarize_result(call.tool, data),
-                            cost_micros=spec.info.cost_micros,
-                        )
-                        # The record and the ledger commit go out in one batch.
-                        await _record_and_settle(conn, call, result, self._keys)
+                opened = await _open_step(conn, call, spec.info.optional, scope, self._keys)
+            except BaseException:
+                await _abandon(conn)
+                raise
+            if opened.found is not None:  # a replay is not a call: the breaker never sees it
+                return _replayed(call, opened.found)
+            if opened.refused is not None:
+                return opened.refused
+            guard = _Guard(
+                conn, scope, breaker.config_from_env(probe_lease_seconds=spec.info.timeout_seconds + 5)
+            )
+            if opened.permit is None:
+                # A breaker that is not closed: its probe claim and its verdict must commit
+                # even when the tool's own writes roll back, so it is acquired on its own,
+                # outside the effect's transaction (the rare path).
+                await guard.enter(call)
+            else:
+                guard.granted(opened.permit)
+            try:
+                found, result = await _effect(conn, call, spec, args, self._keys, locked=opened.locked)
             except psycopg.errors.UniqueViolation:
                 # Only a writer that skipped the lock (an older worker) gets here.
                 found = await effects.recorded(conn, call.idempotency_key, self._keys)
@@ -168,6 +152,7 @@ class ToolActivities:
             await guard.succeeded()
             if found is not None:
                 return _replayed(call, found)
+        assert result is not None
         annotate(cost_micros=result.cost_micros)
         telemetry.record_tool_call(call.tool, "ok", tenant=call.tenant)
         telemetry.record_cost(result.cost_micros, tenant=call.tenant, kind="tool", tool=call.tool)
@@ -207,19 +192,58 @@ async def _with_heartbeats(work: Any) -> Any:
             await task
 
 
-async def _gate_and_reserve(
-    conn: psycopg.AsyncConnection[Any], call: ToolCall, optional: bool
-) -> ToolResult | None:
-    """Record the permission decision and hold the step's budget before any effect.
+@dataclass(frozen=True)
+class _Opened:
+    """Where ``_open_step`` left the step."""
 
-    One short transaction of its own (the tenant's audit head is not held while the tool
-    runs). This is what makes a controlled step a single activity round trip; the workflow
-    made the (deterministic) decision, the activity makes it durable. Returns a refusal
-    result when the ledger says DENY, or when budget caps switch an optional step off.
+    found: ToolResult | None = None
+    """The key's record: a replay (or the fence's verdict); nothing else happened."""
+    refused: ToolResult | None = None
+    """The ledger said DENY, or caps switched an optional step off: the tool must not run."""
+    permit: breaker.Permit | None = None
+    """The closed breaker's permit, read without a write; None: ``acquire`` it first."""
+    locked: bool = False
+    """The connection is inside the effect's transaction, holding the key's lock, and the
+    key has no record: the tool may run."""
+
+
+async def _open_step(
+    conn: psycopg.AsyncConnection[Any], call: ToolCall, optional: bool, scope: str, keys: KeyRing | None
+) -> _Opened:
+    """Everything before the tool runs, in two pipelined round trips on the normal path.
+
+    1. ``BEGIN``; the key's record; the breaker's state. A record ends it (a replay is not
+       a call: no audit row, no hold, the breaker never sees it).
+    2. With a gate: the permission decision's audit row and the step's budget reservation,
+       ``COMMIT`` (a short transaction of its own: the tenant's audit head and the budget
+       rows are not held while the tool runs); then, when the breaker is closed, ``BEGIN``
+       the effect's transaction, take the key's lock and look for a record again (another
+       attempt may have acted in between).
+
+    The workflow made the (deterministic) decision; this makes it durable before any effect.
+    A ledger DENY, or caps that switch an optional step off, return a refusal instead.
     """
-
+    key = call.idempotency_key
     gate = call.gate
-    assert gate is not None
+    async with conn.pipeline():
+        await conn.execute("begin")
+        if gate is None:  # nothing to write first: this is the effect's transaction already
+            await conn.execute(*effects.lock_statement(key), prepare=True)
+        else:
+            # No WAL flush for this commit: the effect's transaction, later on this
+            # connection, flushes the WAL past it. A database crash in between loses only
+            # a hold and an audit row whose effect never happened (the retry re-reserves
+            # under the same key); an effect is never durable without its decision.
+            await conn.execute("set local synchronous_commit = off")
+        looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
+        peeked = await conn.execute(*breaker.peek_statement(scope), prepare=True)
+    # Fetched after the pipeline's one sync (a fetch inside it costs a sync of its own).
+    found = effects.from_row(await looked.fetchone(), key, keys)
+    permit = breaker.closed_permit(await peeked.fetchone())
+    if found is not None or gate is None:
+        if found is not None or permit is None:
+            await conn.execute("rollback")
+        return _Opened(found=found, permit=permit, locked=found is None and permit is not None)
     base = dict(
         tenant=call.tenant,
         user=call.user,
@@ -227,64 +251,68 @@ async def _gate_and_reserve(
         step_id=call.step_id,
         subject=call.tool,
     )
+    found = None
     with ledger.refusals():
-        # One round trip: BEGIN, SET, audit append, reserve and COMMIT go out as one batch.
         async with conn.pipeline():
-            async with conn.transaction():
-                # No WAL flush for this commit: the effect's transaction, later on this
-                # connection, flushes the WAL past it. A database crash in between loses only
-                # a hold and an audit row whose effect never happened (the retry re-reserves
-                # under the same key); an effect is never durable without its decision.
-                await conn.execute("set local synchronous_commit = off")
-                await conn.execute(
-                    *audit.append_statement(
-                        AuditEntry(
-                            **base,
-                            kind="permission",
-                            decision="allow",
-                            reason=gate.reason,
-                            data={
-                                "rule": gate.rule,
-                                "args": redact_data(call.args),
-                                **({"provenance": gate.provenance} if gate.provenance else {}),
-                                **({"approved_by": gate.approved_by} if gate.approved_by else {}),
-                            },
-                            idem_key=f"{call.workflow_id}/{call.step_id}/permission",
-                        )
-                    ),
-                    prepare=True,
-                )
-                cur = await ledger.execute(
-                    conn,
-                    ledger.reserve_statement(
-                        tool_hold(
-                            key=call.reservation_key,
-                            scopes=gate.scopes,
-                            amount_micros=gate.amount_micros,
-                            tool=call.tool,
-                            run_id=call.workflow_id,
-                            step_id=call.step_id,
-                            ttl=gate.hold_ttl_seconds,
-                        )
-                    ),
-                )
-    res = ledger.reserve_result(await cur.fetchone())
+            await conn.execute(
+                *audit.append_statement(
+                    AuditEntry(
+                        **base,
+                        kind="permission",
+                        decision="allow",
+                        reason=gate.reason,
+                        data={
+                            "rule": gate.rule,
+                            "args": redact_data(call.args),
+                            **({"provenance": gate.provenance} if gate.provenance else {}),
+                            **({"approved_by": gate.approved_by} if gate.approved_by else {}),
+                        },
+                        idem_key=f"{call.workflow_id}/{call.step_id}/permission",
+                    )
+                ),
+                prepare=True,
+            )
+            reserved = await ledger.execute(
+                conn,
+                ledger.reserve_statement(
+                    tool_hold(
+                        key=call.reservation_key,
+                        scopes=gate.scopes,
+                        amount_micros=gate.amount_micros,
+                        tool=call.tool,
+                        run_id=call.workflow_id,
+                        step_id=call.step_id,
+                        ttl=gate.hold_ttl_seconds,
+                    )
+                ),
+            )
+            await conn.execute("commit")
+            if permit is not None:
+                await conn.execute("begin")
+                await conn.execute(*effects.lock_statement(key), prepare=True)
+                looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
+        res = ledger.reserve_result(await reserved.fetchone())
+        if permit is not None:
+            found = effects.from_row(await looked.fetchone(), key, keys)
+    locked = permit is not None
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
     who = {k: base[k] for k in ("tenant", "user", "workflow_id", "step_id")}
     # An observe-mode scope's would-be decision is a row of its own (issue 17).
-    rows = [
-        e
-        for e in [
-            audit.observed_entry(
-                res,
-                **who,
-                key=call.reservation_key,
-                subject=call.tool,
-                requested_micros=gate.amount_micros,
-            )
-        ]
-        if e is not None
-    ]
+    observed = audit.observed_entry(
+        res, **who, key=call.reservation_key, subject=call.tool, requested_micros=gate.amount_micros
+    )
+    rows = [observed] if observed is not None else []
+    refuse = res.decision == Decision.DENY or (optional and res.caps.disable_optional)
+    if locked and (found is not None or refuse or rows):
+        # Nothing was done under the lock. Audit rows are written outside the effect's
+        # transaction (they lock the tenant's head, which must not wait on the tool);
+        # ``_effect`` then takes the key's lock itself (the rare path).
+        await conn.execute("rollback")
+        locked = False
+    if found is not None:
+        if rows:
+            await audit.append_many(conn, rows)
+        return _Opened(found=found)
     if res.decision == Decision.DENY:
         rows.append(
             AuditEntry(
@@ -297,8 +325,8 @@ async def _gate_and_reserve(
             )
         )
         await audit.append_many(conn, rows)
-        return ToolResult(ok=False, refused="budget", error=res.reason)
-    if optional and res.caps.disable_optional:
+        return _Opened(refused=ToolResult(ok=False, refused="budget", error=res.reason))
+    if refuse:
         await ledger.release(
             conn, ReleaseRequest(key=call.reservation_key, reason="optional step disabled by caps")
         )
@@ -317,10 +345,12 @@ async def _gate_and_reserve(
             )
         )
         await audit.append_many(conn, rows)
-        return ToolResult(ok=False, refused="optional", error="optional step disabled by budget caps")
+        return _Opened(
+            refused=ToolResult(ok=False, refused="optional", error="optional step disabled by budget caps")
+        )
     if rows:
         await audit.append_many(conn, rows)
-    return None
+    return _Opened(permit=permit, locked=locked)
 
 
 async def _audit_limit(conn: psycopg.AsyncConnection[Any], call: ToolCall, e: LimitExceeded) -> None:
@@ -350,27 +380,81 @@ async def _audit_limit(conn: psycopg.AsyncConnection[Any], call: ToolCall, e: Li
     )
 
 
-async def _record_and_settle(
-    conn: psycopg.AsyncConnection[Any], call: ToolCall, result: ToolResult, keys: KeyRing | None
-) -> None:
-    """Write the effect record and commit the step's reservation, pipelined, inside the
-    effect's transaction: all three become durable together or not at all."""
+async def _effect(
+    conn: psycopg.AsyncConnection[Any],
+    call: ToolCall,
+    spec: Any,
+    args: Any,
+    keys: KeyRing | None,
+    *,
+    locked: bool,
+) -> tuple[ToolResult | None, ToolResult | None]:
+    """Run the tool at most once per key: in one transaction under the key's advisory lock,
+    its own writes, its ``tool_effects`` record and the ledger commit of the step's
+    reservation become durable together or not at all. Returns ``(found, None)`` when the
+    key already has a record, else ``(None, result)``.
 
-    with ledger.refusals():
-        async with conn.pipeline():
-            await conn.execute(
-                "insert into tool_effects (idempotency_key, tool, tenant, ok, result) "
-                "values (%s,%s,%s,true,%s)",
-                (call.idempotency_key, call.tool, call.tenant, Jsonb(effects.at_rest(result, keys))),
-                prepare=True,
+    Attempts on one key are serialised for the whole attempt: the loser waits at the lock,
+    then finds the winner's record instead of acting again. ``locked``: ``_open_step`` has
+    already begun the transaction, taken the lock and found no record (one round trip
+    saved). Any error rolls the transaction back before it propagates.
+    """
+    key = call.idempotency_key
+    try:
+        if not locked:
+            async with conn.pipeline():
+                await conn.execute("begin")
+                await conn.execute(*effects.lock_statement(key), prepare=True)
+                looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
+            found = effects.from_row(await looked.fetchone(), key, keys)
+            if found is not None:
+                await conn.execute("rollback")
+                return found, None
+        ctx = ToolContext(conn=conn, tenant=call.tenant, user=call.user, idempotency_key=key, gate=call.gate)
+        data = await spec.fn(ctx, args)
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            # The transaction is begun by hand (so it can share a round trip with the gate's),
+            # and psycopg does not forbid a tool's own commit() or rollback() inside it: any
+            # writes already committed stand without a record, so say so and never retry.
+            raise ApplicationError(
+                f"{call.tool}: the tool ended the effect's transaction itself (commit or "
+                "rollback on ctx.conn); its effect is not recorded",
+                type="ToolEndedTransaction",
+                non_retryable=True,
             )
-            if call.reservation_key:
-                await ledger.execute(
-                    conn,
-                    ledger.commit_statement(
-                        CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
-                    ),
+        result = ToolResult(
+            ok=True,
+            data=data,
+            summary=summarize_result(call.tool, data),
+            cost_micros=spec.info.cost_micros,
+        )
+        # The record, the ledger commit and COMMIT go out in one round trip.
+        with ledger.refusals():
+            async with conn.pipeline():
+                await conn.execute(
+                    *effects.record_statement(key, call.tool, call.tenant, result, keys), prepare=True
                 )
+                if call.reservation_key:
+                    await ledger.execute(
+                        conn,
+                        ledger.commit_statement(
+                            CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
+                        ),
+                    )
+                await conn.execute("commit")
+        return None, result
+    except BaseException:
+        await _abandon(conn)
+        raise
+
+
+async def _abandon(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Roll back whatever transaction an error left open (the breaker's bookkeeping and the
+    caller's handlers then run on a clean connection). A broken connection is the pool's."""
+    if conn.broken or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):
+        await conn.execute("rollback")
 
 
 class _Guard:
@@ -380,6 +464,11 @@ class _Guard:
     def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str, cfg: breaker.BreakerConfig) -> None:
         self.conn, self.scope, self.cfg = conn, scope, cfg
         self.owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
+
+    def granted(self, permit: breaker.Permit) -> None:
+        """The permit a closed breaker gave without a write (``breaker.closed_permit``)."""
+        self.permit = permit
+        annotate(breaker_state=permit.state, breaker_probe=None)
 
     async def enter(self, call: ToolCall) -> None:
         permit = await breaker.acquire(self.conn, self.scope, self.cfg, self.owner)
