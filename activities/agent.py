@@ -53,7 +53,7 @@ from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
 from keel.gate import authorize_user, visible_tools
-from keel.intent import claimed_effects, plan_problems, unaddressed
+from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
 from keel.policy import Policy, PolicyError, parse_policy, policy_hash
 from keel.pricing import PricingError, load_prices, price_for
@@ -222,16 +222,7 @@ _ANSWERED = ("completed", "partial", "needs_human")
 
 def _step_view(r: StepRecord) -> dict[str, Any]:
     """A step as the intent rules and the deterministic answer read it."""
-    return {
-        "id": r.id,
-        "tool": r.tool,
-        "args": r.args,
-        "state": r.state.value,
-        "result": r.result or {},
-        "data": r.result or {},
-        "summary": r.summary,
-        "error": r.error,
-    }
+    return step_view(r)
 
 
 def _live(model: str) -> bool:
@@ -530,15 +521,7 @@ class AgentActivities:
             score, confidence = (0.0, 0.9) if problem else (1.0, 0.9)
             reason = f"plan rules: {problem}" if problem else "plan rules: nothing to object to"
         else:
-            ran = [r for r in inp.executed if r.state.value != "skipped"]
-            ok = [r for r in ran if r.state.value == "succeeded" and r.result]
-            score = 1.0 if not ran else round(len(ok) / len(ran), 3)
-            confidence = 0.9 if ran else 0.6
-            reason = f"rules: {len(ok)} of {len(ran)} executed steps succeeded with a result"
-            problem = unaddressed(inp.message, [_step_view(r) for r in (*inp.history, *inp.executed)])
-            if problem:
-                score, confidence = 0.0, 0.9
-                reason = f"rules: not done: {problem}"
+            score, confidence, reason, problem = results_verdict(inp.message, inp.executed, inp.history)
         if inp.model is None:
             telemetry.annotate(score=score, confidence=confidence, judge="rules")
             return EvalOutput(score=score, confidence=confidence, reason=reason[:300])

@@ -22,6 +22,8 @@ __all__ = [
     "claimed_effects",
     "intent_of",
     "plan_problems",
+    "results_verdict",
+    "step_view",
     "unaddressed",
 ]
 
@@ -101,6 +103,41 @@ def unaddressed(message: str, steps: Iterable[Mapping[str, Any]]) -> str:
             what = ", ".join(a.replace("_", " ") for a in intent.actions)
             return f"the request names {ident} and asks to {what}, but no step touched {ident}"
     return ""
+
+
+def step_view(r: Any) -> dict[str, Any]:
+    """A step record (``keel.models.StepRecord``) as the intent rules and the deterministic
+    answer read it."""
+    return {
+        "id": r.id,
+        "tool": r.tool,
+        "args": r.args,
+        "state": r.state.value,
+        "result": r.result or {},
+        "data": r.result or {},
+        "summary": r.summary,
+        "error": r.error,
+    }
+
+
+def results_verdict(
+    message: str, executed: Sequence[Any], history: Sequence[Any] = ()
+) -> tuple[float, float, str, str]:
+    """The rules' score of an iteration's executed steps: ``(score, confidence, reason,
+    problem)``. The share of steps that ran and succeeded with a result, unless the request's
+    intent is left unaddressed by every step of the run (``history`` and ``executed``), which
+    scores 0. The ``evaluate`` activity combines this with a judge's score; a run without a
+    judge applies it in the workflow (the same function, so both give the same verdict)."""
+    ran = [r for r in executed if r.state.value != "skipped"]
+    ok = [r for r in ran if r.state.value == "succeeded" and r.result]
+    score = 1.0 if not ran else round(len(ok) / len(ran), 3)
+    confidence = 0.9 if ran else 0.6
+    reason = f"rules: {len(ok)} of {len(ran)} executed steps succeeded with a result"
+    problem = unaddressed(message, [step_view(r) for r in (*history, *executed)])
+    if problem:
+        score, confidence = 0.0, 0.9
+        reason = f"rules: not done: {problem}"
+    return score, confidence, reason[:300], problem
 
 
 def plan_problems(

@@ -21,7 +21,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run.
@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.holds import Holds
     from keel.workflows.options import (
         CONTROL_RETRY,
+        FINISH_LOCAL_TIMEOUT,
         FINISH_RETRY,
         MODEL_HEARTBEAT,
         MODEL_TIMEOUT,
@@ -140,24 +141,14 @@ class AgentWorkflow:
             raise ApplicationError(
                 f"invalid request: {_one_line(e)}", type="InvalidRequest", non_retryable=True
             ) from None
+        lean = st.versions.lean()  # first: fixes the run's code version (keel.workflows.versions)
         st.phase = "authorizing"
         ctx = RunContext(authorized=False)
         outcome, reason, answer = "completed", "", ""
         internal: BaseException | None = None
         deadline: asyncio.Task[None] | None = None
         try:
-            ctx = await self._stopper.shielded(
-                workflow.start_activity(
-                    "prepare_run",
-                    PrepareInput(
-                        request=req, workflow_id=st.wid, chain_id=workflow.info().first_execution_run_id
-                    ),
-                    result_type=RunContext,
-                    start_to_close_timeout=PREPARE_TIMEOUT,
-                    retry_policy=CONTROL_RETRY,
-                    summary="authorize, guardrails, memory",
-                )
-            )
+            ctx = await self._prepare(req, lean)
             st.model_label = ctx.model_label
             st.flags += list(ctx.notes)  # e.g. an MCP server that could not be listed
             if not ctx.authorized:
@@ -177,7 +168,10 @@ class AgentWorkflow:
             # Temporal cancellation outside any activity (e.g. a timer): undo, then report.
             outcome, reason = "cancelled", workflow.cancellation_reason() or "workflow cancelled"
             st.flags.append("cancelled")
-        except ACTIVITY_FAILURES as e:  # a control-plane call out of retries, a ledger refusal
+        except (
+            *ACTIVITY_FAILURES,
+            LocalActivityFailed,
+        ) as e:  # a control call out of retries, a ledger refusal
             outcome, reason = "failed", f"{_activity_name(e)} failed: {cause(e)}"
             st.flags.append("activity_failed")
         except Exception as e:  # a bug in workflow code: end cleanly, then fail the run
@@ -191,13 +185,51 @@ class AgentWorkflow:
         if (
             outcome == "cancelled"
             and workflow.cancellation_reason() is not None
-            and workflow.patched("keel-cancel-ends-canceled")
+            and st.versions.patched("keel-cancel-ends-canceled")
         ):
             # A Temporal cancel ends Canceled, as the Web UI and `list --status cancelled`
             # expect, once compensation, releases and the finish row are done. (The
             # `cancel` update alone cannot: only a cancel request lets a workflow end so.)
             raise asyncio.CancelledError(reason)
         return resp
+
+    async def _prepare(self, req: AgentRequest, lean: bool) -> RunContext:
+        """Authorize, guardrails, memory, budget scopes: the run's snapshot, one call.
+
+        A lean run (``LEAN_PATCH``) prepares in a local activity: its result is a marker in the
+        run's first workflow task, which then schedules the first plan, instead of an activity
+        (three events) and a second workflow task (three more) and their round trips through
+        the server. The work, its retries and its idempotence (a retry, reset or replay may
+        prepare again) are the activity's own; so is the failure a run reports.
+        """
+        st = self._state
+        inp = PrepareInput(request=req, workflow_id=st.wid, chain_id=workflow.info().first_execution_run_id)
+        if not lean:
+            ctx: RunContext = await self._stopper.shielded(
+                workflow.start_activity(
+                    "prepare_run",
+                    inp,
+                    result_type=RunContext,
+                    start_to_close_timeout=PREPARE_TIMEOUT,
+                    retry_policy=CONTROL_RETRY,
+                    summary="authorize, guardrails, memory",
+                )
+            )
+            return ctx
+        try:
+            ctx = await self._stopper.shielded(
+                workflow.start_local_activity(
+                    "prepare_run",
+                    inp,
+                    result_type=RunContext,
+                    start_to_close_timeout=PREPARE_TIMEOUT,
+                    retry_policy=CONTROL_RETRY,
+                    summary="authorize, guardrails, memory",
+                )
+            )
+        except ApplicationError as e:  # a local activity's failure arrives unwrapped: name it
+            raise LocalActivityFailed("prepare_run", e) from e
+        return ctx
 
     async def _end(
         self,
@@ -224,7 +256,7 @@ class AgentWorkflow:
         return resp
 
     async def _deadline(self, seconds: int) -> None:
-        if not workflow.patched("keel-deadline-pauses-for-people"):
+        if not self._state.versions.patched("keel-deadline-pauses-for-people"):
             await workflow.sleep(seconds, summary="run deadline")
             self._stopper.request(
                 Abort(
@@ -277,7 +309,7 @@ class AgentWorkflow:
             st.plan_saw_untrusted = bool(st.order) or (iteration > 1 and bool(ctx.memory))
             plan, tier = await self._planner.plan(req, ctx, tier, iteration)
             st.plan_sizes.append(len(plan.plan.steps))
-            checked = workflow.patched(HOLDS_PATCH)  # same answer as inside plan()
+            checked = st.versions.patched(HOLDS_PATCH)  # same answer as inside plan()
             if checked:
                 # "Completed" must mean done: no steps for a request that names an order and
                 # asks for an action is not an answer; and a plan's side effects run only
@@ -305,7 +337,7 @@ class AgentWorkflow:
                     return "partial", "some steps failed; see the step list", answer
                 return "completed", "", answer
             steps = _unique_ids(plan.plan.steps, set(st.steps), iteration)
-            if workflow.patched("plan-admission"):
+            if st.versions.patched("plan-admission"):
                 await self._steps.admit(ctx, steps)
             first = len(st.order)
             st.phase = "executing"
@@ -369,33 +401,50 @@ class AgentWorkflow:
         st.phase = "finishing"
         st.outcome = outcome
         spend = st.spend()
-        out: FinishOutput = await self._stopper.shielded(
-            workflow.start_activity(
-                "finish_run",
-                FinishInput(
-                    workflow_id=st.wid,
-                    request=req,
-                    executed=st.records(),
-                    outcome=outcome,
-                    reason=reason,
-                    answer=answer,
-                    iterations=st.iterations,
-                    model=ctx.tiers.get(TIER_ORDER[0], "offline"),
-                    spend_micros=spend.total_micros,
-                    plan_sizes=tuple(st.plan_sizes),
-                    flags=tuple(st.flags),
-                    thrash_repeats=ctx.limits.thrash_repeats,
-                    scopes=ctx.scopes,
-                    start_tier=st.start_tier,
-                    max_calls=self._planner.calls_left(ctx),
-                ),
-                result_type=FinishOutput,
-                start_to_close_timeout=MODEL_TIMEOUT,
-                heartbeat_timeout=MODEL_HEARTBEAT,
-                retry_policy=FINISH_RETRY,
-                summary=f"respond ({outcome})",
-            )
+        inp = FinishInput(
+            workflow_id=st.wid,
+            request=req,
+            executed=st.records(),
+            outcome=outcome,
+            reason=reason,
+            answer=answer,
+            iterations=st.iterations,
+            model=ctx.tiers.get(TIER_ORDER[0], "offline"),
+            spend_micros=spend.total_micros,
+            plan_sizes=tuple(st.plan_sizes),
+            flags=tuple(st.flags),
+            thrash_repeats=ctx.limits.thrash_repeats,
+            scopes=ctx.scopes,
+            start_tier=st.start_tier,
+            max_calls=self._planner.calls_left(ctx),
         )
+        if st.versions.lean() and not ctx.judge:
+            # No live model in the run's tiers: the finish writes rows and calls no model, so
+            # it runs as a local activity in the workflow task that decided the outcome (one
+            # marker event instead of an activity's three and the next workflow task's three).
+            # Same retries: it waits out a database outage, for as long as it takes.
+            out: FinishOutput = await self._stopper.shielded(
+                workflow.start_local_activity(
+                    "finish_run",
+                    inp,
+                    result_type=FinishOutput,
+                    start_to_close_timeout=FINISH_LOCAL_TIMEOUT,
+                    retry_policy=FINISH_RETRY,
+                    summary=f"respond ({outcome})",
+                )
+            )
+        else:
+            out = await self._stopper.shielded(
+                workflow.start_activity(
+                    "finish_run",
+                    inp,
+                    result_type=FinishOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=FINISH_RETRY,
+                    summary=f"respond ({outcome})",
+                )
+            )
         self._planner.book(out.calls, "answer")
         if out.flag:  # the model's answer claimed an effect no step produced
             outcome, reason = "needs_human", out.flag
@@ -404,7 +453,7 @@ class AgentWorkflow:
         spend = st.spend()  # the answer's calls included
         st.flags.extend(out.flags)
         attrs = [OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)]
-        if workflow.patched(FLAGS_PATCH):  # runs recorded before KeelFlags existed replay without it
+        if st.versions.patched(FLAGS_PATCH):  # runs recorded before KeelFlags existed replay without it
             attrs.append(FLAGS.value_set(list(dict.fromkeys(st.flags))))
         workflow.upsert_search_attributes(attrs)
         st.phase = "done"
@@ -429,8 +478,17 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
+class LocalActivityFailed(Exception):
+    """A local activity of the run gave up: its own error (a local activity's failure is not
+    wrapped in an ``ActivityError``), with the activity's name for the run's reason."""
+
+    def __init__(self, activity_type: str, error: BaseException) -> None:
+        super().__init__(f"{activity_type} failed: {error}")
+        self.activity_type = activity_type
+
+
 def _activity_name(e: BaseException) -> str:
-    return (e.activity_type if isinstance(e, ActivityError) else None) or "an activity"
+    return getattr(e, "activity_type", None) or "an activity"
 
 
 _SAFE_STEP_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

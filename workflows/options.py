@@ -13,6 +13,7 @@ __all__ = [
     "CONTROL_RETRY",
     "CONTROL_TIMEOUT",
     "FENCE_RETRY",
+    "FINISH_LOCAL_TIMEOUT",
     "FINISH_RETRY",
     "MODEL_HEARTBEAT",
     "MODEL_RETRY",
@@ -22,6 +23,7 @@ __all__ = [
 ]
 
 PREPARE_TIMEOUT = timedelta(seconds=30)  # reads a file and a few rows; slow means broken
+FINISH_LOCAL_TIMEOUT = timedelta(seconds=30)  # a finish without a model call: a few rows
 MODEL_TIMEOUT = timedelta(minutes=3)  # long completions; the activity heartbeats
 MODEL_HEARTBEAT = timedelta(seconds=30)  # a dead worker is noticed within half a minute
 CONTROL_TIMEOUT = timedelta(seconds=10)  # ledger/audit calls are single round trips

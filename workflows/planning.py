@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         RunContext,
     )
     from keel.gate import check_tool_call
-    from keel.intent import plan_problems
+    from keel.intent import plan_problems, results_verdict
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
     from keel.tiers import TIER_ORDER, clamp_tier
 
@@ -67,7 +67,7 @@ class Planner:
     async def plan(
         self, req: AgentRequest, ctx: RunContext, tier: str, iteration: int
     ) -> tuple[PlanOutput, str]:
-        if not workflow.patched(HOLDS_PATCH):
+        if not self._state.versions.patched(HOLDS_PATCH):
             return await self._plan_v1(req, ctx, tier, iteration)
         st = self._state
         st.phase = "planning"
@@ -223,6 +223,12 @@ class Planner:
         st.phase = "evaluating"
         judge = ctx.tiers.get(TIER_ORDER[0], "offline") if ctx.judge else None
         earlier = tuple(r for r in st.evaluated() if r not in current)
+        if judge is None and st.versions.lean():
+            # No judge: the evaluation is the rules alone, pure and computed from the run's
+            # own records, so the workflow applies them (the function the ``evaluate``
+            # activity applies) instead of a round trip to an activity that calls nothing.
+            score, confidence, reason, _ = results_verdict(req.message, current, earlier)
+            return EvalOutput(score=score, confidence=confidence, reason=reason)
         return await self._judge(
             req,
             ctx,

@@ -32,6 +32,8 @@ with workflow.unsafe.imports_passed_through():
     from keel.policy import Policy
     from keel.redact import redact
 
+from keel.workflows.versions import Versions
+
 __all__ = ["RunState"]
 
 
@@ -40,6 +42,8 @@ class RunState:
 
     def __init__(self) -> None:
         self.wid = ""
+        self.versions = Versions()
+        """The code version the run follows (``keel.workflows.versions``)."""
         self._phase = "starting"
         self.running = ""
         """The step in flight, as the Web UI shows it (``s2 issue_refund order_id=...``)."""

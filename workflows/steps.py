@@ -114,7 +114,7 @@ class StepRunner:
             labels = facts.labels
             if st.trust_plan() <= 1:
                 st.trusted_calls.append((step.tool, d.call_signature(step.tool, args)))
-            flow = facts if workflow.patched(FLOW_PATCH) else None
+            flow = facts if self._state.versions.patched(FLOW_PATCH) else None
             gate = check_tool_call(
                 st.policy(ctx),
                 req.tenant,
@@ -311,7 +311,7 @@ class StepRunner:
         st = self._state
         why = gate.reason
         detail = _detail(gate)
-        audited = workflow.patched(APPROVAL_AUDIT_PATCH)
+        audited = self._state.versions.patched(APPROVAL_AUDIT_PATCH)
         if audited:
             await self._audit_gate(
                 req,

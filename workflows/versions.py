@@ -1,0 +1,54 @@
+"""Which version of the workflow's code a run follows: one patch marker for a new run.
+
+Every ``workflow.patched(id)`` a run calls for the first time records a marker event, and the
+SDK adds a ``TemporalChangeVersion`` search-attribute upsert beside it: two history events per
+patch, five patches in every demo run (ten of its events). A run started since
+``LEAN_PATCH`` records that one marker only and takes every patch it subsumes as applied
+without recording theirs; a run recorded before it (no ``LEAN_PATCH`` marker) asks each patch
+as it always did, so its history replays unchanged.
+
+The answer of ``lean()`` is fixed at the run's first workflow task (``AgentWorkflow.run``
+asks before anything else): asked later in a replaying run it would be ``True`` as soon as
+replay caught up with the history's end.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+__all__ = ["LEAN_PATCH", "SUBSUMED", "Versions"]
+
+LEAN_PATCH = "keel-23-lean-run"
+"""Issue 23: prepare and (without a model call) finish as local activities, the rules'
+evaluation in the workflow when the run has no judge, and the patches below implied."""
+
+SUBSUMED = frozenset(
+    {
+        "model-holds-in-activity",  # planning.HOLDS_PATCH
+        "plan-admission",
+        "keel-deadline-pauses-for-people",
+        "keel-flags-search-attribute",  # agent.FLAGS_PATCH
+        "keel-cancel-ends-canceled",
+        "keel-17-flow-gate",  # steps.FLOW_PATCH
+        "keel-17-approval-audit",  # steps.APPROVAL_AUDIT_PATCH
+    }
+)
+"""Patches every run with ``LEAN_PATCH`` has applied. Never add a patch made after
+``LEAN_PATCH`` shipped: runs recorded between the two would then replay it as applied."""
+
+
+class Versions:
+    def __init__(self) -> None:
+        self._lean: bool | None = None
+
+    def lean(self) -> bool:
+        """Whether this run follows the issue-23 shape (asked first at the run's start)."""
+        if self._lean is None:
+            self._lean = workflow.patched(LEAN_PATCH)
+        return self._lean
+
+    def patched(self, patch_id: str) -> bool:
+        """``workflow.patched(patch_id)``, without a marker when the lean run implies it."""
+        if patch_id in SUBSUMED and self.lean():
+            return True
+        return workflow.patched(patch_id)
