@@ -398,7 +398,6 @@ class AgentActivities:
                 [a.timeout_seconds for t in policy.tools.values() for a in t.approvals] or [3600]
             ),
         )
-        all_tools = catalog(include_hidden=True)
         models = sorted(set(tiers.values()))
         try:
             prices = load_prices()

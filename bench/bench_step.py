@@ -253,6 +253,9 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             - round((sum(counts.values()) - sum(small.values())) / (big - 1)),
         }
     out["ratio"] = round(out["keel"]["per_step_ms"] / out["floor"]["per_step_ms"], 2)
+    # The fixed cost of a run (everything outside its steps) against a bare workflow's (start,
+    # one workflow task, completion): issue 23's "fixed per-run cost" figure.
+    out["fixed_ratio"] = round(out["keel"]["fixed_ms"] / out["floor"]["fixed_ms"], 2)
     out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)
     out["target_ratio"] = TARGET_RATIO
     out["pg_commits_per_step"] = None if commits is None else round(commits, 2)

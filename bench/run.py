@@ -236,7 +236,14 @@ def _step_md(r: dict[str, Any]) -> str:
                 rows,
             ),
             f"**Ratio Keel / floor: {r['ratio']}x** (target ≤ {r['target_ratio']}x: {verdict}); "
-            f"Keel / floor+LA: {r['ratio_vs_floor_la']}x.",
+            f"Keel / floor+LA: {r['ratio_vs_floor_la']}x. "
+            + (
+                f"**Fixed per-run cost Keel / floor: {r['fixed_ratio']}x** "
+                f"({r['keel']['fixed_ms']} vs {r['floor']['fixed_ms']} ms; history events outside "
+                f"the steps: {r['keel']['events_fixed']} vs {r['floor']['events_fixed']})."
+                if "fixed_ratio" in r
+                else ""
+            ),
             "Where a step's time goes (p50 ms, from history timestamps; `execute` = activity "
             "started->completed, `wft_wait` = activity completed->next workflow task started, "
             "`wft` = workflow task started->completed, which includes local activities):",
@@ -392,6 +399,87 @@ _SECTIONS = (
 )
 
 
+TARGETS = {
+    "fixed": 2.0,  # a run's fixed cost / a bare workflow's, at most
+    "step": 1.3,  # a controlled step / a bare activity round trip, at most
+    "events": 1.0,  # history events of the demo task / the peer's, at most
+    "runs": 1.2,  # demo-task runs/s / the peer's, at least
+}
+"""Issue 23's throughput targets, each a ratio between two figures of the same run."""
+
+
+def _targets(results: dict[str, Any]) -> list[list[Any]]:
+    """One row per target the run measured: figure, ratio, target, met or not."""
+
+    def ok(r: dict[str, Any] | None, *keys: str) -> bool:
+        return bool(r) and "error" not in r and "skipped" not in r and all(k in r for k in keys)
+
+    rows: list[list[Any]] = []
+    step, peer = results.get("step"), results.get("peer")
+    if ok(step, "keel", "floor", "ratio"):
+        k, f = step["keel"], step["floor"]  # type: ignore[index]
+        fixed = step.get("fixed_ratio") or round(k["fixed_ms"] / f["fixed_ms"], 2)  # type: ignore[union-attr]
+        rows.append(
+            [
+                "fixed per-run cost vs a bare workflow",
+                f"{k['fixed_ms']} vs {f['fixed_ms']} ms",
+                f"{fixed}x",
+                f"≤ {TARGETS['fixed']}x",
+                fixed <= TARGETS["fixed"],
+            ]
+        )
+        ratio = step["ratio"]  # type: ignore[index]
+        rows.append(
+            [
+                "controlled step vs a bare activity round trip",
+                f"{k['per_step_ms']} vs {f['per_step_ms']} ms",
+                f"{ratio}x",
+                f"≤ {TARGETS['step']}x",
+                ratio <= TARGETS["step"],
+            ]
+        )
+    if ok(peer, "keel", "peer"):
+        ke, pe = peer["keel"]["task_history_events"], peer["peer"]["task_history_events"]  # type: ignore[index]
+        rows.append(
+            [
+                "history events per demo run vs the peer",
+                f"{ke} vs {pe}",
+                f"{round(ke / pe, 2)}x",
+                f"≤ {TARGETS['events']}x",
+                ke <= pe * TARGETS["events"],
+            ]
+        )
+        kr, pr = peer["keel"]["runs_per_s"], peer["peer"]["runs_per_s"]  # type: ignore[index]
+        ratio = peer["throughput_ratio_keel_over_peer"]  # type: ignore[index]
+        rows.append(
+            [
+                "demo-task runs/s vs the peer",
+                f"{kr} vs {pr}",
+                f"{ratio}x",
+                f"≥ {TARGETS['runs']}x",
+                ratio >= TARGETS["runs"],
+            ]
+        )
+    return rows
+
+
+def _targets_md(results: dict[str, Any]) -> str | None:
+    rows = _targets(results)
+    if not rows:
+        return None
+    body = [
+        [what, figures, ratio, target, "**target met**" if met else "**target NOT met**"]
+        for what, figures, ratio, target, met in rows
+    ]
+    return "\n\n".join(
+        [
+            "## Targets (issue 23)",
+            "Each a ratio between two figures of this same run (sections 1 and 4 below).",
+            _table(["figure", "Keel vs floor/peer", "ratio", "target", "verdict"], body),
+        ]
+    )
+
+
 def _render(machine: dict[str, Any], results: dict[str, Any], *, smoke: bool) -> str:
     m = machine
     out = [
@@ -420,6 +508,9 @@ def _render(machine: dict[str, Any], results: dict[str, Any], *, smoke: bool) ->
         "Absolute figures depend on this machine and on whatever else ran on it (see the "
         "load average); ratios are between figures measured in the same run.",
     ]
+    targets = _targets_md(results)
+    if targets:
+        out.append(targets)
     for key, title, render in _SECTIONS:
         if key not in results:
             continue

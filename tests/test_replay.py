@@ -7,6 +7,11 @@ with ``Replayer``. ``test_golden_histories_replay`` replays the histories commit
 Re-record deliberately (after an intentional, versioned change) with
 
     KEEL_RECORD_HISTORIES=1 .venv/bin/pytest tests/test_replay.py -k fresh
+
+``lean_<shape>.json`` are the same shapes recorded on the lean run of issue 23 (one patch
+marker, prepare and a model-less finish as local activities, the rules' evaluation in the
+workflow); the others were recorded before it and prove the old path still replays. Record
+only the lean ones with ``KEEL_RECORD_HISTORIES=lean``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ SHAPES = (
     "fallback",
     "error_cascade",
 )
+LEAN = tuple(f"lean_{shape}" for shape in SHAPES)
+"""Golden histories of the issue-23 lean run (``keel.workflows.versions.LEAN_PATCH``)."""
 
 
 ENCRYPTED_GOLDEN = HISTORIES / "encrypted_demo_refund.json"
@@ -151,6 +158,36 @@ async def test_fresh_histories_replay(
         for name, history in histories.items():
             (HISTORIES / f"{name}.json").write_text(history.to_json())
         ENCRYPTED_GOLDEN.write_text(histories["demo_refund"].to_json())
+    if os.environ.get("KEEL_RECORD_HISTORIES") == "lean":
+        for name, history in histories.items():
+            (HISTORIES / f"lean_{name}.json").write_text(history.to_json())
+    _assert_lean(histories["demo_refund"])
+
+
+def _assert_lean(history: WorkflowHistory) -> None:
+    """The lean demo run: one patch marker, prepare and finish as local activities, the
+    evaluation in the workflow; only the plan and the three tools are activities."""
+    from keel.workflows.versions import LEAN_PATCH
+
+    patches, local, remote = [], [], []
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            a = e.marker_recorded_event_attributes
+            if a.marker_name == "core_patch":
+                patches.append(a.details["patch-data"].payloads[0].data)
+            elif a.marker_name == "core_local_activity":
+                local.append(a.details["data"].payloads[0].data)
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    assert len(patches) == 1 and LEAN_PATCH.encode() in patches[0], patches
+    assert any(b'"prepare_run"' in d for d in local) and any(b'"finish_run"' in d for d in local), local
+    assert remote == [
+        "plan",
+        "run_tool",
+        "run_tool",
+        "run_tool",
+    ], remote
+    assert len(history.events) < 49, len(history.events)  # the peer's demo run: 49 events
 
 
 async def test_encrypted_golden_history_replays_only_with_its_key(caplog: pytest.LogCaptureFixture) -> None:
@@ -201,9 +238,11 @@ def _payloads(event) -> list:
     return found
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + LEAN)
 async def test_golden_histories_replay(shape: str) -> None:
     path = HISTORIES / f"{shape}.json"
     assert path.exists(), f"missing golden history {path}; record it (see module docstring)"
     history = WorkflowHistory.from_json(f"golden-{shape}", path.read_text())
     await _replayer().replay_workflow(history)
+    if shape == "lean_demo_refund":
+        _assert_lean(history)
