@@ -327,47 +327,51 @@ class AgentActivities:
                         "reason": f"request id already used by run {earlier} of {wid}; use a new request id",
                     }
                 )
-            if gate.allowed:
-                limit = tenant_run_limit(req.tenant)
-                ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
-                if not await acquire_run_slot(conn, req.tenant, wid, limit, ttl):
-                    gate = gate.model_copy(
-                        update={
-                            "allowed": False,
-                            "rule": "tenant-concurrency",
-                            "reason": f"tenant {req.tenant!r} already has {limit} run(s) in flight; "
-                            "try again later",
-                        }
-                    )
-            entries = [
-                AuditEntry(
-                    **run,
-                    kind="run",
-                    subject="agent",
-                    decision="allow" if gate.allowed else "deny",
-                    reason=gate.reason,
-                    data={
-                        "rule": gate.rule,
-                        "policy_version": policy.version,
-                        "run_id": run_id,
-                        "policy_hash": digest,
-                    },
-                    idem_key=authorize_key,
-                )
-            ]
-            if verdict is not None and not verdict.ok:
-                entries.append(
+            # The run slot, the authorization row and the run's ledger scopes commit together:
+            # one transaction (one WAL flush) instead of two, and a slot is never taken
+            # without its audit row. The slot's tenant lock is held until the commit, a few
+            # statements later.
+            async with conn.transaction():
+                if gate.allowed:
+                    limit = tenant_run_limit(req.tenant)
+                    ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
+                    if not await acquire_run_slot(conn, req.tenant, wid, limit, ttl):
+                        gate = gate.model_copy(
+                            update={
+                                "allowed": False,
+                                "rule": "tenant-concurrency",
+                                "reason": f"tenant {req.tenant!r} already has {limit} run(s) in flight; "
+                                "try again later",
+                            }
+                        )
+                entries = [
                     AuditEntry(
                         **run,
-                        kind="guardrail",
-                        subject="input",
-                        decision="deny",
-                        reason=verdict.reason,
-                        data={"category": verdict.category, "score": verdict.score},
-                        idem_key=f"{wid}/guardrail-input",
+                        kind="run",
+                        subject="agent",
+                        decision="allow" if gate.allowed else "deny",
+                        reason=gate.reason,
+                        data={
+                            "rule": gate.rule,
+                            "policy_version": policy.version,
+                            "run_id": run_id,
+                            "policy_hash": digest,
+                        },
+                        idem_key=authorize_key,
                     )
-                )
-            async with conn.transaction():
+                ]
+                if verdict is not None and not verdict.ok:
+                    entries.append(
+                        AuditEntry(
+                            **run,
+                            kind="guardrail",
+                            subject="input",
+                            decision="deny",
+                            reason=verdict.reason,
+                            data={"category": verdict.category, "score": verdict.score},
+                            idem_key=f"{wid}/guardrail-input",
+                        )
+                    )
                 await audit.append_many(conn, entries)
                 if gate.allowed:
                     await ledger.open_run(
@@ -639,45 +643,51 @@ class AgentActivities:
         parts += list(dict.fromkeys(p for p in (answer, body) if p))
         message = redact(" ".join(p.strip() for p in parts if p.strip()) or "Done.")
         message = message.replace("..", ".")
-        async with self._pool.connection() as conn:
-            agent, _ = find_agent(req.agent)
-            mem_session = agent.memory_session(req.session) if agent is not None else None
-            if inp.outcome not in ("denied",) and mem_session:
-                try:
-                    owner = memory_owner(_cached_policy(self._settings.policy_file)[0], req.tenant, req.user)
-                except PolicyError:
-                    owner = req.user  # the narrowest bucket when the policy cannot be read
-                await memory.save(
-                    conn,
-                    req.tenant,
-                    mem_session,
-                    inp.workflow_id,
-                    redact(req.message),
-                    message,
-                    owner=owner,
-                    author=req.user,
-                )
-            await audit.append_many(
-                conn,
-                [
-                    AuditEntry(
-                        tenant=req.tenant,
-                        user=req.user,
-                        workflow_id=inp.workflow_id,
-                        step_id="",
-                        kind="run",
-                        subject="finish",
-                        decision="needs_human" if flag else inp.outcome,
-                        reason=redact(reason),
-                        data={"steps": len(inp.executed), "answer_flag": flag}
-                        if flag
-                        else {"steps": len(inp.executed)},
-                        idem_key=f"{inp.workflow_id}/finish",
+        async with self._pool.connection() as conn:  # one transaction for the ending's writes
+            # Memory, the finish row, the run slot and the run's stats commit together: one
+            # WAL flush instead of four, and a retry (the ending retries until the database
+            # answers) finds all of them or none. Each write is idempotent on its own too.
+            async with conn.transaction():
+                agent, _ = find_agent(req.agent)
+                mem_session = agent.memory_session(req.session) if agent is not None else None
+                if inp.outcome not in ("denied",) and mem_session:
+                    try:
+                        owner = memory_owner(
+                            _cached_policy(self._settings.policy_file)[0], req.tenant, req.user
+                        )
+                    except PolicyError:
+                        owner = req.user  # the narrowest bucket when the policy cannot be read
+                    await memory.save(
+                        conn,
+                        req.tenant,
+                        mem_session,
+                        inp.workflow_id,
+                        redact(req.message),
+                        message,
+                        owner=owner,
+                        author=req.user,
                     )
-                ],
-            )
-            held_s = await release_run_slot(conn, inp.workflow_id)
-            flags = await flag_run(conn, inp, activity.info().workflow_type)
+                await audit.append_many(
+                    conn,
+                    [
+                        AuditEntry(
+                            tenant=req.tenant,
+                            user=req.user,
+                            workflow_id=inp.workflow_id,
+                            step_id="",
+                            kind="run",
+                            subject="finish",
+                            decision="needs_human" if flag else inp.outcome,
+                            reason=redact(reason),
+                            data={"steps": len(inp.executed), "answer_flag": flag}
+                            if flag
+                            else {"steps": len(inp.executed)},
+                            idem_key=f"{inp.workflow_id}/finish",
+                        )
+                    ],
+                )
+                held_s = await release_run_slot(conn, inp.workflow_id)
+                flags = await flag_run(conn, inp, activity.info().workflow_type)
         telemetry.record_run(
             tenant=req.tenant,
             outcome=inp.outcome,
