@@ -17,6 +17,7 @@ only the lean ones with ``KEEL_RECORD_HISTORIES=lean``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,27 @@ async def test_golden_histories_replay(shape: str) -> None:
     await _replayer().replay_workflow(history)
     if shape == "lean_demo_refund":
         _assert_lean(history)
+
+
+def test_lean_run_subsumes_exactly_the_patches_made_before_it() -> None:
+    """Every patch the workflow asks through ``RunState.versions`` was made before the lean
+    run and is in ``SUBSUMED``; a patch missing there would record its marker again (two
+    events) and one added later would be taken as applied by runs that never had it."""
+    from keel.workflows import agent, planning, steps
+    from keel.workflows.versions import LEAN_PATCH, SUBSUMED
+
+    made_before = {
+        planning.HOLDS_PATCH,
+        agent.FLAGS_PATCH,
+        steps.FLOW_PATCH,
+        steps.APPROVAL_AUDIT_PATCH,
+        "plan-admission",
+        "keel-deadline-pauses-for-people",
+        "keel-cancel-ends-canceled",
+    }
+    assert made_before == SUBSUMED and LEAN_PATCH not in SUBSUMED
+    source = "".join(Path(m.__file__).read_text() for m in (agent, planning, steps) if m.__file__ is not None)
+    direct = re.findall(r"workflow\.patched\(([^)]*)\)", source)
+    names = {"HOLDS_PATCH", "FLAGS_PATCH", "FLOW_PATCH", "APPROVAL_AUDIT_PATCH"}
+    # A subsumed patch asked directly would record its marker in every lean run.
+    assert not [a for a in direct if a.strip("\"'") in SUBSUMED or a in names], direct
