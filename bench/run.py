@@ -33,6 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Bytecode is cached, as for an installed package. With PYTHONDONTWRITEBYTECODE set (some
+# shells and CI images set it) no ``.pyc`` is ever written, and Temporal's sandbox, which
+# re-imports a workflow's module for every new run, compiled it from source each time:
+# ~11 ms per run for keel.workflows.agent alone on a loaded 2-core VM, and the floor's and the
+# peer's workflow modules likewise. That is an artefact of the shell, not a cost of a run.
+sys.dont_write_bytecode = False
+
 __all__ = ["main"]
 
 ALL = ("step", "history", "throughput", "peer", "recovery", "ledger", "model_cost")

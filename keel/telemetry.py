@@ -3,9 +3,10 @@ tracing interceptor, and the few metrics an operator of a multi-tenant agent fle
 
 Traces: ``temporalio.contrib.opentelemetry.TracingInterceptor`` on the client (starter and
 worker) gives one trace per run — ``StartWorkflow`` from the CLI, ``RunWorkflow``, one
-``StartActivity``/``RunActivity`` pair per plan, tool, evaluation, budget/gate local activity
-and compensation. Workflow-side spans are emitted only when not replaying, so a worker that
-rebuilds a run from history (cache eviction, another worker taking over) emits no
+``StartActivity``/``RunActivity`` pair per plan, tool, judge evaluation, budget/gate local
+activity and compensation; an evaluation by the rules alone runs in the workflow and is an
+``Evaluate:rules`` span with its score. Workflow-side spans are emitted only when not
+replaying, so a worker that rebuilds a run from history (cache eviction, another worker taking over) emits no
 duplicates. Activities add ``keel.*`` attributes to their ``RunActivity`` span with
 :func:`annotate`.
 

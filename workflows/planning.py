@@ -18,6 +18,9 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from temporalio.contrib.opentelemetry import TracingWorkflowInboundInterceptor
+    from temporalio.contrib.opentelemetry import workflow as traced
+
     from keel.agent_io import (
         EvalInput,
         EvalOutput,
@@ -228,6 +231,10 @@ class Planner:
             # own records, so the workflow applies them (the function the ``evaluate``
             # activity applies) instead of a round trip to an activity that calls nothing.
             score, confidence, reason, _ = results_verdict(req.message, current, earlier)
+            _span(
+                "Evaluate:rules",
+                {"keel.score": score, "keel.confidence": confidence, "keel.iteration": st.iterations},
+            )
             return EvalOutput(score=score, confidence=confidence, reason=reason)
         return await self._judge(
             req,
@@ -397,6 +404,14 @@ class Planner:
                 out.cost_micros, tier=TIER_ORDER[0], model=judge, step=key.rsplit("/", 1)[1], cheapest=True
             )
         return out
+
+
+def _span(name: str, attributes: dict[str, str | int | float]) -> None:
+    """A finished span in the run's trace, as the ``evaluate`` activity's span was: only when
+    the worker traces (Temporal's interceptor), and never again on replay (the SDK's own
+    workflow-side span, which skips replaying tasks)."""
+    if TracingWorkflowInboundInterceptor._from_context() is not None:
+        traced.completed_span(name, attributes={"keel.judge": "rules", **attributes})
 
 
 def failed_calls(e: ActivityError) -> tuple[ModelCallRecord, ...]:
