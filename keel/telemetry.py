@@ -6,8 +6,8 @@ worker) gives one trace per run — ``StartWorkflow`` from the CLI, ``RunWorkflo
 ``StartActivity``/``RunActivity`` pair per plan, tool, judge evaluation, budget/gate local
 activity and compensation; an evaluation by the rules alone runs in the workflow and is an
 ``Evaluate:rules`` span with its score. Workflow-side spans are emitted only when not
-replaying, so a worker that rebuilds a run from history (cache eviction, another worker taking over) emits no
-duplicates. Activities add ``keel.*`` attributes to their ``RunActivity`` span with
+replaying, so a worker that rebuilds a run from history (cache eviction, another worker
+taking over) emits no duplicates. Activities add ``keel.*`` attributes to their ``RunActivity`` span with
 :func:`annotate`.
 
 Model calls follow OpenTelemetry's GenAI semantic conventions (the latest experimental
