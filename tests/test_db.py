@@ -40,3 +40,18 @@ async def test_one_lost_connection_clears_every_dead_one_from_the_pool(pg_url: s
                 assert c.info.backend_pid not in pids
     finally:
         await pool.close()
+
+
+def test_the_app_role_gets_a_password_from_the_owner(owner_pg_url: str) -> None:
+    """The compose migrate job's last step: keel_app can then log in over TCP with it."""
+    import psycopg
+
+    from keel.db import set_app_password
+
+    with pytest.raises(ValueError, match="no password"):
+        set_app_password(owner_pg_url, "")
+    set_app_password(owner_pg_url, "s3cret-'quoted")  # quoted as a literal, not spliced
+    with psycopg.connect(owner_pg_url) as conn:
+        row = conn.execute("select rolpassword from pg_authid where rolname = 'keel_app'").fetchone()
+        assert row is not None and row[0] and row[0].startswith("SCRAM-SHA-256$")
+        conn.execute("alter role keel_app password null")
