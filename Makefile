@@ -1,6 +1,7 @@
 # Keel: two commands on a fresh machine with Python 3.11 and make.
 #   make demo   install, start Temporal + PostgreSQL + a worker, run a sample request
 #   make test   install and run the whole suite
+#   make lint   prove the layering (import-linter), ruff, mypy
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -56,8 +57,14 @@ down:
 test: install
 	@$(BIN)/python -m pytest
 
+# The layering contracts (import-linter), ruff, and mypy (strict on the core). import-linter and
+# mypy read a copy of the sources in the installed layout (.keel/lint/keel/workflows, ...):
+# workflows/ and activities/ sit beside keel/ in the repository, see tests/import_contracts.py.
 lint: install
-	@$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	@$(BIN)/python -m tests.import_contracts
+	@$(BIN)/ruff check .
+	@$(BIN)/ruff format --check .
+	@cd .keel/lint && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.keel/mypy-cache -p keel
 
 bench: install
 	@$(BIN)/python -m pip install -e '.[bench]' >> $(VENV)/install.log 2>&1 \

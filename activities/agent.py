@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
@@ -28,8 +28,8 @@ from keel.activities.metered import Meter, with_report
 from keel.activities.models import split_model
 from keel.activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
 from keel.activities.models.offline import OFFLINE_DONE, respond_text
+from keel.activities.tools.loader import catalog
 from keel.activities.tools.mcp import server_tools
-from keel.activities.tools.registry import catalog
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -408,7 +408,7 @@ class AgentActivities:
             token_prices = {m: _price_pair(m, prices) for m in models}
         except PricingError as e:  # configuration: retrying cannot fix it
             raise ApplicationError(str(e), type=PRICING_ERROR, non_retryable=True) from None
-        offered, notes = catalog(), ()
+        offered, notes = catalog(), cast(tuple[str, ...], ())
         if agent is not None:  # the agent's selection, then what the caller may use of it
             chosen = select_tools(agent, [(t.name, t.tags) for t in offered])
             offered = tuple(t for t in offered if t.name in chosen)
@@ -733,7 +733,7 @@ class AgentActivities:
         return redact(result.text.strip())[:4000]
 
 
-async def _earlier_run(conn: Any, wid: str, run_id: str) -> str | None:
+async def _earlier_run(conn: Any, wid: str, run_id: str | None) -> str | None:
     """The id of an earlier run under ``wid`` (its authorize row names another run, or it has
     none but that run finished), or None when ``wid`` is new or the row is this run's own."""
     row = await (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from keel.activities.tools.registry import catalog
+from keel.activities.tools.loader import catalog
 
 from keel.agents import DEFAULT_AGENT, Agent, load_agents
 from keel.policy import PolicyError, load_policy

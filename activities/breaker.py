@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict
 from temporalio.exceptions import ApplicationError
 
+from keel import telemetry
 from keel.redact import redact
 
 __all__ = [
@@ -304,8 +305,6 @@ async def _event(conn: Conn, scope: str, from_state: str, to_state: str, reason:
         "values (%s, %s, %s, %s, %s)",
         (scope, from_state, to_state, reason[:500], WORKER_ID),
     )
-    from keel import telemetry
-
     telemetry.record_breaker_transition(scope, from_state, to_state)
 
 

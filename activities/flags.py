@@ -30,7 +30,7 @@ from (select spend_micros from run_stats
 """
 
 
-async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str) -> tuple[str, ...]:
+async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str | None) -> tuple[str, ...]:
     """Flag, record and audit one finished run; returns the flag names."""
     req = inp.request
     existing = await (

@@ -26,21 +26,26 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keel.activities import breaker
-from keel.activities.models import get_provider, split_model
+from keel.activities.agent_defs import agent_definitions
+from keel.activities.models import split_model
 from keel.activities.models.errors import (
     BAD_REQUEST,
     PROVIDER_ERROR,
     TIMEOUT,
     UNAVAILABLE,
+    model_timeout_s,
     translate_provider_error,
     usage_of,
 )
+from keel.activities.models.providers import get_provider
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
+from keel.agent_io import MODEL_ATTEMPTS
+from keel.agents import agent_tiers
 from keel.models import ModelCall, ModelResult, Usage
-from keel.pricing import cost_micros
+from keel.pricing import PricingError, cost_micros, load_prices, price_for, prices_file
 from keel.tiers import ANTHROPIC_TIERS, OPENAI_TIERS, resolve_tiers
 
 __all__ = [
@@ -210,8 +215,6 @@ def model_breaker_threshold(env: Mapping[str, str]) -> int:
     Raises:
         ValueError: one line naming the variable.
     """
-    from keel.agent_io import MODEL_ATTEMPTS
-
     raw = (env.get("KEEL_MODEL_BREAKER_THRESHOLD") or "").strip()
     if not raw:  # the general breaker threshold, kept below the attempts
         general = (env.get("KEEL_BREAKER_THRESHOLD") or "").strip()
@@ -233,10 +236,6 @@ def model_breaker_threshold(env: Mapping[str, str]) -> int:
 def configured_models(env: Mapping[str, str]) -> dict[str, str]:
     """Every model this worker may call, with why: the tiers (the worker's, and each agent
     definition's), and each tier's failover model."""
-    from keel.activities.agent_defs import agent_definitions
-
-    from keel.agents import agent_tiers
-
     base = resolve_tiers(env)
     tables = [("", base)]
     try:
@@ -262,10 +261,6 @@ def check_model_config(env: Mapping[str, str]) -> None:
     Raises:
         ValueError: one line (``PricingError`` for a model without a price).
     """
-    from keel.activities.models.errors import model_timeout_s
-
-    from keel.pricing import PricingError, load_prices, price_for, prices_file
-
     prices = load_prices()
     for model, why in configured_models(env).items():
         try:

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from keel.activities.guardrails import redact
 from pydantic import BaseModel, ConfigDict, Field
@@ -367,6 +367,7 @@ def _run(
     cancel: threading.Event | None,
 ) -> SandboxResult:
     as_other = uid != os.getuid()
+    as_user: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if as_other else {}
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -378,7 +379,7 @@ def _run(
         close_fds=True,
         pass_fds=fds,
         start_new_session=True,
-        **({"user": uid, "group": uid, "extra_groups": []} if as_other else {}),
+        **as_user,
     )
     out: list[bytes] = []
     err: list[bytes] = []

@@ -58,7 +58,8 @@ TENANT, USER = "bench", "bench"
 
 async def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
     """Run one of Keel's demo tool functions in its own transaction (no Keel control)."""
-    from keel.activities.tools.registry import REGISTRY, ToolContext, catalog
+    from keel.activities.tools.loader import catalog
+    from keel.activities.tools.registry import REGISTRY, ToolContext
 
     catalog()
     spec = REGISTRY[name]

@@ -126,7 +126,7 @@ class _BenchAgentActivities:
 
     @activity.defn(name="prepare_run")
     async def prepare_run(self, inp: PrepareInput) -> RunContext:
-        from keel.activities.tools.registry import catalog
+        from keel.activities.tools.loader import catalog
 
         ctx: RunContext = await self._real.prepare_run(inp)
         if not ctx.authorized or not _NOOP_RE.match(inp.request.message):

@@ -41,6 +41,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from keel.models import ToolInfo
 from keel.policy import Limits, ToolRule, _loc, _Strict, check_tool_rules
+from keel.settings import PROJECT_ROOT
 
 __all__ = [
     "DEFAULT_AGENT",
@@ -264,8 +265,6 @@ def load_agents(
 
     With ``tools`` (the catalogue, hidden tools included) each agent's policy section is
     checked against it, and with ``policy`` against the roles it defines (``check_agent``)."""
-    from keel.settings import PROJECT_ROOT
-
     found: list[tuple[Agent, str]] = []
     paths = [builtin or PROJECT_ROOT / "config" / "agents"]
     paths += [Path(p) for p in (env.get("KEEL_AGENT_PATH") or "").split(":") if p.strip()]

@@ -33,7 +33,16 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.agents import DEFAULT_AGENT, workflow_id
 from keel.codec import data_converter, load_keyring
-from keel.models import AgentRequest, AgentResponse, Approval, Frozen, ModelPolicy, RunStatus, StepRecord
+from keel.models import (
+    AgentRequest,
+    AgentResponse,
+    Approval,
+    Frozen,
+    ModelPolicy,
+    RunStatus,
+    StepRecord,
+    StepState,
+)
 from keel.redact import redact
 from keel.settings import Settings, load_settings
 from keel.submit import WORKFLOW, RequestIdConflict, start_or_attach
@@ -187,7 +196,8 @@ class Run:
 
     async def events(self, poll_seconds: float = POLL_SECONDS) -> AsyncIterator[RunEvent]:
         """Changes as they happen: phases, step state changes, approvals awaited, the end."""
-        phase, steps, waiting = "", {}, ""
+        phase, waiting = "", ""
+        steps: dict[str, StepState] = {}
         last: RunStatus | None = None
         async for st in self.watch(poll_seconds):
             last = st

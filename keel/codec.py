@@ -99,6 +99,7 @@ class KeyRing:
 
     keys: tuple[tuple[str, bytes], ...]
     source: str = ""
+    _ciphers: dict[str, AESGCM] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -120,10 +121,10 @@ class KeyRing:
         """``(key id, nonce + ciphertext + tag)`` under the newest key."""
         kid = self.newest
         nonce = os.urandom(_NONCE)
-        return kid, nonce + self._ciphers[kid].encrypt(nonce, data, kid.encode())  # type: ignore[attr-defined]
+        return kid, nonce + self._ciphers[kid].encrypt(nonce, data, kid.encode())
 
     def decrypt(self, kid: str, blob: bytes) -> bytes:
-        cipher = self._ciphers.get(kid)  # type: ignore[attr-defined]
+        cipher = self._ciphers.get(kid)
         if cipher is None:
             raise UnknownKeyError(kid, self.ids)
         try:

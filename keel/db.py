@@ -93,7 +93,7 @@ def apply_migrations(url: str, *, baselines: bool = True, upto: str | None = Non
             done = {r[0] for r in conn.execute("select name from keel_migrations")}
             for path, names in _plan(done, baselines=baselines, upto=upto):
                 with conn.transaction():
-                    conn.execute(path.read_text())  # type: ignore[arg-type]
+                    conn.execute(path.read_text())
                     for name in names:
                         conn.execute("insert into keel_migrations(name) values (%s)", (name,))
                 applied_now.extend(names)

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel.codec import ensure_key_file
+from keel.db import apply_migrations
 from keel.settings import SEARCH_ATTRIBUTES, Settings
 
 __all__ = ["DevServices", "ServiceError", "temporal_binary", "free_port"]
@@ -259,8 +261,6 @@ class DevServices:
     def ensure_codec_key(self) -> None:
         """Write a payload key file in the state dir on first use (unless keys come from
         ``KEEL_CODEC_KEYS``), so the embedded default encrypts history with no setup."""
-        from keel.codec import ensure_key_file
-
         if not self.settings.codec_keys.strip():
             ensure_key_file(self.settings.key_file)
 
@@ -456,8 +456,6 @@ class DevServices:
     # ---------------------------------------------------------------- both
     def up(self) -> None:
         """Start PostgreSQL (and apply migrations), the codec server and Temporal."""
-        from keel.db import apply_migrations
-
         self.start_postgres()
         apply_migrations(self.settings.owner_url)  # as the owner; runs use keel_app
         self.start_codec_server()

@@ -9,12 +9,19 @@ anything: the doctor may run against production. ``queue_pollers`` is also what 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from keel.client import connect
+from keel.codec import load_keyring
+from keel.db import MIGRATIONS_DIR
+from keel.policy import load_policy
+from keel.pricing import load_prices, price_for
 from keel.settings import SEARCH_ATTRIBUTES, Settings
+from keel.tiers import resolve_tiers
 
 __all__ = ["Check", "POLLER_FRESH", "queue_pollers", "run_checks", "worker_queues"]
 
@@ -68,6 +75,9 @@ async def queue_pollers(client: Any, namespace: str, queue: str, kind: str = "wo
 def worker_queues(settings: Settings) -> list[tuple[str, str]]:
     """(queue, kind) pairs a complete worker polls: the main queue for workflow and activity
     tasks, plus one activity queue per rate-limited tool."""
+    # Imported here for start-up speed only: loading the tool catalogue imports every tool
+    # module (the MCP SDK among them, seconds), and `keel run` reaches this module through
+    # queue_pollers without needing it.
     from keel.activities.tools import catalog
 
     queues = [(settings.task_queue, "workflow"), (settings.task_queue, "activity")]
@@ -87,7 +97,9 @@ async def run_checks(settings: Settings, env: Mapping[str, str]) -> list[Check]:
         await _guard(checks, "search attributes", lambda: _search_attributes(client, settings))
         for queue, kind in worker_queues(settings):
             await _guard(
-                checks, f"worker: {queue} ({kind})", lambda q=queue, k=kind: _pollers(client, settings, q, k)
+                checks,
+                f"worker: {queue} ({kind})",
+                functools.partial(_pollers, client, settings, queue, kind),
             )
     if await _guard(
         checks, "postgres", lambda: _postgres(settings), down=f"cannot reach {_redact(settings.database_url)}"
@@ -115,8 +127,6 @@ async def _guard(
 
 
 async def _check_temporal(settings: Settings, checks: list[Check]) -> Any:
-    from keel.client import connect
-
     where = f"{settings.temporal_address} namespace {settings.temporal_namespace}"
     try:
         client = await asyncio.wait_for(connect(settings), timeout=5)
@@ -189,8 +199,6 @@ async def _postgres(settings: Settings) -> Check:
 async def _migrations(settings: Settings) -> Check:
     import psycopg
 
-    from keel.db import MIGRATIONS_DIR
-
     files = sorted(p.name for p in MIGRATIONS_DIR.glob("*.sql"))
     async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=3) as conn:
         exists = await (await conn.execute("select to_regclass('keel_migrations') is not null")).fetchone()
@@ -209,16 +217,11 @@ async def _migrations(settings: Settings) -> Check:
 
 
 async def _policy(settings: Settings) -> Check:
-    from keel.policy import load_policy
-
     p = load_policy(settings.policy_file)
     return Check("policy", True, f"{settings.policy_file}: version {p.version}, {len(p.tenants)} tenant(s)")
 
 
 async def _prices(env: Mapping[str, str]) -> Check:
-    from keel.pricing import load_prices, price_for
-    from keel.tiers import resolve_tiers
-
     tiers = resolve_tiers(env)
     table = load_prices()
     missing = []
@@ -240,8 +243,6 @@ async def _prices(env: Mapping[str, str]) -> Check:
 
 async def _codec(settings: Settings) -> Check:
     """The payload encryption keys load (never printed: only their ids and where they are)."""
-    from keel.codec import load_keyring
-
     try:
         ring = load_keyring(settings)
     except ValueError as e:

@@ -8,6 +8,7 @@ ledger reason shows dollars.
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["usd", "usd_reason"]
@@ -41,5 +42,9 @@ def usd_reason(text: str) -> str:
     if "micro-USD" not in text:
         return text
     for pattern, template in _SENTENCES:
-        text = pattern.sub(lambda m, t=template: t.format(*(usd(int(g)) for g in m.groups())), text)
+        text = pattern.sub(functools.partial(_fill, template), text)
     return text
+
+
+def _fill(template: str, m: re.Match[str]) -> str:
+    return template.format(*(usd(int(g)) for g in m.groups()))

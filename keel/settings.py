@@ -24,6 +24,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from keel.anomaly import AnomalyLimits
+
 __all__ = [
     "KeelEnv",
     "PROJECT_ROOT",
@@ -180,8 +182,6 @@ class KeelEnv(BaseSettings):
             keel = None
         if any(k.startswith("KEEL_FLAG_") for k in env):
             try:
-                from keel.anomaly import AnomalyLimits
-
                 AnomalyLimits.from_env(env)
             except ValueError as e:
                 problems.append(str(e).splitlines()[0])

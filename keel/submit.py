@@ -25,6 +25,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from keel.agents import workflow_id as scheme
 from keel.models import AgentRequest, AgentResponse
 
 __all__ = ["WORKFLOW", "RequestIdConflict", "fingerprint", "start_or_attach", "workflow_id"]
@@ -42,8 +43,6 @@ class RequestIdConflict(Exception):
 
 
 def workflow_id(req: AgentRequest) -> str:
-    from keel.agents import workflow_id as scheme
-
     return scheme(req.tenant, req.agent, req.request_id)
 
 

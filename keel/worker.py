@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from temporalio import activity
+from temporalio.activity import _Definition
 from temporalio.client import Client
 from temporalio.worker import (
     ActivityInboundInterceptor,
@@ -27,7 +30,20 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
+from keel.activities.agent import AgentActivities
+from keel.activities.agent_defs import agent_definitions
+from keel.activities.breaker import BREAKER_POOL
+from keel.activities.budget import BudgetActivities
+from keel.activities.control import ControlActivities
+from keel.activities.ledger import run_sweeper
+from keel.activities.llm import call_model, check_model_config
+from keel.activities.tools import ToolActivities, catalog
+from keel.client import connect
+from keel.codec import load_keyring
+from keel.db import apply_migrations, open_ledger_pool, open_pool
 from keel.settings import Settings
+from keel.telemetry import annotate, setup_telemetry, shutdown_telemetry, tenant_of, with_tracing
+from keel.workflows.agent import AgentWorkflow
 from keel.workflows.arity import OneRequest
 
 __all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "run_worker"]
@@ -44,13 +60,6 @@ timeout, which leaves tools (4 s timeout) under a second of slack and delays can
 
 
 def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[Any]:
-    from keel.activities.agent import AgentActivities
-    from keel.activities.budget import BudgetActivities
-    from keel.activities.control import ControlActivities
-    from keel.activities.llm import call_model
-    from keel.activities.tools import ToolActivities
-    from keel.codec import load_keyring
-
     agent = AgentActivities(pool, settings)
     budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease", ledger_pool=ledger_pool)
     keys = load_keyring(settings)
@@ -74,7 +83,6 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
 
 def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
     """``extra`` activities replace same-named ones (tests script the model this way)."""
-    from temporalio.activity import _Definition
 
     def name(fn: Any) -> str:
         defn = _Definition.from_callable(fn)
@@ -110,11 +118,6 @@ class _ActivityContext(ActivityInboundInterceptor):
         self._pool = pool
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        from temporalio import activity
-
-        from keel.activities.breaker import BREAKER_POOL
-        from keel.telemetry import annotate, tenant_of
-
         info = activity.info()
         annotate(workflow_id=info.workflow_id, tenant=tenant_of(info.workflow_id or ""), attempt=info.attempt)
         token = BREAKER_POOL.set(self._pool)
@@ -140,12 +143,6 @@ def build_workers(
     Tracing comes from the client's interceptors (see ``keel.telemetry.with_tracing``);
     ``interceptors`` adds worker-only ones.
     """
-    import os
-
-    from keel.activities.llm import check_model_config
-    from keel.activities.tools import ToolActivities, catalog
-    from keel.codec import load_keyring
-    from keel.workflows.agent import AgentWorkflow
 
     check_model_config(os.environ)  # an unpriced model fails here, once, in one line
 
@@ -164,7 +161,6 @@ def build_workers(
             interceptors=chain,
         )
     ]
-    from keel.activities.agent_defs import agent_definitions
 
     limited = [(f"tool-{t.name}", t.rate_limit_per_second) for t in catalog(include_hidden=True)]
     servers = {s.name: s for agent, _ in agent_definitions().values() for s in agent.mcp}
@@ -187,15 +183,6 @@ def build_workers(
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set (or forever): connect, migrate, serve, sweep."""
-    import os
-
-    from keel.activities.agent_defs import agent_definitions
-    from keel.activities.ledger import run_sweeper
-    from keel.activities.llm import check_model_config
-    from keel.activities.tools import catalog
-    from keel.client import connect
-    from keel.db import apply_migrations, open_ledger_pool, open_pool
-    from keel.telemetry import setup_telemetry, shutdown_telemetry, with_tracing
 
     catalog(include_hidden=True)  # a tool module or agent definition that cannot load
     agent_definitions()  # stops the worker before it connects to anything

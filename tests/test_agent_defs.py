@@ -135,7 +135,7 @@ def test_a_valid_agent_section_loads_and_mcp_rules_need_the_agents_server(tmp_pa
 
 
 def test_the_shipped_agents_load_against_the_shipped_catalogue_and_policy() -> None:
-    from keel.activities.tools.registry import catalog
+    from keel.activities.tools.loader import catalog
 
     from keel.policy import load_policy
     from keel.settings import PROJECT_ROOT

@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.registry import catalog
+from keel.activities.tools.loader import catalog
 from temporalio.client import Client
 
 from bench.bench_fault import fault_run

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.activities.tools import testing
-from keel.activities.tools.registry import catalog
+from keel.activities.tools.loader import catalog
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 

@@ -158,7 +158,7 @@ def test_history_decoding_is_lenient() -> None:
 
 # --- failing closed (issue 17) -------------------------------------------------------------
 
-from keel.activities.tools.registry import catalog  # noqa: E402  (the real registry, hidden tools too)
+from keel.activities.tools.loader import catalog  # noqa: E402  (the real registry, hidden tools too)
 
 CATALOGUE = catalog(include_hidden=True)
 SHIPPED_TEXT = SHIPPED.read_text()

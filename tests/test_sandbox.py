@@ -275,7 +275,7 @@ async def test_cancelling_the_caller_kills_the_sandbox() -> None:
 def test_a_worker_without_bwrap_refuses_sandboxed_tools_in_one_line() -> None:
     code = (
         "import logging; logging.basicConfig(format='%(message)s')\n"
-        "from keel.activities.tools.registry import catalog\n"
+        "from keel.activities.tools.loader import catalog\n"
         "names = {t.name for t in catalog()}\n"
         "assert 'run_python' not in names and 'run_command' not in names, names\n"
         "assert 'lookup_order' in names\n"

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
-from temporalio.common import RawValue, SearchAttributeKey
+from temporalio.common import RawValue, SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
@@ -452,7 +453,10 @@ class AgentWorkflow:
             st.flags.append("answer_flagged")
         spend = st.spend()  # the answer's calls included
         st.flags.extend(out.flags)
-        attrs = [OUTCOME.value_set(outcome), SPEND.value_set(spend.total_micros)]
+        attrs: list[SearchAttributeUpdate[Any]] = [
+            OUTCOME.value_set(outcome),
+            SPEND.value_set(spend.total_micros),
+        ]
         if st.versions.patched(FLAGS_PATCH):  # runs recorded before KeelFlags existed replay without it
             attrs.append(FLAGS.value_set(list(dict.fromkeys(st.flags))))
         workflow.upsert_search_attributes(attrs)

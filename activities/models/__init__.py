@@ -1,9 +1,9 @@
 """Model providers behind one small interface.
 
 ``ModelCall.model`` names the provider and the model (``openai:gpt-4o-mini``,
-``anthropic:claude-haiku-4-5``, ``offline``); :func:`get_provider` picks the implementation.
-SDKs are imported lazily so a worker that only runs the offline model never loads them, and
-so this package stays cheap to import from anywhere.
+``anthropic:claude-haiku-4-5``, ``offline``). This package is the interface and the helpers every
+provider shares; the providers import it, it imports none of them (``providers.get_provider``
+picks one), so the package and its providers form no import cycle.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ __all__ = [
     "ModelProvider",
     "add_usage",
     "close_clients",
-    "get_provider",
     "split_model",
     "system_text",
     "tool_name",
 ]
 
 PROVIDERS = ("openai", "anthropic", "offline")
-"""Provider prefixes :func:`get_provider` understands."""
+"""Provider prefixes :func:`split_model` (and ``providers.get_provider``) understand."""
 
 
 @runtime_checkable
@@ -54,26 +53,6 @@ def split_model(model: str) -> tuple[str, str]:
             f"unknown model {model!r}: expected 'offline', 'openai:<name>' or 'anthropic:<name>'"
         )
     return provider, name
-
-
-def get_provider(model: str) -> ModelProvider:
-    """Return the provider for ``model`` (``openai:…``, ``anthropic:…`` or ``offline``).
-
-    Raises:
-        ValueError: if the prefix names no known provider.
-    """
-    provider, _ = split_model(model)
-    if provider == "openai":
-        from keel.activities.models.openai_provider import OpenAIProvider
-
-        return OpenAIProvider()
-    if provider == "anthropic":
-        from keel.activities.models.anthropic_provider import AnthropicProvider
-
-        return AnthropicProvider()
-    from keel.activities.models.offline import OfflineModel
-
-    return OfflineModel()
 
 
 def system_text(call: ModelCall) -> str:

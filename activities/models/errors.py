@@ -206,8 +206,8 @@ def parse_structured(text: str, schema: dict[str, Any]) -> dict[str, Any]:
         whole_error = e
     for candidate in _json_candidates(body):
         return check_required(candidate, schema)
-    e = whole_error
-    raise ValueError(f"no JSON object found (invalid JSON: {e.msg} at line {e.lineno} column {e.colno})")
+    w = whole_error
+    raise ValueError(f"no JSON object found (invalid JSON: {w.msg} at line {w.lineno} column {w.colno})")
 
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", flags=re.DOTALL)

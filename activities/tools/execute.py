@@ -24,8 +24,9 @@ import psycopg
 from keel.activities import audit, breaker, ledger
 from keel.activities.guardrails import redact, redact_data
 from keel.activities.tools import effects
+from keel.activities.tools.loader import catalog
 from keel.activities.tools.mcp import mcp_spec
-from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError, catalog
+from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from temporalio import activity

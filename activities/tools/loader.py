@@ -22,13 +22,20 @@ its operators think it has.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
-__all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "load_tools", "sources"]
+from keel.activities.tools.registry import REFUSED, declared
+
+from keel.models import ToolInfo
+
+__all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "catalog", "load_tools", "sources"]
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "keel.tools"
 BUILTIN = (
@@ -129,3 +136,23 @@ def load_tools(env: Mapping[str, str]) -> None:
     for name in (env.get("KEEL_TOOL_MODULES") or "").split(","):
         if name.strip():
             _import(name.strip(), "KEEL_TOOL_MODULES")
+
+
+_warned = False
+
+
+def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
+    """All tool declarations, sorted by name (the snapshot a run works from), after loading the
+    built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool packages
+    (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``)."""
+    global _warned
+    load_tools(os.environ)
+    if not _warned:
+        _warned = True
+        if REFUSED:  # one line per worker, naming every tool it will not offer
+            log.warning(
+                "sandbox unavailable (%s): not registering %s",
+                next(iter(REFUSED.values())),
+                ", ".join(sorted(REFUSED)),
+            )
+    return declared(include_hidden)

@@ -33,6 +33,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from keel.activities.agent_defs import agent_definitions
 from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from pydantic import BaseModel, ConfigDict
 
@@ -186,8 +187,6 @@ def _leaf(e: BaseException) -> str:
 
 
 def _server(name: str) -> McpServer | None:
-    from keel.activities.agent_defs import agent_definitions
-
     for agent, _ in agent_definitions().values():
         for server in agent.mcp:
             if server.name == name:

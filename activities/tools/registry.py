@@ -16,8 +16,6 @@ grant a tool the network.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,11 +34,9 @@ __all__ = [
     "tool",
     "REGISTRY",
     "REFUSED",
-    "catalog",
+    "declared",
     "NETWORK_PERMISSION",
 ]
-
-log = logging.getLogger(__name__)
 
 NETWORK_PERMISSION = "sandbox:network"
 """Added to a sandboxed tool whose spec shares the network: the policy must grant it."""
@@ -194,27 +190,7 @@ def tool(
 _HIDDEN: set[str] = set()
 
 
-def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
-    """All tool declarations, sorted by name (the snapshot a run works from)."""
-    _load_builtin_tools()
+def declared(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
+    """The declarations registered so far, sorted by name. ``loader.catalog`` loads every tool
+    module first; this module never imports one, so tool modules import it without a cycle."""
     return tuple(t.info for n, t in sorted(REGISTRY.items()) if include_hidden or n not in _HIDDEN)
-
-
-_loaded = False
-
-
-def _load_builtin_tools() -> None:
-    """The built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool
-    packages (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``); see ``keel.activities.tools.loader``."""
-    global _loaded
-    from keel.activities.tools.loader import load_tools
-
-    load_tools(os.environ)
-    if not _loaded:
-        _loaded = True
-        if REFUSED:  # one line per worker, naming every tool it will not offer
-            log.warning(
-                "sandbox unavailable (%s): not registering %s",
-                next(iter(REFUSED.values())),
-                ", ".join(sorted(REFUSED)),
-            )

@@ -10,6 +10,12 @@ Fast help: the topic modules import Temporal, psycopg and pydantic (~1 s). ``kee
 ``COMMANDS``, a table of names and one-line helps; only the module owning the chosen
 command is imported. ``tests/test_cli_entry.py`` keeps the table equal to what the modules
 register. ``bench/bench_cli.py`` measures it.
+
+The same reason, start-up time and nothing else, is why the command modules import the heavy
+parts (the activities, the tool catalogue, the MCP SDK, the codec server) inside the functions
+that use them: ``keel completion`` and the tests build the full parser, which imports every
+command module. No function-level import hides a cycle or a layer violation; ``make lint``
+(import-linter, which reads those imports too) proves it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from keel import __version__
+from keel.cli._output import CliError, fmt
 
 __all__ = ["COMMANDS", "CliError", "build_parser", "entry", "main"]
 
@@ -54,13 +63,7 @@ _EPILOG = (
 )
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as ``error: <message>``, exit status 2."""
-
-
 def _version() -> str:
-    from keel import __version__
-
     return __version__
 
 
@@ -153,15 +156,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         if hasattr(args, "json"):
-            from keel.cli._output import fmt
-
             args.output = fmt(args)  # -o table|json|jsonl; --json is -o json
             args.json = args.output != "table"
             args.output_resolved = True
+        args.build_parser = build_parser  # `keel completion` describes every command (no import back)
         result = args.func(args)
         import inspect
 
-        if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
             import asyncio
 
             result = asyncio.run(result)

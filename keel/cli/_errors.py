@@ -31,8 +31,8 @@ def describe(e: BaseException) -> str:
             return f"Temporal is unavailable at {_safe(lambda: load_settings().temporal_address)}"
         return f"temporal: {e.message}"
     if isinstance(e, WorkflowUpdateFailedError):
-        cause = e.cause
-        return f"refused: {getattr(cause, 'message', None) or cause}"
+        refusal = e.cause
+        return f"refused: {getattr(refusal, 'message', None) or refusal}"
     if isinstance(e, WorkflowFailureError):
         cause: BaseException | None = e.cause
         while cause is not None and cause.__cause__ is not None:

@@ -16,9 +16,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["FORMATS", "add_output", "dollars", "emit_json", "fmt", "print_table"]
+__all__ = ["FORMATS", "CliError", "add_output", "dollars", "emit_json", "fmt", "print_table"]
 
 FORMATS = ("table", "json", "jsonl")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``error: <message>``, exit status 2. Defined here, in a
+    module of the standard library only, so every command module and the package itself import
+    it from below (``keel.cli`` re-exports it as part of its interface)."""
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
@@ -40,8 +46,6 @@ def fmt(args: argparse.Namespace) -> str:
         return str(chosen)
     if getattr(args, "json", False):
         if chosen not in (None, "json"):
-            from keel.cli import CliError
-
             raise CliError(f"--json contradicts -o {chosen}")
         return "json"
     return chosen or "table"

@@ -7,14 +7,13 @@ import time
 from collections.abc import Callable
 
 from keel.models import AgentResponse, RunStatus, StepRecord
+from keel.money import usd as _usd
 from keel.redact import redact
 
 __all__ = ["Progress", "render_response", "render_status", "usd"]
 
 
 def usd(micros: int) -> str:
-    from keel.money import usd as _usd
-
     return _usd(micros)
 
 

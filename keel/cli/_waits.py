@@ -13,7 +13,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from keel.cli import CliError
+from keel.cli._output import CliError
 from keel.models import RunStatus
 
 __all__ = ["NO_WORKER_GRACE", "await_result", "no_worker", "query_status", "require_worker"]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from keel.cli import CliError
+from keel.cli._output import CliError
 
 __all__ = ["register"]
 
@@ -67,10 +68,8 @@ async def _mcp_tools(agent: object) -> dict[str, object]:
 
 
 async def _list(args: argparse.Namespace) -> int:
-
     from keel.activities.agent_defs import agent_definitions
-    from keel.activities.tools.loader import ToolLoadError
-    from keel.activities.tools.registry import catalog
+    from keel.activities.tools.loader import ToolLoadError, catalog
     from keel.agents import AgentError, select_tools
 
     try:
@@ -78,7 +77,7 @@ async def _list(args: argparse.Namespace) -> int:
         tools = [(t.name, t.tags) for t in catalog()]
     except (AgentError, ToolLoadError) as e:
         raise CliError(str(e)) from None
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": name,
             "source": where,
@@ -108,11 +107,11 @@ async def _list(args: argparse.Namespace) -> int:
         mcp = f"   mcp {', '.join(r['mcp_servers'])}" if r["mcp_servers"] else ""
         print(f"  memory  {r['memory']}{mcp}")
         listed = r.get("mcp") or {}
-        for t in listed.get("tools", []):  # type: ignore[union-attr]
+        for t in listed.get("tools", []):
             how = (
                 "read-only" if not t["side_effects"] else ("at-most-once" if t["at_most_once"] else "retried")
             )
             print(f"    {t['name']}  ({how}, risk {t['risk']})")
-        for p in listed.get("problems", []):  # type: ignore[union-attr]
+        for p in listed.get("problems", []):
             print(f"    unavailable: {p}")
     return 0

@@ -18,8 +18,7 @@ from typing import Any
 import psycopg
 
 from keel.audit_models import AuditRow, VerifyResult
-from keel.cli import CliError
-from keel.cli._output import add_output, emit_json, fmt
+from keel.cli._output import CliError, add_output, emit_json, fmt
 from keel.settings import load_settings
 
 __all__ = ["register", "render_trail", "render_verify"]

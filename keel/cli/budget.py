@@ -18,8 +18,7 @@ import psycopg
 
 from keel.activities import ledger
 from keel.budget import HistoryEntry, ScopeView
-from keel.cli import CliError
-from keel.cli._output import add_output, emit_json, fmt, print_table
+from keel.cli._output import CliError, add_output, emit_json, fmt, print_table
 from keel.money import usd
 from keel.settings import load_settings
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from keel.cli import CliError
+from keel.cli._output import CliError
 from keel.settings import load_settings
 
 __all__ = ["register"]

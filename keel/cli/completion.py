@@ -81,7 +81,7 @@ complete -F _keel_complete keel starter.py
 
 
 def _completion(args: argparse.Namespace) -> int:
-    from keel.cli import build_parser
-
-    print(completion_script(build_parser(), args.shell), end="")
+    # The full parser comes from ``keel.cli.main`` (``args.build_parser``): the package imports
+    # this module to register the command, so importing the package back would be a cycle.
+    print(completion_script(args.build_parser(), args.shell), end="")
     return 0

@@ -6,8 +6,7 @@ import argparse
 import asyncio
 import time
 
-from keel.cli import CliError
-from keel.cli._output import add_output, emit_json, fmt, print_table
+from keel.cli._output import CliError, add_output, emit_json, fmt, print_table
 from keel.devservices import DevServices, ServiceError
 from keel.settings import Settings, load_settings
 

@@ -6,8 +6,7 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from keel.cli import CliError
-from keel.cli._output import add_output, emit_json, fmt
+from keel.cli._output import CliError, add_output, emit_json, fmt
 from keel.settings import load_settings
 
 __all__ = ["register", "render_breakers"]

@@ -13,8 +13,8 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import TypedSearchAttributes
 from temporalio.exceptions import CancelledError
 
-from keel.cli import CliError
-from keel.cli._output import FORMATS, add_output, emit_json, fmt, print_table
+from keel.cli import ops  # operations commands live in their own module
+from keel.cli._output import FORMATS, CliError, add_output, emit_json, fmt, print_table
 from keel.cli._render import Progress, render_response, render_status
 from keel.cli._waits import await_result, query_status, require_worker
 from keel.client import WORKFLOW, Client, RefusedError, Run, RunExistsError, RunNotFoundError
@@ -163,8 +163,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--reason", default="cancelled by operator", help="recorded in the audit log")
     add_output(c)  # -o table|json|jsonl and --json
     c.set_defaults(func=_cancel)
-
-    from keel.cli import ops  # operations commands live in their own module
 
     ops.register(sub)
 

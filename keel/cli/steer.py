@@ -14,8 +14,7 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from keel.cli import CliError
-from keel.cli._output import add_output, emit_json, fmt, print_table
+from keel.cli._output import CliError, add_output, emit_json, fmt, print_table
 from keel.redact import redact
 
 __all__ = ["register"]

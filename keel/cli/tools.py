@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from keel.cli import CliError
+from keel.cli._output import CliError
 
 __all__ = ["register"]
 
@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _rows() -> list[dict[str, object]]:
-    from keel.activities.tools.loader import ToolLoadError, sources
-    from keel.activities.tools.registry import REGISTRY, catalog
+    from keel.activities.tools.loader import ToolLoadError, catalog, sources
+    from keel.activities.tools.registry import REGISTRY
 
     try:
         infos = catalog(include_hidden=True)

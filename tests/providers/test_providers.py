@@ -14,12 +14,12 @@ from keel.activities.models import (
     ModelProvider,
     anthropic_provider,
     errors,
-    get_provider,
     openai_provider,
 )
 from keel.activities.models.anthropic_provider import AnthropicProvider
 from keel.activities.models.errors import translate_provider_error
 from keel.activities.models.openai_provider import OpenAIProvider
+from keel.activities.models.providers import get_provider
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 

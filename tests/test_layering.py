@@ -1,0 +1,112 @@
+"""The layering ``make lint`` proves (README "Layering") breaks where it should.
+
+A contract that is always kept proves nothing, so each case below stages the sources as they
+install (``tests.import_contracts.stage``), plants one violation a hurried change would make,
+and runs the real ``lint-imports`` with the project's own ``pyproject.toml``: the named
+contract must break, and the untouched tree must keep every contract.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("importlinter")
+
+from tests.import_contracts import ROOT, lint, stage
+
+CONFIG = ROOT / "pyproject.toml"
+LAYERS = "assembly > workflows | activities > core, and every module of keel is in one room"
+INDEPENDENT = "keel.workflows and keel.activities do not import each other, even indirectly"
+SIBLINGS = "no import cycle between sibling modules anywhere in keel"
+MODULES = "no import cycle between any two modules of keel, a package's __init__ included"
+NAMESPACE = "nothing imports the old top-level names (workflows, activities, worker, starter)"
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def _run(staged: Path) -> tuple[int, str]:
+    done = lint(staged, CONFIG, capture=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_the_tree_as_it_is_keeps_every_contract(tmp_path: Path) -> None:
+    code, out = _run(stage(ROOT, tmp_path / "src"))
+    assert code == 0, out
+    flat = _squash(out)
+    for name in (LAYERS, INDEPENDENT, SIBLINGS, MODULES, NAMESPACE):
+        assert _squash(name) + "KEPT" in flat, out
+    # The staged copy is the installed layout: the workflow and activity modules are in the graph.
+    assert re.search(r"Analyzed (\d+) files", out) and int(re.search(r"Analyzed (\d+)", out)[1]) > 150, out
+
+
+CASES = {
+    # file (staged path), code appended, contracts that must break
+    "an activity imports the workflow": (
+        "keel/activities/memory.py",
+        "from keel.workflows import options\n",
+        [LAYERS, INDEPENDENT],
+    ),
+    "a workflow imports an activity inside a function": (
+        "keel/workflows/saga.py",
+        "def _hidden():\n    from keel.activities import ledger\n",
+        [LAYERS, INDEPENDENT],
+    ),
+    "the core imports the activities inside a function": (
+        "keel/gate.py",
+        "def _hidden():\n    from keel.activities.tools.loader import catalog\n",
+        [LAYERS],
+    ),
+    "the core imports the assembly": (
+        "keel/models.py",
+        "def _hidden():\n    from keel.worker import build_workers\n",
+        [LAYERS],
+    ),
+    "the activities import the assembly": (
+        "keel/activities/ledger.py",
+        "def _hidden():\n    from keel.client import Client\n",
+        [LAYERS],
+    ),
+    "two core modules import each other": (
+        "keel/labels.py",
+        "def _hidden():\n    from keel import gate\n",
+        [SIBLINGS, MODULES],
+    ),
+    "a package's __init__ imports a module that imports it back": (
+        "keel/activities/models/__init__.py",
+        "def _hidden():\n    from keel.activities.models import openai_provider\n",
+        [MODULES],
+    ),
+    "a module uses the old top-level name": (
+        "keel/activities/memory.py",
+        "import workflows.agent\n",
+        [NAMESPACE],
+    ),
+    "a test uses the old top-level name": (
+        "tests/helpers.py",
+        "from activities import ledger\n",
+        [NAMESPACE],
+    ),
+    "a new module of keel that no room claims": (
+        "keel/newroom.py",
+        "X = 1\n",
+        [LAYERS],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_planted_violation_breaks_its_contract(tmp_path: Path, case: str) -> None:
+    path, code, broken = CASES[case]
+    staged = stage(ROOT, tmp_path / "src")
+    target = staged / path
+    target.write_text((target.read_text() if target.exists() else "") + "\n" + code)
+    status, out = _run(staged)
+    assert status != 0, out
+    flat = _squash(out)
+    for name in broken:
+        assert _squash(name) + "BROKEN" in flat, (case, out)
