@@ -2,7 +2,9 @@
 
 ``keel.Client`` (start and steer runs) and ``keel.Agent`` (declare an agent) are the public
 entry points; they are imported on first use so ``import keel`` (and ``keel --help``) stays
-fast.
+fast, and so that importing any module of the core (``keel.gate`` from a workflow, say), which
+runs this file first, loads nothing else: this file is the public face, above every room of
+the layering (README "Layering"), and only ``keel.cli`` imports it (for ``__version__``).
 """
 
 from typing import Any
