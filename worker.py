@@ -10,6 +10,9 @@ import logging
 import signal
 import sys
 
+from keel.activities.tools.loader import ToolLoadError
+
+from keel.agents import AgentError
 from keel.settings import SettingsError, apply_dotenv, load_settings
 from keel.worker import run_worker
 
@@ -34,10 +37,6 @@ if __name__ == "__main__":
     try:
         asyncio.run(_main())
     except Exception as e:  # one line for people; the log has the rest
-        from keel.activities.tools.loader import ToolLoadError
-
-        from keel.agents import AgentError
-
         first = str(e).splitlines()[0] if str(e) else ""
         plain = isinstance(e, ToolLoadError | AgentError)  # their message names the culprit
         print(f"worker: {first}" if plain else f"worker: {type(e).__name__}: {first}", file=sys.stderr)

@@ -9,6 +9,7 @@ contract must break, and the untouched tree must keep every contract.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,16 @@ def test_a_planted_violation_breaks_its_contract(tmp_path: Path, case: str) -> N
     flat = _squash(out)
     for name in broken:
         assert _squash(name) + "BROKEN" in flat, (case, out)
+
+
+def test_mypy_is_strict_on_exactly_the_core() -> None:
+    """The core is named twice in pyproject.toml (the last layer, the strict mypy override): a
+    module added to one and not the other would be unchecked or unplaced."""
+    config = tomllib.loads(CONFIG.read_text())
+    layers = next(c for c in config["tool"]["importlinter"]["contracts"] if c["id"] == "layers")
+    core = {f"keel.{m.strip()}" for m in layers["layers"][-1].split(":")}
+    strict = next(o for o in config["tool"]["mypy"]["overrides"] if o.get("disallow_untyped_defs"))
+    assert set(strict["module"]) == core
+    on_disk = {f"keel.{p.stem}" for p in (ROOT / "keel").glob("*.py") if p.stem != "__init__"}
+    assembly = {f"keel.{m.strip()}" for m in layers["layers"][1].split(":")}
+    assert on_disk == core | assembly, on_disk ^ (core | assembly)
