@@ -197,7 +197,7 @@ def _from_genai(provider: str, name: str) -> Price | None:
                     break
         return _to_micros(Decimal(usd))
 
-    def rates(input_tokens: int) -> dict[str, int]:
+    def rates(input_tokens: int) -> dict[str, Any]:  # Price(**...) keywords: mypy needs Any
         return {f: rate(raw[f], input_tokens) for f in _FIELDS}
 
     starts = sorted({t.start for v in raw.values() if isinstance(v, TieredPrices) for t in v.tiers})
@@ -260,7 +260,9 @@ def _parse(path: Path, raw: Any) -> dict[str, Price]:
         for required in ("input", "output"):
             if required not in entry:
                 raise PricingError(f"{where}: missing {required!r} (USD per million tokens)")
-        values = {name: _micros(where, name, entry[name]) for name in _FIELDS if name in entry}
+        values: dict[str, Any] = {
+            name: _micros(where, name, entry[name]) for name in _FIELDS if name in entry
+        }
         values.setdefault("cached_input", values["input"])
         values.setdefault("cache_write", values["input"])
         out[model] = Price(**values, source=str(path))
