@@ -535,8 +535,6 @@ def model_response(*, model: str = "", response_id: str = "", finish_reasons: Se
 def _capture_request(span: Any, call: Any) -> None:
     """Opt-in content capture, redacted: the system instructions and the input messages, in
     the conventions' JSON shapes (``gen_ai.system_instructions``, ``gen_ai.input.messages``)."""
-    from keel.redact import redact
-
     system = (call.system or "").strip()
     if system:
         span.set_attribute(
