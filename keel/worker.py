@@ -38,6 +38,7 @@ from keel.activities.control import ControlActivities
 from keel.activities.ledger import run_sweeper
 from keel.activities.llm import call_model, check_model_config
 from keel.activities.tools import ToolActivities, catalog
+from keel.agents import McpServer
 from keel.client import connect
 from keel.codec import load_keyring
 from keel.db import apply_migrations, open_ledger_pool, open_pool
@@ -63,7 +64,7 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
     agent = AgentActivities(pool, settings)
     budget = BudgetActivities(pool, lease_holds=settings.ledger_holds == "lease", ledger_pool=ledger_pool)
     keys = load_keyring(settings)
-    control, tools = ControlActivities(pool, keys), ToolActivities(pool, keys)
+    control, tools = ControlActivities(pool, keys), ToolActivities(pool, keys, mcp_servers)
     return [
         agent.prepare_run,
         agent.plan,
@@ -79,6 +80,16 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
         budget.commit,
         budget.release,
     ]
+
+
+def mcp_servers() -> dict[str, McpServer]:
+    """The MCP servers this worker's agent definitions name, by name (the first definition
+    naming one wins): what ``run_tool`` may call as ``<server>.<tool>``."""
+    servers: dict[str, McpServer] = {}
+    for agent, _ in agent_definitions().values():
+        for server in agent.mcp:
+            servers.setdefault(server.name, server)
+    return servers
 
 
 def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
@@ -172,7 +183,7 @@ def build_workers(
                 Worker(
                     client,
                     task_queue=f"{queue}-{suffix}",
-                    activities=[ToolActivities(pool, load_keyring(settings)).run_tool],
+                    activities=[ToolActivities(pool, load_keyring(settings), mcp_servers).run_tool],
                     max_task_queue_activities_per_second=rate,
                     max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
                     interceptors=chain,

@@ -9,6 +9,8 @@ contract must break, and the untouched tree must keep every contract.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -124,3 +126,50 @@ def test_mypy_is_strict_on_exactly_the_core() -> None:
     on_disk = {f"keel.{p.stem}" for p in (ROOT / "keel").glob("*.py") if p.stem != "__init__"}
     assembly = {f"keel.{m.strip()}" for m in layers["layers"][1].split(":")}
     assert on_disk == core | assembly, on_disk ^ (core | assembly)
+
+
+_IMPORT_EACH_FIRST = """
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "keel" or m.startswith("keel.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _modules() -> list[str]:
+    names = []
+    for folder, package in (
+        (ROOT / "keel", "keel"),
+        (ROOT / "workflows", "keel.workflows"),
+        (ROOT / "activities", "keel.activities"),
+    ):
+        for path in sorted(folder.rglob("*.py")):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            if "__pycache__" not in path.parts and "migrations" not in path.parts:
+                names.append(".".join([package, *parts]))
+    return names
+
+
+@pytest.mark.timeout(900)
+def test_every_module_imports_first_on_its_own() -> None:
+    """A cycle that only a function-level import kept apart shows as an ImportError when the
+    other end is imported first (``keel.activities.agent_defs`` did, once the MCP tools read
+    agent definitions at module level). Each module is imported first, on its own: the
+    interpreter forgets every ``keel`` module before the next one."""
+    names = _modules()
+    assert len(names) > 80 and "keel.activities.agent_defs" in names and "keel.workflows.agent" in names
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH_FIRST, *names],
+        capture_output=True,
+        text=True,
+        timeout=880,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

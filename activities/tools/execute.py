@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
+from keel.agents import McpServer
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold
 from keel.codec import KeyRing
@@ -65,9 +67,17 @@ class ToolActivities:
     is what a replay returns. Without keys (tool harnesses) only the redacted copy is kept.
     """
 
-    def __init__(self, pool: AsyncConnectionPool, keys: KeyRing | None = None) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        keys: KeyRing | None = None,
+        mcp_servers: Callable[[], Mapping[str, McpServer]] = dict,
+    ) -> None:
+        """``mcp_servers`` names the MCP servers of this worker's agent definitions (the
+        worker passes them; without it, as in tool harnesses, no MCP tool runs)."""
         self._pool = pool
         self._keys = keys
+        self._mcp_servers = mcp_servers
         catalog()  # import the built-in tools once, at worker start
 
     @activity.defn(name="run_tool")
@@ -78,7 +88,7 @@ class ToolActivities:
         return await _with_heartbeats(self._run(call))
 
     async def _run(self, call: ToolCall) -> ToolResult:
-        spec = REGISTRY.get(call.tool) or mcp_spec(call.tool)  # MCP tools: <server>.<tool>
+        spec = REGISTRY.get(call.tool) or mcp_spec(call.tool, self._mcp_servers())  # MCP: <server>.<tool>
         if spec is None:
             raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
         try:

@@ -30,10 +30,9 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from keel.activities.agent_defs import agent_definitions
 from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from pydantic import BaseModel, ConfigDict
 
@@ -186,18 +185,12 @@ def _leaf(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first(e)}"
 
 
-def _server(name: str) -> McpServer | None:
-    for agent, _ in agent_definitions().values():
-        for server in agent.mcp:
-            if server.name == name:
-                return server
-    return None
-
-
-def mcp_spec(name: str) -> Tool | None:
-    """A spec for ``<server>.<tool>`` when this worker's agents define that server."""
+def mcp_spec(name: str, servers: Mapping[str, McpServer]) -> Tool | None:
+    """A spec for ``<server>.<tool>`` when ``servers`` (the MCP servers this worker's agents
+    define, by name: ``keel.worker`` hands them to ``ToolActivities``) has that server. The
+    tools package reads no agent definitions: they check themselves against its catalogue."""
     server_name, sep, tool_name = name.partition(".")
-    server = _server(server_name) if sep else None
+    server = servers.get(server_name) if sep else None
     if server is None:
         return None
     info = ToolInfo(
