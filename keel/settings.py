@@ -112,8 +112,6 @@ class KeelEnv(BaseSettings):
     """Seconds a probe may take before another worker may probe."""
     KEEL_MAX_RUNS_PER_TENANT: int | None = Field(None, ge=0)
     """Concurrent runs per tenant (0 or unset: unlimited); ``KEEL_MAX_RUNS_<TENANT>`` per tenant."""
-    KEEL_TEST_TOOLS: bool = False
-    """Register the recovery tests' tools (tests only)."""
     KEEL_UPDATE_SNAPSHOTS: bool = False
     """Rewrite the CLI snapshots (tests only)."""
     KEEL_ENV_FILE: Path | None = None

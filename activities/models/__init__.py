@@ -4,12 +4,21 @@
 ``anthropic:claude-haiku-4-5``, ``offline``); :func:`get_provider` picks the implementation.
 SDKs are imported lazily so a worker that only runs the offline model never loads them, and
 so this package stays cheap to import from anywhere.
+
+:func:`serve_provider` is the seam for another implementation of a prefix: inside its
+``with`` block (and in every task started from it, such as a worker's activities) models of
+that prefix are served by the given provider. Tests use it to script the model as a function
+of the conversation (``tests/doubles/models.py``) while the real activities, metering and
+ledger run around it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
+from collections.abc import Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 from keel.models import ModelCall, ModelResult, Usage
@@ -20,6 +29,7 @@ __all__ = [
     "add_usage",
     "close_clients",
     "get_provider",
+    "serve_provider",
     "split_model",
     "system_text",
     "tool_name",
@@ -56,6 +66,33 @@ def split_model(model: str) -> tuple[str, str]:
     return provider, name
 
 
+_SERVED: contextvars.ContextVar[Mapping[str, ModelProvider] | None] = contextvars.ContextVar(
+    "keel_served_providers", default=None
+)
+"""Providers :func:`serve_provider` put in place, by prefix (a context variable, so a worker
+started inside the block sees them and another worker of the same process does not)."""
+
+
+@contextlib.contextmanager
+def serve_provider(prefix: str, provider: ModelProvider) -> Iterator[None]:
+    """Serve the models of ``prefix`` (one of :data:`PROVIDERS`) with ``provider`` in this block.
+
+    Only the implementation changes: model names, prices, tiers, breakers and the ledger's
+    metering stay those of ``prefix``.
+
+    Raises:
+        ValueError: if ``prefix`` is not one of :data:`PROVIDERS`.
+    """
+    if prefix not in PROVIDERS:
+        raise ValueError(f"unknown provider {prefix!r}: expected one of {', '.join(PROVIDERS)}")
+    before = _SERVED.get()
+    _SERVED.set({**(before or {}), prefix: provider})
+    try:
+        yield
+    finally:  # set, not reset: an async fixture may end in another context than it began
+        _SERVED.set(before)
+
+
 def get_provider(model: str) -> ModelProvider:
     """Return the provider for ``model`` (``openai:…``, ``anthropic:…`` or ``offline``).
 
@@ -63,6 +100,9 @@ def get_provider(model: str) -> ModelProvider:
         ValueError: if the prefix names no known provider.
     """
     provider, _ = split_model(model)
+    served = (_SERVED.get() or {}).get(provider)
+    if served is not None:
+        return served
     if provider == "openai":
         from keel.activities.models.openai_provider import OpenAIProvider
 

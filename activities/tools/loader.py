@@ -5,12 +5,12 @@ A worker's catalogue is, in this order:
 1. ``keel.activities.tools.demo`` and ``keel.activities.tools.operations`` (the built-in tools of the
    support and operations agents) and ``keel.activities.tools.sandboxed`` (tools that run
    programs in a sandbox);
-2. ``keel.activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
-3. every entry point in the group ``keel.tools`` of the installed distributions (a tool
+2. every entry point in the group ``keel.tools`` of the installed distributions (a tool
    package says ``[project.entry-points."keel.tools"] acme = "acme_tools"`` in its
    ``pyproject.toml``; ``pip install`` is the whole deployment);
-4. the modules named in ``KEEL_TOOL_MODULES`` (comma-separated, e.g. ``mytools.crm,mytools.erp``)
-   for code that is not packaged.
+3. the modules named in ``KEEL_TOOL_MODULES`` (comma-separated, e.g. ``mytools.crm,mytools.erp``)
+   for code that is not packaged (the tests serve their test tools this way:
+   ``KEEL_TOOL_MODULES=tests.doubles.tools``).
 
 Importing a module registers its ``@tool(...)`` declarations. A module that fails to import
 (a missing dependency, a syntax error) or declares a name already taken raises
@@ -48,7 +48,7 @@ class ToolSource:
 
     module: str
     origin: str
-    """``built-in``, ``KEEL_TEST_TOOLS``, ``entry point acme (acme-tools 0.1.0)`` or ``KEEL_TOOL_MODULES``."""
+    """``built-in``, ``entry point acme (acme-tools 0.1.0)`` or ``KEEL_TOOL_MODULES``."""
 
 
 _SOURCES: dict[str, ToolSource] = {}
@@ -121,8 +121,6 @@ def load_tools(env: Mapping[str, str]) -> None:
     """Import every tool module this environment names (idempotent; cheap once loaded)."""
     for module in BUILTIN:
         _import(module, "built-in")
-    if env.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
-        _import("keel.activities.tools.testing", "KEEL_TEST_TOOLS", "register")
     for ep in _entry_points():
         module, _, attr = ep.value.partition(":")
         _import(module.strip(), f"entry point {ep.name!r} of {_dist_of(ep)}", attr.strip() or None)

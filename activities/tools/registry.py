@@ -204,7 +204,7 @@ _loaded = False
 
 
 def _load_builtin_tools() -> None:
-    """The built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool
+    """The built-in and sandboxed tools and the user's tool
     packages (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``); see ``keel.activities.tools.loader``."""
     global _loaded
     from keel.activities.tools.loader import load_tools
