@@ -455,11 +455,12 @@ class DevServices:
 
     # ---------------------------------------------------------------- both
     def up(self) -> None:
-        """Start PostgreSQL (and apply migrations), the codec server and Temporal."""
-        from keel.db import apply_migrations
+        """Start PostgreSQL (apply migrations, seed the demo data), the codec server and Temporal."""
+        from keel.db import apply_migrations, seed_demo
 
         self.start_postgres()
         apply_migrations(self.settings.owner_url)  # as the owner; runs use keel_app
+        seed_demo(self.settings.owner_url)
         self.start_codec_server()
         self.start_temporal()
 
