@@ -1,4 +1,4 @@
-"""The ``call_model`` activity: one model call, heartbeating, with translated errors.
+"""One model call, heartbeating, with translated errors (``route`` then ``send``).
 
 All model I/O happens here so the workflow only ever sees ``ModelResult`` payloads or
 ``ApplicationError`` failures whose ``non_retryable`` / ``next_retry_delay`` are already right
@@ -165,12 +165,12 @@ async def send(routed: Routed) -> ModelResult:
     return result.model_copy(update={"latency_ms": latency_ms, "model": model})
 
 
-@activity.defn(name="call_model")
 async def call_model(call: ModelCall) -> ModelResult:
     """Run ``call`` on the provider its ``model`` names and return the result with latency.
 
     Unmetered: it holds no budget (the agent's own activities use ``keel.activities.metered``,
-    which does). Kept for tools and operators that need one raw call.
+    which does). A plain function, not an activity (no workflow schedules one): for code
+    inside an activity that needs one raw call.
 
     Raises:
         ApplicationError: for every failure; unknown models and bad credentials are

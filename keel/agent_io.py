@@ -13,7 +13,6 @@ from pydantic import Field
 
 from keel.models import (
     AgentRequest,
-    BudgetCaps,
     Decision,
     Frozen,
     ModelCallRecord,
@@ -243,9 +242,11 @@ class StepGateInput(Frozen):
 
 
 class StepGateResult(Frozen):
+    """What the audit of a gate decision returns. Recorded histories (before step holds moved
+    to the tool activity) also carry ``granted_micros`` and ``caps``: extra fields are ignored
+    on decoding, so they still replay."""
+
     decision: Decision
-    granted_micros: int = 0
-    caps: BudgetCaps = BudgetCaps()
     reason: str = ""
     observed: bool = False
 
