@@ -52,6 +52,7 @@ from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
+from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
@@ -290,7 +291,7 @@ class AgentActivities:
         try:
             policy, policy_text, digest = _cached_policy(self._settings.policy_file)
         except PolicyError as e:
-            raise ApplicationError(str(e), type="PolicyError", non_retryable=True) from e
+            raise ApplicationError(str(e), type=POLICY_ERROR, non_retryable=True) from e
         agent, unknown = find_agent(req.agent)
         if agent is not None:
             policy = merged_policy(policy, agent)  # the agent's section: stricter, never looser
@@ -562,10 +563,10 @@ class AgentActivities:
         async def work() -> EvalOutput:
             try:
                 verdict, _, _ = await meter.structured(
-                    call, _check_verdict, error_type="InvalidJudgement", what="judgement"
+                    call, _check_verdict, error_type=INVALID_JUDGEMENT, what="judgement"
                 )
             except ApplicationError as e:
-                if e.type not in ("InvalidJudgement", TRUNCATED):
+                if e.type not in (INVALID_JUDGEMENT, TRUNCATED):
                     raise
                 # An unreadable verdict is no confidence at all: the run goes to a human.
                 verdict = {"score": score, "confidence": 0.0, "reason": f"judge unreadable: {e.message}"}

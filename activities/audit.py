@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb
 
 from keel.audit_models import AuditEntry, AuditRow, VerifyResult
 from keel.budget import ReserveResult
+from keel.errors import KeelError
 
 __all__ = [
     "AuditError",
@@ -62,7 +63,7 @@ _COLS = (
 )
 
 
-class AuditError(RuntimeError):
+class AuditError(KeelError, RuntimeError):
     """The audit log refused an append (e.g. an idem_key already used by another tenant)."""
 
 

@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict
 from temporalio.exceptions import ApplicationError
 
+from keel.errors import CIRCUIT_OPEN
 from keel.redact import redact
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "snapshot",
 ]
 
-CIRCUIT_OPEN = "CircuitOpen"
 """``ApplicationError.type`` raised when a breaker refuses a call."""
 
 State = Literal["closed", "open", "half_open"]

@@ -33,6 +33,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.agents import DEFAULT_AGENT, workflow_id
 from keel.codec import data_converter, load_keyring
+from keel.errors import KeelError
 from keel.models import AgentRequest, AgentResponse, Approval, Frozen, ModelPolicy, RunStatus, StepRecord
 from keel.redact import redact
 from keel.settings import Settings, load_settings
@@ -60,7 +61,7 @@ POLL_SECONDS = 0.25
 """How often ``events``/``watch`` ask a run for its status (a query: no history growth)."""
 
 
-class KeelClientError(Exception):
+class KeelClientError(KeelError):
     """Base of the errors a caller of ``keel.Client`` is expected to handle."""
 
 

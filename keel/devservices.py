@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel.errors import KeelError
 from keel.settings import SEARCH_ATTRIBUTES, Settings
 
 __all__ = ["DevServices", "ServiceError", "temporal_binary", "free_port"]
@@ -61,7 +62,7 @@ SQLITE_PRAGMAS = (
 _DETACHED: list[subprocess.Popen[bytes]] = []
 
 
-class ServiceError(RuntimeError):
+class ServiceError(KeelError, RuntimeError):
     """An embedded service could not be started or reached; the message says why in one line."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from keel.errors import ConfigError
+
 __all__ = [
     "KeelEnv",
     "PROJECT_ROOT",
@@ -52,7 +54,7 @@ _MODEL_RE = re.compile(r"offline|(openai|anthropic):\S+")
 _PER_TENANT_RUNS = "KEEL_MAX_RUNS_"
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """Invalid configuration: ``problems`` holds one line per bad variable."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -25,6 +25,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from keel.errors import KeelError
 from keel.models import AgentRequest, AgentResponse
 
 __all__ = ["WORKFLOW", "RequestIdConflict", "fingerprint", "start_or_attach", "workflow_id"]
@@ -37,7 +38,7 @@ _USER = SearchAttributeKey.for_keyword("KeelUser")
 _AGENT = SearchAttributeKey.for_keyword("KeelAgent")
 
 
-class RequestIdConflict(Exception):
+class RequestIdConflict(KeelError):
     """The request id was used before for a different request."""
 
 

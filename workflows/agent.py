@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
 
     from keel import decisions as d
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
@@ -139,7 +140,7 @@ class AgentWorkflow:
                 raise TypeError(f"expected a request object, got {type(req).__name__}")
         except Exception as e:
             raise ApplicationError(
-                f"invalid request: {_one_line(e)}", type="InvalidRequest", non_retryable=True
+                f"invalid request: {_one_line(e)}", type=INVALID_REQUEST, non_retryable=True
             ) from None
         lean = st.versions.lean()  # first: fixes the run's code version (keel.workflows.versions)
         st.phase = "authorizing"
@@ -251,7 +252,7 @@ class AgentWorkflow:
         resp = await self._finish(req, ctx, outcome, reason, answer)
         if internal is not None:
             raise ApplicationError(
-                f"run failed: {reason}", resp, type="KeelInternalError", non_retryable=True
+                f"run failed: {reason}", resp, type=INTERNAL_ERROR, non_retryable=True
             ) from None
         return resp
 

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         PlanOutput,
         RunContext,
     )
+    from keel.errors import BUDGET_DENIED
     from keel.gate import check_tool_call
     from keel.intent import plan_problems, results_verdict
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
@@ -45,7 +46,6 @@ __all__ = ["HOLDS_PATCH", "JUDGE_TOKENS", "MAX_EXECUTED_IN_PROMPT", "PLAN_TOKENS
 HOLDS_PATCH = "model-holds-in-activity"
 """Patch marker: model holds are placed by the activities, plans are checked before their
 side effects run, and evaluation scores the current iteration's steps."""
-BUDGET_DENIED = "BudgetDenied"  # activities.models.errors.BUDGET_DENIED (no activity import)
 
 PLAN_TOKENS = 1024  # output cap of a plan call; reservations price it in full
 JUDGE_TOKENS = 256

@@ -35,6 +35,14 @@ from keel import telemetry
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold
 from keel.codec import KeyRing
+from keel.errors import (
+    INVALID_TOOL_ARGUMENTS,
+    STEP_ABANDONED,
+    TOOL_ENDED_TRANSACTION,
+    TOOL_PERMANENT_ERROR,
+    TOOL_TRANSIENT_ERROR,
+    UNKNOWN_TOOL,
+)
 from keel.models import Decision, ToolCall, ToolResult
 from keel.telemetry import annotate
 
@@ -79,18 +87,18 @@ class ToolActivities:
     async def _run(self, call: ToolCall) -> ToolResult:
         spec = REGISTRY.get(call.tool) or mcp_spec(call.tool)  # MCP tools: <server>.<tool>
         if spec is None:
-            raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
+            raise ApplicationError(f"unknown tool {call.tool!r}", type=UNKNOWN_TOOL, non_retryable=True)
         try:
             args = spec.args_model.model_validate(call.args)
         except ValidationError as e:
             telemetry.record_tool_call(
-                call.tool, "error", tenant=call.tenant, error_type="InvalidToolArguments"
+                call.tool, "error", tenant=call.tenant, error_type=INVALID_TOOL_ARGUMENTS
             )
             # ``from None``: the workflow reports a failure's innermost message, and the
             # validation error's own first line ("1 validation error for X") names no field.
             raise ApplicationError(
                 f"{call.tool}: invalid arguments: {_first_error(e)}",
-                type="InvalidToolArguments",
+                type=INVALID_TOOL_ARGUMENTS,
                 non_retryable=True,
             ) from None
         scope = f"tool:{call.tool}"
@@ -128,7 +136,7 @@ class ToolActivities:
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
                 if isinstance(e, LimitExceeded):  # the effect rolled back; the refusal is recorded
                     await _audit_limit(conn, call, e)
-                kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
+                kind = TOOL_TRANSIENT_ERROR if e.retryable else TOOL_PERMANENT_ERROR
                 telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
                 # The cause travels too (failure chain, worker log): redact it in place.
                 e.args = (redact(str(e)),)
@@ -164,7 +172,7 @@ def _replayed(call: ToolCall, found: ToolResult) -> ToolResult:
     if not found.ok:  # the workflow abandoned this step: acting now would be an unreported effect
         raise ApplicationError(
             f"{call.tool}: step abandoned by the run; not acting on it",
-            type="StepAbandoned",
+            type=STEP_ABANDONED,
             non_retryable=True,
         )
     annotate(replayed=True)
@@ -419,7 +427,7 @@ async def _effect(
             raise ApplicationError(
                 f"{call.tool}: the tool ended the effect's transaction itself (commit or "
                 "rollback on ctx.conn); its effect is not recorded",
-                type="ToolEndedTransaction",
+                type=TOOL_ENDED_TRANSACTION,
                 non_retryable=True,
             )
         result = ToolResult(

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
+from keel.errors import KeelError
+
 __all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "load_tools", "sources"]
 
 ENTRY_POINT_GROUP = "keel.tools"
@@ -38,7 +40,7 @@ BUILTIN = (
 )
 
 
-class ToolLoadError(RuntimeError):
+class ToolLoadError(KeelError, RuntimeError):
     """A tool module could not be loaded; ``str(e)`` is one line naming it."""
 
 

@@ -18,6 +18,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from keel.errors import KeelError
+
 __all__ = ["COMMANDS", "CliError", "build_parser", "entry", "main"]
 
 PROG = "keel"
@@ -54,7 +56,7 @@ _EPILOG = (
 )
 
 
-class CliError(Exception):
+class CliError(KeelError):
     """A user-facing failure: printed as ``error: <message>``, exit status 2."""
 
 
