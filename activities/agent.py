@@ -36,6 +36,7 @@ from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
 from keel.agent_io import (
+    MAX_EXECUTED_IN_PROMPT,
     EvalInput,
     EvalOutput,
     FinishInput,
@@ -71,14 +72,8 @@ __all__ = [
     "PLANNER_SYSTEM",
     "planner_system",
     "executed_block",
-    "PLAN_TOKENS",
-    "JUDGE_TOKENS",
-    "MAX_EXECUTED_IN_PROMPT",
 ]
 
-PLAN_TOKENS = 1024
-"""Output cap of a plan call; the reservation prices this worst case."""
-JUDGE_TOKENS = 256
 ANSWER_TOKENS = 400
 """Output cap of the model-written final answer: a few sentences about what was done."""
 
@@ -106,9 +101,6 @@ JUDGEMENT_SCHEMA: dict[str, Any] = {
     },
     "required": ["score", "confidence"],
 }
-MAX_EXECUTED_IN_PROMPT = 20
-"""A prompt shows at most the latest 20 executed steps: prompts (and reservations) stay
-bounded however long a run loops."""
 
 PLAN_FORMAT = """Return a JSON plan: {"steps": [{"id": "s1", "tool": "...", "args": {...}, "when": null,
 "why": "..."}], "answer": "", "replan": false}. Use only the tools listed, with arguments

@@ -15,8 +15,6 @@ limit is retried after its ``retry-after``, see ``keel.activities.models.errors`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -26,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keel.activities import breaker
+from keel.activities.heartbeat import heartbeating
 from keel.activities.models import get_provider, split_model
 from keel.activities.models.errors import (
     BAD_REQUEST,
@@ -127,26 +126,22 @@ async def send(routed: Routed) -> ModelResult:
         call, provider=provider_name, tenant=tenant, server=_server(provider_name)
     ) as span:
         started = time.monotonic()
-        beat = asyncio.create_task(_heartbeat_forever())
-        try:
-            result = await provider.complete(call)
-        except Exception as e:
-            err = translate_provider_error(e, provider_name)
-            if isinstance(err, ApplicationError):
-                if guard is not None:
-                    await guard.outcome(err)
-                telemetry.record_model_call(
-                    model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
-                )
-                usage = usage_of(err)
-                span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
-            if err is e:
-                raise
-            raise err from e
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+        async with heartbeating(HEARTBEAT_EVERY_S, at_once=True):
+            try:
+                result = await provider.complete(call)
+            except Exception as e:
+                err = translate_provider_error(e, provider_name)
+                if isinstance(err, ApplicationError):
+                    if guard is not None:
+                        await guard.outcome(err)
+                    telemetry.record_model_call(
+                        model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
+                    )
+                    usage = usage_of(err)
+                    span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
+                if err is e:
+                    raise
+                raise err from e
         if guard is not None:
             await guard.outcome(None)
         latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -365,10 +360,3 @@ def _account(model: str, provider: str, tenant: str, result: ModelResult, cost: 
     telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant)
     telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
     telemetry.annotate(provider=provider)
-
-
-async def _heartbeat_forever() -> None:
-    """Heartbeat until cancelled; the provider call may take longer than a heartbeat timeout."""
-    while True:
-        activity.heartbeat()
-        await asyncio.sleep(HEARTBEAT_EVERY_S)

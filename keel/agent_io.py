@@ -24,6 +24,9 @@ from keel.models import (
 )
 
 __all__ = [
+    "JUDGE_TOKENS",
+    "MAX_EXECUTED_IN_PROMPT",
+    "PLAN_TOKENS",
     "MODEL_ATTEMPTS",
     "RunLimits",
     "PrepareInput",
@@ -41,6 +44,15 @@ __all__ = [
     "ModelCallsInput",
     "ModelCallsOutput",
 ]
+
+PLAN_TOKENS = 1024
+"""Output cap of a plan call; the reservation prices this worst case."""
+JUDGE_TOKENS = 256
+"""Output cap of a judge's verdict (a score, a confidence, one reason)."""
+MAX_EXECUTED_IN_PROMPT = 20
+"""A prompt shows at most the latest 20 executed steps: prompts (and reservations) stay
+bounded however long a run loops. The workflow sends no more than these to ``plan`` and
+prices its holds for them; the activity renders no more than these."""
 
 
 MODEL_ATTEMPTS = 5

@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.errors import ConfigError
+from keel.search_attributes import SEARCH_ATTRIBUTES
 
 __all__ = [
     "KeelEnv",
@@ -40,15 +41,6 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-SEARCH_ATTRIBUTES: dict[str, str] = {
-    "KeelTenant": "Keyword",
-    "KeelUser": "Keyword",
-    "KeelAgent": "Keyword",
-    "KeelOutcome": "Keyword",
-    "KeelSpendMicros": "Int",
-    "KeelFlags": "KeywordList",
-}
-"""Custom search attributes the dev server registers, so runs filter by tenant in the UI."""
 
 _MODEL_RE = re.compile(r"offline|(openai|anthropic):\S+")
 _PER_TENANT_RUNS = "KEEL_MAX_RUNS_"

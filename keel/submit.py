@@ -17,7 +17,6 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -27,15 +26,14 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from keel.errors import KeelError
 from keel.models import AgentRequest, AgentResponse
+from keel.search_attributes import AGENT as _AGENT
+from keel.search_attributes import TENANT as _TENANT
+from keel.search_attributes import USER as _USER
 
 __all__ = ["WORKFLOW", "RequestIdConflict", "fingerprint", "start_or_attach", "workflow_id"]
 
 WORKFLOW = "AgentWorkflow"
 FINGERPRINT_MEMO = "keel_request"
-
-_TENANT = SearchAttributeKey.for_keyword("KeelTenant")
-_USER = SearchAttributeKey.for_keyword("KeelUser")
-_AGENT = SearchAttributeKey.for_keyword("KeelAgent")
 
 
 class RequestIdConflict(KeelError):

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
-from temporalio.common import RawValue, SearchAttributeKey
+from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
+    from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
@@ -55,12 +56,6 @@ __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 _NO_REQUEST = RawValue(Payload())
 """What ``run`` sees when a client started it without an argument: refused as invalid."""
 
-TENANT = SearchAttributeKey.for_keyword("KeelTenant")
-USER = SearchAttributeKey.for_keyword("KeelUser")
-OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
-SPEND = SearchAttributeKey.for_int("KeelSpendMicros")
-FLAGS = SearchAttributeKey.for_keyword_list("KeelFlags")
-"""Every flag of the run: escape hatches, degradations and anomaly flags (``keel.anomaly``)."""
 FLAGS_PATCH = "keel-flags-search-attribute"
 
 

@@ -14,7 +14,6 @@ all workers in PostgreSQL). An open breaker fails the call at once with the non-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import psycopg
 from keel.activities import audit, breaker, ledger
 from keel.activities.guardrails import redact, redact_data
+from keel.activities.heartbeat import heartbeating
 from keel.activities.tools import effects
 from keel.activities.tools.mcp import mcp_spec
 from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError, catalog
@@ -43,7 +43,7 @@ from keel.errors import (
     TOOL_TRANSIENT_ERROR,
     UNKNOWN_TOOL,
 )
-from keel.models import Decision, ToolCall, ToolResult
+from keel.models import Decision, ToolCall, ToolResult, first_error
 from keel.telemetry import annotate
 
 __all__ = ["ToolActivities", "summarize_result"]
@@ -56,12 +56,6 @@ def summarize_result(tool: str, data: dict[str, Any]) -> str:
     it is shown wherever steps are, so tool output's secrets and PII stay out of it)."""
     parts = [f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list)][:5]
     return redact(f"{tool}: " + ", ".join(parts))
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "arguments"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 class ToolActivities:
@@ -97,7 +91,7 @@ class ToolActivities:
             # ``from None``: the workflow reports a failure's innermost message, and the
             # validation error's own first line ("1 validation error for X") names no field.
             raise ApplicationError(
-                f"{call.tool}: invalid arguments: {_first_error(e)}",
+                f"{call.tool}: invalid arguments: {first_error(e, 'arguments')}",
                 type=INVALID_TOOL_ARGUMENTS,
                 non_retryable=True,
             ) from None
@@ -186,18 +180,8 @@ its start-to-close timeout (the workflow sets a short heartbeat timeout)."""
 
 
 async def _with_heartbeats(work: Any) -> Any:
-    async def beat() -> None:
-        while True:  # the first beat after a second: quick tools never cost a server call
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
-            activity.heartbeat()
-
-    task = asyncio.create_task(beat())
-    try:
+    async with heartbeating(HEARTBEAT_EVERY_S):  # first beat after a second: quick tools cost none
         return await work
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @dataclass(frozen=True)
