@@ -305,6 +305,7 @@ async def _one_run(
     return f"{s3.state.value}/{resp.outcome}"
 
 
+@pytest.mark.timeout(240)  # 25 whole runs, each planned by the real plan activity (metered)
 async def test_arbitrary_arguments_through_the_workflow_end_through_the_one_exit(
     client: Client, db_pool: AsyncConnectionPool, property_worker: tuple[str, _Plans]
 ) -> None:
