@@ -14,6 +14,7 @@ all workers in PostgreSQL). An open breaker fails the call at once with the non-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
