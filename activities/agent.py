@@ -36,6 +36,7 @@ from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
 from keel.agent_io import (
+    MAX_EXECUTED_IN_PROMPT,
     EvalInput,
     EvalOutput,
     FinishInput,
@@ -52,6 +53,7 @@ from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
+from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
@@ -70,14 +72,8 @@ __all__ = [
     "PLANNER_SYSTEM",
     "planner_system",
     "executed_block",
-    "PLAN_TOKENS",
-    "JUDGE_TOKENS",
-    "MAX_EXECUTED_IN_PROMPT",
 ]
 
-PLAN_TOKENS = 1024
-"""Output cap of a plan call; the reservation prices this worst case."""
-JUDGE_TOKENS = 256
 ANSWER_TOKENS = 400
 """Output cap of the model-written final answer: a few sentences about what was done."""
 
@@ -105,9 +101,6 @@ JUDGEMENT_SCHEMA: dict[str, Any] = {
     },
     "required": ["score", "confidence"],
 }
-MAX_EXECUTED_IN_PROMPT = 20
-"""A prompt shows at most the latest 20 executed steps: prompts (and reservations) stay
-bounded however long a run loops."""
 
 PLAN_FORMAT = """Return a JSON plan: {"steps": [{"id": "s1", "tool": "...", "args": {...}, "when": null,
 "why": "..."}], "answer": "", "replan": false}. Use only the tools listed, with arguments
@@ -290,7 +283,7 @@ class AgentActivities:
         try:
             policy, policy_text, digest = _cached_policy(self._settings.policy_file)
         except PolicyError as e:
-            raise ApplicationError(str(e), type="PolicyError", non_retryable=True) from e
+            raise ApplicationError(str(e), type=POLICY_ERROR, non_retryable=True) from e
         agent, unknown = find_agent(req.agent)
         if agent is not None:
             policy = merged_policy(policy, agent)  # the agent's section: stricter, never looser
@@ -562,10 +555,10 @@ class AgentActivities:
         async def work() -> EvalOutput:
             try:
                 verdict, _, _ = await meter.structured(
-                    call, _check_verdict, error_type="InvalidJudgement", what="judgement"
+                    call, _check_verdict, error_type=INVALID_JUDGEMENT, what="judgement"
                 )
             except ApplicationError as e:
-                if e.type not in ("InvalidJudgement", TRUNCATED):
+                if e.type not in (INVALID_JUDGEMENT, TRUNCATED):
                     raise
                 # An unreadable verdict is no confidence at all: the run goes to a human.
                 verdict = {"score": score, "confidence": 0.0, "reason": f"judge unreadable: {e.message}"}

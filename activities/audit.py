@@ -34,14 +34,12 @@ import psycopg
 from keel.activities.guardrails import redact, redact_data
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
-from temporalio import activity
 
-from keel.audit_models import AuditAck, AuditBatch, AuditEntry, AuditRow, VerifyResult
+from keel.audit_models import AuditEntry, AuditRow, VerifyResult
 from keel.budget import ReserveResult
+from keel.errors import KeelError
 
 __all__ = [
-    "AuditActivities",
     "AuditError",
     "Checkpoint",
     "append",
@@ -65,7 +63,7 @@ _COLS = (
 )
 
 
-class AuditError(RuntimeError):
+class AuditError(KeelError, RuntimeError):
     """The audit log refused an append (e.g. an idem_key already used by another tenant)."""
 
 
@@ -427,18 +425,3 @@ async def verify_checkpoint(
         if now is None or now[0] < seq:
             return _bad(checked, row[0], tenant, f"chain head is behind the checkpoint of {at} (seq {seq})")
     return VerifyResult(ok=True, checked=checked)
-
-
-class AuditActivities:
-    """Temporal activities over a shared pool; one typed input and output each."""
-
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self._pool = pool
-
-    @activity.defn(name="audit_append")
-    async def audit_append(self, batch: AuditBatch) -> AuditAck:
-        """Append a batch in one transaction; retries are safe (idempotent by ``idem_key``)."""
-        async with self._pool.connection() as conn:
-            rows = await append_many(conn, batch.entries)
-        replayed = sum(r.existing for r in rows)
-        return AuditAck(ids=tuple(r.id for r in rows), appended=len(rows) - replayed, replayed=replayed)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
+from keel.errors import CIRCUIT_OPEN
 from keel.redact import redact
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "snapshot",
 ]
 
-CIRCUIT_OPEN = "CircuitOpen"
 """``ApplicationError.type`` raised when a breaker refuses a call."""
 
 State = Literal["closed", "open", "half_open"]

@@ -1,4 +1,4 @@
-"""The ``call_model`` activity: one model call, heartbeating, with translated errors.
+"""One model call, heartbeating, with translated errors (``route`` then ``send``).
 
 All model I/O happens here so the workflow only ever sees ``ModelResult`` payloads or
 ``ApplicationError`` failures whose ``non_retryable`` / ``next_retry_delay`` are already right
@@ -15,8 +15,6 @@ limit is retried after its ``retry-after``, see ``keel.activities.models.errors`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -27,6 +25,7 @@ from urllib.parse import urlsplit
 
 from keel.activities import breaker
 from keel.activities.agent_defs import agent_definitions
+from keel.activities.heartbeat import heartbeating
 from keel.activities.models import split_model
 from keel.activities.models.errors import (
     BAD_REQUEST,
@@ -132,26 +131,22 @@ async def send(routed: Routed) -> ModelResult:
         call, provider=provider_name, tenant=tenant, server=_server(provider_name)
     ) as span:
         started = time.monotonic()
-        beat = asyncio.create_task(_heartbeat_forever())
-        try:
-            result = await provider.complete(call)
-        except Exception as e:
-            err = translate_provider_error(e, provider_name)
-            if isinstance(err, ApplicationError):
-                if guard is not None:
-                    await guard.outcome(err)
-                telemetry.record_model_call(
-                    model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
-                )
-                usage = usage_of(err)
-                span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
-            if err is e:
-                raise
-            raise err from e
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+        async with heartbeating(HEARTBEAT_EVERY_S, at_once=True):
+            try:
+                result = await provider.complete(call)
+            except Exception as e:
+                err = translate_provider_error(e, provider_name)
+                if isinstance(err, ApplicationError):
+                    if guard is not None:
+                        await guard.outcome(err)
+                    telemetry.record_model_call(
+                        model=call.model, provider=provider_name, outcome=err.type or "error", tenant=tenant
+                    )
+                    usage = usage_of(err)
+                    span.usage(usage, cost_micros=_cost(call.model, usage) if usage is not None else None)
+                if err is e:
+                    raise
+                raise err from e
         if guard is not None:
             await guard.outcome(None)
         latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -170,12 +165,12 @@ async def send(routed: Routed) -> ModelResult:
     return result.model_copy(update={"latency_ms": latency_ms, "model": model})
 
 
-@activity.defn(name="call_model")
 async def call_model(call: ModelCall) -> ModelResult:
     """Run ``call`` on the provider its ``model`` names and return the result with latency.
 
     Unmetered: it holds no budget (the agent's own activities use ``keel.activities.metered``,
-    which does). Kept for tools and operators that need one raw call.
+    which does). A plain function, not an activity (no workflow schedules one): for code
+    inside an activity that needs one raw call.
 
     Raises:
         ApplicationError: for every failure; unknown models and bad credentials are
@@ -360,10 +355,3 @@ def _account(model: str, provider: str, tenant: str, result: ModelResult, cost: 
     telemetry.record_model_call(model=model, provider=provider, outcome="ok", tenant=tenant)
     telemetry.record_cost(cost, tenant=tenant, kind="model", model=model)
     telemetry.annotate(provider=provider)
-
-
-async def _heartbeat_forever() -> None:
-    """Heartbeat until cancelled; the provider call may take longer than a heartbeat timeout."""
-    while True:
-        activity.heartbeat()
-        await asyncio.sleep(HEARTBEAT_EVERY_S)

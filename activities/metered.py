@@ -53,6 +53,7 @@ from keel.budget import (
     ReserveRequest,
     model_scope,
 )
+from keel.errors import IDEMPOTENCY_CONFLICT
 from keel.models import ChatMessage, Decision, ModelCall, ModelCallRecord, ModelResult, Usage
 from keel.pricing import PricingError, cost_micros, estimate_micros, price_for
 from keel.tiers import TIER_ORDER
@@ -107,7 +108,7 @@ async def _ledger_refusals() -> AsyncIterator[None]:
     try:
         yield
     except IdempotencyConflict as e:
-        raise ApplicationError(f"ledger: {e}", type="IdempotencyConflict") from e
+        raise ApplicationError(f"ledger: {e}", type=IDEMPOTENCY_CONFLICT) from e
     except LedgerError as e:
         raise ApplicationError(f"ledger: {e}", type=type(e).__name__, non_retryable=True) from e
 

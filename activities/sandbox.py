@@ -53,6 +53,8 @@ from typing import Any, Literal
 from keel.activities.guardrails import redact
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel.errors import KeelError
+
 __all__ = [
     "SANDBOX_WORKDIR",
     "SandboxError",
@@ -76,7 +78,7 @@ _UID_BASE = 1_600_000_000
 _UID_SPAN = 100_000_000
 
 
-class SandboxError(Exception):
+class SandboxError(KeelError):
     """The sandbox refused the call before starting it (bad executable, bad input file)."""
 
 

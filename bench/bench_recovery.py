@@ -81,13 +81,12 @@ class WorkerProcess:
 def worker_environment(
     settings: Settings, task_queue: str, base: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """``worker.py`` pointed at ``settings`` on ``task_queue``, demo policy, test tools on."""
+    """``worker.py`` pointed at ``settings`` on ``task_queue``, demo policy and tools."""
     return offline_env(
         settings,
         base,
         KEEL_TASK_QUEUE=task_queue,
         KEEL_POLICY_FILE=str(PROJECT_ROOT / "config" / "policy.yaml"),
-        KEEL_TEST_TOOLS="1",
     )
 
 

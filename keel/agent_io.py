@@ -13,7 +13,6 @@ from pydantic import Field
 
 from keel.models import (
     AgentRequest,
-    BudgetCaps,
     Decision,
     Frozen,
     ModelCallRecord,
@@ -25,6 +24,9 @@ from keel.models import (
 )
 
 __all__ = [
+    "JUDGE_TOKENS",
+    "MAX_EXECUTED_IN_PROMPT",
+    "PLAN_TOKENS",
     "MODEL_ATTEMPTS",
     "RunLimits",
     "PrepareInput",
@@ -42,6 +44,15 @@ __all__ = [
     "ModelCallsInput",
     "ModelCallsOutput",
 ]
+
+PLAN_TOKENS = 1024
+"""Output cap of a plan call; the reservation prices this worst case."""
+JUDGE_TOKENS = 256
+"""Output cap of a judge's verdict (a score, a confidence, one reason)."""
+MAX_EXECUTED_IN_PROMPT = 20
+"""A prompt shows at most the latest 20 executed steps: prompts (and reservations) stay
+bounded however long a run loops. The workflow sends no more than these to ``plan`` and
+prices its holds for them; the activity renders no more than these."""
 
 
 MODEL_ATTEMPTS = 5
@@ -243,9 +254,11 @@ class StepGateInput(Frozen):
 
 
 class StepGateResult(Frozen):
+    """What the audit of a gate decision returns. Recorded histories (before step holds moved
+    to the tool activity) also carry ``granted_micros`` and ``caps``: extra fields are ignored
+    on decoding, so they still replay."""
+
     decision: Decision
-    granted_micros: int = 0
-    caps: BudgetCaps = BudgetCaps()
     reason: str = ""
     observed: bool = False
 

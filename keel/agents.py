@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from keel.errors import ConfigError
 from keel.models import ToolInfo
 from keel.policy import Limits, ToolRule, _loc, _Strict, check_tool_rules
 from keel.settings import PROJECT_ROOT
@@ -64,7 +65,7 @@ ENTRY_POINT_GROUP = "keel.agents"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
-class AgentError(ValueError):
+class AgentError(ConfigError):
     """A definition that cannot be used; ``str(e)`` is one line naming the source."""
 
 

@@ -16,8 +16,6 @@ from keel.text import scrub
 
 __all__ = [
     "AUDIT_KINDS",
-    "AuditAck",
-    "AuditBatch",
     "AuditEntry",
     "AuditKind",
     "AuditRow",
@@ -80,20 +78,6 @@ class AuditRow(AuditEntry):
     hash: str
     existing: bool = False
     """True when the append found this row already stored under the same ``idem_key``."""
-
-
-class AuditBatch(Frozen):
-    """Input of the ``audit_append`` activity: entries appended in one transaction, in order."""
-
-    entries: tuple[AuditEntry, ...] = ()
-
-
-class AuditAck(Frozen):
-    """Output of ``audit_append``: ids in input order; ``replayed`` counts idempotent hits."""
-
-    ids: tuple[int, ...] = ()
-    appended: int = 0
-    replayed: int = 0
 
 
 class VerifyResult(Frozen):

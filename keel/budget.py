@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from keel.errors import KeelError
 from keel.models import BudgetCaps, Decision, Frozen
 from keel.money import usd_reason
 
@@ -60,7 +61,7 @@ __all__ = [
 _RUN_MARK = "/run:"
 
 
-class LedgerError(Exception):
+class LedgerError(KeelError):
     """Base of the ledger's refusals; none of them succeeds on retry (non-retryable)."""
 
 

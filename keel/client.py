@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 from temporalio.client import Client as TemporalClient
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.agents import DEFAULT_AGENT, workflow_id
 from keel.codec import data_converter, load_keyring
+from keel.errors import KeelError
 from keel.models import (
     AgentRequest,
     AgentResponse,
@@ -44,6 +44,7 @@ from keel.models import (
     StepState,
 )
 from keel.redact import redact
+from keel.search_attributes import AGENT, TENANT, USER
 from keel.settings import Settings, load_settings
 from keel.submit import WORKFLOW, RequestIdConflict, start_or_attach
 
@@ -62,14 +63,11 @@ __all__ = [
     "connect",
 ]
 
-TENANT = SearchAttributeKey.for_keyword("KeelTenant")
-USER = SearchAttributeKey.for_keyword("KeelUser")
-AGENT = SearchAttributeKey.for_keyword("KeelAgent")
 POLL_SECONDS = 0.25
 """How often ``events``/``watch`` ask a run for its status (a query: no history growth)."""
 
 
-class KeelClientError(Exception):
+class KeelClientError(KeelError):
     """Base of the errors a caller of ``keel.Client`` is expected to handle."""
 
 

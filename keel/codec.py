@@ -45,6 +45,7 @@ from temporalio.converter import (
 )
 from temporalio.exceptions import ApplicationError
 
+from keel.errors import CODEC_TAMPERED, UNKNOWN_CODEC_KEY, ConfigError
 from keel.settings import Settings
 
 __all__ = [
@@ -74,7 +75,7 @@ SEALED_MARK = "keel-sealed-v1"
 """Marks a JSON value sealed at rest by :func:`seal` (``tool_effects``)."""
 
 
-class CodecConfigError(ValueError):
+class CodecConfigError(ConfigError):
     """Keys are missing or malformed; the message names the source and the problem."""
 
 
@@ -87,7 +88,7 @@ class UnknownKeyError(ApplicationError):
             f"payload is encrypted with unknown key id {key_id!r} (this process holds "
             f"{', '.join(repr(k) for k in known) or 'no keys'}); add that key to KEEL_CODEC_KEYS "
             "or the key file",
-            type="UnknownCodecKey",
+            type=UNKNOWN_CODEC_KEY,
             non_retryable=True,
         )
         self.key_id = key_id
@@ -133,7 +134,7 @@ class KeyRing:
             raise ApplicationError(
                 f"payload sealed under key id {kid!r} failed authentication (tampered, or a "
                 "different key with the same id)",
-                type="CodecTampered",
+                type=CODEC_TAMPERED,
                 non_retryable=True,
             ) from None
 

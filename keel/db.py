@@ -13,6 +13,10 @@ the baseline in their place, and they are recorded as applied; a database that h
 any of them keeps upgrading through the numbered files. Both end at the same schema
 (``tests/test_migrations.py`` builds one each way and compares their dumps), so a change to
 the ledger's SQL is a new numbered migration AND the same change in the baseline.
+
+Demo data is not a migration: :func:`seed_demo` applies ``keel/seed/demo.sql`` (the demo
+tenants' orders and stock) for ``dev up`` / ``make demo`` and the tests; a production
+database starts empty.
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ __all__ = [
     "apply_migrations",
     "open_ledger_pool",
     "open_pool",
+    "seed_demo",
     "Pool",
     "BASELINE_DIR",
     "MIGRATIONS_DIR",
+    "SEED_DIR",
     "LEDGER_POOL_SIZE",
 ]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BASELINE_DIR = MIGRATIONS_DIR / "baseline"
+SEED_DIR = Path(__file__).parent / "seed"
 LEDGER_POOL_SIZE = 2
 """Connections of a worker's ledger pool: its batcher's ``max_in_flight`` (one batch travels
 while the previous one flushes), so a batch never waits for a connection."""
@@ -109,6 +116,13 @@ def _up_to_date(conn: psycopg.Connection[Any]) -> bool:
         return False
     done = {r[0] for r in conn.execute("select name from keel_migrations")}
     return all(p.name in done for p in MIGRATIONS_DIR.glob("*.sql"))
+
+
+def seed_demo(url: str) -> None:
+    """Insert the demo data (``keel/seed/demo.sql``) into a migrated database; idempotent,
+    and rows that exist are left as they are."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute((SEED_DIR / "demo.sql").read_text())
 
 
 class Pool(AsyncConnectionPool):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.codec import ensure_key_file
-from keel.db import apply_migrations
+from keel.db import apply_migrations, seed_demo
+from keel.errors import KeelError
 from keel.settings import SEARCH_ATTRIBUTES, Settings
 
 __all__ = ["DevServices", "ServiceError", "temporal_binary", "free_port"]
@@ -63,7 +64,7 @@ SQLITE_PRAGMAS = (
 _DETACHED: list[subprocess.Popen[bytes]] = []
 
 
-class ServiceError(RuntimeError):
+class ServiceError(KeelError, RuntimeError):
     """An embedded service could not be started or reached; the message says why in one line."""
 
 
@@ -455,9 +456,10 @@ class DevServices:
 
     # ---------------------------------------------------------------- both
     def up(self) -> None:
-        """Start PostgreSQL (and apply migrations), the codec server and Temporal."""
+        """Start PostgreSQL (apply migrations, seed the demo data), the codec server and Temporal."""
         self.start_postgres()
         apply_migrations(self.settings.owner_url)  # as the owner; runs use keel_app
+        seed_demo(self.settings.owner_url)
         self.start_codec_server()
         self.start_temporal()
 

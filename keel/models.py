@@ -21,6 +21,7 @@ from keel.redact import find
 from keel.text import problem as text_problem
 
 __all__ = [
+    "first_error",
     "MAX_DEADLINE_SECONDS",
     "MAX_ITERATIONS",
     "MAX_RUN_BUDGET_USD",
@@ -66,6 +67,15 @@ def usd_to_micros(usd: float) -> int:
 def micros_to_usd(micros: int) -> float:
     """Convert micro-dollars back to dollars for display only."""
     return micros / MICROS_PER_USD
+
+
+def first_error(e: ValidationError, whole: str) -> str:
+    """The first problem of a validation error as one line, ``field.path: message`` (``whole``
+    names the value when the problem is with all of it): what a model's repair turn and a
+    tool's caller are told."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or whole
+    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 class Frozen(BaseModel):
@@ -280,9 +290,7 @@ class Plan(Frozen):
         try:
             plan = cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err.get("loc", ())) or "plan"
-            raise ValueError(f"{where}: {err.get('msg', 'invalid')}") from None
+            raise ValueError(first_error(e, "plan")) from None
         if not plan.steps and not plan.answer.strip():
             raise ValueError("a plan with no steps must put the reply in a non-empty 'answer'")
         return plan

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import re2
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from keel.errors import ConfigError
 from keel.models import Frozen, ToolInfo
 
 __all__ = [
@@ -68,7 +69,7 @@ _VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}\.\d+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.:*-]{0,63}$")
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """A policy file that cannot be used; ``str(e)`` is one line: ``file: field.path: problem``."""
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from keel.errors import ConfigError
 from keel.models import Usage
 
 __all__ = [
@@ -62,7 +63,7 @@ DEFAULT_PRICES_FILE = Path(__file__).resolve().parent.parent / "config" / "price
 _FIX = "add it to the prices override file (KEEL_PRICES_FILE, default config/prices.yaml)"
 
 
-class PricingError(ValueError):
+class PricingError(ConfigError):
     """A model has no price, or the override file is malformed. Configuration, not luck."""
 
 

@@ -25,6 +25,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.anomaly import AnomalyLimits
+from keel.errors import ConfigError
+from keel.search_attributes import SEARCH_ATTRIBUTES
 
 __all__ = [
     "KeelEnv",
@@ -40,21 +42,12 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-SEARCH_ATTRIBUTES: dict[str, str] = {
-    "KeelTenant": "Keyword",
-    "KeelUser": "Keyword",
-    "KeelAgent": "Keyword",
-    "KeelOutcome": "Keyword",
-    "KeelSpendMicros": "Int",
-    "KeelFlags": "KeywordList",
-}
-"""Custom search attributes the dev server registers, so runs filter by tenant in the UI."""
 
 _MODEL_RE = re.compile(r"offline|(openai|anthropic):\S+")
 _PER_TENANT_RUNS = "KEEL_MAX_RUNS_"
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """Invalid configuration: ``problems`` holds one line per bad variable."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -114,8 +107,6 @@ class KeelEnv(BaseSettings):
     """Seconds a probe may take before another worker may probe."""
     KEEL_MAX_RUNS_PER_TENANT: int | None = Field(None, ge=0)
     """Concurrent runs per tenant (0 or unset: unlimited); ``KEEL_MAX_RUNS_<TENANT>`` per tenant."""
-    KEEL_TEST_TOOLS: bool = False
-    """Register the recovery tests' tools (tests only)."""
     KEEL_UPDATE_SNAPSHOTS: bool = False
     """Rewrite the CLI snapshots (tests only)."""
     KEEL_ENV_FILE: Path | None = None

@@ -17,7 +17,6 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -26,19 +25,19 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from keel.agents import workflow_id as scheme
+from keel.errors import KeelError
 from keel.models import AgentRequest, AgentResponse
+from keel.search_attributes import AGENT as _AGENT
+from keel.search_attributes import TENANT as _TENANT
+from keel.search_attributes import USER as _USER
 
 __all__ = ["WORKFLOW", "RequestIdConflict", "fingerprint", "start_or_attach", "workflow_id"]
 
 WORKFLOW = "AgentWorkflow"
 FINGERPRINT_MEMO = "keel_request"
 
-_TENANT = SearchAttributeKey.for_keyword("KeelTenant")
-_USER = SearchAttributeKey.for_keyword("KeelUser")
-_AGENT = SearchAttributeKey.for_keyword("KeelAgent")
 
-
-class RequestIdConflict(Exception):
+class RequestIdConflict(KeelError):
     """The request id was used before for a different request."""
 
 

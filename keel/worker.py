@@ -36,7 +36,8 @@ from keel.activities.breaker import BREAKER_POOL
 from keel.activities.budget import BudgetActivities
 from keel.activities.control import ControlActivities
 from keel.activities.ledger import run_sweeper
-from keel.activities.llm import call_model, check_model_config
+from keel.activities.llm import check_model_config
+from keel.activities.models import close_clients
 from keel.activities.tools import ToolActivities, catalog
 from keel.agents import McpServer
 from keel.client import connect
@@ -74,7 +75,6 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
         control.authorize_step,
         control.settle_step,
         tools.run_tool,
-        call_model,
         budget.reserve,
         budget.admit,
         budget.commit,
@@ -93,7 +93,7 @@ def mcp_servers() -> dict[str, McpServer]:
 
 
 def _merge(base: Sequence[Any], extra: Sequence[Any]) -> list[Any]:
-    """``extra`` activities replace same-named ones (tests script the model this way)."""
+    """``extra`` activities replace same-named ones (tests replace an activity this way)."""
 
     def name(fn: Any) -> str:
         defn = _Definition.from_callable(fn)
@@ -107,8 +107,9 @@ class KeelActivityInterceptor(Interceptor):
     """Gives every activity this worker runs its breaker store and common span attributes,
     and guards the workflow's one argument (``keel.workflows.arity``).
 
-    ``call_model`` also runs inside ``plan``/``evaluate`` as a plain function, so the pool
-    travels in a context variable scoped to the activity rather than in an argument.
+    Model calls run inside ``plan``/``evaluate``/``finish_run`` as plain functions
+    (``keel.activities.llm``), so the pool travels in a context variable scoped to the
+    activity rather than in an argument.
     (Client interceptors, like tracing, wrap this one: the span already exists here.)
     """
 
@@ -220,4 +221,5 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
             await sweeper
         await ledger_pool.close()
         await pool.close()
+        await close_clients()  # the provider SDKs' HTTP pools, cached per key and base URL
         shutdown_telemetry(tracer_provider, meter_provider)

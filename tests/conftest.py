@@ -20,11 +20,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from keel.db import apply_migrations, open_pool
+from keel.db import apply_migrations, open_pool, seed_demo
 from keel.devservices import DevServices, free_port
 from keel.settings import Settings, load_settings, offline_env
 
@@ -59,6 +60,9 @@ def settings() -> Iterator[Settings]:
         services.start_postgres()
         apply_migrations(s.owner_url)  # the owner migrates; everything else is keel_app
         assert s.database_url.startswith("postgresql://keel_app@"), s.database_url
+        seed_demo(s.owner_url)  # the demo tenants' orders and stock (keel/seed/demo.sql)
+        with psycopg.connect(s.owner_url, autocommit=True) as conn:  # the test tools' table
+            conn.execute((Path(__file__).parent / "doubles" / "tools.sql").read_text())  # type: ignore[arg-type]
         yield s
     finally:
         services.down()

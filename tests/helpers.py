@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
+from keel.agent_io import PlanInput
 from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings
 from keel.worker import build_workers
@@ -37,6 +38,20 @@ async def running_worker(
         for w in workers:
             await stack.enter_async_context(w)
         yield s
+
+
+async def plan_inputs(client: Client, workflow_id: str) -> list[PlanInput]:
+    """What the workflow gave each ``plan`` activity of a run (decoded from its history): the
+    tool specs offered, with the metadata the prompt does not show."""
+    out: list[PlanInput] = []
+    async for e in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if not e.HasField("activity_task_scheduled_event_attributes"):
+            continue
+        a = e.activity_task_scheduled_event_attributes
+        if a.activity_type.name == "plan":
+            (inp,) = await client.data_converter.decode(a.input.payloads, [PlanInput])
+            out.append(inp)
+    return out
 
 
 def request(message: str, **kw: Any) -> AgentRequest:

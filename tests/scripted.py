@@ -1,7 +1,9 @@
-"""Workflow-logic test harness: a worker whose ``plan`` activity follows a script.
+"""Workflow-logic test harness: a worker whose model plans what the test scripts.
 
-Everything else is real: the dev server, PostgreSQL, the gate, the ledger, the tool activity
-and the test tools (``keel.activities.tools.testing``, enabled with ``KEEL_TEST_TOOLS=1``).
+Everything else is real: the dev server, PostgreSQL, the ``plan`` activity and its metering
+(the scripted model, ``tests.doubles.models``, sits behind the provider seam), the gate, the
+ledger, the tool activity and the test tools (``tests.doubles.tools``, served through
+``KEEL_TOOL_MODULES`` like any tool package).
 """
 
 from __future__ import annotations
@@ -9,21 +11,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities.tools import testing
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from keel.models import AgentRequest, AgentResponse, Plan, PlanStep, RunStatus, StepState
 from keel.settings import Settings
+from tests.doubles import tools as testing
+from tests.doubles.models import PlanCall, ScriptedPlanner
 from tests.helpers import request, running_worker
 
-__all__ = ["effects_of", "plan", "scripted_worker", "start", "wait_status", "write_policy"]
+__all__ = [
+    "effects_of",
+    "plan",
+    "scripted_worker",
+    "serve_test_tools",
+    "start",
+    "wait_status",
+    "write_policy",
+]
+
+
+def serve_test_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve the test tools on the workers this test starts (in-process or subprocesses)."""
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
+    testing.register()
 
 
 def plan(*steps: PlanStep, replan: bool = False, answer: str = "") -> Plan:
@@ -42,19 +59,17 @@ async def scripted_worker(
     pool: AsyncConnectionPool,
     settings: Settings,
     task_queue: str,
-    plans: Sequence[Plan],
+    plans: Sequence[Plan] | Callable[[PlanCall], Plan | None],
     *,
     policy_file: Path,
     monkeypatch: pytest.MonkeyPatch,
     **kw: Any,
-) -> AsyncIterator[testing.ScriptedPlanner]:
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
-    testing.register()
-    planner = testing.ScriptedPlanner(plans)
-    async with running_worker(
-        client, pool, settings, task_queue, policy_file=policy_file, extra_activities=[planner.plan], **kw
-    ):
-        yield planner
+) -> AsyncIterator[ScriptedPlanner]:
+    serve_test_tools(monkeypatch)
+    planner = ScriptedPlanner(plans)
+    with planner.serving():
+        async with running_worker(client, pool, settings, task_queue, policy_file=policy_file, **kw):
+            yield planner
 
 
 async def start(

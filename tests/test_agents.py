@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.testing import ScriptedPlanner
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from temporalio.client import Client as TemporalClient
@@ -23,6 +22,7 @@ from keel.agents import Agent, AgentError, load_agents
 from keel.client import Client, RefusedError, RunEvent, RunExistsError, RunNotFoundError
 from keel.models import Plan, StepState
 from keel.settings import PROJECT_ROOT, Settings
+from tests.doubles.models import ScriptedPlanner
 from tests.helpers import running_worker
 
 KEEL = Path(sys.executable).parent / "keel"
@@ -39,8 +39,14 @@ async def test_one_worker_serves_several_agents_each_with_its_instructions_and_t
 ) -> None:
     planner = ScriptedPlanner([Plan(answer="noted")])
     keel = _client(client, temporal_services, task_queue)
-    async with running_worker(
-        client, db_pool, temporal_services, task_queue, extra_activities=[planner.plan]
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+        ),
     ):
         ops = await keel.start("How is stock?", tenant="acme", user="carol", agent="operations")
         sup = await keel.start("How is my order?", tenant="acme", user="alice")

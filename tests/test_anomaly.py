@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities.tools.testing import step
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from psycopg_pool import AsyncConnectionPool
@@ -24,6 +23,7 @@ from keel import telemetry
 from keel.anomaly import ANOMALY_FLAGS, AnomalyLimits, CallShape, RunShape, canonical_call, run_flags
 from keel.models import Plan
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.helpers import make_order
 from tests.scripted import plan, scripted_worker, start, write_policy
 

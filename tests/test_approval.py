@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowUpdateFailedError
 
 from keel.models import Approval, StepState
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
 
 PLANS = [plan(step("s1", "test_effect", note="first"), step("s2", "test_effect", note="approve-me"))]

@@ -286,10 +286,10 @@ async def test_hostile_update_payloads_are_refused_without_a_task_loop(
 ) -> None:
     """Updates are inputs too: a raw client answering an approval with garbage must be refused
     per update, and the run must go on waiting for a real answer."""
-    from keel.activities.tools.testing import step
     from temporalio.client import WorkflowUpdateFailedError
 
     from keel.models import StepState
+    from tests.doubles.models import step
     from tests.ending import assert_one_exit
     from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 

@@ -13,19 +13,20 @@ import uuid
 
 import pytest
 from keel.activities.control import ControlActivities
-from keel.activities.tools import ToolActivities, testing
+from keel.activities.tools import ToolActivities
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from keel.agent_io import SettleInput
 from keel.models import ToolCall
+from tests.doubles import tools as testing
 from tests.helpers import make_order
 
 
 @pytest.fixture(autouse=True)
 def _test_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
 
 

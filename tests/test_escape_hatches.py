@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from keel.models import StepState
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.helpers import request
 from tests.scripted import effects_of, plan, scripted_worker, start, write_policy
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from keel.models import StepState
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.ending import assert_one_exit
 from tests.helpers import make_order
 from tests.scripted import plan, scripted_worker, start, write_policy

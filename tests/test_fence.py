@@ -21,8 +21,7 @@ import psycopg
 import pytest
 from keel.activities import audit, concurrency, ledger
 from keel.activities.control import ControlActivities
-from keel.activities.tools import ToolActivities, effects, testing
-from keel.activities.tools.testing import step
+from keel.activities.tools import ToolActivities, effects
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
@@ -33,6 +32,8 @@ from keel.agent_io import SettleInput, SettleResult
 from keel.budget import ReleaseRequest, ReleaseResult, scope_path
 from keel.models import PlanStep, StepState, ToolCall, ToolResult
 from keel.settings import Settings
+from tests.doubles import tools as testing
+from tests.doubles.models import ScriptedPlanner, step
 from tests.helpers import make_order, running_worker
 from tests.scripted import plan, start, write_policy
 
@@ -65,20 +66,24 @@ async def test_an_effect_whose_answer_is_lost_is_reported_and_compensated(
     plans = [
         plan(
             step("s1", "test_effect", note="answer lost"),
-            # No such tool: the gate denies it, so the run aborts after s1.
-            step("s2", "no_such_tool"),
+            # Upper case breaks the policy's echo constraint: the gate denies it, so the run
+            # aborts after s1.
+            step("s2", "echo", note="DENIED"),
         )
     ]
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
-    planner, lost = testing.ScriptedPlanner(plans), _AnswerLost(db_pool)
-    async with running_worker(  # scripted_worker's setup, with run_tool replaced as well
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=write_policy(tmp_path),
-        extra_activities=[planner.plan, lost.run_tool],
+    planner, lost = ScriptedPlanner(plans), _AnswerLost(db_pool)
+    async with (
+        planner.serving(),
+        running_worker(  # scripted_worker's setup, with run_tool replaced as well
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=write_policy(tmp_path),
+            extra_activities=[lost.run_tool],
+        ),
     ):
         resp = await (await start(client, task_queue)).result()
     wid = resp.workflow_id
@@ -105,7 +110,7 @@ async def test_an_effect_whose_answer_is_lost_is_reported_and_compensated(
 async def test_an_attempt_waiting_on_the_key_when_the_run_fences_it_does_not_act(
     pg_url: str, db_pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
     key = f"agent/acme/fence-{id(object())}/s1"
     call = ToolCall(
@@ -247,17 +252,20 @@ async def test_the_fence_waits_for_the_database_instead_of_ending_the_run_undeci
     then ``settle_step`` ran out of its 10 attempts, and the run ended ``failed`` with the
     refund step still ``running``, no fence and no settle audit row: the step's fate was
     never asked of the database, and an attempt still in flight could have acted unreported."""
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
-    planner = testing.ScriptedPlanner([plan(step("s1", "test_effect", note="never acts")), plan()])
+    planner = ScriptedPlanner([plan(step("s1", "test_effect", note="never acts")), plan()])
     away = _DatabaseAway(db_pool, outage=12)
-    async with running_worker(
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=write_policy(tmp_path),
-        extra_activities=[planner.plan, _NeverActs(db_pool).run_tool, away.settle_step],
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=write_policy(tmp_path),
+            extra_activities=[_NeverActs(db_pool).run_tool, away.settle_step],
+        ),
     ):
         resp = await (await start(client, task_queue)).result()
     wid = resp.workflow_id
@@ -299,20 +307,23 @@ async def test_a_release_refused_at_the_end_still_ends_through_the_one_exit(
     not as an ``ActivityError``: the ending caught only the latter, so a refused release of a
     hold left open (a skipped step's admitted hold) skipped the finish row, memory and the
     run slot, and failed the workflow."""
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
     skipped = PlanStep(
         id="s2", tool="echo", args={"note": "never"}, when={"step": "s1", "field": "note", "equals": "x"}
     )
-    planner = testing.ScriptedPlanner([plan(step("s1", "test_effect", note="acts"), skipped), plan()])
+    planner = ScriptedPlanner([plan(step("s1", "test_effect", note="acts"), skipped), plan()])
     refused = _ReleaseRefused()
-    async with running_worker(
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=write_policy(tmp_path),
-        extra_activities=[planner.plan, refused.budget_release],
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=write_policy(tmp_path),
+            extra_activities=[refused.budget_release],
+        ),
     ):
         resp = await (await start(client, task_queue)).result()
     wid = resp.workflow_id

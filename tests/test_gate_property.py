@@ -23,17 +23,19 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.activities.tools import testing
 from keel.activities.tools.loader import catalog
 from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
 from temporalio.client import Client
 
 from keel import decisions as d
-from keel.agent_io import PlanInput
+from keel.agent_io import PlanInput, PlanOutput
 from keel.gate import GateDecision, check_tool_call
 from keel.models import AgentResponse, Plan, PlanStep, StepState
 from keel.policy import Policy, load_policy
 from keel.settings import Settings
+from tests.doubles import tools as testing
+from tests.doubles.models import PlanCall, ScriptedPlanner
 from tests.ending import assert_one_exit, history_counts
 from tests.helpers import request, running_worker
 from tests.scripted import start
@@ -217,7 +219,7 @@ class _Plans:
     def __init__(self) -> None:
         self.by_run: dict[str, Plan] = {}
 
-    def __call__(self, inp: PlanInput) -> Plan:
+    def __call__(self, inp: PlanCall) -> Plan:
         return self.by_run.get(inp.workflow_id, Plan()) if inp.iteration == 1 else Plan(answer="done")
 
 
@@ -231,14 +233,21 @@ async def property_worker(
     policy = tmp_path_factory.mktemp("gate-property") / "policy.yaml"
     policy.write_text(_PROPERTY_POLICY)
     mp = pytest.MonkeyPatch()
-    mp.setenv("KEEL_TEST_TOOLS", "1")
+    mp.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
     plans = _Plans()
-    planner = testing.ScriptedPlanner(plans)
+    planner = ScriptedPlanner(plans)
     queue = f"gate-prop-{uuid.uuid4()}"
     try:
-        async with running_worker(
-            client, db_pool, temporal_services, queue, policy_file=policy, extra_activities=[planner.plan]
+        async with (
+            planner.serving(),
+            running_worker(
+                client,
+                db_pool,
+                temporal_services,
+                queue,
+                policy_file=policy,
+            ),
         ):
             yield queue, plans
     finally:
@@ -296,6 +305,7 @@ async def _one_run(
     return f"{s3.state.value}/{resp.outcome}"
 
 
+@pytest.mark.timeout(240)  # 25 whole runs, each planned by the real plan activity (metered)
 async def test_arbitrary_arguments_through_the_workflow_end_through_the_one_exit(
     client: Client, db_pool: AsyncConnectionPool, property_worker: tuple[str, _Plans]
 ) -> None:
@@ -375,12 +385,32 @@ def test_the_planner_refuses_arguments_nested_too_deep(depth: int) -> None:
     "real planner now refuses such plans; any other activity returning such data still wedges",
 )
 async def test_an_undecodable_plan_from_a_planner_that_skips_validation_still_wedges(
-    client: Client, db_pool: AsyncConnectionPool, property_worker: tuple[str, _Plans]
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    queue, plans = property_worker
+    # The real plan activity refuses such a plan, so "a planner that skips validation" is a
+    # fake plan activity under the real name: the only way such data reaches the workflow.
+    deep = Plan(steps=(PlanStep(id="s1", tool="echo", args={"note": _nested(220)}),))
+
+    @activity.defn(name="plan")
+    async def unvalidated_plan(inp: PlanInput) -> PlanOutput:
+        return PlanOutput(plan=deep, model="offline")
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(_PROPERTY_POLICY)
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
+    queue = f"gate-deep-{uuid.uuid4()}"
     req = request("deep")
-    wid = f"agent/{req.tenant}/{req.request_id}"
-    plans.by_run[wid] = Plan(steps=(PlanStep(id="s1", tool="echo", args={"note": _nested(220)}),))
+    async with running_worker(
+        client, db_pool, temporal_services, queue, policy_file=policy, extra_activities=[unvalidated_plan]
+    ):
+        await _wedges(client, queue, req)
+
+
+async def _wedges(client: Client, queue: str, req: Any) -> None:
     handle = await start(client, queue, req)
     try:
         await asyncio.wait_for(handle.result(), timeout=8)

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 from keel.activities import agent_defs
-from keel.activities.tools import testing
-from keel.activities.tools.testing import ScriptedPlanner, step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client as TemporalClient
 
@@ -26,7 +24,9 @@ from keel.client import Client
 from keel.devservices import free_port
 from keel.models import Plan, StepState
 from keel.settings import PROJECT_ROOT, Settings
-from tests.helpers import running_worker
+from tests.doubles import tools as testing
+from tests.doubles.models import ScriptedPlanner, step
+from tests.helpers import plan_inputs, running_worker
 
 SERVER = PROJECT_ROOT / "tests" / "mcp_server.py"
 
@@ -64,7 +64,7 @@ def mcp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     monkeypatch.setenv("MCP_EFFECTS", str(effects))
     # The test policy names the test tools (echo, test_effect): the catalogue must hold them,
     # or the policy is refused at load (issue 17: a rule for an unknown tool fails closed).
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
     agent_defs.reset()
     yield {"agents": agents, "policy": policy, "effects": effects, "tmp": tmp_path}
@@ -102,18 +102,22 @@ async def test_listing_read_only_call_and_destructive_call_with_approval(
         ]
     )
     keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
-    async with running_worker(
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=mcp_env["policy"],
-        extra_activities=[planner.plan],
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=mcp_env["policy"],
+        ),
     ):
         run, resp = await _run_with_approval(keel, "files")
     assert resp.outcome == "completed", resp
-    offered = {t.name: t for t in planner.calls[0].tools}
-    assert set(offered) == {"files.lookup", "files.delete_record", "files.archive"}
+    files = {"files.lookup", "files.delete_record", "files.archive"}
+    assert {t.name for t in planner.calls[0].tools} == files  # what the model's prompt lists
+    offered = {t.name: t for t in (await plan_inputs(client, run.workflow_id))[0].tools}
+    assert set(offered) == files
     lookup, delete, archive = (
         offered["files.lookup"],
         offered["files.delete_record"],
@@ -175,13 +179,15 @@ async def test_a_server_dying_mid_call(
         return Plan(steps=(step("s1", "files.lookup", sku="SKU-KEEL-2"),))
 
     planner = ScriptedPlanner(script)
-    async with running_worker(
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=mcp_env["policy"],
-        extra_activities=[planner.plan],
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=mcp_env["policy"],
+        ),
     ):
         # Destructive, not idempotent: its effect happened, the answer never came. One attempt.
         monkeypatch.setenv("MCP_DIE_ONCE", f"{mcp_env['tmp'] / 'died-delete'},delete_record")
@@ -249,13 +255,15 @@ async def test_streamable_http_server(
     planner = ScriptedPlanner([Plan(steps=(step("s1", "web.archive", id="a1"),))])
     keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
     with _http_server(port):
-        async with running_worker(
-            client,
-            db_pool,
-            temporal_services,
-            task_queue,
-            policy_file=mcp_env["policy"],
-            extra_activities=[planner.plan],
+        async with (
+            planner.serving(),
+            running_worker(
+                client,
+                db_pool,
+                temporal_services,
+                task_queue,
+                policy_file=mcp_env["policy"],
+            ),
         ):
             resp = await (await keel.start("archive it", tenant="acme", user="alice", agent="web")).result()
     assert resp.outcome == "completed", resp
@@ -303,13 +311,15 @@ async def test_a_server_that_cannot_be_listed_is_reported(
     agent_defs.reset()
     planner = ScriptedPlanner([Plan(answer="nothing to do")])
     keel = Client(client, dataclasses.replace(temporal_services, task_queue=task_queue))
-    async with running_worker(
-        client,
-        db_pool,
-        temporal_services,
-        task_queue,
-        policy_file=mcp_env["policy"],
-        extra_activities=[planner.plan],
+    async with (
+        planner.serving(),
+        running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=mcp_env["policy"],
+        ),
     ):
         resp = await (await keel.start("anything", tenant="acme", user="alice", agent="gone")).result()
     assert resp.outcome == "completed" and "mcp_unavailable:gone" in resp.flags, resp

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 from keel.activities.ledger import check_invariant
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
@@ -17,6 +16,7 @@ from bench.bench_recovery import kill_rounds, relevant_violations
 from keel.devservices import DevServices
 from keel.models import StepState
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.helpers import make_order, request, run_agent, running_worker
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
 

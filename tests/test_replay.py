@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.testing import step
 from keel.workflows.agent import AgentWorkflow
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
@@ -32,6 +31,7 @@ from keel.codec import ENCODING, KeyRing, UnknownKeyError, data_converter, new_k
 from keel.models import Approval, StepState
 from keel.settings import Settings
 from tests.conftest import TEST_CODEC_KEYS
+from tests.doubles.models import step
 from tests.helpers import make_order, request
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 
@@ -129,15 +129,10 @@ async def _record_shapes(
 
 
 def _with_real(script):
-    from keel.activities.models.offline import offline_plan
-
-    from keel.models import Plan
-
     def both(inp):
         if inp.message.startswith("shape "):
             return script(inp)
-        executed = [{"tool": r.tool, "data": r.result, "state": r.state.value} for r in inp.executed]
-        return Plan.model_validate(offline_plan(inp.message, {t.name for t in inp.tools}, executed))
+        return None  # the real offline model plans it
 
     return both
 

@@ -15,7 +15,6 @@ import uuid
 from typing import Any
 
 import pytest
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
 
@@ -23,6 +22,7 @@ from keel.agents import workflow_id as agent_workflow_id
 from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings
 from keel.submit import RequestIdConflict, start_or_attach, workflow_id
+from tests.doubles.models import step
 from tests.ending import assert_one_exit
 from tests.helpers import make_order, request
 from tests.scripted import effects_of, plan, scripted_worker, start, write_policy

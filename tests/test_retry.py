@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from keel.activities.ledger import check_invariant
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
@@ -26,14 +25,14 @@ from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from bench.bench_recovery import relevant_violations
-from keel.agent_io import PlanInput
 from keel.models import AgentResponse, Plan, StepState
 from keel.settings import PROJECT_ROOT, Settings, offline_env
+from tests.doubles.models import PlanCall, step
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
 from tests.test_cli import PY, STARTER
 
 
-def _script(inp: PlanInput) -> Plan:
+def _script(inp: PlanCall) -> Plan:
     """Every run plans the same two steps (as a deterministic planner would); s2 takes a few
     seconds, long enough to stop the first run inside it."""
     if inp.iteration > 1:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from keel.activities.sandbox import sandbox_available
-from keel.activities.tools import testing
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from keel.models import StepState
 from keel.settings import Settings
+from tests.doubles import tools as testing
+from tests.doubles.models import step
 from tests.helpers import make_order, request, run_agent, running_worker
 from tests.scripted import plan, scripted_worker, start
 

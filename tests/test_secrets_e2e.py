@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 from keel.activities.models import close_clients
-from keel.activities.tools import testing
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
@@ -38,6 +37,8 @@ from keel.client import connect
 from keel.codec import KEY_ID_METADATA, data_converter, load_keyring, new_key_line, open_sealed
 from keel.models import AgentResponse, Approval, StepState
 from keel.settings import PROJECT_ROOT, Settings
+from tests.doubles import tools as testing
+from tests.doubles.models import step
 from tests.helpers import make_order, request, running_worker
 from tests.providers.fake_openai import FakeOpenAI, chat
 from tests.providers.sloppy import Roles
@@ -200,7 +201,7 @@ async def test_planted_secrets_reach_no_sink(
     order = await make_order(db_pool, email=tool.email)  # PII in tool output: the customer
     for _ in range(2):
         _ROLES.plans.extend(_plans(order, tool.text(), tool.openai))
-    monkeypatch.setenv("KEEL_TEST_TOOLS", "1")
+    monkeypatch.setenv("KEEL_TOOL_MODULES", testing.MODULE)
     testing.register()
     policy = write_policy(tmp_path)
     env = {**test_env, "KEEL_TASK_QUEUE": task_queue, "KEEL_POLICY_FILE": str(policy)}
@@ -290,8 +291,8 @@ async def test_key_rotation_runs_started_under_key_1_finish_under_key_2(
     new = dataclasses.replace(temporal_services, codec_keys=f"{key1},{key2}")
     policy = write_policy(tmp_path)
     steps = [
-        testing.step("s1", "test_effect", note="first"),
-        testing.step("s2", "test_effect", note="approve-me"),
+        step("s1", "test_effect", note="first"),
+        step("s2", "test_effect", note="approve-me"),
     ]
     client1 = await connect(old)
     async with scripted_worker(
@@ -346,7 +347,7 @@ async def test_temporal_cli_reads_runs_only_through_the_codec_server(
         db_pool,
         temporal_services,
         task_queue,
-        [plan(testing.step("s1", "test_effect", note=marker))],
+        [plan(step("s1", "test_effect", note=marker))],
         policy_file=write_policy(tmp_path),
         monkeypatch=monkeypatch,
     ):

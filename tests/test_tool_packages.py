@@ -12,13 +12,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.testing import step
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from keel.models import StepState
 from keel.settings import PROJECT_ROOT, Settings
 from tests.carrier import running_carrier
+from tests.doubles.models import step
 from tests.scripted import plan, scripted_worker, start
 
 KEEL = Path(sys.executable).parent / "keel"
@@ -49,7 +49,7 @@ def acme_installed() -> None:
 
 
 def _policy(tmp_path: Path) -> Path:
-    from keel.activities.tools import testing
+    from tests.doubles import tools as testing
 
     text = testing.policy_yaml().replace("tester: [test:run,", "tester: [shipments:write, test:run,")
     path = tmp_path / "policy.yaml"

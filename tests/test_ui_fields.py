@@ -12,7 +12,6 @@ import asyncio
 from typing import Any
 
 import pytest
-from keel.activities.tools.testing import step
 from keel.workflows.agent import OUTCOME
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
@@ -21,6 +20,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 
 from keel.models import StepState
 from keel.settings import Settings
+from tests.doubles.models import step
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 
 WAITING = [plan(step("s1", "test_effect", note="first"), step("s2", "test_effect", note="approve-me"))]

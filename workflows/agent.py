@@ -21,7 +21,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
-from temporalio.common import RawValue, SearchAttributeKey, SearchAttributeUpdate
+from temporalio.common import RawValue, SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
@@ -46,8 +46,10 @@ with workflow.unsafe.imports_passed_through():
 
     from keel import decisions as d
     from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
+    from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
     from keel.tiers import TIER_ORDER, clamp_tier, next_tier
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
@@ -55,12 +57,6 @@ __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 _NO_REQUEST = RawValue(Payload())
 """What ``run`` sees when a client started it without an argument: refused as invalid."""
 
-TENANT = SearchAttributeKey.for_keyword("KeelTenant")
-USER = SearchAttributeKey.for_keyword("KeelUser")
-OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
-SPEND = SearchAttributeKey.for_int("KeelSpendMicros")
-FLAGS = SearchAttributeKey.for_keyword_list("KeelFlags")
-"""Every flag of the run: escape hatches, degradations and anomaly flags (``keel.anomaly``)."""
 FLAGS_PATCH = "keel-flags-search-attribute"
 
 
@@ -140,7 +136,7 @@ class AgentWorkflow:
                 raise TypeError(f"expected a request object, got {type(req).__name__}")
         except Exception as e:
             raise ApplicationError(
-                f"invalid request: {_one_line(e)}", type="InvalidRequest", non_retryable=True
+                f"invalid request: {_one_line(e)}", type=INVALID_REQUEST, non_retryable=True
             ) from None
         lean = st.versions.lean()  # first: fixes the run's code version (keel.workflows.versions)
         st.phase = "authorizing"
@@ -252,7 +248,7 @@ class AgentWorkflow:
         resp = await self._finish(req, ctx, outcome, reason, answer)
         if internal is not None:
             raise ApplicationError(
-                f"run failed: {reason}", resp, type="KeelInternalError", non_retryable=True
+                f"run failed: {reason}", resp, type=INTERNAL_ERROR, non_retryable=True
             ) from None
         return resp
 

@@ -15,6 +15,8 @@ from typing import Any
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import ExecuteWorkflowInput, WorkflowInboundInterceptor
 
+from keel.errors import INVALID_REQUEST
+
 __all__ = ["OneRequest"]
 
 
@@ -23,7 +25,7 @@ class OneRequest(WorkflowInboundInterceptor):
         if len(input.args) > 1:
             raise ApplicationError(
                 f"invalid request: expected one argument (the request), got {len(input.args)}",
-                type="InvalidRequest",
+                type=INVALID_REQUEST,
                 non_retryable=True,
             )
         return await super().execute_workflow(input)

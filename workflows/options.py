@@ -7,6 +7,8 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
+from keel.errors import AUTH_ERROR, BAD_REQUEST, IDEMPOTENCY_CONFLICT, INVALID_PLAN
+
 __all__ = [
     "COMPENSATION_RETRY",
     "COMPENSATION_TIMEOUT",
@@ -32,19 +34,19 @@ MODEL_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=5,
-    non_retryable_error_types=["ProviderAuthError", "ProviderBadRequest", "InvalidPlan"],
+    non_retryable_error_types=[AUTH_ERROR, BAD_REQUEST, INVALID_PLAN],
 )
 CONTROL_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=50),
     maximum_attempts=10,
     maximum_interval=timedelta(seconds=2),
-    non_retryable_error_types=["IdempotencyConflict"],
+    non_retryable_error_types=[IDEMPOTENCY_CONFLICT],
 )
 FENCE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=50),
     maximum_attempts=0,
     maximum_interval=timedelta(seconds=2),
-    non_retryable_error_types=["IdempotencyConflict"],
+    non_retryable_error_types=[IDEMPOTENCY_CONFLICT],
 )  # the durable record decides a failing step: until the database answers, wait for it
 FINISH_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_attempts=0, maximum_interval=timedelta(seconds=30)

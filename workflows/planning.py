@@ -22,6 +22,9 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.contrib.opentelemetry import workflow as traced
 
     from keel.agent_io import (
+        JUDGE_TOKENS,
+        MAX_EXECUTED_IN_PROMPT,
+        PLAN_TOKENS,
         EvalInput,
         EvalOutput,
         ModelCallsInput,
@@ -30,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         PlanOutput,
         RunContext,
     )
+    from keel.errors import BUDGET_DENIED
     from keel.gate import check_tool_call
     from keel.intent import plan_problems, results_verdict
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
@@ -40,18 +44,14 @@ from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, MODEL_HEARTBE
 from keel.workflows.state import RunState
 from keel.workflows.stop import Abort, Stopper, cause
 
-__all__ = ["HOLDS_PATCH", "JUDGE_TOKENS", "MAX_EXECUTED_IN_PROMPT", "PLAN_TOKENS", "Planner"]
+__all__ = ["HOLDS_PATCH", "Planner"]
 
 HOLDS_PATCH = "model-holds-in-activity"
 """Patch marker: model holds are placed by the activities, plans are checked before their
 side effects run, and evaluation scores the current iteration's steps."""
-BUDGET_DENIED = "BudgetDenied"  # activities.models.errors.BUDGET_DENIED (no activity import)
 
-PLAN_TOKENS = 1024  # output cap of a plan call; reservations price it in full
-JUDGE_TOKENS = 256
 MIN_OUTPUT_TOKENS = 128  # a grant smaller than the prompt plus this much output is useless
 PROMPT_OVERHEAD_TOKENS = 700  # system prompt and message framing, generously rounded up
-MAX_EXECUTED_IN_PROMPT = 20  # must match activities.agent: prompts show the latest 20 steps
 
 
 class Planner:

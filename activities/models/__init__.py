@@ -4,12 +4,21 @@
 ``anthropic:claude-haiku-4-5``, ``offline``). This package is the interface and the helpers every
 provider shares; the providers import it, it imports none of them (``providers.get_provider``
 picks one), so the package and its providers form no import cycle.
+
+:func:`serve_provider` is the seam for another implementation of a prefix: inside its
+``with`` block (and in every task started from it, such as a worker's activities) models of
+that prefix are served by the given provider. Tests use it to script the model as a function
+of the conversation (``tests/doubles/models.py``) while the real activities, metering and
+ledger run around it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
+from collections.abc import Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 from keel.models import ModelCall, ModelResult, Usage
@@ -19,6 +28,8 @@ __all__ = [
     "ModelProvider",
     "add_usage",
     "close_clients",
+    "serve_provider",
+    "served_provider",
     "split_model",
     "system_text",
     "tool_name",
@@ -53,6 +64,39 @@ def split_model(model: str) -> tuple[str, str]:
             f"unknown model {model!r}: expected 'offline', 'openai:<name>' or 'anthropic:<name>'"
         )
     return provider, name
+
+
+_SERVED: contextvars.ContextVar[Mapping[str, ModelProvider] | None] = contextvars.ContextVar(
+    "keel_served_providers", default=None
+)
+"""Providers :func:`serve_provider` put in place, by prefix (a context variable, so a worker
+started inside the block sees them and another worker of the same process does not)."""
+
+
+@contextlib.contextmanager
+def serve_provider(prefix: str, provider: ModelProvider) -> Iterator[None]:
+    """Serve the models of ``prefix`` (one of :data:`PROVIDERS`) with ``provider`` in this block.
+
+    Only the implementation changes: model names, prices, tiers, breakers and the ledger's
+    metering stay those of ``prefix``.
+
+    Raises:
+        ValueError: if ``prefix`` is not one of :data:`PROVIDERS`.
+    """
+    if prefix not in PROVIDERS:
+        raise ValueError(f"unknown provider {prefix!r}: expected one of {', '.join(PROVIDERS)}")
+    before = _SERVED.get()
+    _SERVED.set({**(before or {}), prefix: provider})
+    try:
+        yield
+    finally:  # set, not reset: an async fixture may end in another context than it began
+        _SERVED.set(before)
+
+
+def served_provider(prefix: str) -> ModelProvider | None:
+    """The provider :func:`serve_provider` put in place for ``prefix`` in this context, if any
+    (``providers.get_provider`` asks first)."""
+    return (_SERVED.get() or {}).get(prefix)
 
 
 def system_text(call: ModelCall) -> str:

@@ -25,6 +25,20 @@ from typing import Any
 
 from temporalio.exceptions import ApplicationError
 
+from keel.errors import (
+    AUTH_ERROR,
+    BAD_REQUEST,
+    BUDGET_DENIED,
+    INVALID_PLAN,
+    PRICING_ERROR,
+    PROVIDER_ERROR,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    REFUSAL,
+    TIMEOUT,
+    TRUNCATED,
+    UNAVAILABLE,
+)
 from keel.models import Usage
 from keel.redact import redact
 
@@ -54,18 +68,8 @@ __all__ = [
     "usage_of",
 ]
 
-RATE_LIMITED = "ProviderRateLimited"
-UNAVAILABLE = "ProviderUnavailable"
-TIMEOUT = "ProviderTimeout"
-AUTH_ERROR = "ProviderAuthError"
-BAD_REQUEST = "ProviderBadRequest"
-QUOTA_EXCEEDED = "ProviderQuotaExceeded"
-REFUSAL = "ProviderRefusal"
-PROVIDER_ERROR = "ProviderError"
-TRUNCATED = "ModelOutputTruncated"
-BUDGET_DENIED = "BudgetDenied"
-PRICING_ERROR = "PricingError"
-INVALID_PLAN = "InvalidPlan"
+# The type names are defined once, in the core (keel.errors), and re-exported here for the
+# provider modules and tests that import them from this module.
 
 NON_RETRYABLE_TYPES: tuple[str, ...] = (
     AUTH_ERROR,

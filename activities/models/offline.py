@@ -20,14 +20,12 @@ from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = [
     "OFFLINE_DONE",
-    "OFFLINE_LABEL",
     "REFUND_REPORT_CODE",
     "OfflineModel",
     "offline_plan",
     "respond_text",
 ]
 
-OFFLINE_LABEL = "offline (deterministic, no API key)"
 OFFLINE_DONE = "Nothing more to do."
 """The offline planner's answer when steps have run and none are left: a plan with no steps
 must carry an answer; the run's message is the summary of the steps (see ``respond_text``)."""

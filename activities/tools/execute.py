@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from keel.activities import audit, breaker, ledger
 from keel.activities.guardrails import redact, redact_data
+from keel.activities.heartbeat import heartbeating
 from keel.activities.tools import effects
 from keel.activities.tools.loader import catalog
 from keel.activities.tools.mcp import mcp_spec
@@ -38,7 +39,15 @@ from keel.agents import McpServer
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold
 from keel.codec import KeyRing
-from keel.models import Decision, ToolCall, ToolResult
+from keel.errors import (
+    INVALID_TOOL_ARGUMENTS,
+    STEP_ABANDONED,
+    TOOL_ENDED_TRANSACTION,
+    TOOL_PERMANENT_ERROR,
+    TOOL_TRANSIENT_ERROR,
+    UNKNOWN_TOOL,
+)
+from keel.models import Decision, ToolCall, ToolResult, first_error
 from keel.telemetry import annotate
 
 __all__ = ["ToolActivities", "summarize_result"]
@@ -51,12 +60,6 @@ def summarize_result(tool: str, data: dict[str, Any]) -> str:
     it is shown wherever steps are, so tool output's secrets and PII stay out of it)."""
     parts = [f"{k}={v}" for k, v in data.items() if not isinstance(v, dict | list)][:5]
     return redact(f"{tool}: " + ", ".join(parts))
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "arguments"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 class ToolActivities:
@@ -90,18 +93,18 @@ class ToolActivities:
     async def _run(self, call: ToolCall) -> ToolResult:
         spec = REGISTRY.get(call.tool) or mcp_spec(call.tool, self._mcp_servers())  # MCP: <server>.<tool>
         if spec is None:
-            raise ApplicationError(f"unknown tool {call.tool!r}", type="UnknownTool", non_retryable=True)
+            raise ApplicationError(f"unknown tool {call.tool!r}", type=UNKNOWN_TOOL, non_retryable=True)
         try:
             args = spec.args_model.model_validate(call.args)
         except ValidationError as e:
             telemetry.record_tool_call(
-                call.tool, "error", tenant=call.tenant, error_type="InvalidToolArguments"
+                call.tool, "error", tenant=call.tenant, error_type=INVALID_TOOL_ARGUMENTS
             )
             # ``from None``: the workflow reports a failure's innermost message, and the
             # validation error's own first line ("1 validation error for X") names no field.
             raise ApplicationError(
-                f"{call.tool}: invalid arguments: {_first_error(e)}",
-                type="InvalidToolArguments",
+                f"{call.tool}: invalid arguments: {first_error(e, 'arguments')}",
+                type=INVALID_TOOL_ARGUMENTS,
                 non_retryable=True,
             ) from None
         scope = f"tool:{call.tool}"
@@ -139,7 +142,7 @@ class ToolActivities:
                 await (guard.failed(str(e)) if e.retryable else guard.succeeded())
                 if isinstance(e, LimitExceeded):  # the effect rolled back; the refusal is recorded
                     await _audit_limit(conn, call, e)
-                kind = "ToolTransientError" if e.retryable else "ToolPermanentError"
+                kind = TOOL_TRANSIENT_ERROR if e.retryable else TOOL_PERMANENT_ERROR
                 telemetry.record_tool_call(call.tool, "error", tenant=call.tenant, error_type=kind)
                 # The cause travels too (failure chain, worker log): redact it in place.
                 e.args = (redact(str(e)),)
@@ -175,7 +178,7 @@ def _replayed(call: ToolCall, found: ToolResult) -> ToolResult:
     if not found.ok:  # the workflow abandoned this step: acting now would be an unreported effect
         raise ApplicationError(
             f"{call.tool}: step abandoned by the run; not acting on it",
-            type="StepAbandoned",
+            type=STEP_ABANDONED,
             non_retryable=True,
         )
     annotate(replayed=True)
@@ -189,18 +192,8 @@ its start-to-close timeout (the workflow sets a short heartbeat timeout)."""
 
 
 async def _with_heartbeats(work: Any) -> Any:
-    async def beat() -> None:
-        while True:  # the first beat after a second: quick tools never cost a server call
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
-            activity.heartbeat()
-
-    task = asyncio.create_task(beat())
-    try:
+    async with heartbeating(HEARTBEAT_EVERY_S):  # first beat after a second: quick tools cost none
         return await work
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @dataclass(frozen=True)
@@ -430,7 +423,7 @@ async def _effect(
             raise ApplicationError(
                 f"{call.tool}: the tool ended the effect's transaction itself (commit or "
                 "rollback on ctx.conn); its effect is not recorded",
-                type="ToolEndedTransaction",
+                type=TOOL_ENDED_TRANSACTION,
                 non_retryable=True,
             )
         result = ToolResult(

@@ -5,12 +5,12 @@ A worker's catalogue is, in this order:
 1. ``keel.activities.tools.demo`` and ``keel.activities.tools.operations`` (the built-in tools of the
    support and operations agents) and ``keel.activities.tools.sandboxed`` (tools that run
    programs in a sandbox);
-2. ``keel.activities.tools.testing`` when ``KEEL_TEST_TOOLS=1`` (recovery tests only);
-3. every entry point in the group ``keel.tools`` of the installed distributions (a tool
+2. every entry point in the group ``keel.tools`` of the installed distributions (a tool
    package says ``[project.entry-points."keel.tools"] acme = "acme_tools"`` in its
    ``pyproject.toml``; ``pip install`` is the whole deployment);
-4. the modules named in ``KEEL_TOOL_MODULES`` (comma-separated, e.g. ``mytools.crm,mytools.erp``)
-   for code that is not packaged.
+3. the modules named in ``KEEL_TOOL_MODULES`` (comma-separated, e.g. ``mytools.crm,mytools.erp``)
+   for code that is not packaged (the tests serve their test tools this way:
+   ``KEEL_TOOL_MODULES=tests.doubles.tools``).
 
 Importing a module registers its ``@tool(...)`` declarations. A module that fails to import
 (a missing dependency, a syntax error) or declares a name already taken raises
@@ -31,6 +31,7 @@ from importlib import metadata
 
 from keel.activities.tools.registry import REFUSED, declared
 
+from keel.errors import KeelError
 from keel.models import ToolInfo
 
 __all__ = ["ENTRY_POINT_GROUP", "ToolLoadError", "ToolSource", "catalog", "load_tools", "sources"]
@@ -45,7 +46,7 @@ BUILTIN = (
 )
 
 
-class ToolLoadError(RuntimeError):
+class ToolLoadError(KeelError, RuntimeError):
     """A tool module could not be loaded; ``str(e)`` is one line naming it."""
 
 
@@ -55,7 +56,7 @@ class ToolSource:
 
     module: str
     origin: str
-    """``built-in``, ``KEEL_TEST_TOOLS``, ``entry point acme (acme-tools 0.1.0)`` or ``KEEL_TOOL_MODULES``."""
+    """``built-in``, ``entry point acme (acme-tools 0.1.0)`` or ``KEEL_TOOL_MODULES``."""
 
 
 _SOURCES: dict[str, ToolSource] = {}
@@ -128,8 +129,6 @@ def load_tools(env: Mapping[str, str]) -> None:
     """Import every tool module this environment names (idempotent; cheap once loaded)."""
     for module in BUILTIN:
         _import(module, "built-in")
-    if env.get("KEEL_TEST_TOOLS") == "1":  # recovery tests only; see tools/testing.py
-        _import("keel.activities.tools.testing", "KEEL_TEST_TOOLS", "register")
     for ep in _entry_points():
         module, _, attr = ep.value.partition(":")
         _import(module.strip(), f"entry point {ep.name!r} of {_dist_of(ep)}", attr.strip() or None)
@@ -143,7 +142,7 @@ _warned = False
 
 def catalog(include_hidden: bool = False) -> tuple[ToolInfo, ...]:
     """All tool declarations, sorted by name (the snapshot a run works from), after loading the
-    built-in, sandboxed and test tools (``KEEL_TEST_TOOLS=1``) and the user's tool packages
+    built-in and sandboxed tools and the user's tool packages
     (entry points ``keel.tools``, ``KEEL_TOOL_MODULES``)."""
     global _warned
     load_tools(os.environ)

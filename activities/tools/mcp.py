@@ -37,6 +37,7 @@ from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from pydantic import BaseModel, ConfigDict
 
 from keel.agents import Agent, McpServer
+from keel.errors import INVALID_TOOL_ARGUMENTS, TOOL_PERMANENT_ERROR
 from keel.models import ToolInfo
 
 __all__ = ["McpArguments", "list_server_tools", "mcp_spec", "server_tools"]
@@ -130,7 +131,7 @@ def _info(server: McpServer, tool: Any) -> ToolInfo | None:
         risk="high" if destructive and not read_only else ("low" if read_only else "medium"),
         rate_limit_per_second=server.rate_limit_per_second,
         queue=f"mcp-{server.name}" if server.rate_limit_per_second else None,
-        non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
+        non_retryable_errors=(TOOL_PERMANENT_ERROR, INVALID_TOOL_ARGUMENTS),
         tags=("mcp", f"mcp:{server.name}"),
         facts={},
     )

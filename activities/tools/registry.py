@@ -24,6 +24,7 @@ from keel.activities.sandbox import SandboxError, SandboxResult, SandboxSpec, ru
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
+from keel.errors import INVALID_TOOL_ARGUMENTS, TOOL_PERMANENT_ERROR, KeelError
 from keel.models import StepGate, ToolInfo
 
 __all__ = [
@@ -42,7 +43,7 @@ NETWORK_PERMISSION = "sandbox:network"
 """Added to a sandboxed tool whose spec shares the network: the policy must grant it."""
 
 
-class ToolError(Exception):
+class ToolError(KeelError):
     """A tool's own failure. ``retryable`` decides whether Temporal tries again."""
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
@@ -175,7 +176,7 @@ def tool(
             risk=risk,
             optional=optional,
             rate_limit_per_second=rate_limit_per_second,
-            non_retryable_errors=("ToolPermanentError", "InvalidToolArguments"),
+            non_retryable_errors=(TOOL_PERMANENT_ERROR, INVALID_TOOL_ARGUMENTS),
             tags=tuple(tags),
             facts=dict(facts or {}),
         )

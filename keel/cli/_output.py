@@ -16,15 +16,17 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from keel.errors import KeelError
+
 __all__ = ["FORMATS", "CliError", "add_output", "dollars", "emit_json", "fmt", "print_table"]
 
 FORMATS = ("table", "json", "jsonl")
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as ``error: <message>``, exit status 2. Defined here, in a
-    module of the standard library only, so every command module and the package itself import
-    it from below (``keel.cli`` re-exports it as part of its interface)."""
+class CliError(KeelError):
+    """A user-facing failure: printed as ``error: <message>``, exit status 2. Defined here, below
+    every command module, so they and the package itself import it from below (``keel.cli``
+    re-exports it as part of its interface)."""
 
 
 def add_output(p: argparse.ArgumentParser) -> None:

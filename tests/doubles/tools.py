@@ -1,32 +1,30 @@
 """Test tools: slow, flaky, failing, degradable and compensatable tools for recovery tests.
 
-Registered only when the worker's environment has ``KEEL_TEST_TOOLS=1`` (see
-``registry._load_builtin_tools``), so production catalogues never show them. Every tool needs
-the ``test:run`` permission, which only test policies grant. Effects go to the
-``test_effects`` table (migration ``006_testing.sql``) inside the tool activity's own
-transaction, so a crash, retry or cancellation leaves either one row or none.
+A tool package like any other: a worker serves them when its environment says
+``KEEL_TOOL_MODULES=tests.doubles.tools`` (workers started by tests run from the repository
+root, so the module imports), and importing the module declares them. Production catalogues
+never show them. Every tool needs the ``test:run`` permission, which only test policies
+grant. Effects go to the ``test_effects`` table (``tests/doubles/tools.sql``, which the test
+fixtures apply after Keel's migrations) inside the tool activity's own transaction, so a
+crash, retry or cancellation leaves either one row or none.
 
 Transient failures count Temporal's attempt number (``activity.info().attempt``): the server
 keeps it, so a tool "fails twice, then works" across retries and across workers alike.
-
-``ScriptedPlanner`` is the fake ``plan`` activity for workflow-logic tests: registered under
-the real name, it returns the plans a test scripts instead of asking a model.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
+from keel.activities.tools import REGISTRY, ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
 
-from keel.agent_io import PlanInput, PlanOutput
-from keel.models import Plan, PlanStep
+__all__ = ["MODULE", "TEST_PERMISSION", "TEST_TOOLS", "policy_yaml", "register"]
 
-__all__ = ["TEST_PERMISSION", "TEST_TOOLS", "ScriptedPlanner", "register", "step"]
+MODULE = __name__
+"""What a test puts in ``KEEL_TOOL_MODULES`` for a worker to serve these tools."""
 
 TEST_PERMISSION = "test:run"
 TEST_TOOLS = (
@@ -140,7 +138,8 @@ async def _echo(ctx: ToolContext, a: Note) -> dict[str, Any]:
 
 
 def register() -> None:
-    """Declare the test tools (idempotent; called by the registry under KEEL_TEST_TOOLS=1)."""
+    """Declare the test tools (idempotent: importing the module already did, and an in-process
+    test may call it again after the registry was reset)."""
     if "slow_step" in REGISTRY:
         return
     perms = (TEST_PERMISSION,)
@@ -212,33 +211,6 @@ def register() -> None:
     )(_echo)
 
 
-# ---------------------------------------------------------------------- scripted planner
-def step(sid: str, tool_name: str, **args: Any) -> PlanStep:
-    """A plan step for scripts: ``step("s1", "echo", note="hi")``."""
-    return PlanStep(id=sid, tool=tool_name, args=args)
-
-
-class ScriptedPlanner:
-    """A fake ``plan`` activity: iteration ``n`` of a run gets ``plans[n-1]`` (the last repeats).
-
-    ``script`` may instead be a function of the ``PlanInput`` (the conversation so far).
-    """
-
-    def __init__(self, plans: Sequence[Plan] | Callable[[PlanInput], Plan]) -> None:
-        self._script = plans
-        self.calls: list[PlanInput] = []
-
-    @activity.defn(name="plan")
-    async def plan(self, inp: PlanInput) -> PlanOutput:
-        self.calls.append(inp)
-        if callable(self._script):
-            chosen = self._script(inp)
-        else:
-            plans = list(self._script)
-            chosen = plans[min(inp.iteration, len(plans)) - 1] if plans else Plan()
-        return PlanOutput(plan=chosen, model="scripted", cost_micros=0)
-
-
 # ---------------------------------------------------------------------- test policy
 def policy_yaml(*, approval_timeout_seconds: int = 3600, **limits: Any) -> str:
     """A policy for recovery tests: alice of acme may use the test and demo tools.
@@ -279,3 +251,6 @@ tools:
 limits:
 {lines}
 """
+
+
+register()
