@@ -14,15 +14,23 @@ ledger's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
-from keel.activities.concurrency import acquire_run_slot, release_run_slot, tenant_run_limit, ttl_for
-from keel.activities.flags import flag_run
+from keel.activities.concurrency import (
+    RELEASE_SLOT_SQL,
+    acquire_run_slot_in,
+    held_seconds,
+    tenant_run_limit,
+    ttl_for,
+)
+from keel.activities.flags import queue_flag_run
 from keel.activities.guardrails import detect_injection, redact, redact_data, scan_input
 from keel.activities.metered import Meter, with_report
 from keel.activities.models import split_model
@@ -306,9 +314,27 @@ class AgentActivities:
         run_id = inp.chain_id or (activity.info().workflow_run_id if activity.in_activity() else "")
         authorize_key = f"{wid}/authorize"
         owner = memory_owner(policy, req.tenant, req.user)
+        mem_session = agent.memory_session(req.session) if agent is not None else None
+        all_tools = catalog(include_hidden=True)
+        mem, prior = "", {}
         async with self._pool.connection() as conn:  # one connection for the whole preparation
             await provenance.record_policy(conn, policy, policy_text, digest, self._settings.policy_file)
-            earlier = await _earlier_run(conn, wid, run_id) if gate.allowed else None
+            earlier = None
+            if gate.allowed:
+                # Reads only, in one round trip: an earlier run under this workflow id, the
+                # session's memory and the cumulative limits' sums. Memory and sums are read
+                # before the slot is taken and dropped below unless the run is authorized.
+                async with conn.pipeline():
+                    looked = await conn.execute(*_earlier_statement(wid), prepare=True)
+                    read_mem = (
+                        await memory.queue_load(conn, req.tenant, mem_session, owner) if mem_session else None
+                    )
+                    read_prior = await provenance.queue_prior_totals(
+                        conn, req.tenant, policy, all_tools, req.message
+                    )
+                earlier = _earlier_from(await looked.fetchone(), run_id)
+                mem = await read_mem() if read_mem is not None else ""
+                prior = await read_prior()
             if earlier is not None:
                 # Effect, ledger and audit keys derive from the workflow id: a second run under
                 # it would find the first run's records and report them as its own.
@@ -321,68 +347,71 @@ class AgentActivities:
                     }
                 )
             # The run slot, the authorization row and the run's ledger scopes commit together:
-            # one transaction (one WAL flush) instead of two, and a slot is never taken
-            # without its audit row. The slot's tenant lock is held until the commit, a few
-            # statements later.
-            async with conn.transaction():
-                if gate.allowed:
-                    limit = tenant_run_limit(req.tenant)
-                    ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
-                    if not await acquire_run_slot(conn, req.tenant, wid, limit, ttl):
-                        gate = gate.model_copy(
-                            update={
-                                "allowed": False,
-                                "rule": "tenant-concurrency",
-                                "reason": f"tenant {req.tenant!r} already has {limit} run(s) in flight; "
-                                "try again later",
-                            }
-                        )
-                entries = [
-                    AuditEntry(
-                        **run,
-                        kind="run",
-                        subject="agent",
-                        decision="allow" if gate.allowed else "deny",
-                        reason=gate.reason,
-                        data={
-                            "rule": gate.rule,
-                            "policy_version": policy.version,
-                            "run_id": run_id,
-                            "policy_hash": digest,
-                        },
-                        idem_key=authorize_key,
-                    )
-                ]
-                if verdict is not None and not verdict.ok:
-                    entries.append(
-                        AuditEntry(
-                            **run,
-                            kind="guardrail",
-                            subject="input",
-                            decision="deny",
-                            reason=verdict.reason,
-                            data={"category": verdict.category, "score": verdict.score},
-                            idem_key=f"{wid}/guardrail-input",
-                        )
-                    )
-                await audit.append_many(conn, entries)
-                if gate.allowed:
-                    await ledger.open_run(
-                        conn,
-                        OpenRunRequest(scopes=scopes, run_limit_micros=usd_to_micros(req.max_budget_usd)),
-                    )
-            mem_session = agent.memory_session(req.session) if agent is not None else None
-            mem = (
-                await memory.load(conn, req.tenant, mem_session, owner)
-                if gate.allowed and mem_session
-                else ""
-            )
-            all_tools = catalog(include_hidden=True)
-            prior = (
-                await provenance.prior_totals(conn, req.tenant, policy, all_tools, req.message)
-                if gate.allowed
-                else {}
-            )
+            # one transaction (one WAL flush) in two pipelined round trips (``BEGIN``, the
+            # slot's lock, renewal and count; then the slot, the audit rows, the scopes and
+            # ``COMMIT``), and a slot is never taken without its audit row. The slot's tenant
+            # lock is held until the commit, one round trip later.
+            try:
+                with ledger.refusals():
+                    async with conn.pipeline():
+                        await conn.execute("begin")
+                        if gate.allowed:
+                            limit = tenant_run_limit(req.tenant)
+                            ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
+                            if not await acquire_run_slot_in(conn, req.tenant, wid, limit, ttl):
+                                gate = gate.model_copy(
+                                    update={
+                                        "allowed": False,
+                                        "rule": "tenant-concurrency",
+                                        "reason": f"tenant {req.tenant!r} already has {limit} run(s) in "
+                                        "flight; try again later",
+                                    }
+                                )
+                        entries = [
+                            AuditEntry(
+                                **run,
+                                kind="run",
+                                subject="agent",
+                                decision="allow" if gate.allowed else "deny",
+                                reason=gate.reason,
+                                data={
+                                    "rule": gate.rule,
+                                    "policy_version": policy.version,
+                                    "run_id": run_id,
+                                    "policy_hash": digest,
+                                },
+                                idem_key=authorize_key,
+                            )
+                        ]
+                        if verdict is not None and not verdict.ok:
+                            entries.append(
+                                AuditEntry(
+                                    **run,
+                                    kind="guardrail",
+                                    subject="input",
+                                    decision="deny",
+                                    reason=verdict.reason,
+                                    data={"category": verdict.category, "score": verdict.score},
+                                    idem_key=f"{wid}/guardrail-input",
+                                )
+                            )
+                        for entry in entries:
+                            await conn.execute(*audit.append_statement(entry), prepare=True)
+                        if gate.allowed:
+                            await ledger.execute(
+                                conn,
+                                ledger.open_run_statement(
+                                    OpenRunRequest(
+                                        scopes=scopes, run_limit_micros=usd_to_micros(req.max_budget_usd)
+                                    )
+                                ),
+                            )
+                        await conn.execute("commit")
+            except BaseException:
+                await _abandon(conn)
+                raise
+        if not gate.allowed:  # read speculatively above: a refused run carries neither
+            mem, prior = "", {}
         lim = policy.limits
         limits = RunLimits(
             max_iterations=req.max_iterations or lim.max_iterations,
@@ -636,51 +665,67 @@ class AgentActivities:
         parts += list(dict.fromkeys(p for p in (answer, body) if p))
         message = redact(" ".join(p.strip() for p in parts if p.strip()) or "Done.")
         message = message.replace("..", ".")
+        agent, _ = find_agent(req.agent)
+        mem_session = agent.memory_session(req.session) if agent is not None else None
+        owner = req.user
+        if inp.outcome not in ("denied",) and mem_session:
+            try:
+                owner = memory_owner(_cached_policy(self._settings.policy_file)[0], req.tenant, req.user)
+            except PolicyError:
+                owner = req.user  # the narrowest bucket when the policy cannot be read
         async with self._pool.connection() as conn:  # one transaction for the ending's writes
             # Memory, the finish row, the run slot and the run's stats commit together: one
             # WAL flush instead of four, and a retry (the ending retries until the database
             # answers) finds all of them or none. Each write is idempotent on its own too.
-            async with conn.transaction():
-                agent, _ = find_agent(req.agent)
-                mem_session = agent.memory_session(req.session) if agent is not None else None
-                if inp.outcome not in ("denied",) and mem_session:
-                    try:
-                        owner = memory_owner(
-                            _cached_policy(self._settings.policy_file)[0], req.tenant, req.user
+            # Pipelined: ``BEGIN``, the turn, the finish row, the slot's release and the
+            # anomaly baseline's reads go out in one round trip; the run's stats row (and an
+            # anomaly audit row, after a look at whether this attempt recorded the run) and
+            # ``COMMIT`` in the second.
+            try:
+                async with conn.pipeline():
+                    await conn.execute("begin")
+                    fold = None
+                    if inp.outcome not in ("denied",) and mem_session:
+                        fold = await memory.queue_save(
+                            conn,
+                            req.tenant,
+                            mem_session,
+                            inp.workflow_id,
+                            redact(req.message),
+                            message,
+                            owner=owner,
+                            author=req.user,
                         )
-                    except PolicyError:
-                        owner = req.user  # the narrowest bucket when the policy cannot be read
-                    await memory.save(
-                        conn,
-                        req.tenant,
-                        mem_session,
-                        inp.workflow_id,
-                        redact(req.message),
-                        message,
-                        owner=owner,
-                        author=req.user,
+                    await conn.execute(
+                        *audit.append_statement(
+                            AuditEntry(
+                                tenant=req.tenant,
+                                user=req.user,
+                                workflow_id=inp.workflow_id,
+                                step_id="",
+                                kind="run",
+                                subject="finish",
+                                decision="needs_human" if flag else inp.outcome,
+                                reason=redact(reason),
+                                data={"steps": len(inp.executed), "answer_flag": flag}
+                                if flag
+                                else {"steps": len(inp.executed)},
+                                idem_key=f"{inp.workflow_id}/finish",
+                            )
+                        ),
+                        prepare=True,
                     )
-                await audit.append_many(
-                    conn,
-                    [
-                        AuditEntry(
-                            tenant=req.tenant,
-                            user=req.user,
-                            workflow_id=inp.workflow_id,
-                            step_id="",
-                            kind="run",
-                            subject="finish",
-                            decision="needs_human" if flag else inp.outcome,
-                            reason=redact(reason),
-                            data={"steps": len(inp.executed), "answer_flag": flag}
-                            if flag
-                            else {"steps": len(inp.executed)},
-                            idem_key=f"{inp.workflow_id}/finish",
-                        )
-                    ],
-                )
-                held_s = await release_run_slot(conn, inp.workflow_id)
-                flags = await flag_run(conn, inp, activity.info().workflow_type)
+                    released = await conn.execute(RELEASE_SLOT_SQL, (inp.workflow_id,))
+                    record = await queue_flag_run(conn, inp, activity.info().workflow_type)
+                    if fold is not None:
+                        await fold()  # the first round trip's sync; folds old turns if any
+                    settle = await record()
+                    await conn.execute("commit")
+            except BaseException:
+                await _abandon(conn)
+                raise
+            held_s = held_seconds(await released.fetchone())
+            flags = await settle()
         telemetry.record_run(
             tenant=req.tenant,
             outcome=inp.outcome,
@@ -726,22 +771,34 @@ class AgentActivities:
         return redact(result.text.strip())[:4000]
 
 
-async def _earlier_run(conn: Any, wid: str, run_id: str | None) -> str | None:
+def _earlier_statement(wid: str) -> tuple[str, tuple[str, str]]:
+    """The look-up ``_earlier_from`` reads: the authorize row's run id, and whether a finish
+    row exists under ``wid``."""
+    return (
+        "select data->>'run_id', exists(select 1 from audit_log where idem_key = %s) "
+        "from audit_log where idem_key = %s",
+        (f"{wid}/finish", f"{wid}/authorize"),
+    )
+
+
+def _earlier_from(row: Any, run_id: str | None) -> str | None:
     """The id of an earlier run under ``wid`` (its authorize row names another run, or it has
     none but that run finished), or None when ``wid`` is new or the row is this run's own."""
-    row = await (
-        await conn.execute(
-            "select data->>'run_id', exists(select 1 from audit_log where idem_key = %s) "
-            "from audit_log where idem_key = %s",
-            (f"{wid}/finish", f"{wid}/authorize"),
-        )
-    ).fetchone()
     if row is None:
         return None
     theirs, finished = row
     if theirs == run_id or (theirs is None and not finished):
         return None  # a retry of this run's own preparation
     return theirs or "(unknown)"
+
+
+async def _abandon(conn: Any) -> None:
+    """Roll back what an error left open, so the pool gets the connection back clean (a
+    broken connection is the pool's to replace)."""
+    if conn.broken or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):
+        await conn.execute("rollback")
 
 
 def _price_pair(model: str, prices: Any) -> tuple[int, int]:

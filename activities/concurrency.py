@@ -23,8 +23,11 @@ from typing import Any
 import psycopg
 
 __all__ = [
+    "RELEASE_SLOT_SQL",
     "SLOT_MARGIN_SECONDS",
     "acquire_run_slot",
+    "acquire_run_slot_in",
+    "held_seconds",
     "in_flight",
     "release_run_slot",
     "tenant_run_limit",
@@ -74,15 +77,58 @@ async def acquire_run_slot(
         return True
 
 
+async def acquire_run_slot_in(
+    conn: Conn, tenant: str, workflow_id: str, limit: int | None, ttl_seconds: float
+) -> bool:
+    """``acquire_run_slot`` inside the caller's transaction. In the caller's pipeline
+    (``conn.pipeline()``) the tenant's lock, the renewal, the purge of expired slots and the
+    count share one round trip with whatever the caller queued before (the purge and the
+    count are harmless when the renewal succeeds: expired slots hold nothing), and the slot's
+    insert is queued, not awaited: it travels with the caller's next statements and commits
+    or rolls back with them. Outside a pipeline each statement is its own round trip.
+    """
+    await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
+    renewing = await conn.execute(
+        "update run_slots set expires_at = now() + make_interval(secs => %s) "
+        "where workflow_id = %s and expires_at > now() returning 1",
+        (ttl_seconds, workflow_id),
+    )
+    await conn.execute("delete from run_slots where tenant = %s and expires_at <= now()", (tenant,))
+    counted = (
+        await conn.execute("select count(*) from run_slots where tenant = %s", (tenant,))
+        if limit is not None
+        else None
+    )
+    if await renewing.fetchone() is not None:  # in a pipeline: its one sync
+        return True
+    if counted is not None and limit is not None:
+        row = await counted.fetchone()
+        if row is not None and row[0] >= limit:
+            return False
+    await conn.execute(
+        "insert into run_slots (workflow_id, tenant, expires_at) "
+        "values (%s, %s, now() + make_interval(secs => %s)) "
+        "on conflict (workflow_id) do update set tenant = excluded.tenant, "
+        "acquired_at = now(), expires_at = excluded.expires_at",
+        (workflow_id, tenant, ttl_seconds),
+    )
+    return True
+
+
+RELEASE_SLOT_SQL = (
+    "delete from run_slots where workflow_id = %s returning extract(epoch from now() - acquired_at)::float8"
+)
+"""``release_run_slot``'s statement (parameter: the workflow id), for a caller that pipelines
+it; ``held_seconds`` reads its row."""
+
+
 async def release_run_slot(conn: Conn, workflow_id: str) -> float | None:
     """Free the run's slot; returns seconds it was held (``None`` if it held none)."""
-    row = await (
-        await conn.execute(
-            "delete from run_slots where workflow_id = %s "
-            "returning extract(epoch from now() - acquired_at)::float8",
-            (workflow_id,),
-        )
-    ).fetchone()
+    return held_seconds(await (await conn.execute(RELEASE_SLOT_SQL, (workflow_id,))).fetchone())
+
+
+def held_seconds(row: Any) -> float | None:
+    """Seconds a released slot was held, from ``RELEASE_SLOT_SQL``'s row (``None``: no slot)."""
     return None if row is None else float(row[0])
 
 

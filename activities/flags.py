@@ -10,6 +10,7 @@ so the audit trail, the metrics and the response always agree.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from keel.activities import audit
@@ -20,7 +21,9 @@ from keel.agent_io import FinishInput
 from keel.anomaly import AnomalyLimits, CallShape, RunShape, run_flags
 from keel.audit_models import AuditEntry
 
-__all__ = ["flag_run"]
+__all__ = ["flag_run", "queue_flag_run"]
+
+_OWN_ROW = "select flags from run_stats where workflow_id = %s"
 
 _BASELINE = """
 select count(*), coalesce(percentile_cont(0.95) within group (order by spend_micros), 0)
@@ -32,58 +35,76 @@ from (select spend_micros from run_stats
 
 async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str | None) -> tuple[str, ...]:
     """Flag, record and audit one finished run; returns the flag names."""
-    req = inp.request
-    existing = await (
-        await conn.execute("select flags from run_stats where workflow_id = %s", (inp.workflow_id,))
-    ).fetchone()
-    if existing is not None:
-        return tuple(existing[0])
-    limits = AnomalyLimits.from_env(os.environ)
-    row = await (
-        await conn.execute(_BASELINE, (req.tenant, agent, inp.workflow_id, limits.cost_window))
-    ).fetchone()
-    runs, p95 = (int(row[0]), float(row[1])) if row else (0, 0.0)
-    calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
-    shape = RunShape(
-        calls=calls,
-        plan_sizes=inp.plan_sizes,
-        iterations=inp.iterations,
-        spend_micros=inp.spend_micros,
-        baseline_runs=runs,
-        baseline_p95_micros=p95,
-        thrash_repeats=inp.thrash_repeats,
-        hatches=inp.flags,
-    )
-    flags = run_flags(shape, limits)
-    names = [f.name for f in flags]
     async with conn.transaction():
-        inserted = await (
+        record = await queue_flag_run(conn, inp, agent)
+        settle = await record()
+    return await settle()
+
+
+async def queue_flag_run(
+    conn: AsyncConnection[Any], inp: FinishInput, agent: str
+) -> Callable[[], Awaitable[Callable[[], Awaitable[tuple[str, ...]]]]]:
+    """``flag_run`` in three stages inside the caller's transaction, so that in a pipeline
+    each stage shares a round trip with the caller's statements:
+
+    1. this call sends the two reads (the run's own row, the tenant's baseline);
+    2. the function it returns reads them, decides the flags and sends the ``run_stats``
+       row; only when there are flags does it wait for that row (the anomaly audit row is
+       written only by the attempt that recorded the run) and send the audit row;
+    3. the function *that* returns, called after the caller's commit, gives the flags that
+       stand: these, or those of an attempt that recorded the run first.
+    """
+    req = inp.request
+    existing_cur = await conn.execute(
+        "select flags from run_stats where workflow_id = %s", (inp.workflow_id,)
+    )
+    limits = AnomalyLimits.from_env(os.environ)
+    baseline_cur = await conn.execute(_BASELINE, (req.tenant, agent, inp.workflow_id, limits.cost_window))
+
+    async def record() -> Callable[[], Awaitable[tuple[str, ...]]]:
+        existing = await existing_cur.fetchone()
+        if existing is not None:
+            stored = tuple(existing[0])
+
+            async def recorded() -> tuple[str, ...]:
+                return stored
+
+            return recorded
+        row = await baseline_cur.fetchone()
+        runs, p95 = (int(row[0]), float(row[1])) if row else (0, 0.0)
+        calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
+        shape = RunShape(
+            calls=calls,
+            plan_sizes=inp.plan_sizes,
+            iterations=inp.iterations,
+            spend_micros=inp.spend_micros,
+            baseline_runs=runs,
+            baseline_p95_micros=p95,
+            thrash_repeats=inp.thrash_repeats,
+            hatches=inp.flags,
+        )
+        flags = run_flags(shape, limits)
+        names = [f.name for f in flags]
+        inserting = await conn.execute(
+            "insert into run_stats (workflow_id, tenant, agent, outcome, spend_micros, iterations, "
+            "tool_calls, failed_calls, flags) values (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "on conflict (workflow_id) do nothing returning workflow_id",
+            (
+                inp.workflow_id,
+                req.tenant,
+                agent,
+                inp.outcome,
+                inp.spend_micros,
+                inp.iterations,
+                sum(1 for c in calls if c.state in ("succeeded", "failed")),
+                sum(1 for c in calls if c.state == "failed"),
+                names,
+            ),
+        )
+        inserted = await inserting.fetchone() if flags else None
+        if inserted is not None:
             await conn.execute(
-                "insert into run_stats (workflow_id, tenant, agent, outcome, spend_micros, iterations, "
-                "tool_calls, failed_calls, flags) values (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                "on conflict (workflow_id) do nothing returning workflow_id",
-                (
-                    inp.workflow_id,
-                    req.tenant,
-                    agent,
-                    inp.outcome,
-                    inp.spend_micros,
-                    inp.iterations,
-                    sum(1 for c in calls if c.state in ("succeeded", "failed")),
-                    sum(1 for c in calls if c.state == "failed"),
-                    names,
-                ),
-            )
-        ).fetchone()
-        if inserted is None:  # a concurrent attempt recorded it first: its flags stand
-            again = await (
-                await conn.execute("select flags from run_stats where workflow_id = %s", (inp.workflow_id,))
-            ).fetchone()
-            return tuple(again[0]) if again else ()
-        if flags:
-            await audit.append_many(
-                conn,
-                [
+                *audit.append_statement(
                     AuditEntry(
                         tenant=req.tenant,
                         user=req.user,
@@ -96,7 +117,22 @@ async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str | No
                         data={"flags": names, "baseline_runs": runs, "baseline_p95_micros": round(p95)},
                         idem_key=f"{inp.workflow_id}/anomaly",
                     )
-                ],
+                ),
+                prepare=True,
             )
-    telemetry.record_flags(names, tenant=req.tenant)
-    return tuple(names)
+
+        async def settle() -> tuple[str, ...]:
+            ours = inserted if flags else await inserting.fetchone()
+            if ours is None:  # a concurrent attempt recorded it first: its flags stand
+                again = await (
+                    await conn.execute(
+                        "select flags from run_stats where workflow_id = %s", (inp.workflow_id,)
+                    )
+                ).fetchone()
+                return tuple(again[0]) if again else ()
+            telemetry.record_flags(names, tenant=req.tenant)
+            return tuple(names)
+
+        return settle
+
+    return record

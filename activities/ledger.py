@@ -80,6 +80,7 @@ __all__ = [
     "run_op",
     "refusals",
     "open_run",
+    "open_run_statement",
     "release",
     "release_statement",
     "reserve",
@@ -146,14 +147,16 @@ async def _value(conn: AsyncConnection[Any], stmt: Statement) -> Any:
 
 async def open_run(conn: AsyncConnection[Any], req: OpenRunRequest) -> OpenRunResult:
     """Create the run's scopes and its limit; safe to repeat (the first limit wins)."""
-    out = await _value(
-        conn,
-        Statement(
-            "select keel_budget_open_run(%s::text[], %s::bigint)",
-            (list(req.scopes), _int8(req.run_limit_micros)),
-        ),
-    )
+    out = await _value(conn, open_run_statement(req))
     return OpenRunResult.model_validate(out)
+
+
+def open_run_statement(req: OpenRunRequest) -> Statement:
+    """``open_run``'s statement, for a caller that pipelines it (its result is not needed)."""
+    return Statement(
+        "select keel_budget_open_run(%s::text[], %s::bigint)",
+        (list(req.scopes), _int8(req.run_limit_micros)),
+    )
 
 
 def _reserve_hash(req: ReserveRequest) -> str:

@@ -14,13 +14,14 @@ deleted, so memory stays bounded however long a session lives.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
 from keel.text import scrub
 
-__all__ = ["load", "save", "MAX_TURNS", "MAX_SUMMARY_CHARS"]
+__all__ = ["load", "queue_load", "queue_save", "save", "MAX_TURNS", "MAX_SUMMARY_CHARS"]
 
 MAX_TURNS = 20
 """Turns kept verbatim per session; older ones are folded into the summary."""
@@ -30,24 +31,37 @@ MAX_SUMMARY_CHARS = 1500
 
 async def load(conn: psycopg.AsyncConnection[Any], tenant: str, session: str, owner: str = "") -> str:
     """The session's summary followed by its most recent turns, bounded in size."""
-    summary = await (
-        await conn.execute(
-            "select summary from memory_summaries where tenant=%s and owner=%s and session=%s",
-            (tenant, owner, session),
-        )
-    ).fetchone()
-    rows = await (
-        await conn.execute(
-            "select role, content from memory_turns where tenant=%s and owner=%s and session=%s "
-            "order by id desc limit 6",
-            (tenant, owner, session),
-        )
-    ).fetchall()
-    recent = "\n".join(f"{role}: {content[:180]}" for role, content in reversed(rows))
-    if not summary:
-        return recent[-MAX_SUMMARY_CHARS:]
-    room = max(0, MAX_SUMMARY_CHARS - len(recent) - len("Earlier: \n"))
-    return f"Earlier: {summary[0][-room:]}\n{recent}"
+    return await (await queue_load(conn, tenant, session, owner))()
+
+
+async def queue_load(
+    conn: psycopg.AsyncConnection[Any], tenant: str, session: str, owner: str = ""
+) -> Callable[[], Awaitable[str]]:
+    """``load``'s two reads sent before either is read; the returned function reads them.
+
+    In a pipeline (``conn.pipeline()``) both queries share the round trip of whatever else
+    the caller queued; outside one this is ``load``.
+    """
+    summary_cur = await conn.execute(
+        "select summary from memory_summaries where tenant=%s and owner=%s and session=%s",
+        (tenant, owner, session),
+    )
+    turns_cur = await conn.execute(
+        "select role, content from memory_turns where tenant=%s and owner=%s and session=%s "
+        "order by id desc limit 6",
+        (tenant, owner, session),
+    )
+
+    async def read() -> str:
+        summary = await summary_cur.fetchone()
+        rows = await turns_cur.fetchall()
+        recent = "\n".join(f"{role}: {content[:180]}" for role, content in reversed(rows))
+        if not summary:
+            return recent[-MAX_SUMMARY_CHARS:]
+        room = max(0, MAX_SUMMARY_CHARS - len(recent) - len("Earlier: \n"))
+        return f"Earlier: {summary[0][-room:]}\n{recent}"
+
+    return read
 
 
 async def save(
@@ -62,19 +76,37 @@ async def save(
 ) -> None:
     """Append this run's turn (idempotent per workflow id) and fold old turns if needed."""
     async with conn.transaction():
-        for role, content in (("user", user_text), ("assistant", assistant_text)):
-            await conn.execute(
-                "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
-                "values (%s,%s,%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
-                (tenant, owner, author, session, workflow_id, role, scrub(content)),
-            )
-        old = await (
-            await conn.execute(
-                "select id, role, content from memory_turns where tenant=%s and owner=%s and session=%s "
-                "order by id desc offset %s",
-                (tenant, owner, session, MAX_TURNS),
-            )
-        ).fetchall()
+        fold = await queue_save(conn, tenant, session, workflow_id, user_text, assistant_text, owner, author)
+        await fold()
+
+
+async def queue_save(
+    conn: psycopg.AsyncConnection[Any],
+    tenant: str,
+    session: str,
+    workflow_id: str,
+    user_text: str,
+    assistant_text: str,
+    owner: str = "",
+    author: str = "",
+) -> Callable[[], Awaitable[None]]:
+    """``save`` inside the caller's transaction: the turn's two rows and the look-up of turns
+    past ``MAX_TURNS`` are sent at once (in a pipeline, with the caller's other statements);
+    the returned function folds those turns, and must run before the caller commits."""
+    for role, content in (("user", user_text), ("assistant", assistant_text)):
+        await conn.execute(
+            "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
+            "values (%s,%s,%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
+            (tenant, owner, author, session, workflow_id, role, scrub(content)),
+        )
+    old_cur = await conn.execute(
+        "select id, role, content from memory_turns where tenant=%s and owner=%s and session=%s "
+        "order by id desc offset %s",
+        (tenant, owner, session, MAX_TURNS),
+    )
+
+    async def fold() -> None:
+        old = await old_cur.fetchall()
         if not old:
             return
         prev = await (
@@ -94,3 +126,5 @@ async def save(
             (tenant, owner, session, summary[-MAX_SUMMARY_CHARS:], len(old)),
         )
         await conn.execute("delete from memory_turns where id = any(%s)", ([r[0] for r in old],))
+
+    return fold

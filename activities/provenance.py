@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from keel.audit_models import AuditEntry
 from keel.models import ToolInfo
 from keel.policy import Policy
 
-__all__ = ["SYSTEM_TENANT", "prior_totals", "record_policy", "request_keys"]
+__all__ = ["SYSTEM_TENANT", "prior_totals", "queue_prior_totals", "record_policy", "request_keys"]
 
 SYSTEM_TENANT = "_system"
 """Audit chain of decisions that belong to no tenant (policy changes)."""
@@ -115,11 +116,22 @@ async def prior_totals(
 ) -> dict[str, float]:
     """``{"issue_refund|order|ORD-1": usd, "issue_refund|tenant_day": usd}`` for the policy's
     cumulative refund limits; other tools have no cross-run store and sum within the run."""
+    return await (await queue_prior_totals(conn, tenant, policy, tools, request))()
+
+
+async def queue_prior_totals(
+    conn: AsyncConnection[Any], tenant: str, policy: Policy, tools: tuple[ToolInfo, ...], request: str
+) -> Callable[[], Awaitable[dict[str, float]]]:
+    """``prior_totals``' reads sent before any is read (in a pipeline they share the caller's
+    round trip); the returned function reads them."""
     rule = policy.tools.get("issue_refund")
     if rule is None or not rule.cumulative:
-        return {}
+
+        async def nothing() -> dict[str, float]:
+            return {}
+
+        return nothing
     info = next((t for t in tools if t.name == "issue_refund"), None)
-    out: dict[str, float] = {}
     orders = sorted(
         {
             k
@@ -128,24 +140,34 @@ async def prior_totals(
             for k in request_keys(request, info, lim.key or "")
         }
     )
-    if orders:
-        rows = await (
-            await conn.execute(
-                "select order_id, coalesce(sum(amount_micros), 0) from refunds "
-                "where tenant=%s and order_id = any(%s) and status='issued' group by order_id",
-                (tenant, orders),
-            )
-        ).fetchall()
-        sums = {o: s for o, s in rows}
-        for o in orders:
-            out[f"issue_refund|order|{o}"] = round(sums.get(o, 0) / 1_000_000, 6)
-    if any(lim.per == "tenant_day" for lim in rule.cumulative):
-        row = await (
-            await conn.execute(
-                "select coalesce(sum(amount_micros), 0) from refunds where tenant=%s and status='issued' "
-                "and created_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'",
-                (tenant,),
-            )
-        ).fetchone()
-        out["issue_refund|tenant_day"] = round((row[0] if row else 0) / 1_000_000, 6)
-    return out
+    per_order = (
+        await conn.execute(
+            "select order_id, coalesce(sum(amount_micros), 0) from refunds "
+            "where tenant=%s and order_id = any(%s) and status='issued' group by order_id",
+            (tenant, orders),
+        )
+        if orders
+        else None
+    )
+    per_day = (
+        await conn.execute(
+            "select coalesce(sum(amount_micros), 0) from refunds where tenant=%s and status='issued' "
+            "and created_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'",
+            (tenant,),
+        )
+        if any(lim.per == "tenant_day" for lim in rule.cumulative)
+        else None
+    )
+
+    async def read() -> dict[str, float]:
+        out: dict[str, float] = {}
+        if per_order is not None:
+            sums = {o: s for o, s in await per_order.fetchall()}
+            for o in orders:
+                out[f"issue_refund|order|{o}"] = round(sums.get(o, 0) / 1_000_000, 6)
+        if per_day is not None:
+            row = await per_day.fetchone()
+            out["issue_refund|tenant_day"] = round((row[0] if row else 0) / 1_000_000, 6)
+        return out
+
+    return read
