@@ -42,7 +42,7 @@ async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str | No
 
 
 async def queue_flag_run(
-    conn: AsyncConnection[Any], inp: FinishInput, agent: str
+    conn: AsyncConnection[Any], inp: FinishInput, agent: str | None
 ) -> Callable[[], Awaitable[Callable[[], Awaitable[tuple[str, ...]]]]]:
     """``flag_run`` in three stages inside the caller's transaction, so that in a pipeline
     each stage shares a round trip with the caller's statements:
