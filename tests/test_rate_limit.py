@@ -169,3 +169,60 @@ def test_tenant_run_limit_from_environment() -> None:
     assert tenant_run_limit("big-co", env) == 50
     assert tenant_run_limit("acme", {"KEEL_MAX_RUNS_PER_TENANT": "0"}) is None
     assert ttl_for(300) == 600
+
+
+async def test_prepare_run_never_oversubscribes_and_every_run_has_its_audit_row(
+    db_pool: AsyncConnectionPool, settings: Settings, monkeypatch: Any
+) -> None:
+    """The slot check as runs meet it: ``prepare_run`` takes the slot in a pipelined
+    transaction (lock, renewal and count in one round trip, the slot's insert queued with the
+    audit row). Fifteen preparations at once under a limit of three: exactly three are
+    authorized; each holds a slot and an ``allow`` row, each refused one a ``deny`` row
+    (``tenant-concurrency``) and no slot; a retried preparation renews its slot instead of
+    taking another, and the ending frees it for the next run."""
+    from keel.activities.agent import AgentActivities
+    from temporalio.testing import ActivityEnvironment
+
+    from keel.agent_io import FinishInput, PrepareInput
+    from tests.helpers import request
+
+    async with db_pool.connection() as conn:
+        held = await in_flight(conn, "acme")  # other tests' runs may still hold acme slots
+    monkeypatch.setenv("KEEL_MAX_RUNS_ACME", str(held + 3))
+    acts, env = AgentActivities(db_pool, settings), ActivityEnvironment()
+    reqs = [request("look up order ORD-1") for _ in range(15)]
+    wids = [f"agent/acme/{r.request_id}" for r in reqs]
+
+    def prep(i: int) -> Any:
+        return env.run(acts.prepare_run, PrepareInput(request=reqs[i], workflow_id=wids[i], chain_id=f"c{i}"))
+
+    ctxs = await asyncio.gather(*(prep(i) for i in range(15)))
+    granted = [i for i, c in enumerate(ctxs) if c.authorized]
+    assert len(granted) == 3, [c.rule for c in ctxs]
+    assert {c.rule for i, c in enumerate(ctxs) if i not in granted} == {"tenant-concurrency"}
+    async with db_pool.connection() as conn:
+        slots = {r[0] for r in await (await conn.execute("select workflow_id from run_slots")).fetchall()}
+        rows = await (
+            await conn.execute(
+                "select workflow_id, decision, data->>'rule' from audit_log "
+                "where idem_key = any(%s) order by workflow_id",
+                ([f"{w}/authorize" for w in wids],),
+            )
+        ).fetchall()
+    assert {w for w in wids if w in slots} == {wids[i] for i in granted}
+    assert {(w, d) for w, d, _ in rows} == {
+        (w, "allow" if i in granted else "deny") for i, w in enumerate(wids)
+    }
+    assert all(memo.memory == "" and memo.prior_totals == {} for memo in ctxs if not memo.authorized)
+
+    again = await prep(granted[0])  # a retry of a granted preparation: the same slot, renewed
+    assert again.authorized
+    assert (await prep(next(i for i in range(15) if i not in granted))).rule == "tenant-concurrency"
+    first = granted[0]
+    await env.run(acts.finish_run, FinishInput(workflow_id=wids[first], request=reqs[first], iterations=1))
+    late = request("look up order ORD-1")
+    ctx = await env.run(
+        acts.prepare_run,
+        PrepareInput(request=late, workflow_id=f"agent/acme/{late.request_id}", chain_id="late"),
+    )
+    assert ctx.authorized  # the finished run's slot went back
