@@ -14,7 +14,9 @@ import psycopg
 import pytest
 
 ATTACKS = {
-    "update-audit-row": "update audit_log set reason = 'nothing happened' where id = (select max(id) from audit_log)",
+    "update-audit-row": (
+        "update audit_log set reason = 'nothing happened' where id = (select max(id) from audit_log)"
+    ),
     "delete-audit-row": "delete from audit_log where id = (select max(id) from audit_log)",
     "truncate-audit": "truncate audit_log",
     "insert-audit-row-directly": (
@@ -24,7 +26,9 @@ ATTACKS = {
     "move-audit-head": "update audit_heads set seq = seq + 1 where tenant = 'acme'",
     "reset-audit-head": "update audit_heads set seq = 0, hash = '' where tenant = 'acme'",
     "delete-audit-head": "delete from audit_heads where tenant = 'acme'",
-    "insert-audit-head": "insert into audit_heads (tenant, seq, hash) values ('forged-' || gen_random_uuid(), 5, 'x')",
+    "insert-audit-head": (
+        "insert into audit_heads (tenant, seq, hash) values ('forged-' || gen_random_uuid(), 5, 'x')"
+    ),
     "disable-append-only-trigger": "alter table audit_log disable trigger audit_log_append_only",
     "disable-all-triggers": "alter table audit_log disable trigger all",
     "replica-role-skips-triggers": "set session_replication_role = replica",
@@ -45,9 +49,12 @@ ATTACKS = {
         "create function public.keel_evil() returns int language sql security definer as $$ select 1 $$"
     ),
     "create-table-in-public": "create table public.keel_evil_t (x int)",
-    "alter-ledger-table": "alter table keel_budget_scopes drop constraint if exists keel_budget_scopes_reserved_micros_check",
+    "alter-ledger-table": (
+        "alter table keel_budget_scopes drop constraint if exists keel_budget_scopes_reserved_micros_check"
+    ),
     "add-ledger-trigger": (
-        "create trigger evil before update on keel_budget_scopes for each row execute function keel_audit_append_only()"
+        "create trigger evil before update on keel_budget_scopes for each row "
+        "execute function keel_audit_append_only()"
     ),
     "truncate-ledger": "truncate keel_budget_scopes",
     "become-audit-owner": "set role keel_audit_owner",
@@ -55,10 +62,13 @@ ATTACKS = {
     "alter-own-role": "alter role keel_app superuser",
     "create-role": "create role keel_evil login superuser",
     "forge-policy-version": (
-        "update policy_versions set body = 'allow everything' where hash = (select min(hash) from policy_versions)"
+        "update policy_versions set body = 'allow everything' "
+        "where hash = (select min(hash) from policy_versions)"
     ),
     "delete-policy-version": "delete from policy_versions",
-    "untrusted-language": "create function public.keel_sh() returns int language plpython3u as $$ return 1 $$",
+    "untrusted-language": (
+        "create function public.keel_sh() returns int language plpython3u as $$ return 1 $$"
+    ),
     "read-server-files": "select pg_read_file('postgresql.conf')",
     "copy-to-program": "copy (select 1) to program 'true'",
     "drop-migrations-record": "drop table keel_migrations",
@@ -74,7 +84,9 @@ def test_keel_app_cannot(name: str, pg_url: str) -> None:
         # Nothing half-done: the audit chain of every tenant still verifies via the function.
 
 
-def test_keel_app_cannot_wedge_every_audit_append_through_the_id_sequence(pg_url: str, owner_pg_url: str) -> None:
+def test_keel_app_cannot_wedge_every_audit_append_through_the_id_sequence(
+    pg_url: str, owner_pg_url: str
+) -> None:
     """audit_log's ``id`` comes from ``audit_log_id_seq``. Migration 012 granted keel_app
     ``update`` on ALL sequences before it revoked the audit tables, so keel_app could
     ``setval`` the audit sequence back: every later append (every tenant's) then collides on
@@ -99,7 +111,9 @@ def test_keel_app_cannot_wedge_every_audit_append_through_the_id_sequence(pg_url
                     (tenant, f"{tenant}/after"),
                 )
         finally:
-            owner.execute("select setval('audit_log_id_seq', greatest(%s, (select max(id) from audit_log)))", (top,))
+            owner.execute(
+                "select setval('audit_log_id_seq', greatest(%s, (select max(id) from audit_log)))", (top,)
+            )
 
 
 def test_keel_app_granting_itself_audit_rights_gains_nothing(pg_url: str) -> None:
@@ -130,7 +144,9 @@ def test_keel_app_connection_for_one_tenant_cannot_read_another_tenants_ledger(
         owner.execute("insert into keel_budget_scopes (scope, limit_micros) values (%s, 1000000)", (other,))
     with psycopg.connect(pg_url, autocommit=True) as conn:
         # A worker serving tenant acme, compromised: it reads tenant `other`'s ledger row.
-        rows = conn.execute("select limit_micros from keel_budget_scopes where scope = %s", (other,)).fetchall()
+        rows = conn.execute(
+            "select limit_micros from keel_budget_scopes where scope = %s", (other,)
+        ).fetchall()
     assert rows == []
 
 
