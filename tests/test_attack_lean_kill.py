@@ -15,8 +15,13 @@ equals the ledger's; the tenant's audit chain verifies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,10 @@ import pytest
 from keel.activities import audit, ledger
 from temporalio.client import Client
 
+from bench.bench_fault import crash_postgres
 from bench.bench_recovery import start_worker, wait_polling, worker_environment
 from keel.budget import scope_path
+from keel.devservices import DevServices, free_port
 from keel.models import AgentResponse
 from keel.settings import Settings
 from tests.helpers import request
@@ -139,3 +146,104 @@ async def test_sigkill_inside_a_local_activity_transaction(
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.fixture
+def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
+    """A PostgreSQL of this test's own (the session's must not crash), on the session's Temporal."""
+    state = Path(tempfile.mkdtemp(prefix="keel-lean-pg-"))
+    port = free_port()
+    services = DevServices(
+        dataclasses.replace(
+            temporal_services,
+            state_dir=state,
+            pg_port=port,
+            database_url=f"postgresql://keel_app@127.0.0.1:{port}/keel",
+            database_owner_url=f"postgresql://postgres@127.0.0.1:{port}/keel",
+        )
+    )
+    try:
+        services.start_postgres()
+        yield services
+    finally:
+        services.stop_postgres()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
+async def test_postgres_down_longer_than_the_local_activity_timeout(
+    where: str, client: Client, own_pg: DevServices, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """PostgreSQL crashes (immediate shutdown) while the local activity waits inside its
+    transaction and stays down 40 s, longer than the 30 s local-activity timeout: the run
+    must still end (prepare may give up and fail the run; the ending waits the outage out),
+    with no slot left, no second authorization or finish row, and the chain intact."""
+    settings = own_pg.settings
+    url = settings.database_url
+    tenant = "acme"
+    queue = f"lean-pg-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(settings, queue, test_env)
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        await wait_polling(client, queue, worker, within=90)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            order = f"ORD-{uuid.uuid4().int % 10**11}"
+            await conn.execute(
+                "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+                "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+                (order, tenant),
+            )
+        holder = await psycopg.AsyncConnection.connect(url)
+        msg = f"Refund order {order} and e-mail the customer"
+        if where == "prepare_run":
+            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
+            handle = await start(client, queue, request(msg, tenant=tenant))
+            await _wait_blocked(url, "%pg_advisory_xact_lock%")
+        else:
+            handle = await start(client, queue, request(msg, tenant=tenant))
+            deadline = time.monotonic() + 60
+            while not await (
+                await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+            ).fetchone():
+                await holder.rollback()
+                assert time.monotonic() < deadline, "the run never took its slot"
+                await asyncio.sleep(0.05)
+            await _wait_blocked(url, "%delete from run_slots%")
+        crash_postgres(own_pg)
+        with contextlib.suppress(psycopg.Error):
+            await holder.close()
+        await asyncio.sleep(40)
+        await asyncio.to_thread(own_pg.start_postgres)
+        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=180)
+        print(f"\n{where}: outcome {resp.outcome}: {resp.reason}")  # shown with -s
+        wid = handle.id
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            slots = await (
+                await conn.execute("select count(*) from run_slots where workflow_id=%s", (wid,))
+            ).fetchone()
+            keys = [
+                r[0]
+                for r in await (
+                    await conn.execute(
+                        "select idem_key from audit_log where workflow_id=%s and kind='run'", (wid,)
+                    )
+                ).fetchall()
+            ]
+            refunds = await (
+                await conn.execute(
+                    "select count(*) from refunds where idempotency_key like %s", (wid + "/%",)
+                )
+            ).fetchone()
+            verdict = await audit.verify(conn, tenant)
+        assert slots == (0,), resp
+        assert keys.count(f"{wid}/authorize") <= 1 and keys.count(f"{wid}/finish") <= 1, keys
+        if where == "finish_run":
+            assert resp.outcome == "completed", (resp.outcome, resp.reason)
+            assert keys.count(f"{wid}/finish") == 1 and refunds == (1,), (keys, refunds)
+        else:
+            assert refunds in ((0,), (1,)), refunds
+            assert resp.outcome in ("completed", "failed"), (resp.outcome, resp.reason)
+        assert verdict.ok, verdict
+    finally:
+        worker.stop()
