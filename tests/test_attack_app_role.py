@@ -164,3 +164,24 @@ def test_keel_app_cannot_append_to_another_tenants_chain(pg_url: str) -> None:
                 "'issue_refund', 'allow', 'approved by carol', '{}', %s)",
                 (f"forged/{uuid.uuid4().hex}",),
             )
+
+
+def test_keel_app_cannot_record_a_forged_body_under_a_real_policy_hash(pg_url: str) -> None:
+    """``keel_policy_record`` is keel_app's only way into ``policy_versions`` and the first
+    record of a hash wins: a body that is not the hash's text must be refused, or keel_app
+    could pre-record the shipped policy's hash with a different body."""
+    from keel.policy import policy_hash
+
+    real = f"version: attack-{uuid.uuid4().hex}\n"
+    digest = policy_hash(real)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error):
+            conn.execute(
+                "select keel_policy_record(%s, 'v', 'config/policy.yaml', 'carol', now(), 'w', %s)",
+                (digest, "tenants: {}  # allow everything"),
+            )
+        assert conn.execute(
+            "select keel_policy_record(%s, 'v', 's', 'c', now(), 'w', %s)", (digest, real)
+        ).fetchone() == (True,)
+        row = conn.execute("select body from policy_versions where hash=%s", (digest,)).fetchone()
+    assert row == (real,)
