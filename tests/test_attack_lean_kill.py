@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -247,3 +249,64 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
         assert verdict.ok, verdict
     finally:
         worker.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker frozen (SIGSTOP, a paused VM) inside finish_run's transaction, after its "
+    "`delete from run_slots`, keeps that row locked for as long as it is frozen: the next "
+    "worker's finish_run waits on the lock, times out (30 s) and retries forever, so the run "
+    "cannot end until the frozen worker is thawed or killed. No idle_in_transaction_session_"
+    "timeout is set for keel_app; one (longer than any tool's transaction) would bound it",
+)
+async def test_a_frozen_worker_inside_finish_run_does_not_hold_the_run_open(
+    client: Client,
+    temporal_services: Settings,
+    pg_url: str,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    tenant = "acme"
+    queue = f"lean-freeze-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(temporal_services, queue, test_env)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        order = f"ORD-{uuid.uuid4().int % 10**11}"
+        await conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+            (order, tenant),
+        )
+    first = start_worker(env, tmp_path, "first")
+    second = None
+    holder = await psycopg.AsyncConnection.connect(pg_url)
+    frozen = False
+    try:
+        await wait_polling(client, queue, first, within=90)
+        handle = await start(
+            client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+        )
+        deadline = time.monotonic() + 60
+        while not await (
+            await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+        ).fetchone():
+            await holder.rollback()
+            assert time.monotonic() < deadline, "the run never took its slot"
+            await asyncio.sleep(0.05)
+        await _wait_blocked(pg_url, "%delete from run_slots%")
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        frozen = True
+        await holder.rollback()  # the frozen worker's delete now runs and holds the row
+        second = start_worker(env, tmp_path, "second")
+        await wait_polling(client, queue, second, within=90)
+        # While the first worker stays frozen, the run must still end.
+        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=120)
+        assert resp.outcome == "completed", (resp.outcome, resp.reason)
+    finally:
+        if frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first.proc.pid, signal.SIGCONT)
+        await holder.close()
+        first.stop()
+        if second is not None:
+            second.stop()
