@@ -139,6 +139,10 @@ async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
     if order is None:
         raise ToolError(f"order {a.order_id} not found for tenant {ctx.tenant}")
     amount = round(a.amount_usd * 1_000_000)
+    if amount <= 0:
+        # amount_usd > 0 passes the schema, yet $0.0000004 is 0 micros: refused here, not by the
+        # table's check (an infrastructure error: retried, and a failure for the breaker).
+        raise ToolError(f"refund amount ${a.amount_usd:g} is less than one micro-dollar")
     done = await (
         await ctx.conn.execute(
             "select coalesce(sum(amount_micros),0) from refunds where order_id=%s and status='issued'",

@@ -1,0 +1,312 @@
+"""Attacks on the lean run shape (patch ``keel-23-lean-run``): ``prepare_run`` and the
+model-less ``finish_run`` are LOCAL activities, so they run inside a workflow task and leave
+no activity events; a worker SIGKILLed while one of them is inside its database transaction
+must leave nothing half-done, and the next worker must run it again to the same end.
+
+The worker is a real ``worker.py`` process (offline planner, real tools). The test pins the
+moment: it holds a lock the local activity's transaction needs (the tenant's run-slot
+advisory lock for ``prepare_run``, the run's ``run_slots`` row for ``finish_run``), waits
+until PostgreSQL shows that backend waiting on it, SIGKILLs the worker, lets go, and starts a
+fresh worker. Checked from the database: the run ends ``completed``; no run slot is left;
+exactly one authorization row and one finish row; one refund; the run's reported spend
+equals the ledger's; the tenant's audit chain verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from keel.activities import audit, ledger
+from temporalio.client import Client
+
+from bench.bench_fault import crash_postgres
+from bench.bench_recovery import start_worker, wait_polling, worker_environment
+from keel.budget import scope_path
+from keel.devservices import DevServices, free_port
+from keel.models import AgentResponse
+from keel.settings import Settings
+from tests.helpers import request
+from tests.scripted import start
+
+SLOT_LOCK_CLASS = 7_345_005  # activities/concurrency.py _LOCK_CLASS
+
+
+async def _wait_blocked(url: str, query_like: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = await (
+                await conn.execute(
+                    "select count(*) from pg_stat_activity where wait_event_type in ('Lock') "
+                    "and query ilike %s",
+                    (query_like,),
+                )
+            ).fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no backend ever waited on {query_like!r}")
+
+
+async def _checks(url: str, handle: Any, tenant: str) -> None:
+    resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=120)
+    wid = handle.id
+    assert resp.outcome == "completed", (resp.outcome, resp.reason)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        slots = await (
+            await conn.execute("select count(*) from run_slots where workflow_id=%s", (wid,))
+        ).fetchone()
+        rows = await (
+            await conn.execute(
+                "select idem_key from audit_log where workflow_id=%s and kind='run' order by seq", (wid,)
+            )
+        ).fetchall()
+        refunds = await (
+            await conn.execute("select count(*) from refunds where idempotency_key like %s", (wid + "/%",))
+        ).fetchone()
+        view = await ledger.show(conn, scope_path(tenant, "default", "alice", wid)[-1])
+        verdict = await audit.verify(conn, tenant)
+    assert slots == (0,)
+    keys = [r[0] for r in rows]
+    assert keys.count(f"{wid}/finish") == 1 and keys.count(f"{wid}/authorize") == 1, keys
+    assert refunds == (1,)
+    assert view is not None and view.spent_micros == resp.spend.total_micros and view.reserved_micros == 0, (
+        view,
+        resp.spend,
+    )
+    assert verdict.ok, verdict
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
+async def test_sigkill_inside_a_local_activity_transaction(
+    where: str,
+    client: Client,
+    temporal_services: Settings,
+    pg_url: str,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    tenant = "acme"  # the policy's tenant whose user alice may refund
+    queue = f"lean-kill-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(temporal_services, queue, test_env)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        order = f"ORD-{uuid.uuid4().int % 10**11}"
+        await conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+            (order, tenant),
+        )
+    first = start_worker(env, tmp_path, "first")
+    second = None
+    holder = await psycopg.AsyncConnection.connect(pg_url)
+    try:
+        await wait_polling(client, queue, first, within=90)
+        if where == "prepare_run":
+            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
+            handle = await start(
+                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+            )
+            await _wait_blocked(pg_url, "%pg_advisory_xact_lock%")
+        else:
+            handle = await start(
+                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+            )
+            deadline = time.monotonic() + 60
+            while True:
+                row = await (
+                    await holder.execute(
+                        "select 1 from run_slots where workflow_id=%s for update", (handle.id,)
+                    )
+                ).fetchone()
+                if row:
+                    break
+                await holder.rollback()
+                assert time.monotonic() < deadline, "the run never took its slot"
+                await asyncio.sleep(0.05)
+            await _wait_blocked(pg_url, "%delete from run_slots%")
+        first.kill()
+        await holder.rollback()  # let go: the dead worker's transaction must roll back
+        second = start_worker(env, tmp_path, "second")
+        await wait_polling(client, queue, second, within=90)
+        await _checks(pg_url, handle, tenant)
+    finally:
+        await holder.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.fixture
+def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
+    """A PostgreSQL of this test's own (the session's must not crash), on the session's Temporal."""
+    state = Path(tempfile.mkdtemp(prefix="keel-lean-pg-"))
+    port = free_port()
+    services = DevServices(
+        dataclasses.replace(
+            temporal_services,
+            state_dir=state,
+            pg_port=port,
+            database_url=f"postgresql://keel_app@127.0.0.1:{port}/keel",
+            database_owner_url=f"postgresql://postgres@127.0.0.1:{port}/keel",
+        )
+    )
+    try:
+        services.start_postgres()
+        yield services
+    finally:
+        services.stop_postgres()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
+async def test_postgres_down_longer_than_the_local_activity_timeout(
+    where: str, client: Client, own_pg: DevServices, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """PostgreSQL crashes (immediate shutdown) while the local activity waits inside its
+    transaction and stays down 40 s, longer than the 30 s local-activity timeout: the run
+    must still end (prepare may give up and fail the run; the ending waits the outage out),
+    with no slot left, no second authorization or finish row, and the chain intact."""
+    settings = own_pg.settings
+    url = settings.database_url
+    tenant = "acme"
+    queue = f"lean-pg-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(settings, queue, test_env)
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        await wait_polling(client, queue, worker, within=90)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            order = f"ORD-{uuid.uuid4().int % 10**11}"
+            await conn.execute(
+                "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+                "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+                (order, tenant),
+            )
+        holder = await psycopg.AsyncConnection.connect(url)
+        msg = f"Refund order {order} and e-mail the customer"
+        if where == "prepare_run":
+            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
+            handle = await start(client, queue, request(msg, tenant=tenant))
+            await _wait_blocked(url, "%pg_advisory_xact_lock%")
+        else:
+            handle = await start(client, queue, request(msg, tenant=tenant))
+            deadline = time.monotonic() + 60
+            while not await (
+                await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+            ).fetchone():
+                await holder.rollback()
+                assert time.monotonic() < deadline, "the run never took its slot"
+                await asyncio.sleep(0.05)
+            await _wait_blocked(url, "%delete from run_slots%")
+        crash_postgres(own_pg)
+        with contextlib.suppress(psycopg.Error):
+            await holder.close()
+        await asyncio.sleep(40)
+        await asyncio.to_thread(own_pg.start_postgres)
+        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=180)
+        print(f"\n{where}: outcome {resp.outcome}: {resp.reason}")  # shown with -s
+        wid = handle.id
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            slots = await (
+                await conn.execute("select count(*) from run_slots where workflow_id=%s", (wid,))
+            ).fetchone()
+            keys = [
+                r[0]
+                for r in await (
+                    await conn.execute(
+                        "select idem_key from audit_log where workflow_id=%s and kind='run'", (wid,)
+                    )
+                ).fetchall()
+            ]
+            refunds = await (
+                await conn.execute(
+                    "select count(*) from refunds where idempotency_key like %s", (wid + "/%",)
+                )
+            ).fetchone()
+            verdict = await audit.verify(conn, tenant)
+        assert slots == (0,), resp
+        assert keys.count(f"{wid}/authorize") <= 1 and keys.count(f"{wid}/finish") <= 1, keys
+        if where == "finish_run":
+            assert resp.outcome == "completed", (resp.outcome, resp.reason)
+            assert keys.count(f"{wid}/finish") == 1 and refunds == (1,), (keys, refunds)
+        else:
+            assert refunds in ((0,), (1,)), refunds
+            assert resp.outcome in ("completed", "failed"), (resp.outcome, resp.reason)
+        assert verdict.ok, verdict
+    finally:
+        worker.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker frozen (SIGSTOP, a paused VM) inside finish_run's transaction, after its "
+    "`delete from run_slots`, keeps that row locked for as long as it is frozen: the next "
+    "worker's finish_run waits on the lock, times out (30 s) and retries forever, so the run "
+    "cannot end until the frozen worker is thawed or killed. No idle_in_transaction_session_"
+    "timeout is set for keel_app; one (longer than any tool's transaction) would bound it",
+)
+async def test_a_frozen_worker_inside_finish_run_does_not_hold_the_run_open(
+    client: Client,
+    temporal_services: Settings,
+    pg_url: str,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    tenant = "acme"
+    queue = f"lean-freeze-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(temporal_services, queue, test_env)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        order = f"ORD-{uuid.uuid4().int % 10**11}"
+        await conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+            (order, tenant),
+        )
+    first = start_worker(env, tmp_path, "first")
+    second = None
+    holder = await psycopg.AsyncConnection.connect(pg_url)
+    frozen = False
+    try:
+        await wait_polling(client, queue, first, within=90)
+        handle = await start(
+            client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+        )
+        deadline = time.monotonic() + 60
+        while not await (
+            await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+        ).fetchone():
+            await holder.rollback()
+            assert time.monotonic() < deadline, "the run never took its slot"
+            await asyncio.sleep(0.05)
+        await _wait_blocked(pg_url, "%delete from run_slots%")
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        frozen = True
+        await holder.rollback()  # the frozen worker's delete now runs and holds the row
+        second = start_worker(env, tmp_path, "second")
+        await wait_polling(client, queue, second, within=90)
+        # While the first worker stays frozen, the run must still end.
+        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=120)
+        assert resp.outcome == "completed", (resp.outcome, resp.reason)
+    finally:
+        if frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first.proc.pid, signal.SIGCONT)
+        await holder.close()
+        first.stop()
+        if second is not None:
+            second.stop()
