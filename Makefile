@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml tests/pkgs/acme_tools/pyproject.toml | cksum | cut -d' ' -f1)
 WORKERS ?= 1
 
-.PHONY: install sandbox-deps demo up down status worker test lint bench bench-smoke clean
+.PHONY: install sandbox-deps demo up down status worker test test-slow lint bench bench-smoke clean
 
 install: $(STAMP) sandbox-deps
 
@@ -56,6 +56,11 @@ down:
 
 test: install
 	@$(BIN)/python -m pytest
+
+# The slow fault variants (a PostgreSQL outage longer than a local activity's timeout, a frozen
+# worker): minutes of waiting each, so outside `make test`'s ten-minute budget.
+test-slow: install
+	@$(BIN)/python -m pytest -m slow
 
 # The layering contracts (import-linter), ruff, and mypy (strict on the core). import-linter and
 # mypy read a copy of the sources in the installed layout (.keel/lint/keel/workflows, ...):

@@ -172,6 +172,7 @@ def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+@pytest.mark.slow  # a 40 s outage, twice: `make test-slow`, not `make test`
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
 async def test_postgres_down_longer_than_the_local_activity_timeout(
@@ -251,6 +252,7 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
         worker.stop()
 
 
+@pytest.mark.slow  # waits out finish_run's 30 s timeouts: `make test-slow`, not `make test`
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(
     strict=True,
