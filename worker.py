@@ -11,7 +11,6 @@ import signal
 import sys
 
 from keel.activities.tools.loader import ToolLoadError
-
 from keel.agents import AgentError
 from keel.settings import SettingsError, apply_dotenv, load_settings
 from keel.worker import run_worker

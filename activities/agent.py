@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
 from keel.activities.concurrency import (
@@ -38,11 +43,6 @@ from keel.activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
 from keel.activities.models.offline import OFFLINE_DONE, respond_text
 from keel.activities.tools.loader import catalog
 from keel.activities.tools.mcp import server_tools
-from psycopg_pool import AsyncConnectionPool
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.agent_io import (
     MAX_EXECUTED_IN_PROMPT,
     EvalInput,

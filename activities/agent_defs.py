@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 from keel.activities.tools.loader import catalog
-
 from keel.agents import DEFAULT_AGENT, Agent, load_agents
 from keel.policy import PolicyError, load_policy
 from keel.settings import SettingsError, load_settings

@@ -31,10 +31,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from keel.activities.guardrails import redact, redact_data
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
+from keel.activities.guardrails import redact, redact_data
 from keel.audit_models import AuditEntry, AuditRow, VerifyResult
 from keel.budget import ReserveResult
 from keel.errors import KeelError

@@ -23,13 +23,13 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from keel.activities import audit, ledger
-from keel.activities.ledger_batch import LedgerBatcher
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel import telemetry
+from keel.activities import audit, ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from keel.budget import (
     AdmitRequest,
     AdmitResult,

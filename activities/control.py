@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from keel.activities import audit, ledger
-from keel.activities.guardrails import redact_data
-from keel.activities.tools import effects
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
+from keel.activities import audit, ledger
+from keel.activities.guardrails import redact_data
+from keel.activities.tools import effects
 from keel.agent_io import SettleInput, SettleResult, StepGateInput, StepGateResult
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, ReservationNotFound

@@ -13,10 +13,10 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from keel.activities import audit
 from psycopg import AsyncConnection
 
 from keel import telemetry
+from keel.activities import audit
 from keel.agent_io import FinishInput
 from keel.anomaly import AnomalyLimits, CallShape, RunShape, run_flags
 from keel.audit_models import AuditEntry

@@ -30,10 +30,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from keel.activities import ledger
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from keel.activities import ledger
 from keel.budget import (
     CommitRequest,
     CommitResult,

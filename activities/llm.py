@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities import breaker
 from keel.activities.agent_defs import agent_definitions
 from keel.activities.heartbeat import heartbeating
@@ -37,10 +41,6 @@ from keel.activities.models.errors import (
     usage_of,
 )
 from keel.activities.models.providers import get_provider
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.agent_io import MODEL_ATTEMPTS
 from keel.agents import agent_tiers
 from keel.models import ModelCall, ModelResult, Usage

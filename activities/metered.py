@@ -29,6 +29,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from psycopg_pool import AsyncConnectionPool
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities import audit, ledger
 from keel.activities.llm import Routed, route, send
 from keel.activities.models import add_usage, system_text
@@ -41,10 +45,6 @@ from keel.activities.models.errors import (
     repair_instruction,
     usage_of,
 )
-from psycopg_pool import AsyncConnectionPool
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.budget import (
     CommitRequest,
     IdempotencyConflict,

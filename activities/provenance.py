@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from keel.activities import audit
 from psycopg import AsyncConnection
 
+from keel.activities import audit
 from keel.audit_models import AuditEntry
 from keel.models import ToolInfo
 from keel.policy import Policy

@@ -50,9 +50,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from keel.activities.guardrails import redact
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel.activities.guardrails import redact
 from keel.errors import KeelError
 
 __all__ = [

@@ -450,7 +450,6 @@ async def _chaos(
 async def _check(url: str, ended: list[tuple[str, Any]]) -> dict[str, Any]:
     """Every check of the module docstring over ``ended`` (the probe run first); the figures."""
     from keel.activities import audit, concurrency, ledger
-
     from keel.budget import scope_path
     from keel.models import AgentResponse, StepState
 

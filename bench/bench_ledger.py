@@ -41,10 +41,10 @@ import uuid
 from typing import Any
 
 import psycopg
-from keel.activities import ledger
-from keel.activities.ledger_batch import LedgerBatcher
 from psycopg_pool import AsyncConnectionPool
 
+from keel.activities import ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from keel.budget import CommitRequest, CommitResult, ReserveRequest, ReserveResult, model_scope, scope_path
 from keel.db import apply_migrations, open_ledger_pool
 

@@ -183,9 +183,8 @@ async def kill_round(
 ) -> tuple[dict[str, Any], WorkerProcess]:
     """One round; ``spare()`` starts the next worker. Returns figures and the new holder."""
     from keel.activities.ledger import check_invariant
-    from keel.workflows.agent import TENANT, USER
-
     from keel.models import AgentResponse, StepState
+    from keel.workflows.agent import TENANT, USER
 
     url = settings.database_url
     order = f"ORD-{uuid.uuid4().int % 10**11}"
@@ -336,9 +335,8 @@ async def run(
         t0 = time.monotonic()
         rounds = await kill_rounds(client, settings, k=k, log_dir=Path(logs))
         total = time.monotonic() - t0
-    from keel.workflows.agent import TOOL_HEARTBEAT
-
     from keel.worker import STICKY_TIMEOUT
+    from keel.workflows.agent import TOOL_HEARTBEAT
 
     return {
         "k": k,

@@ -138,7 +138,6 @@ async def _codec_micro(codec: Any, repeat: int = 2000) -> dict[str, float]:
 def _workflow_code_ms(settings: Any, repeat: int = 300) -> dict[str, float]:
     """CPU of the pure per-step decisions the workflow makes, outside the sandbox (ms/step)."""
     from keel.activities.tools.loader import catalog
-
     from keel.gate import check_tool_call
     from keel.policy import Policy, load_policy
 

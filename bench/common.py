@@ -189,9 +189,8 @@ async def keel_worker(
     With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
     """
     from keel.activities.agent import AgentActivities
-    from keel.workflows.agent import AgentWorkflow
-
     from keel.worker import STICKY_TIMEOUT, _activities
+    from keel.workflows.agent import AgentWorkflow
 
     s = dataclasses.replace(settings, task_queue=task_queue)
     sub = _BenchAgentActivities(AgentActivities(pool, s))
@@ -268,10 +267,10 @@ async def demo_request(pool: Any, *, tenant: str = "bench", user: str = "bench")
 
 async def run_keel(client: Client, task_queue: str, req: Any) -> tuple[Any, float, str]:
     """Run one AgentWorkflow to its end; returns (response, wall seconds, workflow id)."""
-    from keel.workflows.agent import TENANT, USER
     from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
     from keel.models import AgentResponse
+    from keel.workflows.agent import TENANT, USER
 
     wid = f"agent/{req.tenant}/{req.request_id}"
     t0 = time.perf_counter()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from keel.activities.ledger import check_invariant
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
 
 from bench.bench_recovery import relevant_violations
+from keel.activities.ledger import check_invariant
 from keel.models import AgentResponse
 
 __all__ = ["assert_nothing_started", "assert_one_exit", "history_counts", "ledger_facts"]

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import yaml
-from keel.activities import audit
-from keel.activities.agent import executed_block
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 
+from keel.activities import audit
+from keel.activities.agent import executed_block
 from keel.agent_io import PlanInput, PlanOutput
 from keel.models import Plan, PlanStep, StepRecord, StepState
 from keel.settings import Settings

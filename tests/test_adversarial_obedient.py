@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities import audit
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowFailureError
 
+from keel.activities import audit
 from keel.models import Approval, StepState
 from keel.settings import Settings
 from tests.adversarial.obedient import ObedientModel

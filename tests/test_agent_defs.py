@@ -6,13 +6,13 @@ their old facts so recorded runs replay)."""
 from __future__ import annotations
 
 import pytest
-from keel.workflows.state import RunState
 
 from keel.agent_io import RunContext
 from keel.agents import Agent, AgentError, agent_tiers, load_agents, merged_policy, select_tools
 from keel.gate import check_tool_call
 from keel.models import StepRecord, StepState, ToolInfo
 from keel.policy import ToolRule, parse_policy
+from keel.workflows.state import RunState
 
 POLICY = parse_policy(
     """version: "2026-12-01.1"
@@ -136,7 +136,6 @@ def test_a_valid_agent_section_loads_and_mcp_rules_need_the_agents_server(tmp_pa
 
 def test_the_shipped_agents_load_against_the_shipped_catalogue_and_policy() -> None:
     from keel.activities.tools.loader import catalog
-
     from keel.policy import load_policy
     from keel.settings import PROJECT_ROOT
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from keel.activities import audit, ledger
 from temporalio.client import Client
 
 from bench.bench_fault import crash_postgres
 from bench.bench_recovery import start_worker, wait_polling, worker_environment
+from keel.activities import audit, ledger
 from keel.budget import scope_path
 from keel.devservices import DevServices, free_port
 from keel.models import AgentResponse

@@ -14,11 +14,11 @@ import uuid
 from typing import Any
 
 import pytest
-from keel.activities.tools.execute import ToolActivities
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities.tools.execute import ToolActivities
 from keel.models import EffectLimit, StepGate, ToolCall
 from tests.helpers import make_order
 

@@ -14,10 +14,10 @@ import uuid
 
 import psycopg
 import pytest
-from keel.activities.audit import append, append_many, trail, verify
 from psycopg_pool import AsyncConnectionPool
 
 import keel.cli.audit as audit_cli
+from keel.activities.audit import append, append_many, trail, verify
 from keel.audit_models import AuditEntry, audit_key
 from keel.cli import CliError
 
@@ -278,7 +278,6 @@ async def test_append_joins_the_callers_transaction(db_pool: AsyncConnectionPool
 
 def test_exports() -> None:
     import keel.activities.audit as audit_mod
-
     import keel.audit_models as models_mod
 
     assert set(audit_mod.__all__) == {

@@ -16,9 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from keel.activities.audit import append_many, checkpoint, verify, verify_checkpoint
 from psycopg_pool import AsyncConnectionPool
 
+from keel.activities.audit import append_many, checkpoint, verify, verify_checkpoint
 from keel.audit_models import AuditEntry
 
 KEY = b"test-hmac-key-0123456789"

@@ -10,10 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from keel.activities import breaker
-from keel.activities.breaker import BreakerConfig
-from keel.activities.tools import registry
-from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import activity
@@ -21,6 +17,10 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities import breaker
+from keel.activities.breaker import BreakerConfig
+from keel.activities.tools import registry
+from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from keel.agent_io import PlanInput, PlanOutput
 from keel.models import Plan, PlanStep, StepState, ToolCall
 from keel.settings import Settings
@@ -260,7 +260,6 @@ async def test_provider_breaker_opens_and_falls_back_to_the_other_provider(
 ) -> None:
     from keel.activities import llm
     from keel.activities.models import close_clients
-
     from keel.models import ChatMessage, ModelCall
     from tests.providers import fake_anthropic as fa
     from tests.providers import fake_openai as fo

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keel.activities import audit, ledger
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel.activities import audit, ledger
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import uuid
 
-from keel.activities import memory
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel.activities import memory
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker
 

@@ -232,9 +232,9 @@ async def test_tool_effects_at_rest_redacted_and_sealed(db_pool) -> None:
     with the keys, and a clear non-retryable error naming the key id without them."""
     import uuid
 
-    from keel.activities.tools import effects
     from psycopg.types.json import Jsonb
 
+    from keel.activities.tools import effects
     from keel.models import ToolResult
 
     ring = _ring("rest-1")

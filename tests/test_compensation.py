@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from keel.activities.ledger import check_invariant
-from keel.workflows.agent import OUTCOME
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
 from bench.bench_recovery import relevant_violations
+from keel.activities.ledger import check_invariant
 from keel.models import RunStatus, StepState
 from keel.settings import Settings
+from keel.workflows.agent import OUTCOME
 from tests.doubles.models import step
 from tests.helpers import make_order
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy

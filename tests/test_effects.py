@@ -12,12 +12,12 @@ import asyncio
 import uuid
 
 import pytest
-from keel.activities.control import ControlActivities
-from keel.activities.tools import ToolActivities
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities.control import ControlActivities
+from keel.activities.tools import ToolActivities
 from keel.agent_io import SettleInput
 from keel.models import ToolCall
 from tests.doubles import tools as testing

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
+from keel import errors
 from keel.activities.audit import AuditError
 from keel.activities.sandbox import SandboxError
 from keel.activities.tools.loader import ToolLoadError
 from keel.activities.tools.registry import LimitExceeded, ToolError
-
-from keel import errors
 from keel.agents import AgentError
 from keel.budget import (
     IdempotencyConflict,

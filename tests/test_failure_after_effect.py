@@ -214,7 +214,6 @@ async def test_a_ledger_refusal_after_an_effect_ends_through_the_one_exit(
     the effect undone, the finish row, the slot — and complete with outcome ``failed``, not
     fail the workflow as an internal error."""
     from keel.activities import ledger
-
     from keel.budget import ReleaseRequest, ReserveRequest
     from tests.helpers import request
     from tests.scripted import effects_of

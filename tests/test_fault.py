@@ -20,10 +20,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from keel.activities.tools.loader import catalog
 from temporalio.client import Client
 
 from bench.bench_fault import fault_run
+from keel.activities.tools.loader import catalog
 from keel.devservices import DevServices, free_port
 from keel.settings import Settings
 

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from keel.activities import audit, concurrency, ledger
-from keel.activities.control import ControlActivities
-from keel.activities.tools import ToolActivities, effects
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities import audit, concurrency, ledger
+from keel.activities.control import ControlActivities
+from keel.activities.tools import ToolActivities, effects
 from keel.agent_io import SettleInput, SettleResult
 from keel.budget import ReleaseRequest, ReleaseResult, scope_path
 from keel.models import PlanStep, StepState, ToolCall, ToolResult

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.activities.tools.loader import catalog
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 
 from keel import decisions as d
+from keel.activities.tools.loader import catalog
 from keel.agent_io import PlanInput, PlanOutput
 from keel.gate import GateDecision, check_tool_call
 from keel.models import AgentResponse, Plan, PlanStep, StepState

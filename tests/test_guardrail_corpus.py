@@ -11,8 +11,8 @@ import base64
 import codecs
 
 import pytest
-from keel.activities.guardrails import detect_injection, scan_input
 
+from keel.activities.guardrails import detect_injection, scan_input
 from tests.adversarial.families import ATTACKS, BENIGN, FAMILIES
 
 
@@ -62,7 +62,6 @@ def test_each_encoding_is_decoded_before_matching(hidden: str) -> None:
 def test_summary_is_scanned_too() -> None:
     """A result over 4 KB leaves ``data`` but its text still reaches the prompt in ``summary``."""
     from keel.activities.agent import executed_block
-
     from keel.models import StepRecord, StepState
 
     block = executed_block(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import keel.activities.guardrails as guardrails
 import pytest
 import yaml
+
+import keel.activities.guardrails as guardrails
 from keel.activities.guardrails import detect_injection, redact, redact_data, scan_input
 
 CORPUS: dict[str, list[Any]] = yaml.safe_load(

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities.tools.loader import catalog
 
+from keel.activities.tools.loader import catalog
 from keel.gate import GateDecision, check_tool_call
 from keel.labels import (
     ExecutedCall,

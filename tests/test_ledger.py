@@ -8,17 +8,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import keel.activities.budget as budget_activities
-import keel.activities.ledger as ledger_module
 import psycopg
 import pytest
-from keel.activities import ledger
-from keel.activities.budget import BudgetActivities
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+import keel.activities.budget as budget_activities
+import keel.activities.ledger as ledger_module
 import keel.budget as budget_module
+from keel.activities import ledger
+from keel.activities.budget import BudgetActivities
 from keel.budget import (
     CommitRequest,
     ExtendRequest,

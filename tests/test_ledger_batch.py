@@ -12,11 +12,11 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.activities import ledger
-from keel.activities.ledger_batch import LedgerBatcher
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from keel.activities import ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from keel.budget import (
     CommitRequest,
     IdempotencyConflict,

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from keel.activities import ledger
 from keel.activities.ledger_batch import LedgerBatcher
-
 from keel.budget import IdempotencyConflict, ReserveRequest
 from keel.db import open_pool
 

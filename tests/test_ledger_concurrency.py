@@ -22,8 +22,9 @@ from typing import Any
 import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keel.activities.ledger import run_sweeper
 from psycopg_pool import AsyncConnectionPool
+
+from keel.activities.ledger import run_sweeper
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from keel.activities import ledger
-from keel.activities.ledger_batch import LedgerBatcher
 
 from bench.bench_fault import crash_postgres
+from keel.activities import ledger
+from keel.activities.ledger_batch import LedgerBatcher
 from keel.budget import CommitRequest, ReservationNotFound, ReserveRequest, scope_path
 from keel.db import apply_migrations, open_pool
 from keel.devservices import DevServices, free_port

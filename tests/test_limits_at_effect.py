@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities import audit
-from keel.activities.tools.execute import ToolActivities
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities import audit
+from keel.activities.tools.execute import ToolActivities
 from keel.models import AgentResponse, Approval, EffectLimit, RunStatus, StepGate, StepState, ToolCall
 from keel.settings import Settings
 from tests.adversarial.obedient import ObedientModel

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from keel.activities import agent_defs
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client as TemporalClient
 
+from keel.activities import agent_defs
 from keel.client import Client
 from keel.devservices import free_port
 from keel.models import Plan, StepState

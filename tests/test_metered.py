@@ -6,13 +6,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from keel.activities import ledger
-from keel.activities.agent import AgentActivities
-from keel.activities.metered import Meter, estimate_input_tokens
 from psycopg_pool import AsyncConnectionPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities import ledger
+from keel.activities.agent import AgentActivities
+from keel.activities.metered import Meter, estimate_input_tokens
 from keel.agent_io import ModelCallsInput
 from keel.budget import OpenRunRequest, ReserveRequest, scope_path
 from keel.models import ChatMessage, ModelCall

@@ -10,10 +10,10 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from keel.activities.models import close_clients
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel.activities.models import close_clients
 from keel.models import StepState
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker

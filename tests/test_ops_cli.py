@@ -289,7 +289,6 @@ def test_follow_as_json_lines_and_list_jsonl(ready_env: dict[str, str], pg_url: 
 
 async def test_budget_history_shows_the_would_be_decision(test_env: dict[str, str], db_pool: object) -> None:
     from keel.activities import ledger
-
     from keel.budget import ReserveRequest, scope_path
 
     tenant = f"t{uuid.uuid4().hex[:8]}"

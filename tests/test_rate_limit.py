@@ -10,6 +10,12 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
 from keel.activities.concurrency import (
     acquire_run_slot,
     in_flight,
@@ -19,12 +25,6 @@ from keel.activities.concurrency import (
 )
 from keel.activities.tools import registry
 from keel.activities.tools.registry import REGISTRY, ToolContext, tool
-from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel
-from temporalio import workflow
-from temporalio.client import Client
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
-
 from keel.client import connect
 from keel.models import ToolCall, ToolResult
 from keel.settings import Settings
@@ -180,9 +180,9 @@ async def test_prepare_run_never_oversubscribes_and_every_run_has_its_audit_row(
     authorized; each holds a slot and an ``allow`` row, each refused one a ``deny`` row
     (``tenant-concurrency``) and no slot; a retried preparation renews its slot instead of
     taking another, and the ending frees it for the next run."""
-    from keel.activities.agent import AgentActivities
     from temporalio.testing import ActivityEnvironment
 
+    from keel.activities.agent import AgentActivities
     from keel.agent_io import FinishInput, PrepareInput
     from tests.helpers import request
 

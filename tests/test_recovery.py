@@ -8,11 +8,11 @@ side effects, the retried attempt on the surviving worker and the ledger invaria
 from __future__ import annotations
 
 import pytest
-from keel.activities.ledger import check_invariant
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from bench.bench_recovery import kill_rounds, relevant_violations
+from keel.activities.ledger import check_invariant
 from keel.devservices import DevServices
 from keel.models import StepState
 from keel.settings import Settings

@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import pytest
-from keel.workflows.agent import AgentWorkflow
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
@@ -30,6 +29,7 @@ from temporalio.worker import Replayer
 from keel.codec import ENCODING, KeyRing, UnknownKeyError, data_converter, new_key_line, parse_keys
 from keel.models import Approval, StepState
 from keel.settings import Settings
+from keel.workflows.agent import AgentWorkflow
 from tests.conftest import TEST_CODEC_KEYS
 from tests.doubles.models import step
 from tests.helpers import make_order, request

@@ -17,7 +17,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from keel.activities.ledger import check_invariant
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
@@ -25,6 +24,7 @@ from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from bench.bench_recovery import relevant_violations
+from keel.activities.ledger import check_invariant
 from keel.models import AgentResponse, Plan, StepState
 from keel.settings import PROJECT_ROOT, Settings, offline_env
 from tests.doubles.models import PlanCall, step

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.activities import ledger
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel.activities import ledger
 from keel.budget import scope_path
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker

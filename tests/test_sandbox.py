@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from keel.activities.sandbox import (
     SandboxError,
     SandboxLimits,
@@ -28,7 +29,6 @@ from keel.activities.sandbox import (
     sandbox_available,
     sandbox_python,
 )
-
 from keel.settings import PROJECT_ROOT
 
 _OK, _WHY = sandbox_available()

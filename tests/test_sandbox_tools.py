@@ -12,10 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from keel.activities.sandbox import sandbox_available
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from keel.activities.sandbox import sandbox_available
 from keel.models import StepState
 from keel.settings import Settings
 from tests.doubles import tools as testing

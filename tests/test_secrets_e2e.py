@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities.models import close_clients
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
+from keel.activities.models import close_clients
 from keel.client import connect
 from keel.codec import KEY_ID_METADATA, data_converter, load_keyring, new_key_line, open_sealed
 from keel.models import AgentResponse, Approval, StepState

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keel.activities.models import close_clients
-from keel.workflows.agent import AgentWorkflow
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer
 
+from keel.activities.models import close_clients
 from keel.codec import data_converter, parse_keys
 from keel.models import AgentResponse, Plan
 from keel.settings import Settings
+from keel.workflows.agent import AgentWorkflow
 from tests.conftest import TEST_CODEC_KEYS
 from tests.helpers import make_order, request, run_agent, running_worker
 from tests.providers import fake_openai as fo

@@ -19,14 +19,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from keel.activities import audit, breaker, ledger
-from keel.activities.tools import ToolActivities, effects, registry
-from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from keel.activities import audit, breaker, ledger
+from keel.activities.tools import ToolActivities, effects, registry
+from keel.activities.tools.registry import REGISTRY, ToolContext, ToolError, tool
 from keel.db import open_pool
 from keel.models import StepGate, ToolCall
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from keel.activities import breaker
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -20,6 +19,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from keel import telemetry
+from keel.activities import breaker
 from keel.settings import Settings
 from tests.helpers import make_order, request, run_agent, running_worker
 

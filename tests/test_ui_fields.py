@@ -12,7 +12,6 @@ import asyncio
 from typing import Any
 
 import pytest
-from keel.workflows.agent import OUTCOME
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
@@ -20,6 +19,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 
 from keel.models import StepState
 from keel.settings import Settings
+from keel.workflows.agent import OUTCOME
 from tests.doubles.models import step
 from tests.scripted import plan, scripted_worker, start, wait_status, write_policy
 

@@ -28,6 +28,18 @@ from temporalio.exceptions import ApplicationError
 # like the pure core: imported once per worker, not once per workflow run.
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
+
+    # ``import keel.decisions`` rather than ``from keel import decisions``: the sandbox sees a
+    # from-import of a submodule as an import of ``keel`` (re-imported for every run as the
+    # workflow module's parent), and Python then loads the submodule past the sandbox's
+    # pass-through check: ``keel.decisions`` was re-executed for every run.
+    import keel.decisions as d
+    from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
+    from keel.intent import unaddressed
+    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
+    from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
+    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
     from keel.workflows.holds import Holds
     from keel.workflows.options import (
         CONTROL_RETRY,
@@ -43,18 +55,6 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.state import RunState
     from keel.workflows.steps import StepRunner
     from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
-
-    # ``import keel.decisions`` rather than ``from keel import decisions``: the sandbox sees a
-    # from-import of a submodule as an import of ``keel`` (re-imported for every run as the
-    # workflow module's parent), and Python then loads the submodule past the sandbox's
-    # pass-through check: ``keel.decisions`` was re-executed for every run.
-    import keel.decisions as d
-    from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
-    from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
-    from keel.intent import unaddressed
-    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
-    from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
-    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 

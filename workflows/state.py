@@ -14,8 +14,6 @@ from typing import Any
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from keel.workflows.details import args_text, phase_details
-
     from keel import decisions as d
     from keel.agent_io import RunContext
     from keel.labels import ExecutedCall, Flow, Label, label_args, step_provenance
@@ -31,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.policy import Policy
     from keel.redact import redact
+    from keel.workflows.details import args_text, phase_details
 
 from keel.workflows.versions import Versions
 

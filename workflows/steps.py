@@ -14,8 +14,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from keel.workflows.details import approval_details, rule_text
-
     from keel import decisions as d
     from keel.agent_io import RunContext, StepGateInput, StepGateResult
     from keel.budget import tool_hold
@@ -35,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.redact import redact
     from keel.text import problem as text_problem
+    from keel.workflows.details import approval_details, rule_text
 
 from keel.workflows.holds import Holds
 from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT

@@ -19,6 +19,9 @@ from typing import Any
 
 from anthropic import AsyncAnthropic
 from anthropic.types import Message
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities.models import split_model, system_text, tool_name
 from keel.activities.models.errors import (
     BAD_REQUEST,
@@ -29,9 +32,6 @@ from keel.activities.models.errors import (
     refusal_error,
     translate_provider_error,
 )
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["AnthropicProvider", "close_clients"]

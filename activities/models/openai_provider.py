@@ -17,6 +17,11 @@ import json
 import os
 from typing import Any
 
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities.models import split_model, system_text, tool_name
 from keel.activities.models.errors import (
     BAD_REQUEST,
@@ -26,11 +31,6 @@ from keel.activities.models.errors import (
     refusal_error,
     translate_provider_error,
 )
-from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.models import ModelCall, ModelResult, Usage
 
 __all__ = ["OpenAIProvider", "close_clients"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from keel.activities.tools import effects
-from keel.activities.tools.registry import LimitExceeded, ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from keel.activities.tools import effects
+from keel.activities.tools.registry import LimitExceeded, ToolContext, ToolError, tool
 from keel.models import EffectLimit
 
 __all__ = ["LookupOrder", "CheckInventory", "IssueRefund", "VoidRefund", "SendEmail", "Noop"]

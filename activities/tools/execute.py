@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from keel import telemetry
 from keel.activities import audit, breaker, ledger
 from keel.activities.guardrails import redact, redact_data
 from keel.activities.heartbeat import heartbeating
@@ -29,12 +35,6 @@ from keel.activities.tools import effects
 from keel.activities.tools.loader import catalog
 from keel.activities.tools.mcp import mcp_spec
 from keel.activities.tools.registry import REGISTRY, LimitExceeded, ToolContext, ToolError
-from psycopg_pool import AsyncConnectionPool
-from pydantic import ValidationError
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
-
-from keel import telemetry
 from keel.agents import McpServer
 from keel.audit_models import AuditEntry
 from keel.budget import CommitRequest, ReleaseRequest, tool_hold

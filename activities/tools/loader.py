@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from keel.activities.tools.registry import REFUSED, declared
-
 from keel.errors import KeelError
 from keel.models import ToolInfo
 

@@ -33,9 +33,9 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from pydantic import BaseModel, ConfigDict
 
+from keel.activities.tools.registry import Tool, ToolContext, ToolError
 from keel.agents import Agent, McpServer
 from keel.errors import INVALID_TOOL_ARGUMENTS, TOOL_PERMANENT_ERROR
 from keel.models import ToolInfo

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from keel.activities.tools.registry import ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
+
+from keel.activities.tools.registry import ToolContext, ToolError, tool
 
 __all__ = ["CloseTicket", "OpenTicket"]
 

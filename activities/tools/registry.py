@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keel.activities.sandbox import SandboxError, SandboxResult, SandboxSpec, run_sandboxed, sandbox_available
 from psycopg import AsyncConnection
 from pydantic import BaseModel
 
+from keel.activities.sandbox import SandboxError, SandboxResult, SandboxSpec, run_sandboxed, sandbox_available
 from keel.errors import INVALID_TOOL_ARGUMENTS, TOOL_PERMANENT_ERROR, KeelError
 from keel.models import StepGate, ToolInfo
 

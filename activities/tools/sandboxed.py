@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from keel.activities.sandbox import SandboxLimits, SandboxResult, SandboxSpec, sandbox_python
 from keel.activities.tools.registry import ToolContext, ToolError, tool
-from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["COMMANDS", "PYTHON_SANDBOX", "COMMAND_SANDBOX", "RunCommand", "RunPython", "result_data"]
 

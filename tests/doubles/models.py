@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from temporalio import activity
+
 from keel.activities.agent import PLAN_FORMAT, PLANNER_SYSTEM
 from keel.activities.models import serve_provider
 from keel.activities.models.offline import OfflineModel
-from temporalio import activity
-
 from keel.models import ModelCall, ModelResult, Plan, PlanStep, Usage
 
 __all__ = [

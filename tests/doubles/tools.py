@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from keel.activities.tools import REGISTRY, ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
+
+from keel.activities.tools import REGISTRY, ToolContext, ToolError, tool
 
 __all__ = ["MODULE", "TEST_PERMISSION", "TEST_TOOLS", "policy_yaml", "register"]
 

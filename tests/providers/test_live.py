@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from keel.activities.models.providers import get_provider
 
+from keel.activities.models.providers import get_provider
 from keel.models import ChatMessage, ModelCall
 from keel.pricing import cost_micros
 

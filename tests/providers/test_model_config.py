@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from keel.activities.llm import check_model_config, configured_models
 
+from keel.activities.llm import check_model_config, configured_models
 from keel.pricing import PricingError
 from keel.settings import PROJECT_ROOT, load_settings, offline_env
 

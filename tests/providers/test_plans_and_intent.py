@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from keel.activities.agent import _check_plan, _check_verdict
 from keel.activities.models.errors import parse_structured
-
 from keel.intent import claimed_effects, intent_of, plan_problems, unaddressed
 from keel.models import Plan
 

@@ -7,9 +7,14 @@ import email.utils
 import time
 from datetime import timedelta
 
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
 import keel.activities.llm as llm
 import keel.activities.models as models
-import pytest
+import keel.pricing as pricing
+import keel.tiers as tiers
 from keel.activities.models import (
     ModelProvider,
     anthropic_provider,
@@ -20,11 +25,6 @@ from keel.activities.models.anthropic_provider import AnthropicProvider
 from keel.activities.models.errors import translate_provider_error
 from keel.activities.models.openai_provider import OpenAIProvider
 from keel.activities.models.providers import get_provider
-from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
-
-import keel.pricing as pricing
-import keel.tiers as tiers
 from keel.models import ChatMessage, ModelCall, Usage
 from keel.pricing import cost_micros
 from tests.providers import fake_anthropic as fa

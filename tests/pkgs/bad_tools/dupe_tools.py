@@ -2,8 +2,9 @@
 
 from typing import Any
 
-from keel.activities.tools import ToolContext, tool
 from pydantic import BaseModel
+
+from keel.activities.tools import ToolContext, tool
 
 
 class _Args(BaseModel):

@@ -24,8 +24,9 @@ import os
 from typing import Any
 
 import httpx
-from keel.activities.tools import ToolContext, ToolError, tool
 from pydantic import BaseModel, ConfigDict, Field
+
+from keel.activities.tools import ToolContext, ToolError, tool
 
 __all__ = ["CancelShipment", "CreateShipment", "carrier_request"]
 
