@@ -52,29 +52,7 @@ async def acquire_run_slot(
     Re-acquiring a slot the run already holds renews its lease and returns ``True``.
     """
     async with conn.transaction():
-        await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
-        renewed = await conn.execute(
-            "update run_slots set expires_at = now() + make_interval(secs => %s) "
-            "where workflow_id = %s and expires_at > now()",
-            (ttl_seconds, workflow_id),
-        )
-        if renewed.rowcount:
-            return True
-        await conn.execute("delete from run_slots where tenant = %s and expires_at <= now()", (tenant,))
-        if limit is not None:
-            row = await (
-                await conn.execute("select count(*) from run_slots where tenant = %s", (tenant,))
-            ).fetchone()
-            if row is not None and row[0] >= limit:
-                return False
-        await conn.execute(
-            "insert into run_slots (workflow_id, tenant, expires_at) "
-            "values (%s, %s, now() + make_interval(secs => %s)) "
-            "on conflict (workflow_id) do update set tenant = excluded.tenant, "
-            "acquired_at = now(), expires_at = excluded.expires_at",
-            (workflow_id, tenant, ttl_seconds),
-        )
-        return True
+        return await acquire_run_slot_in(conn, tenant, workflow_id, limit, ttl_seconds)
 
 
 async def acquire_run_slot_in(
