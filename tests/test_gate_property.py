@@ -283,7 +283,15 @@ async def _one_run(
         raise AssertionError(f"{tool} {args!r}: the run did not end; history {counts}") from None
     assert "internal_error" not in resp.flags and "cleanup_failed" not in resp.flags, (args, resp.reason)
     s3 = next((s for s in resp.steps if s.id == "s3"), None)
-    assert s3 is not None, (args, resp)
+    if s3 is None:
+        # The real plan activity's check (intent rules) refused the whole plan before any of
+        # its steps ran (e.g. s3 names an order the request did not): a clean ending too,
+        # and nothing may have run.
+        assert "plan_refused" in resp.flags and resp.outcome == "needs_human", (args, resp)
+        assert resp.message.startswith("Handed to a human"), resp.message
+        assert not any(s.state == StepState.SUCCEEDED for s in resp.steps), resp.steps
+        await assert_one_exit(pool, handle, resp)
+        return f"plan_refused/{resp.outcome}"
     async with pool.connection() as conn:
         rows = await (
             await conn.execute(

@@ -25,8 +25,10 @@ from tests.scripted import effects_of, plan, scripted_worker, start, wait_status
 async def test_sigkill_mid_step_finishes_on_another_worker_exactly_once(
     client: Client, temporal_services: Settings, test_env: dict[str, str], tmp_path
 ) -> None:
-    rounds = await kill_rounds(client, temporal_services, k=2, log_dir=tmp_path, base_env=test_env)
-    assert len(rounds) == 2
+    # One round here (each asserts exactly-once effects, attempt placement and the ledger's
+    # invariant); bench/bench_recovery.py runs many more for the recovery-time figures.
+    rounds = await kill_rounds(client, temporal_services, k=1, log_dir=tmp_path, base_env=test_env)
+    assert len(rounds) == 1
     for r in rounds:  # each round already asserted effects, attempt placement and invariant
         assert r["refund_attempt"] >= 2
         assert r["kill_to_step_s"] < 30
