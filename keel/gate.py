@@ -50,7 +50,7 @@ from typing import Any
 
 from keel.labels import ExecutedCall, Flow, Label, named_in, parse_address
 from keel.models import Frozen, ToolInfo
-from keel.policy import Check, Condition, Constraint, CumulativeLimit, Policy, compile_pattern
+from keel.policy import ApprovalRule, Check, Condition, Constraint, CumulativeLimit, Policy, compile_pattern
 
 __all__ = [
     "ExecutedCall",
@@ -88,6 +88,23 @@ def _covers(held: Sequence[str], perm: str) -> bool:
         if h == perm or h == "*" or (h.endswith(":*") and perm.startswith(h[:-1])):
             return True
     return False
+
+
+def _ask(
+    rule: ApprovalRule | CumulativeLimit, reason: str, held: tuple[str, ...], amount: float | None = None
+) -> GateDecision:
+    """Allowed once a person approves: ``rule`` (an approval or a cumulative limit) names
+    itself and says how long the person has and what happens when that time runs out."""
+    return GateDecision(
+        allowed=True,
+        rule=rule.name,
+        reason=reason,
+        needs_approval=True,
+        effective_permissions=held,
+        approval_timeout_seconds=rule.timeout_seconds,
+        on_timeout=rule.on_timeout,
+        amount=amount,
+    )
 
 
 def _deny(rule: str, reason: str, perms: tuple[str, ...] = ()) -> GateDecision:
@@ -374,40 +391,21 @@ def _check_tool_call(
         )
     for a in rule.approvals if rule else ():
         if _fires(a.when, args):
-            return GateDecision(
-                allowed=True,
-                rule=a.name,
-                reason=f"{tool.name} needs human approval ({a.name})",
-                needs_approval=True,
-                effective_permissions=held,
-                approval_timeout_seconds=a.timeout_seconds,
-                on_timeout=a.on_timeout,
-                amount=_number(args.get(a.when.arg)) if a.when.arg else None,
-            )
+            amount = _number(args.get(a.when.arg)) if a.when.arg else None
+            return _ask(a, f"{tool.name} needs human approval ({a.name})", held, amount)
     for lim, total in sums:
         if lim.approval_over is not None and total > lim.approval_over:
-            return GateDecision(
-                allowed=True,
-                rule=lim.name,
-                reason=f"{tool.name} needs human approval ({lim.name}: {total:g} in total on "
-                f"{_scope(lim, args)} is over {lim.approval_over:g})",
-                needs_approval=True,
-                effective_permissions=held,
-                approval_timeout_seconds=lim.timeout_seconds,
-                on_timeout=lim.on_timeout,
-                amount=total,
+            why = (
+                f"{tool.name} needs human approval ({lim.name}: {total:g} in total on "
+                f"{_scope(lim, args)} is over {lim.approval_over:g})"
             )
+            return _ask(lim, why, held, total)
     for lim in unknown:  # earlier runs' sum on this order was never read: a human decides
-        return GateDecision(
-            allowed=True,
-            rule=lim.name,
-            reason=f"{tool.name} needs human approval ({lim.name}: earlier {lim.arg} on "
-            f"{_scope(lim, args)} unknown: it was not named in the request)",
-            needs_approval=True,
-            effective_permissions=held,
-            approval_timeout_seconds=lim.timeout_seconds,
-            on_timeout=lim.on_timeout,
+        why = (
+            f"{tool.name} needs human approval ({lim.name}: earlier {lim.arg} on "
+            f"{_scope(lim, args)} unknown: it was not named in the request)"
         )
+        return _ask(lim, why, held)
     if untrusted:
         assert flow is not None
         return GateDecision(
