@@ -196,6 +196,27 @@ async def _with_heartbeats(work: Any) -> Any:
         return await work
 
 
+_STEP_OPEN_SQL = (
+    "select o.*, set_config('synchronous_commit', 'off', true) from keel_tool_step_open("
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, "
+    "%s, %s::text[], %s::bigint, %s::bigint, %s::int, %s::int, %s, %s, %s, %s, %s, %s) o"
+)
+"""The permission row and the hold, after a look at the key's record and the breaker
+(migration 015). Its transaction commits without waiting for its WAL flush: the effect's
+transaction, later on this connection, flushes the WAL past it. A database crash in between
+loses only a hold and an audit row whose effect never happened (the retry re-reserves under
+the same key); an effect is never durable without its decision."""
+_EFFECT_LOCK_SQL = "select keel_tool_effect_lock(%s)"
+"""The key's advisory lock, then its record read under the lock (migration 015): one
+statement for ``effects.lock_statement`` and ``effects.recorded_statement``."""
+
+
+def _locked_row(row: Any) -> Any:
+    """A record column of migration 015's functions as ``effects.from_row`` reads a
+    ``recorded_statement`` row: None when the key has no record (the column is null)."""
+    return None if row is None or row[0] is None else row
+
+
 @dataclass(frozen=True)
 class _Opened:
     """Where ``_open_step`` left the step."""
@@ -214,37 +235,31 @@ class _Opened:
 async def _open_step(
     conn: psycopg.AsyncConnection[Any], call: ToolCall, optional: bool, scope: str, keys: KeyRing | None
 ) -> _Opened:
-    """Everything before the tool runs, in two pipelined round trips on the normal path.
+    """Everything before the tool runs, in ONE pipelined round trip on the normal path.
 
-    1. ``BEGIN``; the key's record; the breaker's state. A record ends it (a replay is not
-       a call: no audit row, no hold, the breaker never sees it).
-    2. With a gate: the permission decision's audit row and the step's budget reservation,
-       ``COMMIT`` (a short transaction of its own: the tenant's audit head and the budget
-       rows are not held while the tool runs); then, when the breaker is closed, ``BEGIN``
-       the effect's transaction, take the key's lock and look for a record again (another
-       attempt may have acted in between).
+    With a gate: ``BEGIN``; ``keel_tool_step_open`` (migration 015) reads the key's record
+    and the breaker's state and, only when the key has no record, appends the permission
+    decision's audit row and places the step's budget reservation; ``COMMIT`` (a short
+    transaction of its own: the tenant's audit head and the budget rows are not held while
+    the tool runs); then ``BEGIN`` the effect's transaction and ``keel_tool_effect_lock``:
+    the key's lock, and a second look at the record under it (another attempt may have acted
+    in between). A record found first means a replay: no audit row, no hold, the breaker
+    never sees it, and the effect's transaction is rolled back unused. So is it when the
+    breaker is not closed (its probe claim must commit on its own, the rare path).
 
     The workflow made the (deterministic) decision; this makes it durable before any effect.
     A ledger DENY, or caps that switch an optional step off, return a refusal instead.
     """
     key = call.idempotency_key
     gate = call.gate
-    async with conn.pipeline():
-        await conn.execute("begin")
-        if gate is None:  # nothing to write first: this is the effect's transaction already
-            await conn.execute(*effects.lock_statement(key), prepare=True)
-        else:
-            # No WAL flush for this commit: the effect's transaction, later on this
-            # connection, flushes the WAL past it. A database crash in between loses only
-            # a hold and an audit row whose effect never happened (the retry re-reserves
-            # under the same key); an effect is never durable without its decision.
-            await conn.execute("set local synchronous_commit = off")
-        looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
-        peeked = await conn.execute(*breaker.peek_statement(scope), prepare=True)
-    # Fetched after the pipeline's one sync (a fetch inside it costs a sync of its own).
-    found = effects.from_row(await looked.fetchone(), key, keys)
-    permit = breaker.closed_permit(await peeked.fetchone())
-    if found is not None or gate is None:
+    if gate is None:  # nothing to write first: this is the effect's transaction already
+        async with conn.pipeline():
+            await conn.execute("begin")
+            looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
+            peeked = await conn.execute(*breaker.peek_statement(scope), prepare=True)
+        # Fetched after the pipeline's one sync (a fetch inside it costs a sync of its own).
+        found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
+        permit = breaker.closed_permit(await peeked.fetchone())
         if found is not None or permit is None:
             await conn.execute("rollback")
         return _Opened(found=found, permit=permit, locked=found is None and permit is not None)
@@ -255,50 +270,52 @@ async def _open_step(
         step_id=call.step_id,
         subject=call.tool,
     )
-    found = None
+    _, entry = audit.append_statement(
+        AuditEntry(
+            **base,
+            kind="permission",
+            decision="allow",
+            reason=gate.reason,
+            data={
+                "rule": gate.rule,
+                "args": redact_data(call.args),
+                **({"provenance": gate.provenance} if gate.provenance else {}),
+                **({"approved_by": gate.approved_by} if gate.approved_by else {}),
+            },
+            idem_key=f"{call.workflow_id}/{call.step_id}/permission",
+        )
+    )
+    hold = ledger.reserve_statement(
+        tool_hold(
+            key=call.reservation_key,
+            scopes=gate.scopes,
+            amount_micros=gate.amount_micros,
+            tool=call.tool,
+            run_id=call.workflow_id,
+            step_id=call.step_id,
+            ttl=gate.hold_ttl_seconds,
+        )
+    )
     with ledger.refusals():
         async with conn.pipeline():
-            await conn.execute(
-                *audit.append_statement(
-                    AuditEntry(
-                        **base,
-                        kind="permission",
-                        decision="allow",
-                        reason=gate.reason,
-                        data={
-                            "rule": gate.rule,
-                            "args": redact_data(call.args),
-                            **({"provenance": gate.provenance} if gate.provenance else {}),
-                            **({"approved_by": gate.approved_by} if gate.approved_by else {}),
-                        },
-                        idem_key=f"{call.workflow_id}/{call.step_id}/permission",
-                    )
-                ),
-                prepare=True,
-            )
-            reserved = await ledger.execute(
-                conn,
-                ledger.reserve_statement(
-                    tool_hold(
-                        key=call.reservation_key,
-                        scopes=gate.scopes,
-                        amount_micros=gate.amount_micros,
-                        tool=call.tool,
-                        run_id=call.workflow_id,
-                        step_id=call.step_id,
-                        ttl=gate.hold_ttl_seconds,
-                    )
-                ),
-            )
+            await conn.execute("begin")
+            opening = await conn.execute(_STEP_OPEN_SQL, (key, scope, *entry, *hold.params), prepare=True)
             await conn.execute("commit")
-            if permit is not None:
-                await conn.execute("begin")
-                await conn.execute(*effects.lock_statement(key), prepare=True)
-                looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
-        res = ledger.reserve_result(await reserved.fetchone())
-        if permit is not None:
-            found = effects.from_row(await looked.fetchone(), key, keys)
-    locked = permit is not None
+            await conn.execute("begin")
+            looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
+    row = await opening.fetchone()
+    assert row is not None
+    record, state, opened_until, lease_until, now, failures, reserved = row[:7]
+    found = effects.from_row(_locked_row((record,)), key, keys)
+    if found is not None:  # a replay: nothing was written, nothing is done under the lock
+        await conn.execute("rollback")
+        return _Opened(found=found)
+    permit = breaker.closed_permit(
+        None if state is None else (state, opened_until, lease_until, now, failures)
+    )
+    res = ledger.reserve_result((reserved,))
+    found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
+    locked = True
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
     who = {k: base[k] for k in ("tenant", "user", "workflow_id", "step_id")}
     # An observe-mode scope's would-be decision is a row of its own (issue 17).
@@ -307,10 +324,11 @@ async def _open_step(
     )
     rows = [observed] if observed is not None else []
     refuse = res.decision == Decision.DENY or (optional and res.caps.disable_optional)
-    if locked and (found is not None or refuse or rows):
+    if found is not None or refuse or rows or permit is None:
         # Nothing was done under the lock. Audit rows are written outside the effect's
         # transaction (they lock the tenant's head, which must not wait on the tool);
-        # ``_effect`` then takes the key's lock itself (the rare path).
+        # ``_effect`` then takes the key's lock itself (the rare path). A breaker that is
+        # not closed is entered outside the effect's transaction (see ``_run``).
         await conn.execute("rollback")
         locked = False
     if found is not None:
@@ -408,9 +426,8 @@ async def _effect(
         if not locked:
             async with conn.pipeline():
                 await conn.execute("begin")
-                await conn.execute(*effects.lock_statement(key), prepare=True)
-                looked = await conn.execute(*effects.recorded_statement(key), prepare=True)
-            found = effects.from_row(await looked.fetchone(), key, keys)
+                looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
+            found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
             if found is not None:
                 await conn.execute("rollback")
                 return found, None
