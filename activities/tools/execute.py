@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -118,9 +119,7 @@ class ToolActivities:
                 return _replayed(call, opened.found)
             if opened.refused is not None:
                 return opened.refused
-            guard = _Guard(
-                conn, scope, breaker.config_from_env(probe_lease_seconds=spec.info.timeout_seconds + 5)
-            )
+            guard = _Guard(conn, scope, probe_lease_seconds=spec.info.timeout_seconds + 5)
             if opened.permit is None:
                 # A breaker that is not closed: its probe claim and its verdict must commit
                 # even when the tool's own writes roll back, so it is acquired on its own,
@@ -449,19 +448,18 @@ async def _effect(
             summary=summarize_result(call.tool, data),
             cost_micros=spec.info.cost_micros,
         )
-        # The record, the ledger commit and COMMIT go out in one round trip.
+        # The record, the ledger commit and COMMIT go out in one round trip, the first two
+        # as ONE statement: the insert is a data-modifying CTE, which PostgreSQL runs to
+        # completion whether or not the ledger's select reads it; either failing fails both.
+        record = effects.record_statement(key, call.tool, call.tenant, result, keys)
+        if call.reservation_key:
+            settle = ledger.commit_statement(
+                CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
+            )
+            record = (f"with recorded as ({record[0]}) {settle.sql}", (*record[1], *settle.params))
         with ledger.refusals():
             async with conn.pipeline():
-                await conn.execute(
-                    *effects.record_statement(key, call.tool, call.tenant, result, keys), prepare=True
-                )
-                if call.reservation_key:
-                    await ledger.execute(
-                        conn,
-                        ledger.commit_statement(
-                            CommitRequest(key=call.reservation_key, actual_micros=result.cost_micros)
-                        ),
-                    )
+                await conn.execute(*record, prepare=True)
                 await conn.execute("commit")
         return None, result
     except BaseException:
@@ -482,9 +480,18 @@ class _Guard:
     """The tool's circuit breaker around one call; its bookkeeping never masks the call's
     own outcome (a breaker write that fails is logged, the tool's error still propagates)."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str, cfg: breaker.BreakerConfig) -> None:
-        self.conn, self.scope, self.cfg = conn, scope, cfg
-        self.owner = f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
+    def __init__(self, conn: psycopg.AsyncConnection[Any], scope: str, *, probe_lease_seconds: float) -> None:
+        self.conn, self.scope, self._lease = conn, scope, probe_lease_seconds
+
+    # Built when the breaker is written to (the rare path): a healthy call's fast path needs
+    # neither the environment's settings nor a fresh owner id.
+    @functools.cached_property
+    def cfg(self) -> breaker.BreakerConfig:
+        return breaker.config_from_env(probe_lease_seconds=self._lease)
+
+    @functools.cached_property
+    def owner(self) -> str:
+        return f"{breaker.WORKER_ID}/{uuid.uuid4().hex[:12]}"
 
     def granted(self, permit: breaker.Permit) -> None:
         """The permit a closed breaker gave without a write (``breaker.closed_permit``)."""
