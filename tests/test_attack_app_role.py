@@ -44,6 +44,16 @@ ATTACKS = {
     "replace-hash-function": (
         "create or replace function keel_audit_field(text) returns text language sql as $$ select '' $$"
     ),
+    # Migration 015: a lock function that no longer locks (or finds no record) would let two
+    # attempts act on one key; one that skips the audit append would act without a decision.
+    "replace-effect-lock-function": (
+        "create or replace function keel_tool_effect_lock(text) returns jsonb "
+        "language sql as $$ select null::jsonb $$"
+    ),
+    "drop-step-open-function": (
+        "drop function keel_tool_step_open(text, text, text, text, text, text, text, text, text, text, "
+        "jsonb, text, text, text[], bigint, bigint, integer, integer, text, text, text, text, text, text)"
+    ),
     "drop-audit-trigger": "drop trigger audit_log_append_only on audit_log",
     "create-function-in-public": (
         "create function public.keel_evil() returns int language sql security definer as $$ select 1 $$"
@@ -148,6 +158,19 @@ def test_keel_app_connection_for_one_tenant_cannot_read_another_tenants_ledger(
             "select limit_micros from keel_budget_scopes where scope = %s", (other,)
         ).fetchall()
     assert rows == []
+
+
+def test_the_step_functions_run_with_the_callers_rights(pg_url: str) -> None:
+    """``keel_tool_step_open`` and ``keel_tool_effect_lock`` (migration 015) are SECURITY
+    INVOKER: calling one can do only what keel_app could do statement by statement (the audit
+    row goes through ``keel_audit_append``, as it would without them), so they open no new way
+    into the audit tables or another tenant's ledger."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "select proname, prosecdef from pg_proc where proname in "
+            "('keel_tool_step_open', 'keel_tool_effect_lock') order by proname"
+        ).fetchall()
+    assert rows == [("keel_tool_effect_lock", False), ("keel_tool_step_open", False)]
 
 
 @pytest.mark.xfail(
