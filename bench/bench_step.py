@@ -4,8 +4,8 @@ A Keel step is what ``AgentWorkflow`` does for every plan step: the gate, pure, 
 workflow, then ONE ``run_tool`` activity that makes its decision durable and acts in two
 PostgreSQL transactions and two pipelined round trips (the key's record and the breaker's
 state read and, with no record, the permission audit row and the budget hold committed
-without a WAL flush of their own, all in one function call, together with the effect
-transaction's BEGIN, key lock and second look-up; the tool, then its ``tool_effects`` row
+without a WAL flush of their own, all in one function call, then COMMIT AND CHAIN into the
+effect's transaction, its key lock and second look-up; the tool, then its ``tool_effects`` row
 with the ledger commit in one statement, and COMMIT), then the rules. The
 floor is a bare workflow executing one trivial activity per step; ``floor+LA``
 adds one trivial local activity per step, i.e. the same Temporal shape as a Keel step with

@@ -286,3 +286,23 @@ async def test_a_tool_that_commits_on_its_own_fails_loudly_and_is_not_recorded(
     assert ended.value.type == "ToolEndedTransaction" and ended.value.non_retryable
     assert await _effect_count(one_conn, f"{wid}/s1") == 0
     assert await _hold(one_conn, f"{wid}/s1/reserve") == ("held", 1000)  # settle_step releases it
+
+
+async def test_the_effect_transaction_commits_durably(one_conn: AsyncConnectionPool) -> None:
+    """The decision and the hold commit without waiting for their WAL flush (a ``SET LOCAL``
+    of their own transaction); the effect's transaction, chained to it on the same
+    connection, must not inherit that: its commit is what makes the effect durable."""
+    name = f"sc_{uuid.uuid4().hex[:6]}"
+
+    async def act(ctx: ToolContext, a: _Args) -> dict[str, Any]:
+        row = await (await ctx.conn.execute("select current_setting('synchronous_commit')")).fetchone()
+        assert row is not None
+        return {"sync": row[0]}
+
+    async with one_conn.connection() as conn:
+        row = await (await conn.execute("select current_setting('synchronous_commit')")).fetchone()
+    assert row is not None and row[0] != "off"
+    wid = f"agent/stepcost/{uuid.uuid4().hex[:8]}"
+    with _registered(name, act):
+        out = await ActivityEnvironment().run(ToolActivities(one_conn).run_tool, _call(name, wid, "s1"))
+    assert out.ok and out.data == {"sync": row[0]}

@@ -238,9 +238,9 @@ async def _open_step(
 
     With a gate: ``BEGIN``; ``keel_tool_step_open`` (migration 015) reads the key's record
     and the breaker's state and, only when the key has no record, appends the permission
-    decision's audit row and places the step's budget reservation; ``COMMIT`` (a short
-    transaction of its own: the tenant's audit head and the budget rows are not held while
-    the tool runs); then ``BEGIN`` the effect's transaction and ``keel_tool_effect_lock``:
+    decision's audit row and places the step's budget reservation; ``COMMIT AND CHAIN``
+    (a short transaction of its own: the tenant's audit head and the budget rows are not held
+    while the tool runs; the chained one is the effect's) and ``keel_tool_effect_lock``:
     the key's lock, and a second look at the record under it (another attempt may have acted
     in between). A record found first means a replay: no audit row, no hold, the breaker
     never sees it, and the effect's transaction is rolled back unused. So is it when the
@@ -299,8 +299,10 @@ async def _open_step(
         async with conn.pipeline():
             await conn.execute("begin")
             opening = await conn.execute(_STEP_OPEN_SQL, (key, scope, *entry, *hold.params), prepare=True)
-            await conn.execute("commit")
-            await conn.execute("begin")
+            # Commits the decision and the hold and begins the effect's transaction, in one
+            # statement. The ``set_config(..., true)`` above ends with the first transaction:
+            # the effect's commits with the server's synchronous_commit (tests/test_step_cost.py).
+            await conn.execute("commit and chain")
             looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
     row = await opening.fetchone()
     assert row is not None

@@ -3,10 +3,11 @@
 -- state (one transaction), then the permission decision's audit row, the step's hold, COMMIT,
 -- and the effect transaction's BEGIN, advisory lock and second look at the record. Each
 -- statement costs the worker client CPU, each round trip a wait. These two functions let it
--- send five statements in ONE round trip with the same transactions and the same order:
+-- send four statements in ONE round trip with the same transactions and the same order:
 --
---   begin; select ... from keel_tool_step_open(...); commit;   -- decision + hold, durable
---   begin; select keel_tool_effect_lock(key);                  -- the effect's transaction
+--   begin; select ... from keel_tool_step_open(...);   -- decision + hold
+--   commit and chain;                                  -- committed; the effect's begins
+--   select keel_tool_effect_lock(key);                 -- its lock, and the record under it
 --
 -- Both are SECURITY INVOKER: they run with the caller's rights and do nothing the caller
 -- could not do statement by statement (the audit row is appended through
