@@ -12,6 +12,10 @@ substitutions registered under the real names:
 * ``prepare_run`` runs the real activity, then adds the hidden ``noop`` tool to the run's
   visible tools. The workflow's gate still checks ``debug:noop`` against the policy and
   audits the decision, exactly as for any other tool.
+
+A run begins with ``begin_run`` (``keel.activities.begin``), which the bench composes from
+these two exactly as the worker composes it from the real ones: the real preparation (all
+its database work), then the scripted plan.
 """
 
 from __future__ import annotations
@@ -189,12 +193,17 @@ async def keel_worker(
     With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
     """
     from keel.activities.agent import AgentActivities
+    from keel.activities.begin import begin_activity
     from keel.worker import STICKY_TIMEOUT, _activities
     from keel.workflows.agent import AgentWorkflow
 
     s = dataclasses.replace(settings, task_queue=task_queue)
     sub = _BenchAgentActivities(AgentActivities(pool, s))
-    replaced: dict[str, Any] = {"prepare_run": sub.prepare_run, "plan": sub.plan}
+    replaced: dict[str, Any] = {
+        "prepare_run": sub.prepare_run,
+        "plan": sub.plan,
+        "begin_run": begin_activity(sub.prepare_run, sub.plan),
+    }
     if timings is not None:
         real = {_activity_name(a): a for a in _activities(pool, s)}
         timed = _Timed(real, timings)

@@ -31,6 +31,9 @@ __all__ = [
     "RunLimits",
     "PrepareInput",
     "RunContext",
+    "BeginInput",
+    "BeginOutput",
+    "first_plan_input",
     "PlanInput",
     "PlanOutput",
     "EvalInput",
@@ -161,6 +164,47 @@ class PlanOutput(Frozen):
     repaired: bool = False
     calls: tuple[ModelCallRecord, ...] = ()
     """One record per model call the step made (each under its own ledger hold)."""
+
+
+class BeginInput(Frozen):
+    """``begin_run``: prepare the run, then (authorized, input passed) make its first plan.
+
+    Carries what the workflow knows before the snapshot exists; the first plan's input is
+    built inside the activity from the snapshot it just took (``first_plan_input``), so the
+    tool catalogue and the run's context travel through history once (in the output), not
+    twice."""
+
+    prepare: PrepareInput
+    tier: str = "fast"
+    """The run's starting tier (the request's ``min_tier`` clamped to its ``max_tier``)."""
+
+
+class BeginOutput(Frozen):
+    context: RunContext
+    plan: PlanOutput | None = None
+    """The first plan; ``None`` when the run was refused or its input blocked (no model
+    call was made, nothing was held or spent)."""
+
+
+def first_plan_input(inp: BeginInput, ctx: RunContext) -> PlanInput:
+    """The first plan's input, exactly as ``Planner.plan`` builds it for iteration 1 (nothing
+    executed yet, no model call booked: the run's whole call allowance is left)."""
+    return PlanInput(
+        workflow_id=inp.prepare.workflow_id,
+        message=inp.prepare.request.message,
+        memory=ctx.memory,
+        tools=ctx.tools,
+        model=ctx.tiers.get(inp.tier, "offline"),
+        executed=(),
+        tier=inp.tier,
+        max_tokens=PLAN_TOKENS,
+        iteration=1,
+        scopes=ctx.scopes,
+        start_tier=inp.tier,
+        tiers=ctx.tiers,
+        max_calls=max(0, ctx.limits.max_model_calls),
+        instructions=ctx.instructions,
+    )
 
 
 class EvalInput(Frozen):

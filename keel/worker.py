@@ -32,6 +32,7 @@ from temporalio.worker import (
 
 from keel.activities.agent import AgentActivities
 from keel.activities.agent_defs import agent_definitions
+from keel.activities.begin import begin_activity
 from keel.activities.breaker import BREAKER_POOL
 from keel.activities.budget import BudgetActivities
 from keel.activities.control import ControlActivities
@@ -69,6 +70,7 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
     return [
         agent.prepare_run,
         agent.plan,
+        begin_activity(agent.prepare_run, agent.plan),
         agent.evaluate,
         agent.finish_run,
         agent.settle_model_calls,

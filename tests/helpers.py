@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from keel.agent_io import PlanInput
+from keel.activities.agent import AgentActivities
+from keel.activities.begin import begin_activity
+from keel.agent_io import BeginInput, BeginOutput, PlanInput, first_plan_input
 from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings
 from keel.worker import build_workers
@@ -32,7 +35,11 @@ async def running_worker(
     """A worker on ``task_queue``; cache 0 by default so every task replays from history."""
     s = dataclasses.replace(settings, task_queue=task_queue, **overrides)
     workers = build_workers(
-        client, pool, s, max_cached_workflows=max_cached_workflows, extra_activities=extra_activities
+        client,
+        pool,
+        s,
+        max_cached_workflows=max_cached_workflows,
+        extra_activities=_with_begin(pool, s, extra_activities),
     )
     async with contextlib.AsyncExitStack() as stack:
         for w in workers:
@@ -40,17 +47,39 @@ async def running_worker(
         yield s
 
 
+def _with_begin(pool: AsyncConnectionPool, settings: Settings, extra: Sequence[Any]) -> list[Any]:
+    """A test that replaces ``plan`` or ``prepare_run`` gets a ``begin_run`` made of its
+    replacement, as the worker makes it of the real ones: the run's first plan is then the
+    test's too."""
+    named = {activity._Definition.must_from_callable(fn).name: fn for fn in extra}
+    if "begin_run" in named or not {"plan", "prepare_run"} & set(named):
+        return list(extra)
+    real = AgentActivities(pool, settings)
+    return [*extra, begin_activity(named.get("prepare_run", real.prepare_run), named.get("plan", real.plan))]
+
+
 async def plan_inputs(client: Client, workflow_id: str) -> list[PlanInput]:
-    """What the workflow gave each ``plan`` activity of a run (decoded from its history): the
-    tool specs offered, with the metadata the prompt does not show."""
+    """What each plan of a run was given (decoded from its history): the tool specs offered,
+    with the metadata the prompt does not show. A run that began with ``begin_run`` made its
+    first plan from that activity's snapshot (``first_plan_input``)."""
     out: list[PlanInput] = []
+    begun: dict[int, BeginInput] = {}
     async for e in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if e.HasField("activity_task_completed_event_attributes"):
+            c = e.activity_task_completed_event_attributes
+            if c.scheduled_event_id in begun:
+                (done,) = await client.data_converter.decode(c.result.payloads, [BeginOutput])
+                out.insert(0, first_plan_input(begun[c.scheduled_event_id], done.context))
+            continue
         if not e.HasField("activity_task_scheduled_event_attributes"):
             continue
         a = e.activity_task_scheduled_event_attributes
         if a.activity_type.name == "plan":
             (inp,) = await client.data_converter.decode(a.input.payloads, [PlanInput])
             out.append(inp)
+        elif a.activity_type.name == "begin_run":
+            (first,) = await client.data_converter.decode(a.input.payloads, [BeginInput])
+            begun[e.event_id] = first
     return out
 
 

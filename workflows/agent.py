@@ -5,7 +5,8 @@ from ``workflow.now()``; decisions come from the pure modules ``keel.decisions``
 ``keel.gate``. The run works from a snapshot (policy, tool catalogue, model tiers) taken
 by its first activity, so a redeploy mid-run cannot change what it decides on replay.
 
-Flow: prepare (authorize + guardrails + memory) → loop { plan (``planning``); for each step
+Flow: prepare (authorize + guardrails + memory; since ``BEGIN_PATCH`` one ``begin_run``
+activity that also makes the first plan) → loop { plan (``planning``); for each step
 (``steps``): gate (audited) → approval? → tool (holds and commits its own cost) → rules } →
 evaluate → cascade/replan/finish. On abort or cancellation the saga (``saga``) undoes
 recorded effects newest first and every open hold (``holds``) is released. Stops are
@@ -22,7 +23,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue, SearchAttributeUpdate
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run.
@@ -34,7 +35,15 @@ with workflow.unsafe.imports_passed_through():
     # workflow module's parent), and Python then loads the submodule past the sandbox's
     # pass-through check: ``keel.decisions`` was re-executed for every run.
     import keel.decisions as d
-    from keel.agent_io import FinishInput, FinishOutput, PrepareInput, RunContext
+    from keel.agent_io import (
+        BeginInput,
+        BeginOutput,
+        FinishInput,
+        FinishOutput,
+        PlanOutput,
+        PrepareInput,
+        RunContext,
+    )
     from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
     from keel.intent import unaddressed
     from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
@@ -46,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         FINISH_LOCAL_TIMEOUT,
         FINISH_RETRY,
         MODEL_HEARTBEAT,
+        MODEL_RETRY,
         MODEL_TIMEOUT,
         PREPARE_TIMEOUT,
     )
@@ -145,11 +155,16 @@ class AgentWorkflow:
         lean = st.versions.lean()  # first: fixes the run's code version (keel.workflows.versions)
         st.phase = "authorizing"
         ctx = RunContext(authorized=False)
+        first: PlanOutput | None = None
         outcome, reason, answer = "completed", "", ""
         internal: BaseException | None = None
         deadline: asyncio.Task[None] | None = None
+        started = workflow.now()
         try:
-            ctx = await self._prepare(req, lean)
+            if st.versions.begin():
+                ctx, first = await self._begin(req)
+            else:
+                ctx = await self._prepare(req, lean)
             st.model_label = ctx.model_label
             st.flags += list(ctx.notes)  # e.g. an MCP server that could not be listed
             if not ctx.authorized:
@@ -159,9 +174,11 @@ class AgentWorkflow:
             else:
                 # The deadline is a timer beside the loop, not asyncio.wait_for: Temporal turns
                 # the cancellation of an awaited activity into an ActivityError the loop would
-                # swallow.
-                deadline = asyncio.create_task(self._deadline(ctx.limits.deadline_seconds))
-                outcome, reason, answer = await self._loop(req, ctx)
+                # swallow. A run that began with ``begin_run`` learns its deadline with its
+                # first plan: the time that took already counts.
+                spent = (workflow.now() - started).total_seconds() if st.versions.begin() else 0.0
+                deadline = asyncio.create_task(self._deadline(ctx.limits.deadline_seconds, spent))
+                outcome, reason, answer = await self._loop(req, ctx, first)
         except Abort as a:
             outcome, reason = a.outcome, a.reason
             st.flags.append(a.flag or a.outcome)
@@ -232,6 +249,52 @@ class AgentWorkflow:
             raise LocalActivityFailed("prepare_run", e) from e
         return ctx
 
+    async def _begin(self, req: AgentRequest) -> tuple[RunContext, PlanOutput | None]:
+        """Prepare and make the first plan in one activity (``BEGIN_PATCH``).
+
+        One activity round trip instead of the preparation's local activity in the first
+        workflow task and a ``plan`` activity whose input carried the snapshot back out: the
+        first plan is made from the snapshot the preparation just took (``begin_run``). No
+        model call before the authorization: a refused run gets its context and no plan.
+
+        The activity retries as a model step does (the preparation is idempotent, see
+        ``keel.activities.begin``). A stop cancels it like a plan, but the workflow waits for
+        the activity to acknowledge (``WAIT_CANCELLATION_COMPLETED``): its preparation is
+        shielded, so the run's ending never overtakes a slot still being taken. When it
+        fails, the run ends through ``_end`` with the empty context (no scopes, no judge),
+        as a failed ``prepare_run`` did: ``finish_run`` releases the slot by workflow id, and
+        the plan's spend is booked from the error's report (or settled from the ledger).
+
+        The deadline: the first plan is bounded by this activity's own timeout and retries
+        (the run's deadline is only known from the snapshot); the run's timer then starts
+        with the time already spent subtracted, so a first plan that overran the deadline
+        stops the run before any step.
+        """
+        st = self._state
+        tier = clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier)
+        inp = BeginInput(
+            prepare=PrepareInput(
+                request=req, workflow_id=st.wid, chain_id=workflow.info().first_execution_run_id
+            ),
+            tier=tier,
+        )
+        try:
+            out: BeginOutput = await self._stopper.interruptible(
+                workflow.start_activity(
+                    "begin_run",
+                    inp,
+                    result_type=BeginOutput,
+                    start_to_close_timeout=MODEL_TIMEOUT,
+                    heartbeat_timeout=MODEL_HEARTBEAT,
+                    retry_policy=MODEL_RETRY,
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"authorize, guardrails, memory; plan #1 ({tier})",
+                )
+            )
+        except ActivityError as e:
+            await self._planner.failed(e, 1, planned=not _prepare_failed(e))
+        return out.context, out.plan
+
     async def _end(
         self,
         req: AgentRequest,
@@ -256,7 +319,7 @@ class AgentWorkflow:
             ) from None
         return resp
 
-    async def _deadline(self, seconds: int) -> None:
+    async def _deadline(self, seconds: int, spent: float = 0.0) -> None:
         if not self._state.versions.patched("keel-deadline-pauses-for-people"):
             await workflow.sleep(seconds, summary="run deadline")
             self._stopper.request(
@@ -265,7 +328,7 @@ class AgentWorkflow:
                 )
             )
             return
-        await self._compute_deadline(seconds)
+        await self._compute_deadline(seconds - spent)
         self._stopper.request(
             Abort(
                 "escape_hatch",
@@ -274,7 +337,7 @@ class AgentWorkflow:
             )
         )
 
-    async def _compute_deadline(self, seconds: int) -> None:
+    async def _compute_deadline(self, seconds: float) -> None:
         """The deadline counts the run's own time: a wait for a person pauses it. That wait
         has its own timeout and safe default, which must be able to fire: a one-hour approval
         timeout inside a five-minute deadline otherwise never does."""
@@ -293,7 +356,9 @@ class AgentWorkflow:
             left -= (workflow.now() - started).total_seconds()
             await workflow.wait_condition(lambda: st.phase != "waiting_approval")
 
-    async def _loop(self, req: AgentRequest, ctx: RunContext) -> tuple[str, str, str]:
+    async def _loop(
+        self, req: AgentRequest, ctx: RunContext, begun: PlanOutput | None = None
+    ) -> tuple[str, str, str]:
         st, limits = self._state, ctx.limits
         tier = clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier)
         st.start_tier = tier
@@ -308,7 +373,11 @@ class AgentWorkflow:
             # The planner shows memory from the second plan on, and every recorded step's
             # result or error: either is untrusted data steering the plan (provenance).
             st.plan_saw_untrusted = bool(st.order) or (iteration > 1 and bool(ctx.memory))
-            plan, tier = await self._planner.plan(req, ctx, tier, iteration)
+            if iteration == 1 and begun is not None:  # made by ``begin_run``
+                st.phase = "planning"
+                plan, tier = self._planner.accept(begun, tier, iteration)
+            else:
+                plan, tier = await self._planner.plan(req, ctx, tier, iteration)
             st.plan_sizes.append(len(plan.plan.steps))
             checked = st.versions.patched(HOLDS_PATCH)  # same answer as inside plan()
             if checked:
@@ -489,6 +558,12 @@ class LocalActivityFailed(Exception):
     def __init__(self, activity_type: str, error: BaseException) -> None:
         super().__init__(f"{activity_type} failed: {error}")
         self.activity_type = activity_type
+
+
+def _prepare_failed(e: ActivityError) -> bool:
+    """Whether ``begin_run`` failed in its preparation (before any model call)."""
+    details: tuple[Any, ...] = tuple(getattr(e.cause, "details", None) or ())
+    return bool(details) and isinstance(details[0], dict) and details[0].get("stage") == "prepare"
 
 
 def _activity_name(e: BaseException) -> str:

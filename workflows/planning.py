@@ -13,6 +13,7 @@ workflow held one reservation per step itself (``_plan_v1`` / ``_evaluate_v1``).
 from __future__ import annotations
 
 import json
+from typing import NoReturn
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -103,16 +104,29 @@ class Planner:
                 )
             )
         except ActivityError as e:
-            self._stopper.note_cancel(e)
-            await self._book_failure(e, f"plan{iteration}")
-            self._stopper.check()
-            if error_type(e) == BUDGET_DENIED:
-                raise Abort("budget_exhausted", f"planning stopped: {cause(e)}", "budget_denied") from e
-            raise Abort("failed", f"planning failed: {cause(e)}", "plan_failed") from e
+            await self.failed(e, iteration)
+        return self.accept(out, tier, iteration)
+
+    async def failed(self, e: ActivityError, iteration: int, *, planned: bool = True) -> NoReturn:
+        """End the run for a plan activity (or ``begin_run``) that gave up: book what it
+        spent, then stop (a cancel, a budget denial, or a failed plan). ``planned=False``:
+        the failure came before any model call (``begin_run``'s preparation) and is the run's
+        activity failure, as a failed ``prepare_run`` was."""
+        self._stopper.note_cancel(e)
+        await self._book_failure(e, f"plan{iteration}")
+        self._stopper.check()
+        if not planned:
+            raise e
+        if error_type(e) == BUDGET_DENIED:
+            raise Abort("budget_exhausted", f"planning stopped: {cause(e)}", "budget_denied") from e
+        raise Abort("failed", f"planning failed: {cause(e)}", "plan_failed") from e
+
+    def accept(self, out: PlanOutput, tier: str, iteration: int) -> tuple[PlanOutput, str]:
+        """Book a plan's calls and take the tier that served it (the ledger may cap it)."""
         self.book(out.calls, f"plan{iteration}")
         served = next((c.tier for c in reversed(out.calls) if c.outcome == "ok" and c.tier), tier)
         if served != tier and served in TIER_ORDER and TIER_ORDER.index(served) < TIER_ORDER.index(tier):
-            st.flags.append(f"capped_to_{served}")  # the ledger capped the tier (low headroom)
+            self._state.flags.append(f"capped_to_{served}")  # the ledger capped the tier (low headroom)
             tier = served
         return out, tier
 

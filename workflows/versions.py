@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-__all__ = ["LEAN_PATCH", "SUBSUMED", "Versions"]
+__all__ = ["BEGIN_PATCH", "LEAN_PATCH", "SUBSUMED", "Versions"]
 
 LEAN_PATCH = "keel-23-lean-run"
 """Issue 23: prepare and (without a model call) finish as local activities, the rules'
@@ -37,15 +37,32 @@ SUBSUMED = frozenset(
 ``LEAN_PATCH`` shipped: runs recorded between the two would then replay it as applied."""
 
 
+BEGIN_PATCH = "keel-23-begin-run"
+"""Issue 23: the run begins with ONE activity, ``begin_run`` (prepare, then the first plan),
+instead of the ``prepare_run`` local activity and a ``plan`` activity. Implies ``LEAN_PATCH``
+and everything it subsumes: a run started since records this one marker only."""
+
+
 class Versions:
     def __init__(self) -> None:
         self._lean: bool | None = None
+        self._begin = False
 
     def lean(self) -> bool:
-        """Whether this run follows the issue-23 shape (asked first at the run's start)."""
+        """Whether this run follows the issue-23 shape (asked first at the run's start).
+
+        ``BEGIN_PATCH`` is asked first: a new run records it and takes ``LEAN_PATCH`` as
+        applied (one marker); a run recorded before it has no such marker, so replay answers
+        ``False`` without recording anything and the run asks ``LEAN_PATCH`` as it did."""
         if self._lean is None:
-            self._lean = workflow.patched(LEAN_PATCH)
+            self._begin = workflow.patched(BEGIN_PATCH)
+            self._lean = self._begin or workflow.patched(LEAN_PATCH)
         return self._lean
+
+    def begin(self) -> bool:
+        """Whether this run begins with ``begin_run`` (``BEGIN_PATCH``; fixed with ``lean``)."""
+        self.lean()
+        return self._begin
 
     def patched(self, patch_id: str) -> bool:
         """``workflow.patched(patch_id)``, without a marker when the lean run implies it."""

@@ -1,0 +1,107 @@
+"""``begin_run``: a run's preparation and its first plan in one activity (issue 23).
+
+A run used to begin with the ``prepare_run`` local activity inside its first workflow task,
+then a ``plan`` activity carrying the whole snapshot back out as its input. ``begin_run``
+does both in one attempt: the preparation (authorization and its audit row, the run slot,
+input guardrails, memory, the snapshot), then — only if the run is authorized and its input
+passed the guardrails — the first plan, built from the snapshot it just took. A refused or
+blocked request makes no model call and holds nothing.
+
+It is composed of the worker's own ``prepare_run`` and ``plan`` (``begin_activity``), so it
+runs the same code they do, and a worker that substitutes either (a benchmark's scripted
+model, a test's planner) begins its runs with the substitute too.
+
+Retries: the activity retries as a model step does (``MODEL_RETRY``); every retry prepares
+again, which is idempotent as the local activity's retries were: the authorization row and
+the input guardrail row are keyed ``<workflow_id>/authorize`` and ``/guardrail-input`` (a
+retry finds its own chain's row and is not taken for a reused request id), the slot is
+keyed by the workflow id (re-acquiring renews it), the ledger's run scope opens once and
+memory is only read. The plan's holds continue their ledger numbering across attempts
+(``keel.activities.metered``).
+
+Cancellation: the preparation is shielded. A cancel that arrives meanwhile is honoured once
+its transaction has committed (the workflow waits for the activity to acknowledge, so the
+run's ending, which releases the slot by workflow id, always comes after the slot was
+taken); the plan is cancellable like any plan.
+
+Failure: an error of the preparation carries ``{"stage": "prepare"}`` as its first detail,
+so the run reports it as the preparation's failure; an error of the plan carries the plan's
+spend report (``with_report``), which the workflow books before the run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from keel.activities.heartbeat import heartbeating
+from keel.activities.llm import HEARTBEAT_EVERY_S
+from keel.agent_io import (
+    BeginInput,
+    BeginOutput,
+    PlanInput,
+    PlanOutput,
+    PrepareInput,
+    RunContext,
+    first_plan_input,
+)
+
+__all__ = ["PREPARE_STAGE", "begin_activity"]
+
+PREPARE_STAGE = {"stage": "prepare"}
+"""First detail of a ``begin_run`` error raised by the preparation (before any model call)."""
+
+Prepare = Callable[[PrepareInput], Awaitable[RunContext]]
+Planner = Callable[[PlanInput], Awaitable[PlanOutput]]
+
+
+def begin_activity(prepare: Prepare, plan: Planner) -> Callable[[BeginInput], Awaitable[BeginOutput]]:
+    """The ``begin_run`` activity made of ``prepare`` and ``plan`` (the worker's own)."""
+
+    @activity.defn(name="begin_run")
+    async def begin_run(inp: BeginInput) -> BeginOutput:
+        ctx = await _prepared(prepare, inp.prepare)
+        if not (ctx.authorized and ctx.input_ok):
+            return BeginOutput(context=ctx)  # refused: no model call, nothing held
+        out = await plan(first_plan_input(inp, ctx))
+        return BeginOutput(context=ctx, plan=out)
+
+    return begin_run
+
+
+async def _prepared(prepare: Prepare, inp: PrepareInput) -> RunContext:
+    """Run ``prepare`` to its end even if the activity is cancelled meanwhile (then re-raise
+    the cancellation), heartbeating while it waits (a run slot's lock may take a while)."""
+    task = asyncio.ensure_future(_tagged(prepare, inp))
+    async with heartbeating(HEARTBEAT_EVERY_S):
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await task  # let its transaction commit or roll back before reporting
+            raise
+
+
+async def _tagged(prepare: Prepare, inp: PrepareInput) -> RunContext:
+    try:
+        return await prepare(inp)
+    except ApplicationError as e:
+        raise ApplicationError(
+            e.message,
+            PREPARE_STAGE,
+            *e.details,
+            type=e.type,
+            non_retryable=e.non_retryable,
+            next_retry_delay=e.next_retry_delay,
+        ) from e
+    except Exception as e:  # the database, a tool module: retryable, as before
+        raise ApplicationError(_text(e), PREPARE_STAGE, type=type(e).__name__) from e
+
+
+def _text(e: Any) -> str:
+    return str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
