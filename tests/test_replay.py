@@ -10,8 +10,12 @@ Re-record deliberately (after an intentional, versioned change) with
 
 ``lean_<shape>.json`` are the same shapes recorded on the lean run of issue 23 (one patch
 marker, prepare and a model-less finish as local activities, the rules' evaluation in the
-workflow); the others were recorded before it and prove the old path still replays. Record
-only the lean ones with ``KEEL_RECORD_HISTORIES=lean``.
+workflow); the others were recorded before it and prove the old path still replays.
+``begin_<shape>.json`` are recorded on the run that begins with ``begin_run`` (patch
+``keel-23-begin-run``: preparation and first plan in one activity), plus ``begin_denied``
+(a refused request: no plan at all). New runs take that shape, so it is the only one that
+can still be recorded: ``KEEL_RECORD_HISTORIES=begin``. (``=1`` and ``=lean`` recorded the
+older shapes before it; those files are kept as they are.)
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ SHAPES = (
 )
 LEAN = tuple(f"lean_{shape}" for shape in SHAPES)
 """Golden histories of the issue-23 lean run (``keel.workflows.versions.LEAN_PATCH``)."""
+FRESH = (*SHAPES, "denied")
+"""Shapes a fresh run records: the golden ones, and a refused request."""
+BEGIN = tuple(f"begin_{shape}" for shape in FRESH)
+"""Golden histories of the run that begins with ``begin_run`` (``BEGIN_PATCH``)."""
 
 
 ENCRYPTED_GOLDEN = HISTORIES / "encrypted_demo_refund.json"
@@ -91,8 +99,10 @@ async def _record_shapes(
         client, pool, settings, task_queue, [], policy_file=write_policy(tmp_path), monkeypatch=monkeypatch
     ) as p:
         p._script = script
-        for name in SHAPES:
-            if name == "demo_refund":
+        for name in FRESH:
+            if name == "denied":  # a user the policy does not know: refused before any plan
+                req = request(f"shape {name}", request_id=f"replay-{name}-{os.getpid()}", user="mallory")
+            elif name == "demo_refund":
                 req = request(
                     f"Refund order {order} and e-mail the customer", request_id=f"replay-{name}-{os.getpid()}"
                 )
@@ -121,6 +131,7 @@ async def _record_shapes(
                 "deadline": "escape_hatch",
                 "fallback": "completed",
                 "error_cascade": "escape_hatch",
+                "denied": "denied",
             }[name]
             assert resp.outcome == expected, (name, resp)
             histories[name] = await handle.fetch_history()
@@ -149,15 +160,11 @@ async def test_fresh_histories_replay(
     replayer = _replayer()
     for history in histories.values():
         await replayer.replay_workflow(history)  # raises on any nondeterminism
-    if os.environ.get("KEEL_RECORD_HISTORIES") == "1":
-        HISTORIES.mkdir(exist_ok=True)
+    if os.environ.get("KEEL_RECORD_HISTORIES") == "begin":
         for name, history in histories.items():
-            (HISTORIES / f"{name}.json").write_text(history.to_json())
-        ENCRYPTED_GOLDEN.write_text(histories["demo_refund"].to_json())
-    if os.environ.get("KEEL_RECORD_HISTORIES") == "lean":
-        for name, history in histories.items():
-            (HISTORIES / f"lean_{name}.json").write_text(history.to_json())
-    _assert_lean(histories["demo_refund"])
+            (HISTORIES / f"begin_{name}.json").write_text(history.to_json())
+    _assert_begin(histories["demo_refund"])
+    _assert_begin(histories["denied"], denied=True)
 
 
 def _assert_lean(history: WorkflowHistory) -> None:
@@ -184,6 +191,31 @@ def _assert_lean(history: WorkflowHistory) -> None:
         "run_tool",
     ], remote
     assert len(history.events) < 49, len(history.events)  # the peer's demo run: 49 events
+
+
+def _assert_begin(history: WorkflowHistory, *, denied: bool = False) -> None:
+    """The run since ``BEGIN_PATCH``: still ONE patch marker; the first workflow task runs no
+    local activity (preparation and first plan are the one ``begin_run`` activity); the
+    model-less finish is a local activity. A refused request schedules nothing but
+    ``begin_run``, and the first plan's input (tools, snapshot) is nowhere in history."""
+    from keel.workflows.versions import BEGIN_PATCH
+
+    patches, local, remote = [], [], []
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            a = e.marker_recorded_event_attributes
+            if a.marker_name == "core_patch":
+                patches.append(a.details["patch-data"].payloads[0].data)
+            elif a.marker_name == "core_local_activity":
+                local.append(a.details["data"].payloads[0].data)
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    assert len(patches) == 1 and BEGIN_PATCH.encode() in patches[0], patches
+    assert not any(b'"prepare_run"' in d for d in local) and any(b'"finish_run"' in d for d in local), local
+    assert remote == (["begin_run"] if denied else ["begin_run", "run_tool", "run_tool", "run_tool"]), remote
+    if not denied:
+        lean = WorkflowHistory.from_json("lean", (HISTORIES / "lean_demo_refund.json").read_text())
+        assert len(history.events) < len(lean.events), (len(history.events), len(lean.events))
 
 
 async def test_encrypted_golden_history_replays_only_with_its_key(caplog: pytest.LogCaptureFixture) -> None:
@@ -234,7 +266,7 @@ def _payloads(event) -> list:
     return found
 
 
-@pytest.mark.parametrize("shape", SHAPES + LEAN)
+@pytest.mark.parametrize("shape", SHAPES + LEAN + BEGIN)
 async def test_golden_histories_replay(shape: str) -> None:
     path = HISTORIES / f"{shape}.json"
     assert path.exists(), f"missing golden history {path}; record it (see module docstring)"
@@ -242,6 +274,8 @@ async def test_golden_histories_replay(shape: str) -> None:
     await _replayer().replay_workflow(history)
     if shape == "lean_demo_refund":
         _assert_lean(history)
+    if shape in ("begin_demo_refund", "begin_denied"):
+        _assert_begin(history, denied=shape == "begin_denied")
 
 
 def test_lean_run_subsumes_exactly_the_patches_made_before_it() -> None:
