@@ -1,11 +1,13 @@
-"""Attacks on the lean run shape (patch ``keel-23-lean-run``): ``prepare_run`` and the
-model-less ``finish_run`` are LOCAL activities, so they run inside a workflow task and leave
-no activity events; a worker SIGKILLed while one of them is inside its database transaction
-must leave nothing half-done, and the next worker must run it again to the same end.
+"""Attacks on the lean run shape (patch ``keel-23-lean-run``, and ``keel-23-begin-run`` that
+new runs take): the model-less ``finish_run`` is a LOCAL activity, so it runs inside a
+workflow task and leaves no activity events, and the run's preparation runs inside
+``begin_run`` (before its first plan; it was the ``prepare_run`` local activity). A worker
+SIGKILLed while one of them is inside its database transaction must leave nothing
+half-done, and the next worker must run it again to the same end.
 
 The worker is a real ``worker.py`` process (offline planner, real tools). The test pins the
-moment: it holds a lock the local activity's transaction needs (the tenant's run-slot
-advisory lock for ``prepare_run``, the run's ``run_slots`` row for ``finish_run``), waits
+moment: it holds a lock the transaction needs (the tenant's run-slot advisory lock for
+``begin_run``'s preparation, the run's ``run_slots`` row for ``finish_run``), waits
 until PostgreSQL shows that backend waiting on it, SIGKILLs the worker, lets go, and starts a
 fresh worker. Checked from the database: the run ends ``completed``; no run slot is left;
 exactly one authorization row and one finish row; one refund; the run's reported spend
@@ -91,7 +93,7 @@ async def _checks(url: str, handle: Any, tenant: str) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
+@pytest.mark.parametrize("where", ["begin_run", "finish_run"])
 async def test_sigkill_inside_a_local_activity_transaction(
     where: str,
     client: Client,
@@ -115,7 +117,7 @@ async def test_sigkill_inside_a_local_activity_transaction(
     holder = await psycopg.AsyncConnection.connect(pg_url)
     try:
         await wait_polling(client, queue, first, within=90)
-        if where == "prepare_run":
+        if where == "begin_run":
             await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
             handle = await start(
                 client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
@@ -174,7 +176,7 @@ def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
 
 @pytest.mark.slow  # a 40 s outage, twice: `make test-slow`, not `make test`
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("where", ["prepare_run", "finish_run"])
+@pytest.mark.parametrize("where", ["begin_run", "finish_run"])
 async def test_postgres_down_longer_than_the_local_activity_timeout(
     where: str, client: Client, own_pg: DevServices, test_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -199,7 +201,7 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
             )
         holder = await psycopg.AsyncConnection.connect(url)
         msg = f"Refund order {order} and e-mail the customer"
-        if where == "prepare_run":
+        if where == "begin_run":
             await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
             handle = await start(client, queue, request(msg, tenant=tenant))
             await _wait_blocked(url, "%pg_advisory_xact_lock%")
