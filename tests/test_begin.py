@@ -175,3 +175,33 @@ async def test_a_run_cancelled_during_its_first_plan_ends_cleanly(
     async with db_pool.connection() as conn:
         view = await ledger.show(conn, scope_path("acme", "default", "alice", handle.id)[-1])
     assert view is not None and view.spent_micros == resp.spend.total_micros and view.reserved_micros == 0
+
+
+async def test_a_preparation_that_fails_ends_the_run_failed_and_cleanly(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broken policy file: ``begin_run`` fails in its preparation (not retried), the run
+    reports the preparation's failure (not a planning failure), no model was called, and
+    the ending still writes its finish row."""
+
+    async def never(call: ModelCall, n: int) -> ModelResult:
+        raise AssertionError("a run that could not be prepared called a model")
+
+    model = _Recording(never)
+    serve_test_tools(monkeypatch)
+    policy = tmp_path / "broken.yaml"
+    policy.write_text("roles: [unterminated\n")
+    with model.serving():
+        async with running_worker(client, db_pool, temporal_services, task_queue, policy_file=policy):
+            handle = await start(client, task_queue, request("echo hi"))
+            resp = await asyncio.wait_for(handle.result(), timeout=60)
+    assert resp.outcome == "failed" and resp.reason.startswith("begin_run failed: "), resp
+    assert "activity_failed" in resp.flags and model.calls == [] and resp.spend.total_micros == 0
+    rows = await _rows(db_pool, handle.id)
+    keys = [k for k, _ in rows["audit"]]
+    assert keys == [f"{handle.id}/finish"] and rows["slots"] == 0 and rows["holds"] == [], rows
