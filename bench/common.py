@@ -32,13 +32,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker
 
 from keel.agent_io import (
     PlanInput,
@@ -194,8 +192,7 @@ async def keel_worker(
     """
     from keel.activities.agent import AgentActivities
     from keel.activities.begin import begin_activity
-    from keel.worker import STICKY_TIMEOUT, _activities
-    from keel.workflows.agent import AgentWorkflow
+    from keel.worker import _activities, main_worker
 
     s = dataclasses.replace(settings, task_queue=task_queue)
     sub = _BenchAgentActivities(AgentActivities(pool, s))
@@ -210,14 +207,12 @@ async def keel_worker(
         replaced.update({"authorize_step": timed.authorize_step, "run_tool": timed.run_tool})
     # keel.worker's own list, so an activity added there is benchmarked here too.
     acts = [a for a in _activities(pool, s) if _activity_name(a) not in replaced]
-    worker = Worker(
+    worker = main_worker(
         client,
+        pool,
         task_queue=task_queue,
-        workflows=[AgentWorkflow],
         activities=[*acts, *replaced.values()],
         max_cached_workflows=max_cached_workflows,
-        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-        graceful_shutdown_timeout=timedelta(seconds=5),
     )
     async with worker:
         yield

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from types import CodeType
+from typing import Any, cast
 
 from temporalio import activity
 from temporalio.activity import _Definition
@@ -27,8 +30,12 @@ from temporalio.worker import (
     ExecuteActivityInput,
     Interceptor,
     Worker,
+    WorkflowInstance,
+    WorkflowInstanceDetails,
     WorkflowInterceptorClassInput,
 )
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox._runner import _Instance
 
 from keel.activities.agent import AgentActivities
 from keel.activities.agent_defs import agent_definitions
@@ -49,7 +56,7 @@ from keel.telemetry import annotate, setup_telemetry, shutdown_telemetry, tenant
 from keel.workflows.agent import AgentWorkflow
 from keel.workflows.arity import OneRequest
 
-__all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "run_worker"]
+__all__ = ["STICKY_TIMEOUT", "KeelActivityInterceptor", "build_workers", "main_worker", "run_worker"]
 
 STICKY_TIMEOUT = timedelta(seconds=2)
 """How long a workflow task waits for the worker that cached its run before any worker may
@@ -60,6 +67,39 @@ worker are immediate, so a short value costs nothing."""
 HEARTBEAT_THROTTLE = timedelta(seconds=1)
 """Send heartbeats at least this often. The SDK's default throttle is 0.8x the heartbeat
 timeout, which leaves tools (4 s timeout) under a second of slack and delays cancellation."""
+
+
+GRACEFUL_SHUTDOWN = timedelta(seconds=5)
+"""How long a stopping worker lets running activities finish before it cancels them."""
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(code: str) -> CodeType:
+    return compile(code, "<sandbox>", "exec")
+
+
+class _CompiledInstance(_Instance):
+    """The SDK's sandboxed workflow instance, with each snippet it ``exec``s compiled once.
+
+    temporalio 1.35 enters the sandbox through ``exec`` of a short source string, and not
+    only to activate a run: for every payload sequence of every activation and completion
+    (three passes each way) it asks the sandboxed run for the payload's serialization
+    context that way, ~85 times per demo run. ``exec`` of a string compiles it each time;
+    the strings are a handful of constants, so this runs the same code, compiled once
+    (~2-3 ms of worker CPU per demo run). Everything else — the importer, the restrictions,
+    the per-run re-import of the workflow module — is the SDK's own.
+    """
+
+    def _run_code(self, code: str, **extra_globals: Any) -> None:
+        super()._run_code(cast(str, _compiled(code)), **extra_globals)  # exec takes code objects
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSandboxRunner(SandboxedWorkflowRunner):
+    """``SandboxedWorkflowRunner`` whose instances are ``_CompiledInstance`` (same sandbox)."""
+
+    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
+        return _CompiledInstance(det, self.runner_class, self.restrictions)
 
 
 def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[Any]:
@@ -141,6 +181,34 @@ class _ActivityContext(ActivityInboundInterceptor):
             BREAKER_POOL.reset(token)
 
 
+def main_worker(
+    client: Client,
+    pool: Any,
+    *,
+    task_queue: str,
+    activities: Sequence[Any],
+    max_cached_workflows: int = 1000,
+    interceptors: Sequence[Interceptor] = (),
+) -> Worker:
+    """The worker that runs ``AgentWorkflow`` and ``activities``: the one definition of its
+    options. ``build_workers`` serves with it and ``bench.common.keel_worker`` benchmarks
+    with it (only the activities differ there), so the benchmarks measure what users run.
+
+    """
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[AgentWorkflow],
+        activities=list(activities),
+        max_cached_workflows=max_cached_workflows,
+        sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        interceptors=[*interceptors, KeelActivityInterceptor(pool)],
+        workflow_runner=CompiledSandboxRunner(),
+    )
+
+
 def build_workers(
     client: Client,
     pool: Any,
@@ -163,16 +231,13 @@ def build_workers(
     queue = task_queue or settings.task_queue
     chain = [*interceptors, KeelActivityInterceptor(pool)]
     workers = [
-        Worker(
+        main_worker(
             client,
+            pool,
             task_queue=queue,
-            workflows=[AgentWorkflow],
             activities=_merge(_activities(pool, settings, ledger_pool), extra_activities),
             max_cached_workflows=max_cached_workflows,
-            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
-            max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-            graceful_shutdown_timeout=timedelta(seconds=5),
-            interceptors=chain,
+            interceptors=interceptors,
         )
     ]
 
