@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -29,6 +30,7 @@ from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
     Interceptor,
+    PollerBehaviorAutoscaling,
     Worker,
     WorkflowInstance,
     WorkflowInstanceDetails,
@@ -68,6 +70,14 @@ HEARTBEAT_THROTTLE = timedelta(seconds=1)
 """Send heartbeats at least this often. The SDK's default throttle is 0.8x the heartbeat
 timeout, which leaves tools (4 s timeout) under a second of slack and delays cancellation."""
 
+
+POLLERS = PollerBehaviorAutoscaling()
+"""Workflow and activity pollers follow the server's feedback (1 to 100 open polls, 5 at
+first) instead of the SDK's fixed 5: Temporal's recommended setting (the default of later
+SDKs; it needs Temporal Server 1.28 or later). With 30 demo runs in flight on one worker,
+5 open polls leave tasks waiting at the server, which queues them (a task no poller is
+waiting for is stored, then read back); measured: runs/s +7 to +18 % over the default, with
+slightly less server CPU per run."""
 
 GRACEFUL_SHUTDOWN = timedelta(seconds=5)
 """How long a stopping worker lets running activities finish before it cancels them."""
@@ -194,6 +204,7 @@ def main_worker(
     options. ``build_workers`` serves with it and ``bench.common.keel_worker`` benchmarks
     with it (only the activities differ there), so the benchmarks measure what users run.
 
+    Pollers autoscale (``POLLERS``); everything else not named here keeps the SDK's default.
     """
     return Worker(
         client,
@@ -206,6 +217,8 @@ def main_worker(
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         interceptors=[*interceptors, KeelActivityInterceptor(pool)],
         workflow_runner=CompiledSandboxRunner(),
+        workflow_task_poller_behavior=POLLERS,
+        activity_task_poller_behavior=POLLERS,
     )
 
 
@@ -276,6 +289,11 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
         client = with_tracing(client, tracer_provider)
     stop = stop or asyncio.Event()
     workers = build_workers(client, pool, settings, ledger_pool=ledger_pool)
+    # Everything imported and built so far lives as long as the process: frozen, the
+    # collector's full passes stop re-scanning it (measured under 30 demo runs in flight:
+    # full passes ~108 -> ~65 ms, collector time per run 2.9 -> 2.4 ms).
+    gc.collect()
+    gc.freeze()
     sweeper = asyncio.create_task(run_sweeper(pool, interval_seconds=5.0, stop=stop))
     try:
         async with contextlib.AsyncExitStack() as stack:
