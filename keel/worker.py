@@ -97,7 +97,10 @@ class _CompiledInstance(_Instance):
     context that way, ~85 times per demo run. ``exec`` of a string compiles it each time;
     the strings are a handful of constants, so this runs the same code, compiled once
     (~2-3 ms of worker CPU per demo run). Everything else — the importer, the restrictions,
-    the per-run re-import of the workflow module — is the SDK's own.
+    the per-run re-import of the workflow module — is the SDK's own. It subclasses a private
+    SDK class: if an upgrade renames ``_run_code`` the override is simply unused (the stock
+    behaviour); ``tests/test_worker_runner.py`` replays every golden history through it and
+    checks that the snippets come from the cache.
     """
 
     def _run_code(self, code: str, **extra_globals: Any) -> None:
@@ -204,7 +207,10 @@ def main_worker(
     options. ``build_workers`` serves with it and ``bench.common.keel_worker`` benchmarks
     with it (only the activities differ there), so the benchmarks measure what users run.
 
-    Pollers autoscale (``POLLERS``); everything else not named here keeps the SDK's default.
+    Pollers autoscale (``POLLERS``); everything else not named here keeps the SDK's default,
+    measured under 30 demo runs in flight: a 2-thread workflow task executor (the SDK's grows
+    to 500) changed neither runs/s nor CPU per run, and the slot limits (100 workflow tasks,
+    activities and local activities) are never reached on one interpreter.
     """
     return Worker(
         client,
