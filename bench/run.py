@@ -367,7 +367,9 @@ def _peer_md(r: dict[str, Any]) -> str:
         [
             f"Peer model: {r['model']}. Both run in-process on one worker each, interleaved; "
             f"{r['rounds']} rounds, per step from N=1 vs N={r['steps_big']} noop runs; runs/s "
-            f"from {r['batch']} concurrent demo tasks.",
+            f"from {r['batch']} concurrent demo tasks, the median of {r.get('batches', 1)} interleaved "
+            f"batches (throughput ratio: the median of adjacent pairs, "
+            f"{r.get('throughput_pair_ratios', [])}).",
             _table(
                 [
                     "system",
