@@ -168,6 +168,7 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         run_keel,
         spread,
     )
+    from keel.worker import POLLERS
 
     if PEER_AVAILABLE:
         return {"skipped": PEER_AVAILABLE}
@@ -182,7 +183,16 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     lat: dict[str, dict[Any, list[float]]] = {k: {1: [], big: [], "task": []} for k in ("keel", "peer")}
     wids: dict[str, str] = {}
     async with (
-        Worker(peer_client, task_queue=tq, workflows=[PeerWorkflow], max_cached_workflows=1000),
+        Worker(
+            peer_client,
+            task_queue=tq,
+            workflows=[PeerWorkflow],
+            max_cached_workflows=1000,
+            # Keel's poller setting (keel.worker.POLLERS): the ratio compares the frameworks,
+            # not a worker option either could set.
+            workflow_task_poller_behavior=POLLERS,
+            activity_task_poller_behavior=POLLERS,
+        ),
         keel_worker(client, pool, settings, ktq),
     ):
         await _peer_run(peer_client, tq, "noop-bench N=2")  # warm-up both sides

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import gc
 import os
 from collections.abc import Sequence
 from datetime import timedelta
-from types import CodeType
-from typing import Any, cast
+from typing import Any
 
 from temporalio import activity
 from temporalio.activity import _Definition
@@ -32,12 +29,8 @@ from temporalio.worker import (
     Interceptor,
     PollerBehaviorAutoscaling,
     Worker,
-    WorkflowInstance,
-    WorkflowInstanceDetails,
     WorkflowInterceptorClassInput,
 )
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
-from temporalio.worker.workflow_sandbox._runner import _Instance
 
 from keel.activities.agent import AgentActivities
 from keel.activities.agent_defs import agent_definitions
@@ -81,38 +74,6 @@ slightly less server CPU per run."""
 
 GRACEFUL_SHUTDOWN = timedelta(seconds=5)
 """How long a stopping worker lets running activities finish before it cancels them."""
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(code: str) -> CodeType:
-    return compile(code, "<sandbox>", "exec")
-
-
-class _CompiledInstance(_Instance):
-    """The SDK's sandboxed workflow instance, with each snippet it ``exec``s compiled once.
-
-    temporalio 1.35 enters the sandbox through ``exec`` of a short source string, and not
-    only to activate a run: for every payload sequence of every activation and completion
-    (three passes each way) it asks the sandboxed run for the payload's serialization
-    context that way, ~85 times per demo run. ``exec`` of a string compiles it each time;
-    the strings are a handful of constants, so this runs the same code, compiled once
-    (~2-3 ms of worker CPU per demo run). Everything else — the importer, the restrictions,
-    the per-run re-import of the workflow module — is the SDK's own. It subclasses a private
-    SDK class: if an upgrade renames ``_run_code`` the override is simply unused (the stock
-    behaviour); ``tests/test_worker_runner.py`` replays every golden history through it and
-    checks that the snippets come from the cache.
-    """
-
-    def _run_code(self, code: str, **extra_globals: Any) -> None:
-        super()._run_code(cast(str, _compiled(code)), **extra_globals)  # exec takes code objects
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledSandboxRunner(SandboxedWorkflowRunner):
-    """``SandboxedWorkflowRunner`` whose instances are ``_CompiledInstance`` (same sandbox)."""
-
-    def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
-        return _CompiledInstance(det, self.runner_class, self.restrictions)
 
 
 def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[Any]:
@@ -222,7 +183,6 @@ def main_worker(
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         interceptors=[*interceptors, KeelActivityInterceptor(pool)],
-        workflow_runner=CompiledSandboxRunner(),
         workflow_task_poller_behavior=POLLERS,
         activity_task_poller_behavior=POLLERS,
     )
