@@ -677,16 +677,16 @@ class AgentActivities:
             # Memory, the finish row, the run slot and the run's stats commit together: one
             # WAL flush instead of four, and a retry (the ending retries until the database
             # answers) finds all of them or none. Each write is idempotent on its own too.
-            # Pipelined: ``BEGIN``, the turn, the finish row, the slot's release and the
-            # anomaly baseline's reads go out in one round trip; the run's stats row (and an
-            # anomaly audit row, after a look at whether this attempt recorded the run) and
-            # ``COMMIT`` in the second.
+            # Pipelined: ``BEGIN``, the turn and its fold, the finish row, the slot's release,
+            # the run's stats row and ``COMMIT`` go out in one round trip when no baseline can
+            # flag the run (see ``queue_flag_run``); otherwise the baseline's reads come back
+            # first and the stats row (and an anomaly audit row, after a look at whether this
+            # attempt recorded the run) and ``COMMIT`` go in a second.
             try:
                 async with conn.pipeline():
                     await conn.execute("begin")
-                    fold = None
                     if inp.outcome not in ("denied",) and mem_session:
-                        fold = await memory.queue_save(
+                        await memory.queue_save(
                             conn,
                             req.tenant,
                             mem_session,
@@ -717,8 +717,6 @@ class AgentActivities:
                     )
                     released = await conn.execute(RELEASE_SLOT_SQL, (inp.workflow_id,))
                     record = await queue_flag_run(conn, inp, activity.info().workflow_type)
-                    if fold is not None:
-                        await fold()  # the first round trip's sync; folds old turns if any
                     settle = await record()
                     await conn.execute("commit")
             except BaseException:

@@ -25,12 +25,30 @@ __all__ = ["flag_run", "queue_flag_run"]
 
 _OWN_ROW = "select flags from run_stats where workflow_id = %s"
 
+_INSERT = (
+    "insert into run_stats (workflow_id, tenant, agent, outcome, spend_micros, iterations, "
+    "tool_calls, failed_calls, flags) values (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "on conflict (workflow_id) do nothing returning workflow_id"
+)
+
 _BASELINE = """
 select count(*), coalesce(percentile_cont(0.95) within group (order by spend_micros), 0)
 from (select spend_micros from run_stats
       where tenant = %s and agent = %s and workflow_id <> %s
       order by finished_at desc limit %s) recent
 """
+
+
+def _can_spike(spend_micros: int, limits: AnomalyLimits) -> bool:
+    """Whether some baseline could make ``spend_micros`` a ``cost_spike``: never under
+    ``cost_min_micros``, and never at zero (a spike needs spend above a positive p95)."""
+    return spend_micros > 0 and spend_micros >= limits.cost_min_micros
+
+
+async def _recorded(conn: AsyncConnection[Any], wid: str) -> tuple[str, ...]:
+    """The flags another attempt recorded for ``wid``."""
+    again = await (await conn.execute(_OWN_ROW, (wid,))).fetchone()
+    return tuple(again[0]) if again else ()
 
 
 async def flag_run(conn: AsyncConnection[Any], inp: FinishInput, agent: str | None) -> tuple[str, ...]:
@@ -53,12 +71,52 @@ async def queue_flag_run(
        written only by the attempt that recorded the run) and send the audit row;
     3. the function *that* returns, called after the caller's commit, gives the flags that
        stand: these, or those of an attempt that recorded the run first.
+
+    A run whose flags no baseline can change (no shape flag, and too little spend for a
+    ``cost_spike``: every offline or tool-only run) skips the baseline: this call sends
+    the own-row read and the ``run_stats`` row at once and stage 2 reads nothing, so the
+    caller's commit goes out in the same round trip (the flags are the same either way).
     """
     req = inp.request
-    existing_cur = await conn.execute(
-        "select flags from run_stats where workflow_id = %s", (inp.workflow_id,)
-    )
+    existing_cur = await conn.execute(_OWN_ROW, (inp.workflow_id,))
     limits = AnomalyLimits.from_env(os.environ)
+    calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
+    shape = RunShape(
+        calls=calls,
+        plan_sizes=inp.plan_sizes,
+        iterations=inp.iterations,
+        spend_micros=inp.spend_micros,
+        thrash_repeats=inp.thrash_repeats,
+        hatches=inp.flags,
+    )
+    row_args = (
+        inp.workflow_id,
+        req.tenant,
+        agent,
+        inp.outcome,
+        inp.spend_micros,
+        inp.iterations,
+        sum(1 for c in calls if c.state in ("succeeded", "failed")),
+        sum(1 for c in calls if c.state == "failed"),
+    )
+    if not _can_spike(inp.spend_micros, limits) and not run_flags(shape, limits):
+        # A run no baseline could flag (it spent too little for a cost spike, and its shape
+        # raised nothing): the flags are known before any read, so the row goes out now and
+        # the caller's commit shares this round trip; no baseline read, no audit row.
+        quiet = await conn.execute(_INSERT, (*row_args, []))
+
+        async def queued() -> Callable[[], Awaitable[tuple[str, ...]]]:
+            async def settled() -> tuple[str, ...]:
+                existing = await existing_cur.fetchone()
+                if existing is not None:  # a retry: the flags recorded the first time stand
+                    return tuple(existing[0])
+                if await quiet.fetchone() is None:  # a concurrent attempt recorded it first
+                    return await _recorded(conn, inp.workflow_id)
+                return ()
+
+            return settled
+
+        return queued
     baseline_cur = await conn.execute(_BASELINE, (req.tenant, agent, inp.workflow_id, limits.cost_window))
 
     async def record() -> Callable[[], Awaitable[tuple[str, ...]]]:
@@ -72,35 +130,10 @@ async def queue_flag_run(
             return recorded
         row = await baseline_cur.fetchone()
         runs, p95 = (int(row[0]), float(row[1])) if row else (0, 0.0)
-        calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
-        shape = RunShape(
-            calls=calls,
-            plan_sizes=inp.plan_sizes,
-            iterations=inp.iterations,
-            spend_micros=inp.spend_micros,
-            baseline_runs=runs,
-            baseline_p95_micros=p95,
-            thrash_repeats=inp.thrash_repeats,
-            hatches=inp.flags,
-        )
-        flags = run_flags(shape, limits)
+        baseline = {"baseline_runs": runs, "baseline_p95_micros": p95}
+        flags = run_flags(shape.model_copy(update=baseline), limits)
         names = [f.name for f in flags]
-        inserting = await conn.execute(
-            "insert into run_stats (workflow_id, tenant, agent, outcome, spend_micros, iterations, "
-            "tool_calls, failed_calls, flags) values (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-            "on conflict (workflow_id) do nothing returning workflow_id",
-            (
-                inp.workflow_id,
-                req.tenant,
-                agent,
-                inp.outcome,
-                inp.spend_micros,
-                inp.iterations,
-                sum(1 for c in calls if c.state in ("succeeded", "failed")),
-                sum(1 for c in calls if c.state == "failed"),
-                names,
-            ),
-        )
+        inserting = await conn.execute(_INSERT, (*row_args, names))
         inserted = await inserting.fetchone() if flags else None
         if inserted is not None:
             await conn.execute(
@@ -124,12 +157,7 @@ async def queue_flag_run(
         async def settle() -> tuple[str, ...]:
             ours = inserted if flags else await inserting.fetchone()
             if ours is None:  # a concurrent attempt recorded it first: its flags stand
-                again = await (
-                    await conn.execute(
-                        "select flags from run_stats where workflow_id = %s", (inp.workflow_id,)
-                    )
-                ).fetchone()
-                return tuple(again[0]) if again else ()
+                return await _recorded(conn, inp.workflow_id)
             telemetry.record_flags(names, tenant=req.tenant)
             return tuple(names)
 

@@ -76,8 +76,34 @@ async def save(
 ) -> None:
     """Append this run's turn (idempotent per workflow id) and fold old turns if needed."""
     async with conn.transaction():
-        fold = await queue_save(conn, tenant, session, workflow_id, user_text, assistant_text, owner, author)
-        await fold()
+        await queue_save(conn, tenant, session, workflow_id, user_text, assistant_text, owner, author)
+
+
+_FOLD = """
+with old as (
+    select id, role, content from memory_turns
+    where tenant = %(tenant)s and owner = %(owner)s and session = %(session)s
+    order by id desc offset %(keep)s
+), prev as (
+    select summary from memory_summaries
+    where tenant = %(tenant)s and owner = %(owner)s and session = %(session)s
+    for update
+), folded as (
+    insert into memory_summaries (tenant, owner, session, summary, turns)
+    select %(tenant)s, %(owner)s, %(session)s,
+           right(coalesce((select summary from prev) || ' | ', '')
+                 || string_agg(role || ': ' || left(content, 120), ' | ' order by id), %(room)s),
+           count(*)
+    from old having count(*) > 0
+    on conflict (tenant, owner, session) do update set summary = excluded.summary,
+        turns = memory_summaries.turns + excluded.turns, updated_at = now()
+)
+delete from memory_turns where id in (select id from old)
+"""
+"""The fold in one statement: the turns past ``keep`` (oldest first, each cut to 120
+characters) are appended to the session's summary (locked, kept to its last ``room``
+characters) and deleted. Nothing is read back, so in a pipeline it never waits: the
+ending's writes and its commit share one round trip however long the session is."""
 
 
 async def queue_save(
@@ -89,42 +115,18 @@ async def queue_save(
     assistant_text: str,
     owner: str = "",
     author: str = "",
-) -> Callable[[], Awaitable[None]]:
-    """``save`` inside the caller's transaction: the turn's two rows and the look-up of turns
-    past ``MAX_TURNS`` are sent at once (in a pipeline, with the caller's other statements);
-    the returned function folds those turns, and must run before the caller commits."""
+) -> None:
+    """``save`` inside the caller's transaction: the turn's two rows and the fold of turns
+    past ``MAX_TURNS`` are sent and not read back (in a pipeline they share the round trip
+    of the caller's other statements and its commit)."""
     for role, content in (("user", user_text), ("assistant", assistant_text)):
         await conn.execute(
             "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
             "values (%s,%s,%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
             (tenant, owner, author, session, workflow_id, role, scrub(content)),
         )
-    old_cur = await conn.execute(
-        "select id, role, content from memory_turns where tenant=%s and owner=%s and session=%s "
-        "order by id desc offset %s",
-        (tenant, owner, session, MAX_TURNS),
+    await conn.execute(
+        _FOLD,
+        {"tenant": tenant, "owner": owner, "session": session, "keep": MAX_TURNS, "room": MAX_SUMMARY_CHARS},
+        prepare=True,  # planned once per connection: unprepared, planning is most of its cost
     )
-
-    async def fold() -> None:
-        old = await old_cur.fetchall()
-        if not old:
-            return
-        prev = await (
-            await conn.execute(
-                "select summary, turns from memory_summaries where tenant=%s and owner=%s and session=%s "
-                "for update",
-                (tenant, owner, session),
-            )
-        ).fetchone()
-        folded = " | ".join(f"{r}: {c[:120]}" for _, r, c in reversed(old))
-        summary = ((prev[0] + " | ") if prev else "") + folded
-        await conn.execute(
-            "insert into memory_summaries (tenant, owner, session, summary, turns) "
-            "values (%s,%s,%s,%s,%s) "
-            "on conflict (tenant, owner, session) do update set summary=excluded.summary, "
-            "turns=memory_summaries.turns + excluded.turns, updated_at=now()",
-            (tenant, owner, session, summary[-MAX_SUMMARY_CHARS:], len(old)),
-        )
-        await conn.execute("delete from memory_turns where id = any(%s)", ([r[0] for r in old],))
-
-    return fold

@@ -94,3 +94,31 @@ async def test_memory_is_bounded(db_pool: AsyncConnectionPool) -> None:
     assert len(text) <= memory.MAX_SUMMARY_CHARS
     assert kept is not None and kept[0] <= memory.MAX_TURNS
     assert "Earlier:" in text
+
+
+async def test_fold_text_is_exact(db_pool: AsyncConnectionPool) -> None:
+    """The fold (one SQL statement) writes the summary the Python formula it replaced wrote:
+    oldest first, each turn ``role: content[:120]``, joined by `` | ``, appended to the
+    previous summary, kept to its last ``MAX_SUMMARY_CHARS`` characters (multi-byte
+    characters count as one, as in Python)."""
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    turns: list[tuple[str, str]] = []
+    expected = ""
+    async with db_pool.connection() as conn:
+        for i in range(memory.MAX_TURNS // 2 + 25):
+            q, a = f"frage {i} ü€😀 " * (i % 13), f"answer {i} " + "é" * 130
+            await memory.save(conn, "acme", session, f"wf-{session}-{i}", q, a)
+            turns += [("user", q), ("assistant", a)]
+            old, turns = turns[: max(0, len(turns) - memory.MAX_TURNS)], turns[-memory.MAX_TURNS :]
+            if old:
+                folded = " | ".join(f"{r}: {c[:120]}" for r, c in old)
+                expected = (((expected + " | ") if expected else "") + folded)[-memory.MAX_SUMMARY_CHARS :]
+        row = await (
+            await conn.execute(
+                "select summary, turns from memory_summaries where tenant='acme' and owner='' and session=%s",
+                (session,),
+            )
+        ).fetchone()
+    assert row is not None
+    assert row[0] == expected
+    assert row[1] == 2 * (memory.MAX_TURNS // 2 + 25) - memory.MAX_TURNS
