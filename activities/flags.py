@@ -31,6 +31,13 @@ _INSERT = (
     "on conflict (workflow_id) do nothing returning workflow_id"
 )
 
+_QUIET = (
+    "with ins as (" + _INSERT + ") "
+    "select (select flags from run_stats where workflow_id = %s), exists (select 1 from ins)"
+)
+"""The row and the look at an earlier one in one statement: the sub-select reads the snapshot
+the statement started with, so it sees a row an earlier attempt recorded, never this one."""
+
 _BASELINE = """
 select count(*), coalesce(percentile_cont(0.95) within group (order by spend_micros), 0)
 from (select spend_micros from run_stats
@@ -74,11 +81,11 @@ async def queue_flag_run(
 
     A run whose flags no baseline can change (no shape flag, and too little spend for a
     ``cost_spike``: every offline or tool-only run) skips the baseline: this call sends
-    the own-row read and the ``run_stats`` row at once and stage 2 reads nothing, so the
-    caller's commit goes out in the same round trip (the flags are the same either way).
+    the ``run_stats`` row (with the look at an earlier attempt's, one statement) and stage
+    2 reads nothing, so the caller's commit goes out in the same round trip (the flags are
+    the same either way).
     """
     req = inp.request
-    existing_cur = await conn.execute(_OWN_ROW, (inp.workflow_id,))
     limits = AnomalyLimits.from_env(os.environ)
     calls = tuple(CallShape(tool=r.tool, args=r.args, state=r.state.value) for r in inp.executed)
     shape = RunShape(
@@ -103,20 +110,22 @@ async def queue_flag_run(
         # A run no baseline could flag (it spent too little for a cost spike, and its shape
         # raised nothing): the flags are known before any read, so the row goes out now and
         # the caller's commit shares this round trip; no baseline read, no audit row.
-        quiet = await conn.execute(_INSERT, (*row_args, []))
+        quiet = await conn.execute(_QUIET, (*row_args, [], inp.workflow_id))
 
         async def queued() -> Callable[[], Awaitable[tuple[str, ...]]]:
             async def settled() -> tuple[str, ...]:
-                existing = await existing_cur.fetchone()
+                row = await quiet.fetchone()
+                existing, inserted = row if row else (None, False)
                 if existing is not None:  # a retry: the flags recorded the first time stand
-                    return tuple(existing[0])
-                if await quiet.fetchone() is None:  # a concurrent attempt recorded it first
+                    return tuple(existing)
+                if not inserted:  # a concurrent attempt recorded it first
                     return await _recorded(conn, inp.workflow_id)
                 return ()
 
             return settled
 
         return queued
+    existing_cur = await conn.execute(_OWN_ROW, (inp.workflow_id,))
     baseline_cur = await conn.execute(_BASELINE, (req.tenant, agent, inp.workflow_id, limits.cost_window))
 
     async def record() -> Callable[[], Awaitable[tuple[str, ...]]]:

@@ -119,12 +119,13 @@ async def queue_save(
     """``save`` inside the caller's transaction: the turn's two rows and the fold of turns
     past ``MAX_TURNS`` are sent and not read back (in a pipeline they share the round trip
     of the caller's other statements and its commit)."""
-    for role, content in (("user", user_text), ("assistant", assistant_text)):
-        await conn.execute(
-            "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
-            "values (%s,%s,%s,%s,%s,%s,%s) on conflict (workflow_id, role) do nothing",
-            (tenant, owner, author, session, workflow_id, role, scrub(content)),
-        )
+    row = (tenant, owner, author, session, workflow_id)
+    await conn.execute(  # both rows in one statement, the user's first (ids keep the order)
+        "insert into memory_turns (tenant, owner, author, session, workflow_id, role, content) "
+        "values (%s,%s,%s,%s,%s,'user',%s), (%s,%s,%s,%s,%s,'assistant',%s) "
+        "on conflict (workflow_id, role) do nothing",
+        (*row, scrub(user_text), *row, scrub(assistant_text)),
+    )
     await conn.execute(
         _FOLD,
         {"tenant": tenant, "owner": owner, "session": session, "keep": MAX_TURNS, "room": MAX_SUMMARY_CHARS},
