@@ -26,45 +26,59 @@ from temporalio.common import RawValue, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
-# like the pure core: imported once per worker, not once per workflow run.
+# like the pure core: imported once per worker, not once per workflow run; and all of them
+# through one module (``deps``: one pass-through check per run instead of seventeen).
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
 
-    # ``import keel.decisions`` rather than ``from keel import decisions``: the sandbox sees a
-    # from-import of a submodule as an import of ``keel`` (re-imported for every run as the
-    # workflow module's parent), and Python then loads the submodule past the sandbox's
-    # pass-through check: ``keel.decisions`` was re-executed for every run.
-    import keel.decisions as d
-    from keel.agent_io import (
+    # ``d`` is ``keel.decisions``: ``from keel import decisions`` would make the sandbox
+    # import ``keel`` (re-imported for every run as the workflow module's parent) and load
+    # the submodule past its pass-through check, re-executing it for every run.
+    from keel.workflows.deps import (
+        ACTIVITY_FAILURES,
+        CONTROL_RETRY,
+        FINISH_LOCAL_TIMEOUT,
+        FINISH_RETRY,
+        FLAGS,
+        HOLDS_PATCH,
+        INTERNAL_ERROR,
+        INVALID_REQUEST,
+        MODEL_HEARTBEAT,
+        MODEL_RETRY,
+        MODEL_TIMEOUT,
+        OUTCOME,
+        PREPARE_TIMEOUT,
+        SPEND,
+        TENANT,
+        TIER_ORDER,
+        USER,
+        Abort,
+        AgentRequest,
+        AgentResponse,
+        Approval,
         BeginInput,
         BeginOutput,
         FinishInput,
         FinishOutput,
+        Holds,
+        Planner,
         PlanOutput,
+        PlanStep,
         PrepareInput,
         RunContext,
+        RunState,
+        RunStatus,
+        Saga,
+        StepRunner,
+        StepState,
+        Stopper,
+        cause,
+        clamp_tier,
+        d,
+        next_tier,
+        unaddressed,
     )
-    from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
-    from keel.intent import unaddressed
-    from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
-    from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
-    from keel.tiers import TIER_ORDER, clamp_tier, next_tier
-    from keel.workflows.holds import Holds
-    from keel.workflows.options import (
-        CONTROL_RETRY,
-        FINISH_LOCAL_TIMEOUT,
-        FINISH_RETRY,
-        MODEL_HEARTBEAT,
-        MODEL_RETRY,
-        MODEL_TIMEOUT,
-        PREPARE_TIMEOUT,
-    )
-    from keel.workflows.options import TOOL_HEARTBEAT as TOOL_HEARTBEAT
-    from keel.workflows.planning import HOLDS_PATCH, Planner
-    from keel.workflows.saga import Saga
-    from keel.workflows.state import RunState
-    from keel.workflows.steps import StepRunner
-    from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
+    from keel.workflows.deps import TOOL_HEARTBEAT as TOOL_HEARTBEAT
 
 __all__ = ["AgentWorkflow", "TENANT", "USER", "OUTCOME", "SPEND"]
 
