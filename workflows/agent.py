@@ -27,7 +27,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run; and all of them
-# through one module (``deps``: one pass-through check per run instead of seventeen).
+# through one module (``deps``: one pass-through check per run instead of fourteen).
 with workflow.unsafe.imports_passed_through():
     import email_validator  # noqa: F401  (the gate's address parser imports its package lazily)
 

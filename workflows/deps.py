@@ -4,8 +4,8 @@ through whole.
 Temporal's sandbox re-imports the workflow module for every new run (its state must not
 leak between runs), and every module that module imports for the first time in a run costs
 a pass-through check and an un-patching of the sandbox's builtins, even when the module
-itself is shared: seventeen Keel modules were ~0.45 ms of the ~2.0 ms each run spent
-creating its sandbox. Imported from here, they are one pass-through. What is passed
+itself is shared: fourteen Keel modules were ~0.3-0.45 ms of the ~2.0 ms CPU each run
+spent creating its sandbox. Imported from here, they are one pass-through. What is passed
 through is unchanged (these modules were inside ``imports_passed_through`` before, and
 stay the only ones): the standard library, ``temporalio`` and ``email_validator`` are still
 imported by the workflow module itself, so the sandbox still proxies and checks them.
