@@ -1,0 +1,182 @@
+"""Attacks on ``begin_run`` (patch ``keel-23-begin-run``): a run's preparation and its first
+plan in one activity.
+
+What must hold: the tenant's run limit is still enforced when many runs start at once (each
+refused run reaches no model and holds nothing, the admitted ones never exceed the limit);
+a run cancelled through Temporal (not the ``cancel`` update) while ``begin_run`` is in its
+first plan ends cleanly: its finish row, no slot, no open hold, its spend the ledger's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import CancelledError
+
+from keel.activities import ledger
+from keel.activities.concurrency import in_flight
+from keel.budget import scope_path
+from keel.models import ModelCall, ModelResult, Plan
+from keel.settings import Settings
+from tests.doubles.models import FunctionModel, reply, step
+from tests.helpers import request, running_worker
+from tests.scripted import serve_test_tools, start, write_policy
+
+
+class _Gated(FunctionModel):
+    """A model whose plans wait for ``release``; it records every call it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(self._reply)
+        self.calls: list[ModelCall] = []
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def _reply(self, call: ModelCall) -> ModelResult | None:
+        self.calls.append(call)
+        if call.role != "plan":
+            return None
+        self.entered.set()
+        await self.release.wait()
+        return reply(call, Plan(steps=(step("s1", "echo", note="hi"),)).model_dump(mode="json"))
+
+
+async def _state(pool: AsyncConnectionPool, wids: list[str]) -> dict[str, Any]:
+    async with pool.connection() as conn:
+        slots = await (
+            await conn.execute("select workflow_id from run_slots where workflow_id = any(%s)", (wids,))
+        ).fetchall()
+        holds = await (
+            await conn.execute(
+                "select run_id, status from keel_budget_reservations where run_id = any(%s)", (wids,)
+            )
+        ).fetchall()
+        finish = await (
+            await conn.execute(
+                "select workflow_id from audit_log where idem_key = any(%s)", ([f"{w}/finish" for w in wids],)
+            )
+        ).fetchall()
+    return {"slots": {s for (s,) in slots}, "holds": holds, "finish": sorted(w for (w,) in finish)}
+
+
+async def test_a_burst_beyond_the_tenants_run_limit_admits_only_the_limit(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six runs of one tenant started at once under a limit of two: while the admitted runs
+    sit in their first plan, the four others end ``denied`` without a model call, a hold or
+    a slot; never more than two slots; then every run ends with its finish row, no slot is
+    left and each admitted run's spend is its ledger scope's."""
+    # A cache, unlike the other end-to-end tests: with none, the refused runs' workflow tasks
+    # (each running the finish_run local activity) time out one after another, 10 s each.
+    limit, n = 2, 6
+    async with db_pool.connection() as conn:
+        held = await in_flight(conn, "acme")  # earlier tests' runs may still hold acme slots
+    monkeypatch.setenv("KEEL_MAX_RUNS_ACME", str(held + limit))
+    model = _Gated()
+    serve_test_tools(monkeypatch)
+    with model.serving():
+        async with running_worker(
+            client,
+            db_pool,
+            temporal_services,
+            task_queue,
+            policy_file=write_policy(tmp_path),
+            max_cached_workflows=100,
+        ):
+            handles = await asyncio.gather(*(start(client, task_queue, request("echo hi")) for _ in range(n)))
+            wids = [h.id for h in handles]
+            await asyncio.wait_for(model.entered.wait(), timeout=30)
+            # The refused runs end on their own; the admitted ones wait in their plan.
+            refused: list[Any] = []
+            for _ in range(300):
+                refused = []
+                for h in handles:
+                    d = await h.describe()
+                    if d.status is not None and d.status.name == "COMPLETED":
+                        refused.append(await h.result())
+                if len(refused) == n - limit:
+                    break
+                await asyncio.sleep(0.1)
+            mid = await _state(db_pool, wids)
+            plans = [c for c in model.calls if c.role == "plan"]
+            assert len(refused) == n - limit, refused
+            assert all(r.outcome == "denied" and r.spend.total_micros == 0 for r in refused), refused
+            assert all(r.spend.model_calls == 0 for r in refused), refused
+            assert len(mid["slots"]) == limit and len(plans) == limit, (mid, len(plans))
+            model.release.set()
+            resps = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), timeout=90)
+    end = await _state(db_pool, wids)
+    assert end["slots"] == set() and all(s != "held" for _, s in end["holds"]), end
+    assert end["finish"] == sorted(wids), end
+    admitted = [(h.id, r) for h, r in zip(handles, resps, strict=True) if r.outcome != "denied"]
+    assert len(admitted) == limit, [r.outcome for r in resps]
+    assert {w for w, _ in end["holds"]} <= {w for w, _ in admitted}, end  # refused runs held nothing
+    async with db_pool.connection() as conn:
+        for wid, r in admitted:
+            view = await ledger.show(conn, scope_path("acme", "default", "alice", wid)[-1])
+            assert (
+                view is not None and view.spent_micros == r.spend.total_micros and view.reserved_micros == 0
+            )
+
+
+async def test_a_temporal_cancel_during_the_first_plan_ends_the_run_cleanly(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``handle.cancel()`` (an operator's ``temporal workflow cancel``) while ``begin_run``'s
+    model call is in flight: the run ends ``cancelled`` with its authorization and finish
+    rows once each, no slot, no open hold, and the spend it reports is the ledger's."""
+    model = _Gated()
+    serve_test_tools(monkeypatch)
+    with model.serving():
+        async with running_worker(
+            client, db_pool, temporal_services, task_queue, policy_file=write_policy(tmp_path)
+        ):
+            handle = await start(client, task_queue, request("echo hi"))
+            await asyncio.wait_for(model.entered.wait(), timeout=30)
+            await handle.cancel()
+            try:
+                with pytest.raises(WorkflowFailureError) as ended:
+                    await asyncio.wait_for(handle.result(), timeout=60)
+            finally:
+                model.release.set()
+    # A Temporal cancel ends the workflow Canceled (patch keel-cancel-ends-canceled), after
+    # its ending ran.
+    assert isinstance(ended.value.cause, CancelledError), ended.value
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    st = await _state(db_pool, [handle.id])
+    assert st["slots"] == set() and st["finish"] == [handle.id], st
+    assert all(s != "held" for _, s in st["holds"]), st
+    async with db_pool.connection() as conn:
+        keys = [
+            k
+            for (k,) in await (
+                await conn.execute(
+                    "select idem_key from audit_log where workflow_id=%s and kind='run'", (handle.id,)
+                )
+            ).fetchall()
+        ]
+        view = await ledger.show(conn, scope_path("acme", "default", "alice", handle.id)[-1])
+        (booked,) = await (
+            await conn.execute(
+                "select coalesce(sum(actual_micros), 0) from keel_budget_reservations where run_id=%s",
+                (handle.id,),
+            )
+        ).fetchone() or (None,)
+    assert keys.count(f"{handle.id}/authorize") == 1 and keys.count(f"{handle.id}/finish") == 1, keys
+    # The cancelled plan's hold was settled, not left held; what it booked is all the run spent.
+    assert st["holds"] and view is not None and view.reserved_micros == 0, (st, view)
+    assert view.spent_micros == booked, (view, booked)
