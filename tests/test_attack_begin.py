@@ -10,7 +10,11 @@ first plan ends cleanly: its finish row, no slot, no open hold, its spend the le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,11 +22,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
+from bench.bench_recovery import start_worker, wait_polling, worker_environment
 from keel.activities import ledger
 from keel.activities.concurrency import in_flight
 from keel.activities.models import close_clients
 from keel.budget import scope_path
-from keel.models import ModelCall, ModelResult, Plan
+from keel.models import AgentResponse, ModelCall, ModelResult, Plan
 from keel.settings import Settings
 from tests.doubles.models import FunctionModel, reply, step
 from tests.helpers import make_order, request, run_agent, running_worker
@@ -257,4 +262,80 @@ async def test_a_first_plan_that_5xxs_twice_is_charged_once_per_answered_call(
     # Every authorization row of the run, whatever its key: a retry must not append another.
     assert [k for k in keys if "/authorize" in k] == [f"{wid}/authorize"], keys
     assert keys.count(f"{wid}/finish") == 1, keys
+    assert view is not None and view.reserved_micros == 0 and view.spent_micros == resp.spend.total_micros
+
+
+@pytest.mark.slow  # the dead worker's begin_run is noticed at its 30 s heartbeat timeout
+@pytest.mark.timeout(300)
+async def test_sigkill_during_the_first_plans_model_call_books_it_once_and_duplicates_nothing(
+    client: Client,
+    temporal_services: Settings,
+    db_pool: AsyncConnectionPool,
+    pg_url: str,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """A real ``worker.py`` is SIGKILLed while begin_run's first model call is at the provider
+    (the fake server holds its answer): its hold was placed and never settled by the dead
+    attempt. A fresh worker retries begin_run (preparing again) to a completed run. Then:
+    one authorization row, no slot, every hold of the run settled, the killed call booked
+    once at its full hold (it may have been billed), the others at the server's bill, and
+    the ledger's sum the run's reported spend."""
+    roles = Roles()
+    server = FakeOpenAI(responder=roles).start()
+    first = second = None
+    try:
+        order = await make_order(db_pool)
+        plan = {"steps": [{"id": "s1", "tool": "lookup_order", "args": {"order_id": order}, "why": "status"}]}
+        roles.raw.append(dataclasses.replace(roles.reply({**plan, "answer": ""}), delay_s=60))
+        roles.plans.append({**plan, "answer": ""})
+        roles.answers.append(f"Order {order} is shipped.")
+        queue = f"begin-kill-{uuid.uuid4().hex[:8]}"
+        env = {
+            **worker_environment(temporal_services, queue, test_env),
+            "OPENAI_API_KEY": "sk-test-not-a-real-key-000000000000",
+            "OPENAI_BASE_URL": server.url + "/v1",
+        }
+        first = start_worker(env, tmp_path, "first")
+        await wait_polling(client, queue, first, within=90)
+        handle = await start(client, queue, request(f"Where is order {order}?"))
+        deadline = time.monotonic() + 60
+        while not server.answered:  # the first plan's request reached the provider
+            assert time.monotonic() < deadline, "begin_run never called the model"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        first.kill()
+        second = start_worker(env, tmp_path, "second")
+        await wait_polling(client, queue, second, within=90)
+        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=180)
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
+        server.stop()
+    assert resp.outcome == "completed", resp.reason
+    wid = handle.id
+    rows = await ledger_model_rows(db_pool, wid)
+    answered, _, costs = server_bill([(server, "openai")])
+    assert all(r[1] == "committed" for r in rows), rows  # nothing left held
+    assert len(rows) == answered, (rows, answered)
+    killed = [r for r in rows if r[0] == f"{wid}/plan1/call1"]
+    assert len(killed) == 1 and killed[0][2] > 0, rows  # the unseen call is booked at its hold
+    assert sum(r[2] for r in rows) - killed[0][2] == sum(costs[1:]), (rows, costs)
+    assert sum(resp.spend.by_model.values()) == sum(r[2] for r in rows), (resp.spend, rows)
+    async with db_pool.connection() as conn:
+        keys = [
+            k
+            for (k,) in await (
+                await conn.execute(
+                    "select idem_key from audit_log where workflow_id=%s and kind='run'", (wid,)
+                )
+            ).fetchall()
+        ]
+        slots = await (
+            await conn.execute("select count(*) from run_slots where workflow_id=%s", (wid,))
+        ).fetchone()
+        view = await ledger.show(conn, scope_path("acme", "default", "alice", wid)[-1])
+    assert [k for k in keys if "/authorize" in k] == [f"{wid}/authorize"], keys
+    assert keys.count(f"{wid}/finish") == 1 and slots == (0,), (keys, slots)
     assert view is not None and view.reserved_micros == 0 and view.spent_micros == resp.spend.total_micros
