@@ -318,3 +318,72 @@ def test_the_effect_lock_serialises_two_sessions_on_one_key(pg_url: str) -> None
             second.execute("select keel_tool_effect_lock(%s)", (key,))
         second.rollback()
         first.rollback()
+
+
+@pytest.fixture
+def own_pg(settings: Any) -> Iterator[Any]:
+    """A PostgreSQL of this test's own (the session's must not crash), migrated."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from keel.db import apply_migrations
+    from keel.devservices import DevServices, free_port
+
+    state = Path(tempfile.mkdtemp(prefix="keel-stepsql-pg-"))
+    port = free_port()
+    services = DevServices(
+        dataclasses.replace(
+            settings,
+            state_dir=state,
+            pg_port=port,
+            database_url=f"postgresql://keel_app@127.0.0.1:{port}/keel",
+            database_owner_url=f"postgresql://postgres@127.0.0.1:{port}/keel",
+        )
+    )
+    try:
+        services.start_postgres()
+        apply_migrations(services.settings.owner_url)
+        yield services
+    finally:
+        services.stop_postgres()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_an_effect_run_tool_returned_survives_an_immediate_postgres_crash(own_pg: Any) -> None:
+    """run_tool returns, and at once PostgreSQL dies (SIGQUIT: no checkpoint, no flush). After
+    the restart the effect's record, its committed hold and its permission row are all there:
+    the chained effect transaction committed synchronously (only the decision's transaction
+    before it may commit without waiting for its flush)."""
+    from bench.bench_fault import crash_postgres
+
+    url = own_pg.settings.database_url
+    tenant = f"crash{uuid.uuid4().hex[:6]}"
+    name = f"cr_{uuid.uuid4().hex[:6]}"
+
+    async def act(ctx: ToolContext, a: _Args) -> dict[str, Any]:
+        return {"n": a.n}
+
+    wid = f"agent/{tenant}/{uuid.uuid4().hex[:8]}"
+    p = await open_pool(url, min_size=1, max_size=1)
+    try:
+        with _registered(name, act):
+            out = await ActivityEnvironment().run(ToolActivities(p).run_tool, _call(tenant, name, wid, "s1"))
+    finally:
+        await asyncio.to_thread(crash_postgres, own_pg)  # before anything else can flush the WAL
+        with contextlib.suppress(Exception):
+            await p.close()
+    assert out.ok
+    own_pg.start_postgres()
+    with psycopg.connect(url, autocommit=True) as conn:
+        effects = conn.execute(
+            "select count(*) from tool_effects where idempotency_key=%s", (f"{wid}/s1",)
+        ).fetchone()
+        hold = conn.execute(
+            "select status from keel_budget_reservations where key=%s", (f"{wid}/s1/reserve",)
+        ).fetchone()
+        perm = conn.execute(
+            "select count(*) from audit_log where workflow_id=%s and kind='permission'", (wid,)
+        ).fetchone()
+    assert (effects, hold, perm) == ((1,), ("committed",), (1,)), (effects, hold, perm)
