@@ -310,7 +310,9 @@ async def test_a_first_plan_that_5xxs_twice_is_charged_once_per_answered_call(
 
 @pytest.mark.slow  # the dead worker's begin_run is noticed at its 30 s heartbeat timeout
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("then", ["retry", "cancel"])
 async def test_sigkill_during_the_first_plans_model_call_books_it_once_and_duplicates_nothing(
+    then: str,
     client: Client,
     temporal_services: Settings,
     db_pool: AsyncConnectionPool,
@@ -323,7 +325,9 @@ async def test_sigkill_during_the_first_plans_model_call_books_it_once_and_dupli
     attempt. A fresh worker retries begin_run (preparing again) to a completed run. Then:
     one authorization row, no slot, every hold of the run settled, the killed call booked
     once at its full hold (it may have been billed), the others at the server's bill, and
-    the ledger's sum the run's reported spend."""
+    the ledger's sum the run's reported spend. ``cancel``: the run is cancelled right after
+    the kill, so begin_run is never retried and ends by its heartbeat timeout, without
+    details: the run must still book the hold the dead attempt left."""
     roles = Roles()
     server = FakeOpenAI(responder=roles).start()
     first = second = None
@@ -350,13 +354,15 @@ async def test_sigkill_during_the_first_plans_model_call_books_it_once_and_dupli
         first.kill()
         second = start_worker(env, tmp_path, "second")
         await wait_polling(client, queue, second, within=90)
+        if then == "cancel":
+            await handle.execute_update("cancel", "test: cancel after the worker died")
         resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=180)
     finally:
         for w in (first, second):
             if w is not None:
                 w.stop()
         server.stop()
-    assert resp.outcome == "completed", resp.reason
+    assert resp.outcome == ("completed" if then == "retry" else "cancelled"), resp.reason
     wid = handle.id
     rows = await ledger_model_rows(db_pool, wid)
     answered, _, costs = server_bill([(server, "openai")])
