@@ -14,9 +14,12 @@ ledger's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,7 +64,7 @@ from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
-from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR
+from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
@@ -529,7 +532,7 @@ class AgentActivities:
                 calls=tuple(meter.report.calls),
             )
 
-        out: PlanOutput = await with_report(meter, work)
+        out: PlanOutput = await with_report(meter, lambda: _until(inp.deadline_at, work, meter))
         return out
 
     @activity.defn(name="evaluate")
@@ -804,3 +807,30 @@ def _price_pair(model: str, prices: Any) -> tuple[int, int]:
     estimates are for Keel's bounded prompts; each call's hold is priced at its tier anyway."""
     p = price_for(model, prices)
     return max(p.input, p.cache_write), p.output
+
+
+async def _until(
+    deadline_at: datetime | None, work: Callable[[], Awaitable[PlanOutput]], meter: Meter
+) -> PlanOutput:
+    """``work`` stopped at the run's deadline (``PlanInput.deadline_at``; ``None``: unbounded).
+
+    Only the first plan has one: it runs inside ``begin_run``, before the workflow's deadline
+    timer exists. A model call cut off here is charged its whole hold, as any interrupted
+    call is (``Meter.call``); the ``RunDeadline`` error carries the plan's report (raised
+    inside ``with_report``) and is not retried: the run ends ``escape_hatch``. The deadline is
+    workflow time against this worker's clock, so a clock skew between the two moves it.
+    """
+    if deadline_at is None:
+        return await work()
+    left = (deadline_at - datetime.now(UTC)).total_seconds()
+    why = "deadline: the run used its time limit during its first plan"
+    if left <= 0:  # a retry after the deadline: book what earlier attempts held, call nothing
+        await meter.settle()
+        raise ApplicationError(why, type=RUN_DEADLINE, non_retryable=True)
+    try:
+        async with asyncio.timeout(left) as cm:
+            return await work()
+    except TimeoutError:
+        if not cm.expired():
+            raise  # a timeout of the work's own, not the deadline's
+        raise ApplicationError(why, type=RUN_DEADLINE, non_retryable=True) from None

@@ -7,6 +7,7 @@ summaries, never whole documents.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field
@@ -152,6 +153,9 @@ class PlanInput(Frozen):
     """Model calls the run has left (``RunLimits.max_model_calls`` minus those sent)."""
     instructions: str = ""
     """The agent's instructions (``RunContext.instructions``); empty: a generic planner."""
+    deadline_at: datetime | None = None
+    """When the run's deadline passes (the first plan only, made inside ``begin_run`` before
+    the workflow's deadline timer exists): the plan stops there, ``RunDeadline``."""
 
 
 class PlanOutput(Frozen):
@@ -177,6 +181,9 @@ class BeginInput(Frozen):
     prepare: PrepareInput
     tier: str = "fast"
     """The run's starting tier (the request's ``min_tier`` clamped to its ``max_tier``)."""
+    started_at: datetime | None = None
+    """When the run started (workflow time): with the snapshot's deadline, when the first plan
+    must stop. ``None`` (inputs recorded before it existed): the plan is unbounded."""
 
 
 class BeginOutput(Frozen):
@@ -204,6 +211,9 @@ def first_plan_input(inp: BeginInput, ctx: RunContext) -> PlanInput:
         tiers=ctx.tiers,
         max_calls=max(0, ctx.limits.max_model_calls),
         instructions=ctx.instructions,
+        deadline_at=(
+            inp.started_at + timedelta(seconds=ctx.limits.deadline_seconds) if inp.started_at else None
+        ),
     )
 
 

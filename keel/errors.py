@@ -111,6 +111,9 @@ INVALID_JUDGEMENT = "InvalidJudgement"
 INVALID_REQUEST = "InvalidRequest"
 POLICY_ERROR = "PolicyError"
 INTERNAL_ERROR = "KeelInternalError"
+RUN_DEADLINE = "RunDeadline"
+"""The run's deadline passed during its first plan (``begin_run``): the run stops as an escape
+hatch, the plan's calls charged as any interrupted call is."""
 
 # Tools.
 UNKNOWN_TOOL = "UnknownTool"

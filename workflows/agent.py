@@ -176,7 +176,7 @@ class AgentWorkflow:
         started = workflow.now()
         try:
             if st.versions.begin():
-                ctx, first = await self._begin(req)
+                ctx, first = await self._begin(req, started)
             else:
                 ctx = await self._prepare(req, lean)
             st.model_label = ctx.model_label
@@ -263,7 +263,7 @@ class AgentWorkflow:
             raise LocalActivityFailed("prepare_run", e) from e
         return ctx
 
-    async def _begin(self, req: AgentRequest) -> tuple[RunContext, PlanOutput | None]:
+    async def _begin(self, req: AgentRequest, started: Any) -> tuple[RunContext, PlanOutput | None]:
         """Prepare and make the first plan in one activity (``BEGIN_PATCH``).
 
         One activity round trip instead of the preparation's local activity in the first
@@ -279,10 +279,12 @@ class AgentWorkflow:
         as a failed ``prepare_run`` did: ``finish_run`` releases the slot by workflow id, and
         the plan's spend is booked from the error's report (or settled from the ledger).
 
-        The deadline: the first plan is bounded by this activity's own timeout and retries
-        (the run's deadline is only known from the snapshot); the run's timer then starts
-        with the time already spent subtracted, so a first plan that overran the deadline
-        stops the run before any step.
+        The deadline is only known from the snapshot, so the workflow's timer cannot bound the
+        first plan: the activity does (``BeginInput.started_at`` plus the snapshot's deadline;
+        a plan still running then stops, its calls charged as any interrupted call, and the
+        run ends ``escape_hatch``/``deadline``). The run's timer then starts with the time
+        already spent subtracted, so a first plan that finished just past the deadline stops
+        the run before any step.
         """
         st = self._state
         tier = clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier)
@@ -291,6 +293,7 @@ class AgentWorkflow:
                 request=req, workflow_id=st.wid, chain_id=workflow.info().first_execution_run_id
             ),
             tier=tier,
+            started_at=started,
         )
         try:
             out: BeginOutput = await self._stopper.interruptible(

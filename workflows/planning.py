@@ -34,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
         PlanOutput,
         RunContext,
     )
-    from keel.errors import BUDGET_DENIED
+    from keel.errors import BUDGET_DENIED, RUN_DEADLINE
     from keel.gate import check_tool_call
     from keel.intent import plan_problems, results_verdict
     from keel.models import AgentRequest, ModelCallRecord, Plan, PlanStep, StepRecord
@@ -117,6 +117,8 @@ class Planner:
         self._stopper.check()
         if not planned:
             raise e
+        if error_type(e) == RUN_DEADLINE:
+            raise Abort("escape_hatch", cause(e), "deadline") from e
         if error_type(e) == BUDGET_DENIED:
             raise Abort("budget_exhausted", f"planning stopped: {cause(e)}", "budget_denied") from e
         raise Abort("failed", f"planning failed: {cause(e)}", "plan_failed") from e
