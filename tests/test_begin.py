@@ -94,7 +94,8 @@ async def test_a_refused_request_reaches_no_model_and_holds_nothing(
     rows = await _rows(db_pool, handle.id)
     assert rows["holds"] == [] and rows["slots"] == 0, rows
     keys = [k for k, _ in rows["audit"]]
-    assert keys.count(f"{handle.id}/authorize") == 1 and keys.count(f"{handle.id}/finish") == 1, keys
+    assert [k for k in keys if "/authorize" in k] == [f"{handle.id}/authorize"], keys  # under any key
+    assert keys.count(f"{handle.id}/finish") == 1, keys
 
 
 async def test_a_retry_after_a_model_5xx_prepares_again_without_a_second_row(
@@ -130,7 +131,8 @@ async def test_a_retry_after_a_model_5xx_prepares_again_without_a_second_row(
     assert attempts[0] == 2, attempts  # begin_run's second attempt served the run
     rows = await _rows(db_pool, wid)
     keys = [k for k, _ in rows["audit"]]
-    assert keys.count(f"{wid}/authorize") == 1 and keys.count(f"{wid}/finish") == 1, keys
+    assert [k for k in keys if "/authorize" in k] == [f"{wid}/authorize"], keys  # under any key
+    assert keys.count(f"{wid}/finish") == 1, keys
     assert rows["slots"] == 0 and all(s != "held" for _, s in rows["holds"]), rows
     plan_holds = sorted(k for k, _ in rows["holds"] if "/plan1/" in k)
     assert plan_holds == [f"{wid}/plan1/call1", f"{wid}/plan1/call2"], plan_holds
@@ -170,7 +172,8 @@ async def test_a_run_cancelled_during_its_first_plan_ends_cleanly(
     assert resp.outcome == "cancelled", resp
     rows = await _rows(db_pool, handle.id)
     keys = [k for k, _ in rows["audit"]]
-    assert keys.count(f"{handle.id}/authorize") == 1 and keys.count(f"{handle.id}/finish") == 1, keys
+    assert [k for k in keys if "/authorize" in k] == [f"{handle.id}/authorize"], keys  # under any key
+    assert keys.count(f"{handle.id}/finish") == 1, keys
     assert rows["slots"] == 0 and all(s != "held" for _, s in rows["holds"]), rows
     async with db_pool.connection() as conn:
         view = await ledger.show(conn, scope_path("acme", "default", "alice", handle.id)[-1])
