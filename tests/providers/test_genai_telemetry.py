@@ -326,8 +326,8 @@ async def test_every_model_call_of_a_run_is_a_chat_span_priced_as_the_ledger(
     parents = {s.context.span_id: s.name for s in spans if s.name.startswith("RunActivity:")}
     assert [str((s.attributes or {})["keel.role"]) for s in chats] == ["plan", "plan", "evaluate", "respond"]
     assert [parents[s.parent.span_id] for s in chats if s.parent] == [
-        "RunActivity:plan",
-        "RunActivity:plan",
+        "RunActivity:begin_run",  # the first plan and its repair (keel-23-begin-run)
+        "RunActivity:begin_run",
         "RunActivity:evaluate",
         "RunActivity:finish_run",  # the answer is written where the run is finished
     ]
