@@ -59,6 +59,7 @@ from keel.agent_io import (
     PrepareInput,
     RunContext,
     RunLimits,
+    tool_record,
 )
 from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
@@ -452,7 +453,7 @@ class AgentActivities:
             policy=policy.model_dump(mode="json"),
             permissions=tuple(gate.effective_permissions),
             tools=visible,
-            all_tools=all_tools,
+            all_tools=tuple(tool_record(t) for t in all_tools),
             tiers=tiers,
             model_label=", ".join(labels),
             memory=redact(mem),

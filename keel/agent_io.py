@@ -35,6 +35,7 @@ __all__ = [
     "BeginInput",
     "BeginOutput",
     "first_plan_input",
+    "tool_record",
     "PlanInput",
     "PlanOutput",
     "EvalInput",
@@ -105,7 +106,10 @@ class RunContext(Frozen):
     tools: tuple[ToolInfo, ...] = ()
     """Tools the caller may use (what the planner sees)."""
     all_tools: tuple[ToolInfo, ...] = ()
-    """Every declared tool incl. compensations (for re-checks and rollback)."""
+    """Every declared tool incl. compensations (for re-checks and rollback), as records
+    (``tool_record``: no description or argument schema, which only the planner's prompt
+    reads, from ``tools``). Snapshots recorded before carry whole declarations; the workflow
+    reads neither field of these, so they decide alike."""
     tiers: dict[str, str] = Field(default_factory=dict)
     model_label: str = ""
     memory: str = ""
@@ -127,6 +131,17 @@ class RunContext(Frozen):
     notes: tuple[str, ...] = ()
     """What the run must report without stopping (``mcp_unavailable:<server>``): they become
     response flags."""
+
+
+def tool_record(tool: ToolInfo) -> ToolInfo:
+    """``tool`` as the workflow decides with it: all but its description and argument schema.
+
+    Those two are the planner's prompt (``RunContext.tools`` keeps them for the tools it may
+    see) and more than half of a declaration's bytes; every byte of the snapshot is encoded,
+    encrypted, stored and decoded in the workflow's sandbox on every run. Everything the
+    gate, the step runner and the saga read (permissions, side effects, timeouts, retries,
+    queue, cost, fallback, compensation, facts) stays, so the decisions stay recorded."""
+    return tool.model_copy(update={"description": "", "args_schema": {}})
 
 
 class PlanInput(Frozen):

@@ -208,3 +208,44 @@ async def test_a_preparation_that_fails_ends_the_run_failed_and_cleanly(
     rows = await _rows(db_pool, handle.id)
     keys = [k for k, _ in rows["audit"]]
     assert keys == [f"{handle.id}/finish"] and rows["slots"] == 0 and rows["holds"] == [], rows
+
+
+async def test_the_snapshot_carries_tool_records_that_decide_as_whole_declarations(
+    db_pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """Issue 23: ``all_tools`` holds records (``tool_record``: no description or argument
+    schema, which only the planner's prompt reads, from ``tools``), so every run encodes,
+    stores and decodes less. A snapshot recorded before (whole declarations) must decide
+    alike on replay: the step runner's "was the planner offered this tool" and the gate's
+    verdict are the same for a record and for the whole declaration it came from."""
+    from temporalio.testing import ActivityEnvironment
+
+    from keel.activities.agent import AgentActivities
+    from keel.activities.tools.loader import catalog
+    from keel.agent_io import FinishInput, PrepareInput, tool_record
+    from keel.gate import check_tool_call
+    from keel.policy import Policy
+    from keel.workflows.steps import _offered
+
+    acts, env = AgentActivities(db_pool, settings), ActivityEnvironment()
+    req = request("look up order ORD-1")
+    wid = f"agent/acme/{req.request_id}"
+    ctx = await env.run(acts.prepare_run, PrepareInput(request=req, workflow_id=wid, chain_id="c"))
+    await env.run(acts.finish_run, FinishInput(workflow_id=wid, request=req, iterations=1))
+    assert ctx.authorized, ctx.reason
+    whole = catalog(include_hidden=True)
+    assert ctx.all_tools == tuple(tool_record(t) for t in whole)
+    assert not any(t.description or t.args_schema for t in ctx.all_tools)
+    assert ctx.tools and all(t in whole and t.description and t.args_schema for t in ctx.tools)
+    old = ctx.model_copy(update={"all_tools": whole})  # the shape recorded before
+    policy = Policy.model_validate(ctx.policy)
+    offered = []
+    for record, declaration in zip(ctx.all_tools, old.all_tools, strict=True):
+        assert _offered(ctx, record) == _offered(old, declaration) == (declaration in ctx.tools)
+        offered.append(_offered(ctx, record))
+        verdicts = [
+            check_tool_call(policy, req.tenant, req.user, ctx.permissions, t, {"order_id": "ORD-1"}, {}, None)
+            for t in (record if offered[-1] else None, declaration if offered[-1] else None)
+        ]
+        assert verdicts[0] == verdicts[1], record.name
+    assert any(offered) and not all(offered)  # hidden tools (compensations) stay unoffered

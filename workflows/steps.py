@@ -15,7 +15,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from keel import decisions as d
-    from keel.agent_io import RunContext, StepGateInput, StepGateResult
+    from keel.agent_io import RunContext, StepGateInput, StepGateResult, tool_record
     from keel.budget import tool_hold
     from keel.gate import GateDecision, check_tool_call
     from keel.labels import ExecutedCall, Label, label_result
@@ -119,7 +119,7 @@ class StepRunner:
                 req.tenant,
                 req.user,
                 ctx.permissions,
-                tool if tool in ctx.tools else None,
+                tool if tool is not None and _offered(ctx, tool) else None,
                 args,
                 st.gate_context(ctx),
                 flow,
@@ -521,6 +521,14 @@ def _when_text(when: dict[str, Any] | None) -> str:
         return ""
     op = "==" if "equals" in when else "!="
     return f"{when.get('step')}.{when.get('field')} {op} {when.get('equals', when.get('not_equals'))}"
+
+
+def _offered(ctx: RunContext, tool: ToolInfo) -> bool:
+    """Whether the planner was offered ``tool`` (one of ``ctx.tools``). ``all_tools`` holds
+    records (``tool_record``; older snapshots: whole declarations, equal to the offered ones),
+    so both sides are compared as records: the same answer for either shape."""
+    record = tool_record(tool)
+    return any(tool_record(t) == record for t in ctx.tools)
 
 
 def _tool_queue(tool: ToolInfo) -> str | None:
