@@ -528,7 +528,7 @@ def _offered(ctx: RunContext, tool: ToolInfo) -> bool:
     records (``tool_record``; older snapshots: whole declarations, equal to the offered ones),
     so both sides are compared as records: the same answer for either shape."""
     record = tool_record(tool)
-    return any(tool_record(t) == record for t in ctx.tools)
+    return any(t.name == tool.name and tool_record(t) == record for t in ctx.tools)
 
 
 def _tool_queue(tool: ToolInfo) -> str | None:
