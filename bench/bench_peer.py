@@ -168,7 +168,6 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         run_keel,
         spread,
     )
-    from keel.worker import POLLERS
 
     if PEER_AVAILABLE:
         return {"skipped": PEER_AVAILABLE}
@@ -187,11 +186,10 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
             peer_client,
             task_queue=tq,
             workflows=[PeerWorkflow],
+            # The SDK's defaults, as pydantic-ai's users run it. Keel's autoscaling pollers
+            # (keel.worker.POLLERS) were tried here too: they made the peer slower (12.4-12.8
+            # vs 13.9-14.6 runs/s, 2026-12-02), so they would flatter Keel's ratio.
             max_cached_workflows=1000,
-            # Keel's poller setting (keel.worker.POLLERS): the ratio compares the frameworks,
-            # not a worker option either could set.
-            workflow_task_poller_behavior=POLLERS,
-            activity_task_poller_behavior=POLLERS,
         ),
         keel_worker(client, pool, settings, ktq),
     ):

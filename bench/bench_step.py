@@ -169,7 +169,6 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         run_keel,
         spread,
     )
-    from keel.worker import POLLERS
 
     rounds = 2 if smoke else 12
     big = 3 if smoke else 10
@@ -188,10 +187,6 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         workflows=[FloorWorkflow],
         activities=[floor_step, floor_gate],
         max_cached_workflows=1000,
-        # The poller setting Keel's worker has (keel.worker.POLLERS): the floor differs from
-        # Keel's worker only in what it runs, so no ratio credits Keel with a worker option.
-        workflow_task_poller_behavior=POLLERS,
-        activity_task_poller_behavior=POLLERS,
     )
     async with keel_worker(client, pool, settings, tq, timings=timings), floor_worker:
         # Warm-up: first runs pay for imports, sandbox preparation and cache misses.
