@@ -41,6 +41,7 @@ from temporalio.exceptions import ApplicationError
 
 from keel.activities.heartbeat import heartbeating
 from keel.activities.llm import HEARTBEAT_EVERY_S
+from keel.activities.metered import detail_first
 from keel.agent_io import (
     BeginInput,
     BeginOutput,
@@ -91,14 +92,7 @@ async def _tagged(prepare: Prepare, inp: PrepareInput) -> RunContext:
     try:
         return await prepare(inp)
     except ApplicationError as e:
-        raise ApplicationError(
-            e.message,
-            PREPARE_STAGE,
-            *e.details,
-            type=e.type,
-            non_retryable=e.non_retryable,
-            next_retry_delay=e.next_retry_delay,
-        ) from e
+        raise detail_first(e, PREPARE_STAGE) from e
     except Exception as e:  # the database, a tool module: retryable, as before
         raise ApplicationError(_text(e), PREPARE_STAGE, type=type(e).__name__) from e
 

@@ -64,6 +64,7 @@ __all__ = [
     "TRUNCATION_GROWTH",
     "Meter",
     "MeterReport",
+    "detail_first",
     "estimate_input_tokens",
     "with_report",
 ]
@@ -502,11 +503,17 @@ async def with_report(meter: Meter, work: Callable[[], Any]) -> Any:
     try:
         return await work()
     except ApplicationError as e:
-        raise ApplicationError(
-            e.message,
-            meter.report.as_detail(),
-            *e.details,
-            type=e.type,
-            non_retryable=e.non_retryable,
-            next_retry_delay=e.next_retry_delay,
-        ) from e
+        raise detail_first(e, meter.report.as_detail()) from e
+
+
+def detail_first(e: ApplicationError, detail: Any) -> ApplicationError:
+    """``e`` with ``detail`` as its first detail: the same message, type, retryability and
+    retry delay (the workflow reads what an activity's failure carries from details[0])."""
+    return ApplicationError(
+        e.message,
+        detail,
+        *e.details,
+        type=e.type,
+        non_retryable=e.non_retryable,
+        next_retry_delay=e.next_retry_delay,
+    )

@@ -44,8 +44,10 @@ MAX_RESULT_BYTES = 4096
 
 
 def lock_statement(key: str) -> tuple[str, tuple[Any, ...]]:
-    """The key's transaction-scoped advisory lock, for callers that pipeline it."""
-    return "select pg_advisory_xact_lock(hashtextextended(%s, 7))", (key,)
+    """The key's transaction-scoped advisory lock, then its record read under the lock
+    (``keel_tool_effect_lock``, migration 015, the one place the lock's hash is spelled), for
+    callers that pipeline it; ``from_row`` parses its row."""
+    return "select keel_tool_effect_lock(%s)", (key,)
 
 
 async def lock(conn: psycopg.AsyncConnection[Any], key: str) -> None:
@@ -87,8 +89,9 @@ async def recorded(
 
 
 def from_row(row: Any, key: str, keys: KeyRing | None = None) -> ToolResult | None:
-    """The result ``recorded_statement`` found (marked replayed), or None for no row."""
-    if row is None:
+    """The result ``recorded_statement`` (or ``lock_statement``) found, marked replayed; None
+    for no row, or a null record (``lock_statement`` always answers one row)."""
+    if row is None or row[0] is None:
         return None
     stored = dict(row[0])
     sealed = stored.pop("sealed", None)

@@ -205,15 +205,6 @@ _STEP_OPEN_SQL = (
 transaction, later on this connection, flushes the WAL past it. A database crash in between
 loses only a hold and an audit row whose effect never happened (the retry re-reserves under
 the same key); an effect is never durable without its decision."""
-_EFFECT_LOCK_SQL = "select keel_tool_effect_lock(%s)"
-"""The key's advisory lock, then its record read under the lock (migration 015): one
-statement for ``effects.lock_statement`` and ``effects.recorded_statement``."""
-
-
-def _locked_row(row: Any) -> Any:
-    """A record column of migration 015's functions as ``effects.from_row`` reads a
-    ``recorded_statement`` row: None when the key has no record (the column is null)."""
-    return None if row is None or row[0] is None else row
 
 
 @dataclass(frozen=True)
@@ -254,10 +245,10 @@ async def _open_step(
     if gate is None:  # nothing to write first: this is the effect's transaction already
         async with conn.pipeline():
             await conn.execute("begin")
-            looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
+            looked = await conn.execute(*effects.lock_statement(key), prepare=True)
             peeked = await conn.execute(*breaker.peek_statement(scope), prepare=True)
         # Fetched after the pipeline's one sync (a fetch inside it costs a sync of its own).
-        found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
+        found = effects.from_row(await looked.fetchone(), key, keys)
         permit = breaker.closed_permit(await peeked.fetchone())
         if found is not None or permit is None:
             await conn.execute("rollback")
@@ -303,11 +294,11 @@ async def _open_step(
             # statement. The ``set_config(..., true)`` above ends with the first transaction:
             # the effect's commits with the server's synchronous_commit (tests/test_step_cost.py).
             await conn.execute("commit and chain")
-            looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
+            looked = await conn.execute(*effects.lock_statement(key), prepare=True)
     row = await opening.fetchone()
     assert row is not None
     record, state, opened_until, lease_until, now, failures, reserved = row[:7]
-    found = effects.from_row(_locked_row((record,)), key, keys)
+    found = effects.from_row((record,), key, keys)
     if found is not None:  # a replay: nothing was written, nothing is done under the lock
         await conn.execute("rollback")
         return _Opened(found=found)
@@ -315,7 +306,7 @@ async def _open_step(
         None if state is None else (state, opened_until, lease_until, now, failures)
     )
     res = ledger.reserve_result((reserved,))
-    found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
+    found = effects.from_row(await looked.fetchone(), key, keys)
     locked = True
     telemetry.record_budget_decision(res.decision.value, tenant=call.tenant, kind="tool")
     who = {k: base[k] for k in ("tenant", "user", "workflow_id", "step_id")}
@@ -427,8 +418,8 @@ async def _effect(
         if not locked:
             async with conn.pipeline():
                 await conn.execute("begin")
-                looked = await conn.execute(_EFFECT_LOCK_SQL, (key,), prepare=True)
-            found = effects.from_row(_locked_row(await looked.fetchone()), key, keys)
+                looked = await conn.execute(*effects.lock_statement(key), prepare=True)
+            found = effects.from_row(await looked.fetchone(), key, keys)
             if found is not None:
                 await conn.execute("rollback")
                 return found, None
