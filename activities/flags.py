@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 from keel import telemetry
 from keel.activities import audit
 from keel.agent_io import FinishInput
-from keel.anomaly import AnomalyLimits, CallShape, RunShape, run_flags
+from keel.anomaly import AnomalyLimits, CallShape, RunShape, could_spike, run_flags
 from keel.audit_models import AuditEntry
 
 __all__ = ["flag_run", "queue_flag_run"]
@@ -44,12 +44,6 @@ from (select spend_micros from run_stats
       where tenant = %s and agent = %s and workflow_id <> %s
       order by finished_at desc limit %s) recent
 """
-
-
-def _can_spike(spend_micros: int, limits: AnomalyLimits) -> bool:
-    """Whether some baseline could make ``spend_micros`` a ``cost_spike``: never under
-    ``cost_min_micros``, and never at zero (a spike needs spend above a positive p95)."""
-    return spend_micros > 0 and spend_micros >= limits.cost_min_micros
 
 
 async def _recorded(conn: AsyncConnection[Any], wid: str) -> tuple[str, ...]:
@@ -106,7 +100,7 @@ async def queue_flag_run(
         sum(1 for c in calls if c.state in ("succeeded", "failed")),
         sum(1 for c in calls if c.state == "failed"),
     )
-    if not _can_spike(inp.spend_micros, limits) and not run_flags(shape, limits):
+    if not could_spike(inp.spend_micros, limits) and not run_flags(shape, limits):
         # A run no baseline could flag (it spent too little for a cost spike, and its shape
         # raised nothing): the flags are known before any read, so the row goes out now and
         # the caller's commit shares this round trip; no baseline read, no audit row.

@@ -39,6 +39,7 @@ __all__ = [
     "RunFlag",
     "RunShape",
     "canonical_call",
+    "could_spike",
     "run_flags",
 ]
 
@@ -133,6 +134,13 @@ def canonical_call(tool: str, args: Mapping[str, Any]) -> str:
     return tool + ":" + json.dumps(_canon(dict(args)), sort_keys=True, default=str)
 
 
+def could_spike(spend_micros: int, limits: AnomalyLimits) -> bool:
+    """Whether any baseline could make ``spend_micros`` a ``cost_spike``: never under
+    ``cost_min_micros``, never at zero (a spike is spend above a positive p95). The finish
+    skips the baseline read for a run that could not (``keel.activities.flags``)."""
+    return spend_micros > 0 and spend_micros >= limits.cost_min_micros
+
+
 def run_flags(shape: RunShape, limits: AnomalyLimits = AnomalyLimits()) -> tuple[RunFlag, ...]:
     """The anomaly flags of one run, in ``ANOMALY_FLAGS`` order."""
     flags: list[RunFlag] = []
@@ -154,9 +162,9 @@ def run_flags(shape: RunShape, limits: AnomalyLimits = AnomalyLimits()) -> tuple
         flags.append(RunFlag(name="fan_out", detail=f"a plan of {widest} steps (limit {limits.max_fan_out})"))
     p95 = shape.baseline_p95_micros
     if (
-        shape.baseline_runs >= limits.cost_min_runs
+        could_spike(shape.spend_micros, limits)
+        and shape.baseline_runs >= limits.cost_min_runs
         and p95 > 0
-        and shape.spend_micros >= limits.cost_min_micros
         and shape.spend_micros > limits.cost_factor * p95
     ):
         flags.append(
