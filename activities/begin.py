@@ -51,11 +51,9 @@ from keel.agent_io import (
     RunContext,
     first_plan_input,
 )
+from keel.errors import PREPARE_STAGE
 
-__all__ = ["PREPARE_STAGE", "begin_activity"]
-
-PREPARE_STAGE = {"stage": "prepare"}
-"""First detail of a ``begin_run`` error raised by the preparation (before any model call)."""
+__all__ = ["begin_activity"]
 
 Prepare = Callable[[PrepareInput], Awaitable[RunContext]]
 Planner = Callable[[PlanInput], Awaitable[PlanOutput]]

@@ -114,6 +114,9 @@ INTERNAL_ERROR = "KeelInternalError"
 RUN_DEADLINE = "RunDeadline"
 """The run's deadline passed during its first plan (``begin_run``): the run stops as an escape
 hatch, the plan's calls charged as any interrupted call is."""
+PREPARE_STAGE = {"stage": "prepare"}
+"""First detail of a ``begin_run`` error raised by its preparation (before any model call):
+the run reports it as the preparation's failure, not the plan's."""
 
 # Tools.
 UNKNOWN_TOOL = "UnknownTool"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         MODEL_RETRY,
         MODEL_TIMEOUT,
         OUTCOME,
+        PREPARE_STAGE,
         PREPARE_TIMEOUT,
         SPEND,
         TENANT,
@@ -263,7 +264,7 @@ class AgentWorkflow:
             raise LocalActivityFailed("prepare_run", e) from e
         return ctx
 
-    async def _begin(self, req: AgentRequest, started: Any) -> tuple[RunContext, PlanOutput | None]:
+    async def _begin(self, req: AgentRequest, started: datetime) -> tuple[RunContext, PlanOutput | None]:
         """Prepare and make the first plan in one activity (``BEGIN_PATCH``).
 
         One activity round trip instead of the preparation's local activity in the first
@@ -580,7 +581,7 @@ class LocalActivityFailed(Exception):
 def _prepare_failed(e: ActivityError) -> bool:
     """Whether ``begin_run`` failed in its preparation (before any model call)."""
     details: tuple[Any, ...] = tuple(getattr(e.cause, "details", None) or ())
-    return bool(details) and isinstance(details[0], dict) and details[0].get("stage") == "prepare"
+    return bool(details) and details[0] == PREPARE_STAGE
 
 
 def _activity_name(e: BaseException) -> str:

@@ -23,7 +23,7 @@ from keel.agent_io import (
     PrepareInput,
     RunContext,
 )
-from keel.errors import INTERNAL_ERROR, INVALID_REQUEST
+from keel.errors import INTERNAL_ERROR, INVALID_REQUEST, PREPARE_STAGE
 from keel.intent import unaddressed
 from keel.models import AgentRequest, AgentResponse, Approval, PlanStep, RunStatus, StepState
 from keel.search_attributes import FLAGS, OUTCOME, SPEND, TENANT, USER
@@ -58,6 +58,7 @@ __all__ = [
     "FINISH_RETRY",
     "FLAGS",
     "FinishInput",
+    "PREPARE_STAGE",
     "FinishOutput",
     "HOLDS_PATCH",
     "Holds",
