@@ -41,7 +41,7 @@ from keel.activities.concurrency import (
 from keel.activities.flags import queue_flag_run
 from keel.activities.guardrails import detect_injection, redact, redact_data, scan_input
 from keel.activities.metered import Meter, with_report
-from keel.activities.models import split_model
+from keel.activities.models import served_provider, split_model
 from keel.activities.models.errors import INVALID_PLAN, PRICING_ERROR, TRUNCATED
 from keel.activities.models.offline import OFFLINE_DONE, respond_text
 from keel.activities.tools.loader import catalog
@@ -68,7 +68,7 @@ from keel.decisions import ReferenceError_, resolve_args
 from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
-from keel.models import ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
+from keel.models import AgentRequest, ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
 from keel.policy import Policy, PolicyError, parse_policy, policy_hash
 from keel.pricing import PricingError, load_prices, price_for
 from keel.settings import Settings
@@ -288,6 +288,26 @@ class AgentActivities:
         except PolicyError:
             keep = False  # fail closed: prepare_run reports the broken policy
         return redact(text, pii=not keep)
+
+    def plans_in_process(self, req: AgentRequest) -> bool:
+        """Whether every model this run may call is the built-in offline model: deterministic,
+        no network, done in microseconds. Then its preparation and first plan are a local
+        activity (``begin_local``) instead of the ``begin_run`` activity. A provider served in
+        the offline model's place (``serve_provider``) is in process only if it says so
+        (``in_process = True``: it answers without I/O, as a test's scripted planner does);
+        one that may wait or fail is not. Nor is a run that an unreadable agent definition or
+        tier setting would refuse (``begin_run`` reports that)."""
+        served = served_provider("offline")
+        if served is not None and getattr(served, "in_process", False) is not True:
+            return False
+        try:
+            agent, _ = find_agent(req.agent)
+            tiers = resolve_tiers(os.environ)
+            if agent is not None:
+                tiers = agent_tiers(tiers, agent, os.environ)
+        except Exception:
+            return False
+        return not any(_live(m) for m in tiers.values())
 
     @activity.defn(name="prepare_run")
     async def prepare_run(self, inp: PrepareInput) -> RunContext:

@@ -24,6 +24,14 @@ its transaction has committed (the workflow waits for the activity to acknowledg
 run's ending, which releases the slot by workflow id, always comes after the slot was
 taken); the plan is cancellable like any plan.
 
+In process (``begin_local``, patch ``keel-23-begin-local``): when every model the run may
+call is the built-in offline model (``AgentActivities.plans_in_process``), the same work runs
+as a LOCAL activity inside the run's first workflow task: no activity round trip through the
+server and no second workflow task before the first step (six history events fewer). The
+offline plan has no network call to wait for, heartbeat through or cancel half-way, which is
+what makes a local activity the right tool for it. Any other run gets ``remote=True`` back
+from it at once, having done nothing, and begins with ``begin_run`` as before.
+
 Failure: an error of the preparation carries ``{"stage": "prepare"}`` as its first detail,
 so the run reports it as the preparation's failure; an error of the plan carries the plan's
 spend report (``with_report``), which the workflow books before the run ends.
@@ -52,11 +60,13 @@ from keel.agent_io import (
     first_plan_input,
 )
 from keel.errors import PREPARE_STAGE
+from keel.models import AgentRequest
 
-__all__ = ["begin_activity"]
+__all__ = ["begin_activity", "local_begin_activity"]
 
 Prepare = Callable[[PrepareInput], Awaitable[RunContext]]
 Planner = Callable[[PlanInput], Awaitable[PlanOutput]]
+InProcess = Callable[[AgentRequest], bool]
 
 
 def begin_activity(prepare: Prepare, plan: Planner) -> Callable[[BeginInput], Awaitable[BeginOutput]]:
@@ -71,6 +81,22 @@ def begin_activity(prepare: Prepare, plan: Planner) -> Callable[[BeginInput], Aw
         return BeginOutput(context=ctx, plan=out)
 
     return begin_run
+
+
+def local_begin_activity(
+    prepare: Prepare, plan: Planner, in_process: InProcess
+) -> Callable[[BeginInput], Awaitable[BeginOutput]]:
+    """The ``begin_local`` local activity: ``begin_run``'s work when ``in_process`` says the
+    run's models are all the built-in offline one; otherwise nothing (``remote=True``)."""
+    begin_run = begin_activity(prepare, plan)
+
+    @activity.defn(name="begin_local")
+    async def begin_local(inp: BeginInput) -> BeginOutput:
+        if not in_process(inp.prepare.request):
+            return BeginOutput(context=RunContext(authorized=False), remote=True)
+        return await begin_run(inp)
+
+    return begin_local
 
 
 async def _prepared(prepare: Prepare, inp: PrepareInput) -> RunContext:

@@ -19,7 +19,13 @@ __all__ = ["heartbeating"]
 @contextlib.asynccontextmanager
 async def heartbeating(every_s: float, *, at_once: bool = False) -> AsyncIterator[None]:
     """Heartbeat every ``every_s`` seconds while the block runs; ``at_once`` beats on entry
-    too (a model call reports it started; a quick tool should not cost a server call)."""
+    too (a model call reports it started; a quick tool should not cost a server call).
+
+    Nothing in a local activity (``begin_local``): it has no heartbeat to send, its liveness
+    is its workflow task's."""
+    if activity.in_activity() and activity.info().is_local:
+        yield
+        return
 
     async def beat() -> None:
         if at_once:

@@ -136,6 +136,9 @@ class _BenchAgentActivities:
         noop = next(t for t in catalog(include_hidden=True) if t.name == "noop")
         return ctx.model_copy(update={"tools": (*ctx.tools, noop)})
 
+    def plans_in_process(self, req: Any) -> bool:
+        return bool(self._real.plans_in_process(req))
+
     @activity.defn(name="plan")
     async def plan(self, inp: PlanInput) -> PlanOutput:
         from keel.models import Plan, PlanStep
@@ -191,7 +194,7 @@ async def keel_worker(
     With ``timings``, ``authorize_step`` and ``run_tool`` also record their own durations.
     """
     from keel.activities.agent import AgentActivities
-    from keel.activities.begin import begin_activity
+    from keel.activities.begin import begin_activity, local_begin_activity
     from keel.worker import _activities, main_worker
 
     s = dataclasses.replace(settings, task_queue=task_queue)
@@ -200,6 +203,7 @@ async def keel_worker(
         "prepare_run": sub.prepare_run,
         "plan": sub.plan,
         "begin_run": begin_activity(sub.prepare_run, sub.plan),
+        "begin_local": local_begin_activity(sub.prepare_run, sub.plan, sub.plans_in_process),
     }
     if timings is not None:
         real = {_activity_name(a): a for a in _activities(pool, s)}

@@ -206,6 +206,10 @@ class BeginOutput(Frozen):
     plan: PlanOutput | None = None
     """The first plan; ``None`` when the run was refused or its input blocked (no model
     call was made, nothing was held or spent)."""
+    remote: bool = False
+    """``begin_local`` only: the run may call a model over the network (or one a test or a
+    deployment serves in the offline model's place), so nothing was done here and the run
+    begins with the ``begin_run`` activity (``context`` is empty)."""
 
 
 def first_plan_input(inp: BeginInput, ctx: RunContext) -> PlanInput:

@@ -34,7 +34,7 @@ from temporalio.worker import (
 
 from keel.activities.agent import AgentActivities
 from keel.activities.agent_defs import agent_definitions
-from keel.activities.begin import begin_activity
+from keel.activities.begin import begin_activity, local_begin_activity
 from keel.activities.breaker import BREAKER_POOL
 from keel.activities.budget import BudgetActivities
 from keel.activities.control import ControlActivities
@@ -85,6 +85,7 @@ def _activities(pool: Any, settings: Settings, ledger_pool: Any = None) -> list[
         agent.prepare_run,
         agent.plan,
         begin_activity(agent.prepare_run, agent.plan),
+        local_begin_activity(agent.prepare_run, agent.plan, agent.plans_in_process),
         agent.evaluate,
         agent.finish_run,
         agent.settle_model_calls,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
+from datetime import UTC
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -14,10 +15,11 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from keel.activities.agent import AgentActivities
-from keel.activities.begin import begin_activity
-from keel.agent_io import BeginInput, BeginOutput, PlanInput, first_plan_input
+from keel.activities.begin import begin_activity, local_begin_activity
+from keel.agent_io import BeginInput, BeginOutput, PlanInput, PrepareInput, RunContext, first_plan_input
 from keel.models import AgentRequest, AgentResponse
 from keel.settings import Settings
+from keel.tiers import clamp_tier
 from keel.worker import build_workers
 
 
@@ -47,24 +49,59 @@ async def running_worker(
         yield s
 
 
+@activity.defn(name="begin_local")
+async def _remote_begin(inp: BeginInput) -> BeginOutput:
+    """``begin_local`` that always sends the run to ``begin_run``."""
+    return BeginOutput(context=RunContext(authorized=False), remote=True)
+
+
 def _with_begin(pool: AsyncConnectionPool, settings: Settings, extra: Sequence[Any]) -> list[Any]:
     """A test that replaces ``plan`` or ``prepare_run`` gets a ``begin_run`` made of its
     replacement, as the worker makes it of the real ones: the run's first plan is then the
     test's too."""
     named = {activity._Definition.must_from_callable(fn).name: fn for fn in extra}
+    if "begin_run" in named and "begin_local" not in named:
+        # The test's own begin_run must serve every run: the worker's in-process beginning
+        # (made of the real planner) would bypass it.
+        return [*extra, _remote_begin]
     if "begin_run" in named or not {"plan", "prepare_run"} & set(named):
         return list(extra)
     real = AgentActivities(pool, settings)
-    return [*extra, begin_activity(named.get("prepare_run", real.prepare_run), named.get("plan", real.plan))]
+    prepare, plan = named.get("prepare_run", real.prepare_run), named.get("plan", real.plan)
+    return [
+        *extra,
+        begin_activity(prepare, plan),
+        local_begin_activity(prepare, plan, real.plans_in_process),
+    ]
 
 
 async def plan_inputs(client: Client, workflow_id: str) -> list[PlanInput]:
     """What each plan of a run was given (decoded from its history): the tool specs offered,
-    with the metadata the prompt does not show. A run that began with ``begin_run`` made its
-    first plan from that activity's snapshot (``first_plan_input``)."""
+    with the metadata the prompt does not show. A run that began with ``begin_run`` or
+    ``begin_local`` made its first plan from that activity's snapshot (``first_plan_input``)."""
     out: list[PlanInput] = []
     begun: dict[int, BeginInput] = {}
+    req: AgentRequest | None = None
     async for e in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if e.HasField("workflow_execution_started_event_attributes"):
+            (req,) = await client.data_converter.decode(
+                e.workflow_execution_started_event_attributes.input.payloads, [AgentRequest]
+            )
+            continue
+        if e.HasField("marker_recorded_event_attributes") and req is not None:
+            # ``begin_local``: a local activity records its result, not its input; the input
+            # is what the workflow built from its request (``AgentWorkflow._begin``).
+            m = e.marker_recorded_event_attributes
+            if m.marker_name == "core_local_activity" and b'"begin_local"' in m.details["data"].payloads[0].data:
+                (done,) = await client.data_converter.decode(m.details["result"].payloads, [BeginOutput])
+                if not done.remote and done.plan is not None:
+                    first = BeginInput(
+                        prepare=PrepareInput(request=req, workflow_id=workflow_id),
+                        tier=clamp_tier(req.model_policy.min_tier, req.model_policy.max_tier),
+                        started_at=e.event_time.ToDatetime(tzinfo=UTC),
+                    )
+                    out.insert(0, first_plan_input(first, done.context))
+            continue
         if e.HasField("activity_task_completed_event_attributes"):
             c = e.activity_task_completed_event_attributes
             if c.scheduled_event_id in begun:

@@ -13,9 +13,12 @@ marker, prepare and a model-less finish as local activities, the rules' evaluati
 workflow); the others were recorded before it and prove the old path still replays.
 ``begin_<shape>.json`` are recorded on the run that begins with ``begin_run`` (patch
 ``keel-23-begin-run``: preparation and first plan in one activity), plus ``begin_denied``
-(a refused request: no plan at all). New runs take that shape, so it is the only one that
-can still be recorded: ``KEEL_RECORD_HISTORIES=begin``. (``=1`` and ``=lean`` recorded the
-older shapes before it; those files are kept as they are.)
+(a refused request: no plan at all). ``local_<shape>.json`` are recorded on the run that
+asks the ``begin_local`` local activity first (patch ``keel-23-begin-local``: with only the
+built-in offline model, preparation and first plan inside the first workflow task). New runs
+take that shape, so it is the only one that can still be recorded:
+``KEEL_RECORD_HISTORIES=local``. (``=1``, ``=lean`` and ``=begin`` recorded the older shapes
+before it; those files are kept as they are.)
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ FRESH = (*SHAPES, "denied")
 """Shapes a fresh run records: the golden ones, and a refused request."""
 BEGIN = tuple(f"begin_{shape}" for shape in FRESH)
 """Golden histories of the run that begins with ``begin_run`` (``BEGIN_PATCH``)."""
+LOCAL = tuple(f"local_{shape}" for shape in FRESH)
+"""Golden histories of the run that begins in process (``LOCAL_BEGIN_PATCH``)."""
 
 
 ENCRYPTED_GOLDEN = HISTORIES / "encrypted_demo_refund.json"
@@ -160,11 +165,11 @@ async def test_fresh_histories_replay(
     replayer = _replayer()
     for history in histories.values():
         await replayer.replay_workflow(history)  # raises on any nondeterminism
-    if os.environ.get("KEEL_RECORD_HISTORIES") == "begin":
+    if os.environ.get("KEEL_RECORD_HISTORIES") == "local":
         for name, history in histories.items():
-            (HISTORIES / f"begin_{name}.json").write_text(history.to_json())
-    _assert_begin(histories["demo_refund"])
-    _assert_begin(histories["denied"], denied=True)
+            (HISTORIES / f"local_{name}.json").write_text(history.to_json())
+    _assert_local(histories["demo_refund"])
+    _assert_local(histories["denied"], denied=True)
 
 
 def _assert_lean(history: WorkflowHistory) -> None:
@@ -266,7 +271,32 @@ def _payloads(event) -> list:
     return found
 
 
-@pytest.mark.parametrize("shape", SHAPES + LEAN + BEGIN)
+def _assert_local(history: WorkflowHistory, *, denied: bool = False) -> None:
+    """The run since ``LOCAL_BEGIN_PATCH`` with the offline model: ONE patch marker; the
+    preparation and first plan are the ``begin_local`` local activity of the first workflow
+    task, so the only activities are the tools (none for a refused request); six events
+    fewer than the ``begin_run`` run of the same shape."""
+    from keel.workflows.versions import LOCAL_BEGIN_PATCH
+
+    patches, local, remote = [], [], []
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            a = e.marker_recorded_event_attributes
+            if a.marker_name == "core_patch":
+                patches.append(a.details["patch-data"].payloads[0].data)
+            elif a.marker_name == "core_local_activity":
+                local.append(a.details["data"].payloads[0].data)
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    assert len(patches) == 1 and LOCAL_BEGIN_PATCH.encode() in patches[0], patches
+    assert b'"begin_local"' in local[0] and any(b'"finish_run"' in d for d in local), local
+    assert remote == ([] if denied else ["run_tool", "run_tool", "run_tool"]), remote
+    shape = "denied" if denied else "demo_refund"
+    begun = WorkflowHistory.from_json("begin", (HISTORIES / f"begin_{shape}.json").read_text())
+    assert len(history.events) <= len(begun.events) - 5, (len(history.events), len(begun.events))
+
+
+@pytest.mark.parametrize("shape", SHAPES + LEAN + BEGIN + LOCAL)
 async def test_golden_histories_replay(shape: str) -> None:
     path = HISTORIES / f"{shape}.json"
     assert path.exists(), f"missing golden history {path}; record it (see module docstring)"
@@ -276,6 +306,8 @@ async def test_golden_histories_replay(shape: str) -> None:
         _assert_lean(history)
     if shape in ("begin_demo_refund", "begin_denied"):
         _assert_begin(history, denied=shape == "begin_denied")
+    if shape in ("local_demo_refund", "local_denied"):
+        _assert_local(history, denied=shape == "local_denied")
 
 
 def test_lean_run_subsumes_exactly_the_patches_made_before_it() -> None:

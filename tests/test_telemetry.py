@@ -119,8 +119,9 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     for activity_type, n in scheduled.items():
         assert names[f"StartActivity:{activity_type}"] == n, (activity_type, names)
     assert scheduled["run_tool"] == 2 and names["RunActivity:run_tool"] == 2
-    # The first plan is made inside begin_run (patch keel-23-begin-run), later ones in plan.
-    assert names["RunActivity:begin_run"] == 1
+    # With the offline model the first plan is made inside the begin_local local activity
+    # (patch keel-23-begin-local; begin_run otherwise), later ones in plan. Traced once.
+    assert names["RunActivity:begin_local"] == 1 and names["RunActivity:begin_run"] == 0
     # Without a judge the rules' evaluation runs in the workflow (issue 23): a workflow span
     # with its verdict, once (not again on replay), where the evaluate activity's span was.
     (verdict,) = [s for s in spans if s.name == "Evaluate:rules"]
@@ -136,7 +137,7 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     refund = attrs["issue_refund"]
     assert refund["keel.tenant"] == "acme" and refund["keel.user"] == "alice"
     assert refund["keel.cost_micros"] == 2000 and refund["keel.breaker_state"] == "closed"
-    plan = next(s for s in spans if s.name == "RunActivity:begin_run").attributes or {}
+    plan = next(s for s in spans if s.name == "RunActivity:begin_local").attributes or {}
     assert plan["keel.tenant"] == "acme" and plan["keel.model"] == "offline"
 
     # Every model call of the run is one GenAI "chat" span, a child of the activity that sent
@@ -148,7 +149,7 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     assert all(s.parent is not None and s.parent.span_id in activities for s in chats)
     # offline, only the planner is a model (the judge and the answer are deterministic)
     planners = {activities[s.parent.span_id] for s in chats if s.parent}
-    assert "RunActivity:begin_run" in planners and planners <= {"RunActivity:begin_run", "RunActivity:plan"}
+    assert "RunActivity:begin_local" in planners and planners <= {"RunActivity:begin_local", "RunActivity:plan"}
     assert {str((s.attributes or {})["keel.role"]) for s in chats} == {"plan"}
     sent = [c for c in resp.calls if c.outcome == "ok"]
     assert len(sent) == len(resp.calls)  # offline: every call answered, none refused

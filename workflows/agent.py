@@ -23,7 +23,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.common import RawValue, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 # The run's helper modules hold no module state, so they are passed through the sandbox
 # like the pure core: imported once per worker, not once per workflow run; and all of them
@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         HOLDS_PATCH,
         INTERNAL_ERROR,
         INVALID_REQUEST,
+        LOCAL_BEGIN_RETRY,
         MODEL_HEARTBEAT,
         MODEL_RETRY,
         MODEL_TIMEOUT,
@@ -296,6 +297,10 @@ class AgentWorkflow:
             tier=tier,
             started_at=started,
         )
+        if st.versions.local_begin():
+            local = await self._begin_local(inp, tier)
+            if not local.remote:
+                return local.context, local.plan
         try:
             out: BeginOutput = await self._stopper.interruptible(
                 workflow.start_activity(
@@ -312,6 +317,40 @@ class AgentWorkflow:
         except ActivityError as e:
             await self._planner.failed(e, 1, planned=not _prepare_failed(e))
         return out.context, out.plan
+
+    async def _begin_local(self, inp: BeginInput, tier: str) -> BeginOutput:
+        """``begin_run``'s work as a local activity in this workflow task (``LOCAL_BEGIN_PATCH``)
+        when the run's models are all the built-in offline one; otherwise ``remote`` comes back
+        at once and ``_begin`` schedules ``begin_run``. Cancelled as ``begin_run`` is (the
+        workflow waits for the local activity to acknowledge, so the ending never overtakes a
+        slot being taken); its failure is handled as ``begin_run``'s."""
+        try:
+            out: BeginOutput = await self._stopper.interruptible(
+                workflow.start_local_activity(
+                    "begin_local",
+                    inp,
+                    result_type=BeginOutput,
+                    start_to_close_timeout=PREPARE_TIMEOUT,
+                    retry_policy=LOCAL_BEGIN_RETRY,
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"authorize, guardrails, memory; plan #1 ({tier}, offline, in process)",
+                )
+            )
+        except ActivityError as e:
+            await self._planner.failed(e, 1, planned=not _prepare_failed(e))
+        except FailureError as e:  # a local activity's own error arrives unwrapped: wrap it
+            wrapped = ActivityError(
+                f"begin_local failed: {e}",
+                scheduled_event_id=0,
+                started_event_id=0,
+                identity="",
+                activity_type="begin_local",
+                activity_id="",
+                retry_state=None,
+            )
+            wrapped.__cause__ = e
+            await self._planner.failed(wrapped, 1, planned=not _prepare_failed(wrapped))
+        return out
 
     async def _end(
         self,

@@ -13,6 +13,7 @@ __all__ = [
     "COMPENSATION_RETRY",
     "COMPENSATION_TIMEOUT",
     "CONTROL_RETRY",
+    "LOCAL_BEGIN_RETRY",
     "CONTROL_TIMEOUT",
     "FENCE_RETRY",
     "FINISH_LOCAL_TIMEOUT",
@@ -42,6 +43,12 @@ CONTROL_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=2),
     non_retryable_error_types=[IDEMPOTENCY_CONFLICT],
 )
+LOCAL_BEGIN_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=50),
+    maximum_attempts=10,
+    maximum_interval=timedelta(seconds=2),
+    non_retryable_error_types=[IDEMPOTENCY_CONFLICT, AUTH_ERROR, BAD_REQUEST, INVALID_PLAN],
+)  # begin_local: the preparation's retries (CONTROL_RETRY) and the plan's permanent errors
 FENCE_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=50),
     maximum_attempts=0,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-__all__ = ["BEGIN_PATCH", "LEAN_PATCH", "SUBSUMED", "Versions"]
+__all__ = ["BEGIN_PATCH", "LEAN_PATCH", "LOCAL_BEGIN_PATCH", "SUBSUMED", "Versions"]
 
 LEAN_PATCH = "keel-23-lean-run"
 """Issue 23: prepare and (without a model call) finish as local activities, the rules'
@@ -43,19 +43,29 @@ instead of the ``prepare_run`` local activity and a ``plan`` activity. Implies `
 and everything it subsumes: a run started since records this one marker only."""
 
 
+LOCAL_BEGIN_PATCH = "keel-23-begin-local"
+"""Issue 23: the run first asks the ``begin_local`` local activity, which does
+``begin_run``'s work in the first workflow task when every model of the run is the built-in
+offline one, and otherwise answers ``remote`` at once (the run then schedules ``begin_run``).
+Implies ``BEGIN_PATCH``: a run started since records this one marker only."""
+
+
 class Versions:
     def __init__(self) -> None:
         self._lean: bool | None = None
         self._begin = False
+        self._local = False
 
     def lean(self) -> bool:
         """Whether this run follows the issue-23 shape (asked first at the run's start).
 
-        ``BEGIN_PATCH`` is asked first: a new run records it and takes ``LEAN_PATCH`` as
-        applied (one marker); a run recorded before it has no such marker, so replay answers
-        ``False`` without recording anything and the run asks ``LEAN_PATCH`` as it did."""
+        The newest patch is asked first (``LOCAL_BEGIN_PATCH``, then ``BEGIN_PATCH``): a new
+        run records it and takes the older ones as applied (one marker); a run recorded
+        before it has no such marker, so replay answers ``False`` without recording anything
+        and the run asks the next older one as it did."""
         if self._lean is None:
-            self._begin = workflow.patched(BEGIN_PATCH)
+            self._local = workflow.patched(LOCAL_BEGIN_PATCH)
+            self._begin = self._local or workflow.patched(BEGIN_PATCH)
             self._lean = self._begin or workflow.patched(LEAN_PATCH)
         return self._lean
 
@@ -63,6 +73,11 @@ class Versions:
         """Whether this run begins with ``begin_run`` (``BEGIN_PATCH``; fixed with ``lean``)."""
         self.lean()
         return self._begin
+
+    def local_begin(self) -> bool:
+        """Whether this run asks ``begin_local`` first (``LOCAL_BEGIN_PATCH``; fixed with ``lean``)."""
+        self.lean()
+        return self._local
 
     def patched(self, patch_id: str) -> bool:
         """``workflow.patched(patch_id)``, without a marker when the lean run implies it."""

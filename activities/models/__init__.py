@@ -45,6 +45,9 @@ class ModelProvider(Protocol):
 
     Implementations raise ``temporalio.exceptions.ApplicationError`` (via
     :mod:`keel.activities.models.errors`) so the activity's retry policy sees the right signal.
+    One served in the offline model's place may set ``in_process = True`` when it answers at
+    once without I/O: a run whose models are all offline then plans first in a local activity
+    (``AgentActivities.plans_in_process``).
     """
 
     async def complete(self, call: ModelCall) -> ModelResult: ...

@@ -172,6 +172,9 @@ class ScriptedPlanner(FunctionModel):
                 ...
     """
 
+    in_process = True
+    """It answers at once, without I/O (``ModelProvider``): runs begin in ``begin_local``."""
+
     def __init__(
         self, plans: Sequence[Plan] | Callable[[PlanCall], Plan | None], *, billed: bool = False
     ) -> None:
