@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from datetime import UTC
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -92,7 +92,8 @@ async def plan_inputs(client: Client, workflow_id: str) -> list[PlanInput]:
             # ``begin_local``: a local activity records its result, not its input; the input
             # is what the workflow built from its request (``AgentWorkflow._begin``).
             m = e.marker_recorded_event_attributes
-            if m.marker_name == "core_local_activity" and b'"begin_local"' in m.details["data"].payloads[0].data:
+            meta = m.details["data"].payloads[0].data if m.marker_name == "core_local_activity" else b""
+            if b'"begin_local"' in meta:
                 (done,) = await client.data_converter.decode(m.details["result"].payloads, [BeginOutput])
                 if not done.remote and done.plan is not None:
                     first = BeginInput(

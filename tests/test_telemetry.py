@@ -149,7 +149,8 @@ async def test_one_trace_per_run_without_duplicates_under_replay(
     assert all(s.parent is not None and s.parent.span_id in activities for s in chats)
     # offline, only the planner is a model (the judge and the answer are deterministic)
     planners = {activities[s.parent.span_id] for s in chats if s.parent}
-    assert "RunActivity:begin_local" in planners and planners <= {"RunActivity:begin_local", "RunActivity:plan"}
+    assert "RunActivity:begin_local" in planners
+    assert planners <= {"RunActivity:begin_local", "RunActivity:plan"}
     assert {str((s.attributes or {})["keel.role"]) for s in chats} == {"plan"}
     sent = [c for c in resp.calls if c.outcome == "ok"]
     assert len(sent) == len(resp.calls)  # offline: every call answered, none refused

@@ -15,7 +15,10 @@ from typing import Any
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
-__all__ = ["Abort", "Stopper", "cause"]
+__all__ = ["CANCEL_AT_SAFE_POINTS_PATCH", "Abort", "Stopper", "cause"]
+
+CANCEL_AT_SAFE_POINTS_PATCH = "keel-cancel-at-safe-points"
+"""A Temporal cancel that no cancelled await reported is honoured at the next safe point."""
 
 
 class Abort(Exception):
@@ -37,7 +40,20 @@ class Stopper:
         self._cancelling: asyncio.Task[None] | None = None
 
     def check(self) -> None:
-        """A safe point: stop here if a cancel, a deadline or a Temporal cancel arrived."""
+        """A safe point: stop here if a cancel, a deadline or a Temporal cancel arrived.
+
+        A Temporal cancel is also read here, not only from a cancelled await: asyncio drops a
+        task's cancellation when the task it awaits absorbs it and returns a result, and an
+        activity awaited with ``WAIT_CANCELLATION_COMPLETED`` that finishes anyway (a quick
+        tool, a preparation that was shielded) does just that, so the run went on as if never
+        cancelled. Runs recorded before ``CANCEL_AT_SAFE_POINTS_PATCH`` replay without it
+        (the marker is asked only when a cancel is pending and no stop was recorded)."""
+        if (
+            self.stop is None
+            and workflow.cancellation_reason() is not None
+            and workflow.patched(CANCEL_AT_SAFE_POINTS_PATCH)
+        ):
+            self.note_workflow_cancel()
         if self.stop is not None:
             raise Abort(self.stop.outcome, self.stop.reason, self.stop.flag)
 

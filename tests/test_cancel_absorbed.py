@@ -1,0 +1,61 @@
+"""A Temporal cancel that arrives while a quick tool is in flight must stop the run.
+
+The tool learns of a cancellation only at its first heartbeat (after a second); one that
+finishes sooner completes normally, and the workflow, which awaits it with
+``WAIT_CANCELLATION_COMPLETED``, gets its result. asyncio then drops the workflow task's
+cancellation (the awaited task absorbed it), so before patch ``keel-cancel-at-safe-points``
+the run went on to its next steps and completed, as if never cancelled. Found by
+``tests/test_begin_local.py``'s Temporal-cancel attack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import CancelledError
+
+from keel.models import StepState
+from keel.settings import Settings
+from tests.doubles.models import step
+from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
+
+
+async def test_a_temporal_cancel_during_a_quick_tool_stops_the_run_at_the_next_safe_point(
+    client: Client,
+    db_pool: AsyncConnectionPool,
+    temporal_services: Settings,
+    task_queue: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    script = [
+        plan(step("s1", "slow_step", seconds=0.6, note="first"), step("s2", "test_effect", note="second"))
+    ]
+    async with scripted_worker(
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        script,
+        policy_file=write_policy(tmp_path),
+        monkeypatch=monkeypatch,
+    ):
+        handle = await start(client, task_queue)
+        await wait_status(handle, "s1", StepState.RUNNING)
+        await handle.cancel()  # s1 ends before its first heartbeat: it finishes, not cancelled
+        with pytest.raises(WorkflowFailureError) as ended:
+            await asyncio.wait_for(handle.result(), timeout=60)
+    assert isinstance(ended.value.cause, CancelledError), ended.value
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    tools = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        async for e in client.get_workflow_handle(handle.id).fetch_history_events()
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert tools.count("run_tool") == 1, tools  # s2 never started
+    notes = [note for _, _, note, _ in await effects_of(db_pool, handle.id)]
+    assert "second" not in notes, notes
