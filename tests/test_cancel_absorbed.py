@@ -11,17 +11,32 @@ the run went on to its next steps and completed, as if never cancelled. Found by
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import CancelledError
 
 from keel.models import StepState
 from keel.settings import Settings
+from keel.workflows.stop import CANCEL_AT_SAFE_POINTS_PATCH
 from tests.doubles.models import step
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
+from tests.test_replay import HISTORIES, _replayer
+
+GOLDEN = HISTORIES / "local_cancel_absorbed.json"
+"""This test's run, recorded (``KEEL_RECORD_HISTORIES=local``): it carries the patch's marker."""
+
+
+def _patches(history: WorkflowHistory) -> list[bytes]:
+    return [
+        e.marker_recorded_event_attributes.details["patch-data"].payloads[0].data
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and e.marker_recorded_event_attributes.marker_name == "core_patch"
+    ]
 
 
 async def test_a_temporal_cancel_during_a_quick_tool_stops_the_run_at_the_next_safe_point(
@@ -59,3 +74,14 @@ async def test_a_temporal_cancel_during_a_quick_tool_stops_the_run_at_the_next_s
     assert tools.count("run_tool") == 1, tools  # s2 never started
     notes = [note for _, _, note, _ in await effects_of(db_pool, handle.id)]
     assert "second" not in notes, notes
+    history = await handle.fetch_history()
+    assert any(CANCEL_AT_SAFE_POINTS_PATCH.encode() in p for p in _patches(history)), _patches(history)
+    await _replayer().replay_workflow(history)  # deterministic, marker and all
+    if os.environ.get("KEEL_RECORD_HISTORIES") == "local":
+        GOLDEN.write_text(history.to_json())
+
+
+async def test_the_recorded_absorbed_cancel_replays() -> None:
+    history = WorkflowHistory.from_json("golden-cancel-absorbed", GOLDEN.read_text())
+    assert any(CANCEL_AT_SAFE_POINTS_PATCH.encode() in p for p in _patches(history))
+    await _replayer().replay_workflow(history)
