@@ -1,7 +1,8 @@
-"""Attacks on the lean run shape (patch ``keel-23-lean-run``, and ``keel-23-begin-run`` that
+"""Attacks on the lean run shape (patch ``keel-23-lean-run``, and ``keel-23-begin-local`` that
 new runs take): the model-less ``finish_run`` is a LOCAL activity, so it runs inside a
 workflow task and leaves no activity events, and the run's preparation runs inside
-``begin_run`` (before its first plan; it was the ``prepare_run`` local activity). A worker
+``begin_local`` (a local activity too with the offline model these workers run; before its
+first plan; ``where="begin_run"`` names the preparation, whichever activity holds it). A worker
 SIGKILLed while one of them is inside its database transaction must leave nothing
 half-done, and the next worker must run it again to the same end.
 

@@ -25,7 +25,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
@@ -37,20 +36,14 @@ from keel.settings import Settings
 from tests.doubles.models import FunctionModel, reply, step
 from tests.helpers import make_order, request, running_worker
 from tests.scripted import serve_test_tools, start, write_policy
+from tests.test_replay import _shape
 
 SLOT_LOCK_CLASS = 7_345_005  # activities/concurrency.py _LOCK_CLASS
 
 
-async def _shape(client: Client, wid: str) -> tuple[list[bytes], list[str]]:
+async def _activities(client: Client, wid: str) -> tuple[list[bytes], list[str]]:
     """The run's local-activity markers (their metadata) and its scheduled activities."""
-    local, remote = [], []
-    async for e in client.get_workflow_handle(wid).fetch_history_events():
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
-            a = e.marker_recorded_event_attributes
-            if a.marker_name == "core_local_activity":
-                local.append(a.details["data"].payloads[0].data)
-        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    _, local, remote = _shape(await client.get_workflow_handle(wid).fetch_history())
     return local, remote
 
 
@@ -94,7 +87,7 @@ async def test_an_offline_run_begins_in_process_and_its_plan_is_charged(
         handle = await start(client, task_queue, request(f"Refund order {order} and e-mail the customer"))
         resp = await handle.result()
     assert resp.outcome == "completed", resp
-    local, remote = await _shape(client, handle.id)
+    local, remote = await _activities(client, handle.id)
     assert b'"begin_local"' in local[0], local
     assert "begin_run" not in remote and "plan" not in remote and remote.count("run_tool") == 3, remote
     assert resp.spend.model_calls >= 1 and resp.model_label.startswith("offline"), resp
@@ -132,7 +125,7 @@ async def test_a_served_model_that_may_fail_begins_with_begin_run_and_prepares_o
             handle = await start(client, task_queue, request("echo hi"))
             resp = await handle.result()
     assert resp.outcome in ("completed", "partial"), resp
-    local, remote = await _shape(client, handle.id)
+    local, remote = await _activities(client, handle.id)
     assert b'"begin_local"' in local[0] and remote[0] == "begin_run", (local, remote)
     rows = await _rows(db_pool, handle.id)
     _clean(rows, handle.id)
@@ -233,7 +226,7 @@ async def test_a_preparation_that_fails_in_process_ends_the_run_failed_and_clean
         resp = await asyncio.wait_for(handle.result(), timeout=60)
     assert resp.outcome == "failed" and resp.reason.startswith("begin_local failed: "), resp
     assert "activity_failed" in resp.flags and resp.spend.total_micros == 0, resp
-    local, remote = await _shape(client, handle.id)
+    local, remote = await _activities(client, handle.id)
     assert b'"begin_local"' in local[0] and remote == [], (local, remote)
     rows = await _rows(db_pool, handle.id)
     assert rows["audit"] == [f"{handle.id}/finish"] and rows["slots"] == 0 and rows["held"] == [], rows

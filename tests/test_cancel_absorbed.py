@@ -24,19 +24,14 @@ from keel.settings import Settings
 from keel.workflows.stop import CANCEL_AT_SAFE_POINTS_PATCH
 from tests.doubles.models import step
 from tests.scripted import effects_of, plan, scripted_worker, start, wait_status, write_policy
-from tests.test_replay import HISTORIES, _replayer
+from tests.test_replay import HISTORIES, _replayer, _shape
 
 GOLDEN = HISTORIES / "local_cancel_absorbed.json"
 """This test's run, recorded (``KEEL_RECORD_HISTORIES=local``): it carries the patch's marker."""
 
 
 def _patches(history: WorkflowHistory) -> list[bytes]:
-    return [
-        e.marker_recorded_event_attributes.details["patch-data"].payloads[0].data
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
-        and e.marker_recorded_event_attributes.marker_name == "core_patch"
-    ]
+    return _shape(history)[0]
 
 
 async def test_a_temporal_cancel_during_a_quick_tool_stops_the_run_at_the_next_safe_point(

@@ -172,12 +172,12 @@ async def test_fresh_histories_replay(
     _assert_local(histories["denied"], denied=True)
 
 
-def _assert_lean(history: WorkflowHistory) -> None:
-    """The lean demo run: one patch marker, prepare and finish as local activities, the
-    evaluation in the workflow; only the plan and the three tools are activities."""
-    from keel.workflows.versions import LEAN_PATCH
-
-    patches, local, remote = [], [], []
+def _shape(history: WorkflowHistory) -> tuple[list[bytes], list[bytes], list[str]]:
+    """A run's patch markers, its local activities' marker metadata and the activities it
+    scheduled, in order."""
+    patches: list[bytes] = []
+    local: list[bytes] = []
+    remote: list[str] = []
     for e in history.events:
         if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
             a = e.marker_recorded_event_attributes
@@ -187,6 +187,15 @@ def _assert_lean(history: WorkflowHistory) -> None:
                 local.append(a.details["data"].payloads[0].data)
         elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    return patches, local, remote
+
+
+def _assert_lean(history: WorkflowHistory) -> None:
+    """The lean demo run: one patch marker, prepare and finish as local activities, the
+    evaluation in the workflow; only the plan and the three tools are activities."""
+    from keel.workflows.versions import LEAN_PATCH
+
+    patches, local, remote = _shape(history)
     assert len(patches) == 1 and LEAN_PATCH.encode() in patches[0], patches
     assert any(b'"prepare_run"' in d for d in local) and any(b'"finish_run"' in d for d in local), local
     assert remote == [
@@ -205,16 +214,7 @@ def _assert_begin(history: WorkflowHistory, *, denied: bool = False) -> None:
     ``begin_run``, and the first plan's input (tools, snapshot) is nowhere in history."""
     from keel.workflows.versions import BEGIN_PATCH
 
-    patches, local, remote = [], [], []
-    for e in history.events:
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
-            a = e.marker_recorded_event_attributes
-            if a.marker_name == "core_patch":
-                patches.append(a.details["patch-data"].payloads[0].data)
-            elif a.marker_name == "core_local_activity":
-                local.append(a.details["data"].payloads[0].data)
-        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    patches, local, remote = _shape(history)
     assert len(patches) == 1 and BEGIN_PATCH.encode() in patches[0], patches
     assert not any(b'"prepare_run"' in d for d in local) and any(b'"finish_run"' in d for d in local), local
     assert remote == (["begin_run"] if denied else ["begin_run", "run_tool", "run_tool", "run_tool"]), remote
@@ -278,16 +278,7 @@ def _assert_local(history: WorkflowHistory, *, denied: bool = False) -> None:
     fewer than the ``begin_run`` run of the same shape."""
     from keel.workflows.versions import LOCAL_BEGIN_PATCH
 
-    patches, local, remote = [], [], []
-    for e in history.events:
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
-            a = e.marker_recorded_event_attributes
-            if a.marker_name == "core_patch":
-                patches.append(a.details["patch-data"].payloads[0].data)
-            elif a.marker_name == "core_local_activity":
-                local.append(a.details["data"].payloads[0].data)
-        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            remote.append(e.activity_task_scheduled_event_attributes.activity_type.name)
+    patches, local, remote = _shape(history)
     assert len(patches) == 1 and LOCAL_BEGIN_PATCH.encode() in patches[0], patches
     assert b'"begin_local"' in local[0] and any(b'"finish_run"' in d for d in local), local
     assert remote == ([] if denied else ["run_tool", "run_tool", "run_tool"]), remote
