@@ -33,6 +33,7 @@ from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
 from keel.activities.concurrency import (
     RELEASE_SLOT_SQL,
+    RunEnded,
     acquire_run_slot_in,
     held_seconds,
     tenant_run_limit,
@@ -65,7 +66,7 @@ from keel.agents import agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
-from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE
+from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE, RUN_ENDED
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import AgentRequest, ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
@@ -382,7 +383,9 @@ class AgentActivities:
                         if gate.allowed:
                             limit = tenant_run_limit(req.tenant)
                             ttl = ttl_for(req.deadline_seconds or policy.limits.deadline_seconds)
-                            if not await acquire_run_slot_in(conn, req.tenant, wid, limit, ttl):
+                            if not await acquire_run_slot_in(
+                                conn, req.tenant, wid, limit, ttl, ended_key=f"{wid}/finish"
+                            ):
                                 gate = gate.model_copy(
                                     update={
                                         "allowed": False,
@@ -431,6 +434,13 @@ class AgentActivities:
                                 ),
                             )
                         await conn.execute("commit")
+            except RunEnded:
+                await _abandon(conn)
+                raise ApplicationError(
+                    f"run {wid} already ended: this late preparation took nothing",
+                    type=RUN_ENDED,
+                    non_retryable=True,
+                ) from None
             except BaseException:
                 await _abandon(conn)
                 raise

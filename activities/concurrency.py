@@ -25,6 +25,7 @@ import psycopg
 __all__ = [
     "RELEASE_SLOT_SQL",
     "SLOT_MARGIN_SECONDS",
+    "RunEnded",
     "acquire_run_slot",
     "acquire_run_slot_in",
     "held_seconds",
@@ -55,8 +56,18 @@ async def acquire_run_slot(
         return await acquire_run_slot_in(conn, tenant, workflow_id, limit, ttl_seconds)
 
 
+class RunEnded(Exception):
+    """The run already has its finish row: a late preparation must take no slot."""
+
+
 async def acquire_run_slot_in(
-    conn: Conn, tenant: str, workflow_id: str, limit: int | None, ttl_seconds: float
+    conn: Conn,
+    tenant: str,
+    workflow_id: str,
+    limit: int | None,
+    ttl_seconds: float,
+    *,
+    ended_key: str | None = None,
 ) -> bool:
     """``acquire_run_slot`` inside the caller's transaction. In the caller's pipeline
     (``conn.pipeline()``) the tenant's lock, the renewal, the purge of expired slots and the
@@ -64,8 +75,18 @@ async def acquire_run_slot_in(
     count are harmless when the renewal succeeds: expired slots hold nothing), and the slot's
     insert is queued, not awaited: it travels with the caller's next statements and commits
     or rolls back with them. Outside a pipeline each statement is its own round trip.
+
+    ``ended_key``: the run's finish-row key; found once the lock is held, it raises
+    ``RunEnded`` (the caller rolls back). A preparation queued on the lock while its attempt
+    timed out would otherwise take a slot, and write its authorization row, after the run
+    finished, holding the slot until its lease expired.
     """
     await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
+    ended = (
+        await conn.execute("select exists(select 1 from audit_log where idem_key = %s)", (ended_key,))
+        if ended_key
+        else None
+    )
     renewing = await conn.execute(
         "update run_slots set expires_at = now() + make_interval(secs => %s) "
         "where workflow_id = %s and expires_at > now() returning 1",
@@ -77,7 +98,10 @@ async def acquire_run_slot_in(
         if limit is not None
         else None
     )
-    if await renewing.fetchone() is not None:  # in a pipeline: its one sync
+    renewed = await renewing.fetchone() is not None  # in a pipeline: its one sync
+    if ended is not None and (row := await ended.fetchone()) is not None and row[0]:
+        raise RunEnded(workflow_id)
+    if renewed:
         return True
     if counted is not None and limit is not None:
         row = await counted.fetchone()

@@ -426,13 +426,19 @@ class AgentWorkflow:
         answer = ""
         for iteration in range(1, limits.max_iterations + 1):
             st.iterations = iteration
+            accepted = None
+            if iteration == 1 and begun is not None:  # made by ``begin_local`` / ``begin_run``
+                # Booked before the safe point: a stop that arrived while the beginning ran
+                # (and that it finished anyway) must not leave the plan's charged calls out of
+                # the run's report. Booking is run state only, no command: replays agree.
+                accepted = self._planner.accept(begun, tier, iteration)
             self._stopper.check()
             # The planner shows memory from the second plan on, and every recorded step's
             # result or error: either is untrusted data steering the plan (provenance).
             st.plan_saw_untrusted = bool(st.order) or (iteration > 1 and bool(ctx.memory))
-            if iteration == 1 and begun is not None:  # made by ``begin_run``
+            if accepted is not None:
                 st.phase = "planning"
-                plan, tier = self._planner.accept(begun, tier, iteration)
+                plan, tier = accepted
             else:
                 plan, tier = await self._planner.plan(req, ctx, tier, iteration)
             st.plan_sizes.append(len(plan.plan.steps))
