@@ -296,8 +296,9 @@ class AgentActivities:
         activity (``begin_local``) instead of the ``begin_run`` activity. A provider served in
         the offline model's place (``serve_provider``) is in process only if it says so
         (``in_process = True``: it answers without I/O, as a test's scripted planner does);
-        one that may wait or fail is not. Nor is a run that an unreadable agent definition or
-        tier setting would refuse (``begin_run`` reports that)."""
+        one that may wait or fail is not. Nor is a run whose agent lists MCP servers (the
+        preparation lists their tools over the network), nor one that an unreadable agent
+        definition or tier setting would refuse (``begin_run`` reports that)."""
         served = served_provider("offline")
         if served is not None and getattr(served, "in_process", False) is not True:
             return False
@@ -307,6 +308,8 @@ class AgentActivities:
             if agent is not None:
                 tiers = agent_tiers(tiers, agent, os.environ)
         except Exception:
+            return False
+        if agent is not None and agent.mcp:
             return False
         return not any(_live(m) for m in tiers.values())
 

@@ -27,6 +27,7 @@ from keel.settings import PROJECT_ROOT, Settings
 from tests.doubles import tools as testing
 from tests.doubles.models import ScriptedPlanner, step
 from tests.helpers import plan_inputs, running_worker
+from tests.test_replay import _shape
 
 SERVER = PROJECT_ROOT / "tests" / "mcp_server.py"
 
@@ -114,6 +115,9 @@ async def test_listing_read_only_call_and_destructive_call_with_approval(
     ):
         run, resp = await _run_with_approval(keel, "files")
     assert resp.outcome == "completed", resp
+    # Listing MCP tools is network I/O: such an agent's run never begins in process.
+    _, _, scheduled = _shape(await client.get_workflow_handle(run.workflow_id).fetch_history())
+    assert scheduled[0] == "begin_run", scheduled
     files = {"files.lookup", "files.delete_record", "files.archive"}
     assert {t.name for t in planner.calls[0].tools} == files  # what the model's prompt lists
     offered = {t.name: t for t in (await plan_inputs(client, run.workflow_id))[0].tools}
