@@ -13,9 +13,10 @@ substitutions registered under the real names:
   visible tools. The workflow's gate still checks ``debug:noop`` against the policy and
   audits the decision, exactly as for any other tool.
 
-A run begins with ``begin_run`` (``keel.activities.begin``), which the bench composes from
-these two exactly as the worker composes it from the real ones: the real preparation (all
-its database work), then the scripted plan.
+A run begins with ``begin_local`` (a local activity; ``begin_run`` when a model could be
+live, ``keel.activities.begin``), which the bench composes from these two exactly as the
+worker composes it from the real ones: the real preparation (all its database work), then
+the scripted plan. The bench's tiers are the offline model's, so its runs begin in process.
 """
 
 from __future__ import annotations
