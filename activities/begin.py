@@ -27,7 +27,8 @@ taken); the plan is cancellable like any plan.
 In process (``begin_local``, patch ``keel-23-begin-local``): when every model the run may
 call is the built-in offline model (``AgentActivities.plans_in_process``), the same work runs
 as a LOCAL activity inside the run's first workflow task: no activity round trip through the
-server and no second workflow task before the first step (six history events fewer). The
+server and no second workflow task before the first step (five history events fewer: six
+for the activity and its workflow task, less the local activity's marker). The
 offline plan has no network call to wait for, heartbeat through or cancel half-way, which is
 what makes a local activity the right tool for it. Any other run gets ``remote=True`` back
 from it at once, having done nothing, and begins with ``begin_run`` as before.

@@ -333,7 +333,7 @@ class AgentWorkflow:
                     start_to_close_timeout=PREPARE_TIMEOUT,
                     retry_policy=LOCAL_BEGIN_RETRY,
                     cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"authorize, guardrails, memory; plan #1 ({tier}, offline, in process)",
+                    summary=f"authorize, guardrails, memory; plan #1 ({tier}) here if offline",
                 )
             )
         except ActivityError as e:
