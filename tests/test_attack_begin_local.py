@@ -245,7 +245,9 @@ async def test_a_preparation_that_commits_then_errors_is_retried_in_process_once
 @pytest.mark.parametrize(
     ("how", "cache"),
     [
-        ("temporal_cancel", 0),
+        # All slow (11 s each: they outlast a workflow task's 10 s timeout); the stops inside
+        # the preparation in tests/test_begin_local.py run in `make test`.
+        pytest.param("temporal_cancel", 0, marks=pytest.mark.slow),
         pytest.param("temporal_cancel", 100, marks=pytest.mark.slow),
         pytest.param("cancel_update", 0, marks=pytest.mark.slow),
         pytest.param("cancel_update", 100, marks=pytest.mark.slow),

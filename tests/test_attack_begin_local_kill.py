@@ -47,6 +47,7 @@ async def _wait_lock_waiter(url: str, within: float = 60.0) -> None:
     raise AssertionError("budget_admit never waited on the held reservation key")
 
 
+@pytest.mark.slow  # two real worker processes, ~12 s: `make test-slow` (the suite's 10-minute budget)
 @pytest.mark.timeout(120)
 async def test_sigkill_after_begin_local_before_its_task_completes_plans_once(
     client: Client,
