@@ -27,36 +27,7 @@ from keel.agent_io import PrepareInput, RunContext
 from keel.settings import Settings
 from tests.doubles.models import step
 from tests.scripted import plan, scripted_worker, start, write_policy
-
-SLOT_LOCK_CLASS = 7_345_005  # activities/concurrency.py _LOCK_CLASS
-
-
-@contextlib.asynccontextmanager
-async def _slot_lock_held(pg_url: str, tenant: str = "acme"):  # type: ignore[no-untyped-def]
-    holder = await psycopg.AsyncConnection.connect(pg_url)
-    try:
-        await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
-        yield holder
-    finally:
-        with contextlib.suppress(psycopg.Error):
-            await holder.rollback()
-        await holder.close()
-
-
-async def _wait_blocked(pg_url: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            row = await (
-                await conn.execute(
-                    "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
-                    "and query ilike '%pg_advisory_xact_lock%' and pid <> pg_backend_pid()"
-                )
-            ).fetchone()
-            if row and row[0]:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError("the preparation never waited on the run-slot lock")
+from tests.test_begin_local import _slot_lock_held, _wait_blocked
 
 
 def _clean(rows: dict[str, Any], wid: str) -> None:
