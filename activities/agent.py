@@ -62,7 +62,7 @@ from keel.agent_io import (
     RunLimits,
     tool_record,
 )
-from keel.agents import agent_tiers, merged_policy, select_tools
+from keel.agents import Agent, agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
@@ -231,6 +231,13 @@ def _step_view(r: StepRecord) -> dict[str, Any]:
     return step_view(r)
 
 
+def _run_tiers(agent: Agent | None) -> dict[str, str]:
+    """The run's model per tier: the worker's environment, then its agent's own tiers. One
+    reading for the preparation's snapshot and for ``plans_in_process``'s look before it."""
+    tiers = resolve_tiers(os.environ)
+    return agent_tiers(tiers, agent, os.environ) if agent is not None else tiers
+
+
 def _live(model: str) -> bool:
     """A model that costs money and can write: anything but the offline model."""
     try:
@@ -304,9 +311,7 @@ class AgentActivities:
             return False
         try:
             agent, _ = find_agent(req.agent)
-            tiers = resolve_tiers(os.environ)
-            if agent is not None:
-                tiers = agent_tiers(tiers, agent, os.environ)
+            tiers = _run_tiers(agent)
         except Exception:
             return False
         if agent is not None and agent.mcp:
@@ -326,9 +331,7 @@ class AgentActivities:
         gate = authorize_user(policy, req.tenant, req.user, req.permissions)
         if agent is None:
             gate = gate.model_copy(update={"allowed": False, "rule": "agent-unknown", "reason": unknown})
-        tiers = resolve_tiers(os.environ)
-        if agent is not None:
-            tiers = agent_tiers(tiers, agent, os.environ)
+        tiers = _run_tiers(agent)
         labels = sorted({model_label(m) for m in tiers.values()})
         verdict = (
             scan_input(req.message, block=policy.guardrails.input.block)

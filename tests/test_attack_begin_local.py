@@ -27,7 +27,7 @@ from keel.agent_io import PrepareInput, RunContext
 from keel.settings import Settings
 from tests.doubles.models import step
 from tests.scripted import plan, scripted_worker, start, write_policy
-from tests.test_begin_local import _slot_lock_held, _wait_blocked
+from tests.test_begin_local import _slot_lock_held, _wait_blocked, failing_plans, run_served
 
 
 def _clean(rows: dict[str, Any], wid: str) -> None:
@@ -139,35 +139,17 @@ async def test_a_first_plan_that_fails_once_in_process_is_retried_and_charged_on
     """An in-process planner (``in_process = True``) that 503s once: ``begin_local`` retries
     as a whole (preparation again, then the plan). One authorization row, both calls in
     the ledger, and the run's spend is the ledger's."""
-    from temporalio.exceptions import ApplicationError
 
-    from keel.errors import UNAVAILABLE
-    from keel.models import ModelCall, ModelResult, Plan
-    from tests.doubles.models import FunctionModel, reply
-    from tests.helpers import request, running_worker
-    from tests.scripted import serve_test_tools
+    from tests.doubles.models import FunctionModel
     from tests.test_begin_local import _activities as _shape
     from tests.test_begin_local import _rows
 
     calls: list[int] = []
-
-    async def flaky(call: ModelCall) -> ModelResult | None:
-        if call.role != "plan":
-            return None
-        calls.append(1)
-        if len(calls) == 1:
-            raise ApplicationError("scripted: unavailable (503)", type=UNAVAILABLE)
-        return reply(call, Plan(steps=(step("s1", "echo", note="hi"),)).model_dump(mode="json"), billed=True)
-
-    model = FunctionModel(flaky)
+    model = FunctionModel(failing_plans(calls, billed=True))
     model.in_process = True  # type: ignore[attr-defined]
-    serve_test_tools(monkeypatch)
-    with model.serving():
-        async with running_worker(
-            client, db_pool, temporal_services, task_queue, policy_file=write_policy(tmp_path)
-        ):
-            handle = await start(client, task_queue, request("echo hi"))
-            resp = await asyncio.wait_for(handle.result(), timeout=30)
+    handle, resp = await run_served(
+        model, client, db_pool, temporal_services, task_queue, tmp_path, monkeypatch, within=30
+    )
     assert resp.outcome in ("completed", "partial"), resp
     local, remote = await _shape(client, handle.id)
     assert b'"begin_local"' in local[0] and "begin_run" not in remote, (local, remote)
@@ -434,32 +416,16 @@ async def test_an_in_process_first_plan_that_always_fails_is_charged_as_the_ledg
     """Every attempt of ``begin_local`` 503s in its plan (the whole hold committed each
     time): the local activity gives up, the run ends failed, and its reported spend is every
     attempt's, as the ledger has it; one authorization row, one finish row, nothing held."""
-    from temporalio.exceptions import ApplicationError
 
-    from keel.errors import UNAVAILABLE
-    from keel.models import ModelCall, ModelResult
     from tests.doubles.models import FunctionModel
-    from tests.helpers import request, running_worker
-    from tests.scripted import serve_test_tools
     from tests.test_begin_local import _rows
 
     calls: list[int] = []
-
-    async def down(call: ModelCall) -> ModelResult | None:
-        if call.role != "plan":
-            return None
-        calls.append(1)
-        raise ApplicationError("scripted: unavailable (503)", type=UNAVAILABLE)
-
-    model = FunctionModel(down)
+    model = FunctionModel(failing_plans(calls, failures=None))
     model.in_process = True  # type: ignore[attr-defined]
-    serve_test_tools(monkeypatch)
-    with model.serving():
-        async with running_worker(
-            client, db_pool, temporal_services, task_queue, policy_file=write_policy(tmp_path)
-        ):
-            handle = await start(client, task_queue, request("echo hi"))
-            resp = await asyncio.wait_for(handle.result(), timeout=40)
+    handle, resp = await run_served(
+        model, client, db_pool, temporal_services, task_queue, tmp_path, monkeypatch, within=40
+    )
     assert await _began_with(client, handle.id) == "begin_local"
     assert resp.outcome == "failed", (resp.outcome, resp.reason)
     rows = await _rows(db_pool, handle.id)

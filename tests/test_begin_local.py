@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -75,6 +77,44 @@ def _clean(rows: dict[str, Any], wid: str) -> None:
     assert rows["slots"] == 0 and rows["held"] == [] and rows["reserved"] in (0, None), rows
 
 
+def failing_plans(
+    calls: list[int], *, failures: int | None = 1, billed: bool = False
+) -> Callable[[ModelCall], Awaitable[ModelResult | None]]:
+    """A planner that answers its first ``failures`` plan calls with a 503 (``None``: every
+    one), then plans one ``echo`` step; every plan call is counted in ``calls``."""
+
+    async def plans(call: ModelCall) -> ModelResult | None:
+        if call.role != "plan":
+            return None
+        calls.append(1)
+        if failures is None or len(calls) <= failures:
+            raise ApplicationError("scripted: unavailable (503)", type=UNAVAILABLE)
+        planned = Plan(steps=(step("s1", "echo", note="hi"),)).model_dump(mode="json")
+        return reply(call, planned, billed=billed)
+
+    return plans
+
+
+async def run_served(
+    model: FunctionModel,
+    client: Client,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    within: float = 60,
+) -> tuple[WorkflowHandle[Any, AgentResponse], AgentResponse]:
+    """One ``echo hi`` run on a worker whose offline model is ``model`` (test tools, test policy)."""
+    serve_test_tools(monkeypatch)
+    with model.serving():
+        async with running_worker(client, pool, settings, task_queue, policy_file=write_policy(tmp_path)):
+            handle = await start(client, task_queue, request("echo hi"))
+            resp = await asyncio.wait_for(handle.result(), timeout=within)
+    return handle, resp
+
+
 async def test_an_offline_run_begins_in_process_and_its_plan_is_charged(
     client: Client,
     db_pool: AsyncConnectionPool,
@@ -108,22 +148,15 @@ async def test_a_served_model_that_may_fail_begins_with_begin_run_and_prepares_o
     fails once here, as a network model would): ``begin_local`` answers ``remote`` having
     done nothing, and ``begin_run``'s retry is what plans."""
     calls: list[int] = []
-
-    async def flaky(call: ModelCall) -> ModelResult | None:
-        if call.role != "plan":
-            return None
-        calls.append(1)
-        if len(calls) == 1:
-            raise ApplicationError("scripted: unavailable (503)", type=UNAVAILABLE)
-        return reply(call, Plan(steps=(step("s1", "echo", note="hi"),)).model_dump(mode="json"))
-
-    serve_test_tools(monkeypatch)
-    with FunctionModel(flaky).serving():
-        async with running_worker(
-            client, db_pool, temporal_services, task_queue, policy_file=write_policy(tmp_path)
-        ):
-            handle = await start(client, task_queue, request("echo hi"))
-            resp = await handle.result()
+    handle, resp = await run_served(
+        FunctionModel(failing_plans(calls)),
+        client,
+        db_pool,
+        temporal_services,
+        task_queue,
+        tmp_path,
+        monkeypatch,
+    )
     assert resp.outcome in ("completed", "partial"), resp
     local, remote = await _activities(client, handle.id)
     assert b'"begin_local"' in local[0] and remote[0] == "begin_run", (local, remote)
