@@ -589,6 +589,10 @@ class ToolInfo(Frozen):
     """Writes something outside the run (refund, e-mail): eligible for compensation/approval."""
     tags: tuple[str, ...] = ()
     """Free labels an agent definition selects tools by (``tag:orders``)."""
+    local: bool = False
+    """Quick and in-process (its work is the database transaction Keel hands it, a few ms):
+    the step runs as a local activity in the workflow task that decided it, with every record
+    the activity path writes. Never for sandboxed, MCP or rate-limited tools (see README)."""
     queue: str | None = None
     """Task-queue suffix shared by several tools under one rate limit (an MCP server's
     ``mcp-<server>``); ``None``: a rate-limited tool gets its own ``tool-<name>`` queue."""

@@ -15,10 +15,11 @@ workflow); the others were recorded before it and prove the old path still repla
 ``keel-23-begin-run``: preparation and first plan in one activity), plus ``begin_denied``
 (a refused request: no plan at all). ``local_<shape>.json`` are recorded on the run that
 asks the ``begin_local`` local activity first (patch ``keel-23-begin-local``: with only the
-built-in offline model, preparation and first plan inside the first workflow task). New runs
-take that shape, so it is the only one that can still be recorded:
-``KEEL_RECORD_HISTORIES=local``. (``=1``, ``=lean`` and ``=begin`` recorded the older shapes
-before it; those files are kept as they are.)
+built-in offline model, preparation and first plan inside the first workflow task).
+``tools_<shape>.json`` are recorded on the run whose quick in-process tools run as local
+activities (patch ``keel-23-local-tools``). New runs take that shape, so it is the only one
+that can still be recorded: ``KEEL_RECORD_HISTORIES=tools``. (``=1``, ``=lean``, ``=begin``
+and ``=local`` recorded the older shapes before it; those files are kept as they are.)
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ BEGIN = tuple(f"begin_{shape}" for shape in FRESH)
 """Golden histories of the run that begins with ``begin_run`` (``BEGIN_PATCH``)."""
 LOCAL = tuple(f"local_{shape}" for shape in FRESH)
 """Golden histories of the run that begins in process (``LOCAL_BEGIN_PATCH``)."""
+TOOLS = tuple(f"tools_{shape}" for shape in FRESH)
+"""Golden histories of the run whose quick tools are local activities (``LOCAL_TOOLS_PATCH``)."""
 
 
 ENCRYPTED_GOLDEN = HISTORIES / "encrypted_demo_refund.json"
@@ -165,11 +168,11 @@ async def test_fresh_histories_replay(
     replayer = _replayer()
     for history in histories.values():
         await replayer.replay_workflow(history)  # raises on any nondeterminism
-    if os.environ.get("KEEL_RECORD_HISTORIES") == "local":
+    if os.environ.get("KEEL_RECORD_HISTORIES") == "tools":
         for name, history in histories.items():
-            (HISTORIES / f"local_{name}.json").write_text(history.to_json())
-    _assert_local(histories["demo_refund"])
-    _assert_local(histories["denied"], denied=True)
+            (HISTORIES / f"tools_{name}.json").write_text(history.to_json())
+    _assert_tools(histories["demo_refund"])
+    _assert_tools(histories["denied"], denied=True)
 
 
 def _shape(history: WorkflowHistory) -> tuple[list[bytes], list[bytes], list[str]]:
@@ -287,7 +290,26 @@ def _assert_local(history: WorkflowHistory, *, denied: bool = False) -> None:
     assert len(history.events) <= len(begun.events) - 5, (len(history.events), len(begun.events))
 
 
-@pytest.mark.parametrize("shape", SHAPES + LEAN + BEGIN + LOCAL)
+def _assert_tools(history: WorkflowHistory, *, denied: bool = False) -> None:
+    """The run since ``LOCAL_TOOLS_PATCH``: ONE patch marker; the demo's three tools (quick,
+    in-process) are local activities after ``begin_local`` and the plan's admission and before the finish, so the run
+    schedules no activity at all and its history is the first task, the markers and the end."""
+    from keel.workflows.versions import LOCAL_TOOLS_PATCH
+
+    patches, local, remote = _shape(history)
+    assert len(patches) == 1 and LOCAL_TOOLS_PATCH.encode() in patches[0], patches
+    assert remote == [], remote
+    kinds = [re.search(rb'"activity_type":"(\w+)"', d) for d in local]
+    names = [m.group(1).decode() for m in kinds if m]
+    tools = [] if denied else ["budget_admit", "run_tool", "run_tool", "run_tool"]
+    assert names == ["begin_local", *tools, "finish_run"], names
+    shape = "denied" if denied else "demo_refund"
+    begun = WorkflowHistory.from_json("local", (HISTORIES / f"local_{shape}.json").read_text())
+    if not denied:  # three activities (3 events each) and their three workflow tasks fewer
+        assert len(history.events) <= len(begun.events) - 12, (len(history.events), len(begun.events))
+
+
+@pytest.mark.parametrize("shape", SHAPES + LEAN + BEGIN + LOCAL + TOOLS)
 async def test_golden_histories_replay(shape: str) -> None:
     path = HISTORIES / f"{shape}.json"
     assert path.exists(), f"missing golden history {path}; record it (see module docstring)"
@@ -299,6 +321,8 @@ async def test_golden_histories_replay(shape: str) -> None:
         _assert_begin(history, denied=shape == "begin_denied")
     if shape in ("local_demo_refund", "local_denied"):
         _assert_local(history, denied=shape == "local_denied")
+    if shape in ("tools_demo_refund", "tools_denied"):
+        _assert_tools(history, denied=shape == "tools_denied")
 
 
 def test_lean_run_subsumes_exactly_the_patches_made_before_it() -> None:

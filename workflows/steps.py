@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from keel import decisions as d
@@ -39,7 +39,7 @@ from keel.workflows.holds import Holds
 from keel.workflows.options import CONTROL_RETRY, CONTROL_TIMEOUT, TOOL_HEARTBEAT
 from keel.workflows.saga import Saga
 from keel.workflows.state import RunState
-from keel.workflows.stop import Abort, Stopper, cause
+from keel.workflows.stop import Abort, Stopper, as_activity_error, cause
 
 __all__ = ["FLOW_PATCH", "APPROVAL_AUDIT_PATCH", "StepRunner"]
 
@@ -160,7 +160,10 @@ class StepRunner:
         )
         try:
             effect = _reused_key(req, step.id, tool.name, args) or key
-            out = await self._stopper.interruptible(self._start_tool(req, tool, args, effect, hold, stepgate))
+            try:
+                out = await self._stopper.interruptible(self._start_tool(req, tool, args, effect, hold, stepgate))
+            except FailureError as e:  # a local activity's own error may arrive unwrapped
+                raise as_activity_error(e, "run_tool") from None
             if effect != key and out.replayed:  # the earlier run paid for it (ledger and report)
                 out = out.model_copy(update={"cost_micros": 0})
         except ActivityError as e:
@@ -265,33 +268,56 @@ class StepRunner:
         reserve_key: str,
         gate: StepGate,
     ) -> workflow.ActivityHandle[ToolResult]:
+        """The step's ``run_tool``: a local activity for a quick in-process tool in a run with
+        ``LOCAL_TOOLS_PATCH`` (same input, timeout, retries and cancellation; its result is a
+        marker in this workflow task instead of an activity's three events and a second task
+        through the server), otherwise an activity on the tool's queue.
+
+        Either way the effect happens at most once per key: an attempt repeated because the
+        worker died before this task completed finds the record under the key's lock and
+        returns it (``keel.activities.tools.execute``). A local tool's dead worker is noticed
+        when the workflow task times out rather than by a missed heartbeat."""
+        call = ToolCall(
+            tool=tool.name,
+            args=args,
+            idempotency_key=key,
+            tenant=req.tenant,
+            user=req.user,
+            workflow_id=self._state.wid,
+            step_id=key.rsplit("/", 1)[1],
+            reservation_key=reserve_key,
+            gate=gate,
+        )
+        retry = RetryPolicy(
+            initial_interval=timedelta(milliseconds=500),
+            maximum_interval=timedelta(seconds=10),
+            maximum_attempts=tool.max_attempts,
+            non_retryable_error_types=list(tool.non_retryable_errors),
+        )
+        # The summary is user metadata the Web UI shows: no secret or PII from the args.
+        summary = redact(d.step_summary(tool.name, args))
+        queue = _tool_queue(tool)
+        if tool.local and queue is None and self._state.versions.local_tools():
+            return workflow.start_local_activity(
+                "run_tool",
+                call,
+                result_type=ToolResult,
+                start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
+                retry_policy=retry,
+                summary=summary,
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
         # WAIT_CANCELLATION_COMPLETED: a cancelled tool has really stopped (its transaction
         # rolled back) or really finished before the run moves on, so no effect goes unrecorded.
         return workflow.start_activity(
             "run_tool",
-            ToolCall(
-                tool=tool.name,
-                args=args,
-                idempotency_key=key,
-                tenant=req.tenant,
-                user=req.user,
-                workflow_id=self._state.wid,
-                step_id=key.rsplit("/", 1)[1],
-                reservation_key=reserve_key,
-                gate=gate,
-            ),
+            call,
             result_type=ToolResult,
             start_to_close_timeout=timedelta(seconds=tool.timeout_seconds),
             heartbeat_timeout=TOOL_HEARTBEAT,
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(milliseconds=500),
-                maximum_interval=timedelta(seconds=10),
-                maximum_attempts=tool.max_attempts,
-                non_retryable_error_types=list(tool.non_retryable_errors),
-            ),
-            task_queue=_tool_queue(tool),
-            # The summary is user metadata the Web UI shows: no secret or PII from the args.
-            summary=redact(d.step_summary(tool.name, args)),
+            retry_policy=retry,
+            task_queue=queue,
+            summary=summary,
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 

@@ -13,7 +13,7 @@ import asyncio
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
 
 __all__ = ["CANCEL_AT_SAFE_POINTS_PATCH", "Abort", "Stopper", "cause"]
 
@@ -125,6 +125,27 @@ def cause(e: BaseException) -> str:
         e = e.__cause__
     msg = e.message if isinstance(e, ApplicationError) else str(e)
     return (msg or type(e).__name__).splitlines()[0][:300]
+
+
+def as_activity_error(e: FailureError, activity_type: str) -> ActivityError:
+    """A local activity's failure as the ``ActivityError`` an activity's would be.
+
+    A local activity's own error can arrive unwrapped (its ``ApplicationError``, or the
+    cancellation itself); the run handles both kinds of step the same way, so it is wrapped
+    here with the error as its cause (``cause`` and ``Stopper.note_cancel`` read through it)."""
+    if isinstance(e, ActivityError):
+        return e
+    wrapped = ActivityError(
+        f"{activity_type} failed: {e}",
+        scheduled_event_id=0,
+        started_event_id=0,
+        identity="",
+        activity_type=activity_type,
+        activity_id="",
+        retry_state=None,
+    )
+    wrapped.__cause__ = e
+    return wrapped
 
 
 async def _cancel_unfinished(handle: asyncio.Task[Any]) -> None:

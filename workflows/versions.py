@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-__all__ = ["BEGIN_PATCH", "LEAN_PATCH", "LOCAL_BEGIN_PATCH", "SUBSUMED", "Versions"]
+__all__ = ["BEGIN_PATCH", "LEAN_PATCH", "LOCAL_BEGIN_PATCH", "LOCAL_TOOLS_PATCH", "SUBSUMED", "Versions"]
 
 LEAN_PATCH = "keel-23-lean-run"
 """Issue 23: prepare and (without a model call) finish as local activities, the rules'
@@ -50,21 +50,31 @@ offline one, and otherwise answers ``remote`` at once (the run then schedules ``
 Implies ``BEGIN_PATCH``: a run started since records this one marker only."""
 
 
+LOCAL_TOOLS_PATCH = "keel-23-local-tools"
+"""Issue 23: a step whose tool declares itself quick and in-process (``ToolInfo.local``) runs
+``run_tool`` as a local activity in the workflow task that decided it, instead of an activity
+(three events, a task through the server's queue and a second workflow task). Implies
+``LOCAL_BEGIN_PATCH``: a run started since records this one marker only."""
+
+
 class Versions:
     def __init__(self) -> None:
         self._lean: bool | None = None
         self._begin = False
         self._local = False
+        self._tools = False
 
     def lean(self) -> bool:
         """Whether this run follows the issue-23 shape (asked first at the run's start).
 
-        The newest patch is asked first (``LOCAL_BEGIN_PATCH``, then ``BEGIN_PATCH``): a new
+        The newest patch is asked first (``LOCAL_TOOLS_PATCH``, ``LOCAL_BEGIN_PATCH``, then
+        ``BEGIN_PATCH``): a new
         run records it and takes the older ones as applied (one marker); a run recorded
         before it has no such marker, so replay answers ``False`` without recording anything
         and the run asks the next older one as it did."""
         if self._lean is None:
-            self._local = workflow.patched(LOCAL_BEGIN_PATCH)
+            self._tools = workflow.patched(LOCAL_TOOLS_PATCH)
+            self._local = self._tools or workflow.patched(LOCAL_BEGIN_PATCH)
             self._begin = self._local or workflow.patched(BEGIN_PATCH)
             self._lean = self._begin or workflow.patched(LEAN_PATCH)
         return self._lean
@@ -78,6 +88,12 @@ class Versions:
         """Whether this run asks ``begin_local`` first (``LOCAL_BEGIN_PATCH``; fixed with ``lean``)."""
         self.lean()
         return self._local
+
+    def local_tools(self) -> bool:
+        """Whether this run's quick in-process tools run as local activities
+        (``LOCAL_TOOLS_PATCH``; fixed with ``lean``)."""
+        self.lean()
+        return self._tools
 
     def patched(self, patch_id: str) -> bool:
         """``workflow.patched(patch_id)``, without a marker when the lean run implies it."""

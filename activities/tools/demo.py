@@ -63,6 +63,7 @@ def _usd(micros: int) -> float:
     timeout_seconds=10,
     tags=("orders",),
     facts={"customer_email": "order_customer", "order_id": "order_ids"},
+    local=True,
 )
 async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
     row = await (
@@ -103,6 +104,7 @@ async def lookup_order(ctx: ToolContext, a: LookupOrder) -> dict[str, Any]:
     timeout_seconds=10,
     optional=True,
     tags=("inventory",),
+    local=True,
 )
 async def check_inventory(ctx: ToolContext, a: CheckInventory) -> dict[str, Any]:
     row = await (
@@ -129,6 +131,7 @@ async def check_inventory(ctx: ToolContext, a: CheckInventory) -> dict[str, Any]
     max_attempts=5,
     tags=("orders", "refunds"),
     facts={"order_id": "order_ids"},
+    local=True,
 )
 async def issue_refund(ctx: ToolContext, a: IssueRefund) -> dict[str, Any]:
     order = await (
@@ -277,6 +280,7 @@ async def void_refund(ctx: ToolContext, a: VoidRefund) -> dict[str, Any]:
     risk="medium",
     timeout_seconds=20,
     tags=("email",),
+    local=True,
 )
 async def send_email(ctx: ToolContext, a: SendEmail) -> dict[str, Any]:
     row = await (
@@ -298,6 +302,7 @@ async def send_email(ctx: ToolContext, a: SendEmail) -> dict[str, Any]:
     cost_usd=0.0,
     timeout_seconds=5,
     hidden=True,
+    local=True,
 )
 async def noop(ctx: ToolContext, a: Noop) -> dict[str, Any]:
     return {"ok": True, "note": a.note}

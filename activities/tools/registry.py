@@ -126,6 +126,7 @@ def tool(
     sandbox: SandboxSpec | None = None,
     tags: tuple[str, ...] = (),
     facts: dict[str, str] | None = None,
+    local: bool = False,
 ) -> Callable[[ToolFn], ToolFn]:
     """Register ``fn`` as tool ``name``. ``hidden`` tools (compensations) are never planned;
     ``sandbox`` tools run their programs confined (and are refused where that is impossible).
@@ -134,9 +135,14 @@ def tool(
     ``facts`` maps a result field to a gate-context fact the policy can reference
     (``{"customer_email": "order_customer"}``: an address looked up by this tool becomes an
     allowed ``one_of_ref: order_customer`` value for later steps of the same run).
+    ``local``: the tool is quick and works only through ``ctx.conn`` (milliseconds, no
+    outside call): its steps run as local activities. A sandboxed or rate-limited tool never
+    does (a local activity holds its workflow task and bypasses the tool's task queue).
     """
 
     def register(fn: ToolFn) -> ToolFn:
+        if local and (sandbox is not None or rate_limit_per_second):
+            raise ValueError(f"tool {name!r}: a sandboxed or rate-limited tool cannot be local")
         if name in REGISTRY:
             first = REGISTRY[name].module or "?"
             raise ValueError(
@@ -179,6 +185,7 @@ def tool(
             non_retryable_errors=(TOOL_PERMANENT_ERROR, INVALID_TOOL_ARGUMENTS),
             tags=tuple(tags),
             facts=dict(facts or {}),
+            local=local,
         )
         REGISTRY[name] = Tool(info=info, args_model=args, fn=run, sandbox=sandbox, module=fn.__module__)
         if hidden:
