@@ -66,7 +66,7 @@ from keel.agents import Agent, agent_tiers, merged_policy, select_tools
 from keel.audit_models import AuditEntry
 from keel.budget import OpenRunRequest, scope_path
 from keel.decisions import ReferenceError_, resolve_args
-from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE, RUN_ENDED
+from keel.errors import INVALID_JUDGEMENT, POLICY_ERROR, RUN_DEADLINE
 from keel.gate import authorize_user, visible_tools
 from keel.intent import claimed_effects, plan_problems, results_verdict, step_view
 from keel.models import AgentRequest, ChatMessage, ModelCall, Plan, StepRecord, usd_to_micros
@@ -441,12 +441,16 @@ class AgentActivities:
                             )
                         await conn.execute("commit")
             except RunEnded:
+                # The run's finish row is committed: this preparation writes nothing (no slot,
+                # no second authorization row) and answers as the run's own did. Either its
+                # attempt was given up on (a timed-out attempt queued on the lock: its answer
+                # is discarded and, cancelled, it plans nothing), or a worker died after the
+                # run's ending committed but before the workflow task that holds the whole run
+                # (quick local tools, ``keel-23-local-tools``) completed: the next worker runs
+                # that task again, and the run must reach the same end, its tools replayed from
+                # their records and its finish found, instead of reporting a failure.
                 await _abandon(conn)
-                raise ApplicationError(
-                    f"run {wid} already ended: this late preparation took nothing",
-                    type=RUN_ENDED,
-                    non_retryable=True,
-                ) from None
+                activity.logger.info("run %s already ended: preparing again writes nothing", wid)
             except BaseException:
                 await _abandon(conn)
                 raise

@@ -1,7 +1,11 @@
 """Per-step overhead: a controlled Keel agent step against the bare Temporal floor.
 
 A Keel step is what ``AgentWorkflow`` does for every plan step: the gate, pure, in the
-workflow, then ONE ``run_tool`` activity that makes its decision durable and acts in two
+workflow, then ONE ``run_tool`` call that makes its decision durable and acts. ``noop`` is a
+quick in-process tool, so since patch ``keel-23-local-tools`` that call is a LOCAL activity
+in the workflow task that decided it (``keel``); ``keel_activity`` runs the same steps with
+``noop`` declared ``local=False``, the path of MCP, sandboxed and rate-limited tools: an
+activity. Either way ``run_tool`` acts in two
 PostgreSQL transactions and two pipelined round trips (the key's record and the breaker's
 state read and, with no record, the permission audit row and the budget hold committed
 without a WAL flush of their own, all in one function call, then COMMIT AND CHAIN into the
@@ -173,7 +177,7 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     rounds = 2 if smoke else 12
     big = 3 if smoke else 10
     tq = f"bench-step-{uuid.uuid4().hex[:8]}"
-    kinds = ("keel", "floor", "floor_la")
+    kinds = ("keel", "keel_activity", "floor", "floor_la")
     wall: dict[str, dict[int, list[float]]] = {k: {1: [], big: []} for k in kinds}
     wids: dict[str, list[str]] = {k: [] for k in kinds}
     small_wid: dict[str, str] = {}
@@ -192,6 +196,7 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         # Warm-up: first runs pay for imports, sandbox preparation and cache misses.
         for _ in range(1 if smoke else 2):
             await run_keel(client, tq, noop_request(2))
+            await run_keel(client, tq, noop_request(2, activity=True))
             await _floor(client, tq + "-floor", 2, False)
             await _floor(client, tq + "-floor", 2, True)
         for _ in range(rounds):
@@ -200,12 +205,15 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
                 resp, secs, wid = await run_keel(client, tq, noop_request(n))
                 after = clock.snapshot()
                 codec_runs[n].append((after[0] - before[0], after[1] - before[1]))
-                if resp.outcome != "completed" or len(resp.steps) != n:
-                    raise RuntimeError(
-                        f"bench run did not complete its {n} steps: {resp.outcome} {resp.reason}"
-                    )
-                wall["keel"][n].append(secs)
-                _keep(wids, small_wid, "keel", wid, big=n == big)
+                for kind, r in (("keel", resp), ("keel_activity", None)):
+                    if r is None:
+                        r, secs, wid = await run_keel(client, tq, noop_request(n, activity=True))
+                    if r.outcome != "completed" or len(r.steps) != n:
+                        raise RuntimeError(
+                            f"bench run did not complete its {n} steps: {r.outcome} {r.reason}"
+                        )
+                    wall[kind][n].append(secs)
+                    _keep(wids, small_wid, kind, wid, big=n == big)
                 for kind, local in (("floor", False), ("floor_la", True)):
                     secs, wid = await _floor(client, tq + "-floor", n, local)
                     wall[kind][n].append(secs)
@@ -230,7 +238,7 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
         per_step = [(b - a) * 1000 / (big - 1) for a, b in zip(t1, tb, strict=True)]
         med_step = (statistics.median(tb) - statistics.median(t1)) * 1000 / (big - 1)
         fixed = statistics.median(t1) * 1000 - med_step
-        activity_name = "run_tool" if kind == "keel" else "bench_floor_step"
+        activity_name = "run_tool" if kind.startswith("keel") else "bench_floor_step"
         parts: dict[str, list[float]] = {}
         for wid in wids[kind]:
             for key, vals in (await history_breakdown(client, wid, activity_name)).items():
@@ -257,6 +265,8 @@ async def run(client: Any, pool: Any, settings: Any, *, smoke: bool = False) -> 
     # one workflow task, completion): issue 23's "fixed per-run cost" figure.
     out["fixed_ratio"] = round(out["keel"]["fixed_ms"] / out["floor"]["fixed_ms"], 2)
     out["ratio_vs_floor_la"] = round(out["keel"]["per_step_ms"] / out["floor_la"]["per_step_ms"], 2)
+    # The activity path (MCP, sandboxed, rate-limited or ``local=False`` tools), same floor.
+    out["activity_ratio"] = round(out["keel_activity"]["per_step_ms"] / out["floor"]["per_step_ms"], 2)
     out["target_ratio"] = TARGET_RATIO
     out["pg_commits_per_step"] = None if commits is None else round(commits, 2)
     c1, cb = codec_runs[1], codec_runs[big]

@@ -11,7 +11,9 @@ substitutions registered under the real names:
   for any other message;
 * ``prepare_run`` runs the real activity, then adds the hidden ``noop`` tool to the run's
   visible tools. The workflow's gate still checks ``debug:noop`` against the policy and
-  audits the decision, exactly as for any other tool.
+  audits the decision, exactly as for any other tool. ``noop`` is a quick in-process tool
+  (``local=True``: its steps are local activities); a message ending ``activity`` declares it
+  ``local=False`` in the run's snapshot, so the same steps take the activity path.
 
 A run begins with ``begin_local`` (a local activity; ``begin_run`` when a model could be
 live, ``keel.activities.begin``), which the bench composes from these two exactly as the
@@ -68,7 +70,7 @@ __all__ = [
 BENCH_POLICY = PROJECT_ROOT / "bench" / "policy.yaml"
 """Grants ``debug:noop`` to tenant ``bench`` and lifts the tool-call cap for 200-step runs."""
 
-_NOOP_RE = re.compile(r"^noop-bench N=(\d+)")
+_NOOP_RE = re.compile(r"^noop-bench N=(\d+)( activity)?")
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -132,9 +134,14 @@ class _BenchAgentActivities:
         from keel.activities.tools.loader import catalog
 
         ctx: RunContext = await self._real.prepare_run(inp)
-        if not ctx.authorized or not _NOOP_RE.match(inp.request.message):
+        m = _NOOP_RE.match(inp.request.message)
+        if not ctx.authorized or m is None:
             return ctx
         noop = next(t for t in catalog(include_hidden=True) if t.name == "noop")
+        if m.group(2):  # "... activity": the same tool on the activity path (local=False)
+            noop = noop.model_copy(update={"local": False})
+            everything = tuple(noop if t.name == "noop" else t for t in ctx.all_tools)
+            return ctx.model_copy(update={"tools": (*ctx.tools, noop), "all_tools": everything})
         return ctx.model_copy(update={"tools": (*ctx.tools, noop)})
 
     def plans_in_process(self, req: Any) -> bool:
@@ -227,14 +234,16 @@ def _activity_name(fn: Any) -> str:
     return activity._Definition.must_from_callable(fn).name
 
 
-def noop_request(steps: int, *, tenant: str = "bench", user: str = "bench") -> Any:
-    """A request whose scripted plan is ``steps`` distinct ``noop`` calls."""
+def noop_request(steps: int, *, tenant: str = "bench", user: str = "bench", activity: bool = False) -> Any:
+    """A request whose scripted plan is ``steps`` distinct ``noop`` calls; ``activity``: with
+    ``noop`` declared ``local=False`` in the run's snapshot, so its steps take the activity
+    path (as MCP, sandboxed and rate-limited tools do) instead of the local activity."""
     from keel.models import AgentRequest
 
     return AgentRequest(
         tenant=tenant,
         user=user,
-        message=f"noop-bench N={steps}",
+        message=f"noop-bench N={steps}" + (" activity" if activity else ""),
         request_id=f"b-{uuid.uuid4().hex[:12]}",
         max_budget_usd=5.0,
     )

@@ -203,7 +203,8 @@ def _step_md(r: dict[str, Any]) -> str:
     rows = []
     keel_label = "Keel step (permission decision + run_tool: audit, reserve, effect, commit + rules)"
     for kind, label in (
-        ("keel", keel_label),
+        ("keel", keel_label + ", quick tool: run_tool a local activity"),
+        ("keel_activity", "the same Keel step, tool declared local=False: run_tool an activity"),
         ("floor", "floor: 1 trivial activity"),
         ("floor_la", "floor+LA: 1 trivial local activity + 1 activity"),
     ):
@@ -219,7 +220,7 @@ def _step_md(r: dict[str, Any]) -> str:
             ]
         )
     parts = []
-    for kind in ("keel", "floor", "floor_la"):
+    for kind in ("keel_activity", "floor", "floor_la"):  # the local step has no activity events
         h = r[kind]["history_step_ms"]
         parts.append(
             [kind]
@@ -244,6 +245,8 @@ def _step_md(r: dict[str, Any]) -> str:
             ),
             f"**Ratio Keel / floor: {r['ratio']}x** (target ≤ {r['target_ratio']}x: {verdict}); "
             f"Keel / floor+LA: {r['ratio_vs_floor_la']}x. "
+            f"**Activity-path Keel step / floor: {r.get('activity_ratio')}x** (MCP, sandboxed, "
+            "rate-limited and `local=False` tools). "
             + (
                 f"**Fixed per-run cost Keel / floor: {r['fixed_ratio']}x** "
                 f"({r['keel']['fixed_ms']} vs {r['floor']['fixed_ms']} ms; history events outside "
@@ -447,6 +450,17 @@ def _targets(results: dict[str, Any]) -> list[list[Any]]:
                 ratio <= TARGETS["step"],
             ]
         )
+        if "keel_activity" in step:  # type: ignore[operator]
+            a = step["keel_activity"]  # type: ignore[index]
+            rows.append(
+                [
+                    "(reported) the same step on the activity path (MCP, sandboxed, rate-limited tools)",
+                    f"{a['per_step_ms']} vs {f['per_step_ms']} ms",
+                    f"{step['activity_ratio']}x",  # type: ignore[index]
+                    f"≤ {TARGETS['step']}x",
+                    step["activity_ratio"] <= TARGETS["step"],  # type: ignore[index]
+                ]
+            )
     if ok(peer, "keel", "peer"):
         ke, pe = peer["keel"]["task_history_events"], peer["peer"]["task_history_events"]  # type: ignore[index]
         rows.append(

@@ -114,10 +114,6 @@ INTERNAL_ERROR = "KeelInternalError"
 RUN_DEADLINE = "RunDeadline"
 """The run's deadline passed during its first plan (``begin_run``): the run stops as an escape
 hatch, the plan's calls charged as any interrupted call is."""
-RUN_ENDED = "RunAlreadyEnded"
-"""A preparation that got the tenant's run-slot lock after its run had ended (its attempt
-timed out while it waited): it writes nothing, so no slot or authorization row outlives the
-run's finish."""
 PREPARE_STAGE = {"stage": "prepare"}
 """First detail of a ``begin_run`` error raised by its preparation (before any model call):
 the run reports it as the preparation's failure, not the plan's."""

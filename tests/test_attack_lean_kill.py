@@ -153,6 +153,76 @@ async def test_sigkill_inside_a_local_activity_transaction(
             second.stop()
 
 
+@pytest.mark.timeout(240)
+async def test_sigkill_after_local_tool_effects_committed_before_their_markers(
+    client: Client,
+    temporal_services: Settings,
+    pg_url: str,
+    owner_pg_url: str,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """The demo's tools are local activities (patch ``keel-23-local-tools``): all three run in
+    one workflow task, and their results reach history only when that task completes. The
+    worker is SIGKILLed while ``send_email`` waits inside its effect transaction, AFTER
+    ``lookup_order`` and ``issue_refund`` committed their effects and records but before any
+    marker was written. The next worker replays the task from the run's start and runs the
+    local activities again: the refund must be found under its key, not made twice; the
+    e-mail sent once; the spend the run reports equal to the ledger's."""
+    tenant = "acme"
+    queue = f"tools-kill-{uuid.uuid4().hex[:8]}"
+    env = worker_environment(temporal_services, queue, test_env)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        order = f"ORD-{uuid.uuid4().int % 10**11}"
+        await conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+            (order, tenant),
+        )
+    first = start_worker(env, tmp_path, "first")
+    second = None
+    holder = await psycopg.AsyncConnection.connect(owner_pg_url)
+    try:
+        await wait_polling(client, queue, first, within=90)
+        # Inserts into the outbox wait behind this lock; the refund's tables do not.
+        await holder.execute("lock table email_outbox in share row exclusive mode")
+        handle = await start(
+            client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+        )
+        await _wait_blocked(pg_url, "%insert into email_outbox%")
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            made = await (
+                await conn.execute(
+                    "select count(*) from refunds where idempotency_key like %s", (handle.id + "/%",)
+                )
+            ).fetchone()
+        history = await handle.fetch_history()
+        markers = [e for e in history.events if e.HasField("marker_recorded_event_attributes")]
+        # The refund is made and recorded; the first workflow task (begin_local and the three
+        # tools) is still open, so history holds no marker at all, not even the patch's.
+        assert made == (1,) and markers == [], (made, len(markers))
+        first.kill()
+        await holder.rollback()
+        second = start_worker(env, tmp_path, "second")
+        await wait_polling(client, queue, second, within=90)
+        await _checks(pg_url, handle, tenant)
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            sent = await (
+                await conn.execute(
+                    "select count(*) from email_outbox where idempotency_key like %s", (handle.id + "/%",)
+                )
+            ).fetchone()
+        assert sent == (1,)
+        resp: AgentResponse = await handle.result()
+        replayed = [r.id for r in resp.steps if "(replayed)" in r.summary]
+        assert len(replayed) >= 2, [(r.id, r.summary) for r in resp.steps]  # lookup and refund
+    finally:
+        await holder.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
 @pytest.fixture
 def own_pg(temporal_services: Settings) -> Iterator[DevServices]:
     """A PostgreSQL of this test's own (the session's must not crash), on the session's Temporal."""

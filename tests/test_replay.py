@@ -292,8 +292,9 @@ def _assert_local(history: WorkflowHistory, *, denied: bool = False) -> None:
 
 def _assert_tools(history: WorkflowHistory, *, denied: bool = False) -> None:
     """The run since ``LOCAL_TOOLS_PATCH``: ONE patch marker; the demo's three tools (quick,
-    in-process) are local activities after ``begin_local`` and the plan's admission and before the finish, so the run
-    schedules no activity at all and its history is the first task, the markers and the end."""
+    in-process) are local activities after ``begin_local`` and the plan's admission and
+    before the finish, so the run schedules no activity at all: its history is the first
+    task, the markers and the end."""
     from keel.workflows.versions import LOCAL_TOOLS_PATCH
 
     patches, local, remote = _shape(history)

@@ -74,6 +74,7 @@ with workflow.unsafe.imports_passed_through():
         StepRunner,
         StepState,
         Stopper,
+        as_activity_error,
         cause,
         clamp_tier,
         d,
@@ -339,16 +340,7 @@ class AgentWorkflow:
         except ActivityError as e:
             await self._planner.failed(e, 1, planned=not _prepare_failed(e))
         except FailureError as e:  # a local activity's own error arrives unwrapped: wrap it
-            wrapped = ActivityError(
-                f"begin_local failed: {e}",
-                scheduled_event_id=0,
-                started_event_id=0,
-                identity="",
-                activity_type="begin_local",
-                activity_id="",
-                retry_state=None,
-            )
-            wrapped.__cause__ = e
+            wrapped = as_activity_error(e, "begin_local")
             await self._planner.failed(wrapped, 1, planned=not _prepare_failed(wrapped))
         return out
 

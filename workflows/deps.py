@@ -44,7 +44,7 @@ from keel.workflows.planning import HOLDS_PATCH, Planner
 from keel.workflows.saga import Saga
 from keel.workflows.state import RunState
 from keel.workflows.steps import StepRunner
-from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, cause
+from keel.workflows.stop import ACTIVITY_FAILURES, Abort, Stopper, as_activity_error, cause
 
 __all__ = [
     "ACTIVITY_FAILURES",
@@ -87,6 +87,7 @@ __all__ = [
     "TIER_ORDER",
     "TOOL_HEARTBEAT",
     "USER",
+    "as_activity_error",
     "cause",
     "clamp_tier",
     "d",

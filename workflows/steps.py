@@ -161,7 +161,9 @@ class StepRunner:
         try:
             effect = _reused_key(req, step.id, tool.name, args) or key
             try:
-                out = await self._stopper.interruptible(self._start_tool(req, tool, args, effect, hold, stepgate))
+                out = await self._stopper.interruptible(
+                    self._start_tool(req, tool, args, effect, hold, stepgate)
+                )
             except FailureError as e:  # a local activity's own error may arrive unwrapped
                 raise as_activity_error(e, "run_tool") from None
             if effect != key and out.replayed:  # the earlier run paid for it (ledger and report)

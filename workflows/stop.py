@@ -15,7 +15,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
 
-__all__ = ["CANCEL_AT_SAFE_POINTS_PATCH", "Abort", "Stopper", "cause"]
+__all__ = ["CANCEL_AT_SAFE_POINTS_PATCH", "Abort", "Stopper", "as_activity_error", "cause"]
 
 CANCEL_AT_SAFE_POINTS_PATCH = "keel-cancel-at-safe-points"
 """A Temporal cancel that no cancelled await reported is honoured at the next safe point."""
