@@ -129,7 +129,9 @@ async def test_an_offline_run_begins_in_process_and_its_plan_is_charged(
     assert resp.outcome == "completed", resp
     local, remote = await _activities(client, handle.id)
     assert b'"begin_local"' in local[0], local
-    assert "begin_run" not in remote and "plan" not in remote and remote.count("run_tool") == 3, remote
+    # The demo's tools are quick and in-process: local activities (keel-23-local-tools), but
+    # the first, which ends the workflow task that began the run.
+    assert remote == ["run_tool"] and sum(b'"run_tool"' in d for d in local) == 2, (local, remote)
     assert resp.spend.model_calls >= 1 and resp.model_label.startswith("offline"), resp
     rows = await _rows(db_pool, handle.id)
     _clean(rows, handle.id)

@@ -34,14 +34,17 @@ async def test_step_benchmark_smoke(
     from bench import bench_step
 
     r = await bench_step.run(client, db_pool, bench_settings, smoke=True)
-    for kind in ("keel", "floor", "floor_la"):
+    for kind in ("keel", "keel_activity", "floor", "floor_la"):
         assert r[kind]["run_ms"][1]["n"] == r["rounds"]
-        assert r[kind]["history_step_ms"]["interval"]["p50"] > 0
         assert r[kind]["events_per_step"] > 0
-    # One round trip per controlled step: the same history shape as one bare activity
-    # (scheduled, started, completed + one workflow task) — no local-activity marker.
-    assert r["keel"]["events_per_step"] == r["floor"]["events_per_step"] == 6
-    assert r["ratio"] != 0 and r["ratio_vs_floor_la"] != 0
+    for kind in ("keel_activity", "floor", "floor_la"):
+        assert r[kind]["history_step_ms"]["interval"]["p50"] > 0
+    # noop is a quick in-process tool: its step is one local activity, one marker event;
+    # declared local=False, one round trip: the same history shape as one bare activity
+    # (scheduled, started, completed + one workflow task), no marker.
+    assert r["keel"]["events_per_step"] == 1
+    assert r["keel_activity"]["events_per_step"] == r["floor"]["events_per_step"] == 6
+    assert r["ratio"] != 0 and r["ratio_vs_floor_la"] != 0 and r["activity_ratio"] != 0
     assert r["in_process_ms"]["run_tool"]["n"] > 0
 
 

@@ -301,6 +301,11 @@ class AgentWorkflow:
         if st.versions.local_begin():
             local = await self._begin_local(inp, tier)
             if not local.remote:
+                # Its first plan was made (and charged) in this workflow task: a worker lost
+                # before the task completes makes the next one begin again, with a new charge
+                # the ledger may refuse. So the first tool runs as an activity, which ends the
+                # task: no effect ever shares a task with the beginning (see StepRunner).
+                st.begun_in_task = True
                 return local.context, local.plan
         try:
             out: BeginOutput = await self._stopper.interruptible(

@@ -64,6 +64,10 @@ class RunState:
         self.trusted_calls: list[tuple[str, str]] = []
         """``(tool, signature)`` of every step the first (trusted) plan wrote, resolved."""
         self.waiting_for = ""
+        self.begun_in_task = False
+        """The current workflow task ran ``begin_local``: the next tool, even a quick one, runs
+        as an activity, so the beginning is in history before any effect (and stops sent while
+        it ran arrive before any tool acts)."""
         self.iterations = 0
         self.plan_saw_untrusted = False
         """Whether the current plan was made after untrusted data reached the planner (a tool's

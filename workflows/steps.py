@@ -164,8 +164,10 @@ class StepRunner:
                 out = await self._stopper.interruptible(
                     self._start_tool(req, tool, args, effect, hold, stepgate)
                 )
+            except ActivityError:
+                raise
             except FailureError as e:  # a local activity's own error may arrive unwrapped
-                raise as_activity_error(e, "run_tool") from None
+                raise as_activity_error(e, "run_tool") from e
             if effect != key and out.replayed:  # the earlier run paid for it (ledger and report)
                 out = out.model_copy(update={"cost_micros": 0})
         except ActivityError as e:
@@ -299,7 +301,10 @@ class StepRunner:
         # The summary is user metadata the Web UI shows: no secret or PII from the args.
         summary = redact(d.step_summary(tool.name, args))
         queue = _tool_queue(tool)
-        if tool.local and queue is None and self._state.versions.local_tools():
+        st = self._state
+        local = tool.local and queue is None and not st.begun_in_task and st.versions.local_tools()
+        st.begun_in_task = False  # an activity ends this workflow task
+        if local:
             return workflow.start_local_activity(
                 "run_tool",
                 call,
