@@ -64,6 +64,18 @@ async def _wait_blocked(url: str, query_like: str, within: float = 60.0) -> None
     raise AssertionError(f"no backend ever waited on {query_like!r}")
 
 
+async def _order(url: str, tenant: str) -> str:
+    """A new shipped $12.50 order of ``tenant`` (its refunds need no approval)."""
+    order = f"ORD-{uuid.uuid4().int % 10**11}"
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
+            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
+            (order, tenant),
+        )
+    return order
+
+
 async def _checks(url: str, handle: Any, tenant: str) -> None:
     resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=120)
     wid = handle.id
@@ -106,13 +118,7 @@ async def test_sigkill_inside_a_local_activity_transaction(
     tenant = "acme"  # the policy's tenant whose user alice may refund
     queue = f"lean-kill-{uuid.uuid4().hex[:8]}"
     env = worker_environment(temporal_services, queue, test_env)
-    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        order = f"ORD-{uuid.uuid4().int % 10**11}"
-        await conn.execute(
-            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
-            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
-            (order, tenant),
-        )
+    order = await _order(pg_url, tenant)
     first = start_worker(env, tmp_path, "first")
     second = None
     holder = await psycopg.AsyncConnection.connect(pg_url)
@@ -172,13 +178,7 @@ async def test_sigkill_after_local_tool_effects_committed_before_their_markers(
     tenant = "acme"
     queue = f"tools-kill-{uuid.uuid4().hex[:8]}"
     env = worker_environment(temporal_services, queue, test_env)
-    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        order = f"ORD-{uuid.uuid4().int % 10**11}"
-        await conn.execute(
-            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
-            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
-            (order, tenant),
-        )
+    order = await _order(pg_url, tenant)
     first = start_worker(env, tmp_path, "first")
     second = None
     holder = await psycopg.AsyncConnection.connect(owner_pg_url)
@@ -352,13 +352,7 @@ async def test_a_frozen_worker_inside_finish_run_does_not_hold_the_run_open(
     tenant = "acme"
     queue = f"lean-freeze-{uuid.uuid4().hex[:8]}"
     env = worker_environment(temporal_services, queue, test_env)
-    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        order = f"ORD-{uuid.uuid4().int % 10**11}"
-        await conn.execute(
-            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
-            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
-            (order, tenant),
-        )
+    order = await _order(pg_url, tenant)
     first = start_worker(env, tmp_path, "first")
     second = None
     holder = await psycopg.AsyncConnection.connect(pg_url)
