@@ -192,3 +192,31 @@ async def test_package_tool_is_compensated_and_falls_back(
     assert states["s1f"] == ("queue_shipment", StepState.SUCCEEDED)
     assert "fallback:create_shipment->queue_shipment" in resp.flags
     assert len(carrier.requests) == 4 and not carrier.shipments  # max_attempts, nothing booked
+
+
+@pytest.mark.parametrize("kind", ["rate_limited", "sandboxed"])
+def test_a_tool_that_cannot_be_quick_and_in_process_refuses_local(kind: str) -> None:
+    """``local=True`` runs the tool inside its workflow task and on the run's own queue: a
+    rate-limited tool (its own task queue) or a sandboxed one (a confined program, seconds)
+    is refused at declaration, with one line naming it, and nothing is registered."""
+    from pydantic import BaseModel
+
+    from keel.activities.tools.registry import REGISTRY, tool
+    from keel.activities.sandbox import SandboxSpec
+
+    class Args(BaseModel):
+        pass
+
+    name = f"local_{kind}"
+    extra = (
+        {"rate_limit_per_second": 1.0}
+        if kind == "rate_limited"
+        else {"sandbox": SandboxSpec(executables=("/bin/true",))}
+    )
+    with pytest.raises(ValueError, match=f"tool '{name}': a sandboxed or rate-limited tool cannot be local"):
+        tool(name, description="x", args=Args, local=True, **extra)(_nothing)  # type: ignore[arg-type]
+    assert name not in REGISTRY
+
+
+async def _nothing(ctx: object, a: object) -> dict[str, object]:
+    return {}
