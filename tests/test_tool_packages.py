@@ -201,8 +201,8 @@ def test_a_tool_that_cannot_be_quick_and_in_process_refuses_local(kind: str) -> 
     is refused at declaration, with one line naming it, and nothing is registered."""
     from pydantic import BaseModel
 
-    from keel.activities.tools.registry import REGISTRY, tool
     from keel.activities.sandbox import SandboxSpec
+    from keel.activities.tools.registry import REGISTRY, tool
 
     class Args(BaseModel):
         pass
