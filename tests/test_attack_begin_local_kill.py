@@ -29,6 +29,7 @@ from keel.models import AgentResponse
 from keel.settings import Settings
 from tests.helpers import request
 from tests.scripted import start
+from tests.test_attack_lean_kill import _order
 
 
 async def _wait_lock_waiter(url: str, within: float = 60.0) -> None:
@@ -59,13 +60,7 @@ async def test_sigkill_after_begin_local_before_its_task_completes_plans_once(
     tenant = "acme"
     queue = f"local-kill-{uuid.uuid4().hex[:8]}"
     env = worker_environment(temporal_services, queue, test_env)
-    order = f"ORD-{uuid.uuid4().int % 10**11}"
-    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        await conn.execute(
-            "insert into orders (id, tenant, customer_email, status, item_sku, total_micros) "
-            "values (%s,%s,'alice@example.com','shipped','SKU-KEEL-1',12500000)",
-            (order, tenant),
-        )
+    order = await _order(pg_url, tenant)
     req = request(f"Refund order {order} and e-mail the customer", tenant=tenant)
     wid = f"agent/{tenant}/{req.request_id}"
     first = start_worker(env, tmp_path, "first")
