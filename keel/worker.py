@@ -46,6 +46,7 @@ from keel.agents import McpServer
 from keel.client import connect
 from keel.codec import load_keyring
 from keel.db import apply_migrations, open_ledger_pool, open_pool
+from keel.runner import KeelWorkflowRunner
 from keel.settings import Settings
 from keel.telemetry import annotate, setup_telemetry, shutdown_telemetry, tenant_of, with_tracing
 from keel.workflows.agent import AgentWorkflow
@@ -169,15 +170,18 @@ def main_worker(
     options. ``build_workers`` serves with it and ``bench.common.keel_worker`` benchmarks
     with it (only the activities differ there), so the benchmarks measure what users run.
 
-    Pollers autoscale (``POLLERS``); everything else not named here keeps the SDK's default,
-    measured under 30 demo runs in flight: a 2-thread workflow task executor (the SDK's grows
-    to 500) changed neither runs/s nor CPU per run, and the slot limits (100 workflow tasks,
-    activities and local activities) are not reached with 30 or 60 runs in flight.
+    The workflow runner is the SDK's sandbox answering the converter's context questions
+    directly (``keel.runner``). Pollers autoscale (``POLLERS``); everything else not named here
+    keeps the SDK's default, measured under 30 demo runs in flight: a 2-thread workflow task
+    executor (the SDK's grows to 500) changed neither runs/s nor CPU per run, and the slot
+    limits (100 workflow tasks, activities and local activities) are not reached with 30 or 60
+    runs in flight.
     """
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[AgentWorkflow],
+        workflow_runner=KeelWorkflowRunner(),
         activities=list(activities),
         max_cached_workflows=max_cached_workflows,
         sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
