@@ -7,6 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml tests/pkgs/acme_tools/pyproject.toml | cksum | cut -d' ' -f1)
 WORKERS ?= 1
+# `make test` runs the suite in this many processes (pytest-xdist); each starts its own Temporal
+# dev server and PostgreSQL on free ports (tests/conftest.py). Whole files go to one process
+# (--dist loadfile) so a module's fixtures are built once.
+TEST_PROCS ?= 2
 
 .PHONY: install sandbox-deps demo up down status worker test test-slow lint bench bench-smoke clean
 
@@ -55,7 +59,7 @@ down:
 	@test -x $(BIN)/python && $(BIN)/python starter.py dev down || true
 
 test: install
-	@$(BIN)/python -m pytest
+	@$(BIN)/python -m pytest -n $(TEST_PROCS) --dist loadfile
 
 # The slow fault variants (a PostgreSQL outage longer than a local activity's timeout, a frozen
 # worker): minutes of waiting each, so outside `make test`'s ten-minute budget.
