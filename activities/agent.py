@@ -32,6 +32,7 @@ from keel import telemetry
 from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
 from keel.activities.concurrency import (
+    BOUND_TRANSACTION_SQL,
     RELEASE_SLOT_SQL,
     RunEnded,
     acquire_run_slot_in,
@@ -729,6 +730,9 @@ class AgentActivities:
             try:
                 async with conn.pipeline():
                     await conn.execute("begin")
+                    # A worker frozen inside this transaction (before its baseline's second
+                    # round trip) would hold the slot row and the audit chain's head: bounded.
+                    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)
                     if inp.outcome not in ("denied",) and mem_session:
                         await memory.queue_save(
                             conn,

@@ -335,26 +335,61 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
         worker.stop()
 
 
-@pytest.mark.slow  # waits out finish_run's 30 s timeouts: `make test-slow`, not `make test`
+async def _wait_frozen_in_transaction(url: str, within: float = 5.0) -> None:
+    """A backend inside a transaction, waiting on its client: the frozen worker's (``idle in
+    transaction`` after a sync; ``active`` on ``ClientRead`` in the middle of a pipeline)."""
+    deadline = time.monotonic() + within
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = await (
+                await conn.execute(
+                    "select count(*) from pg_stat_activity where backend_type = 'client backend' "
+                    "and xact_start is not null and wait_event = 'ClientRead' "
+                    "and pid <> pg_backend_pid()"
+                )
+            ).fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.05)
+        seen = await (
+            await conn.execute(
+                "select state, wait_event, xact_start is not null, left(query, 80) from pg_stat_activity "
+                "where backend_type = 'client backend' and pid <> pg_backend_pid()"
+            )
+        ).fetchall()
+    raise AssertionError(f"the frozen worker never held a transaction open: {seen}")
+
+
+@pytest.mark.slow  # waits out the transaction bound and worker starts: `make test-slow`
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker frozen (SIGSTOP, a paused VM) inside finish_run's transaction, after its "
-    "`delete from run_slots`, keeps that row locked for as long as it is frozen: the next "
-    "worker's finish_run waits on the lock, times out (30 s) and retries forever, so the run "
-    "cannot end until the frozen worker is thawed or killed. No idle_in_transaction_session_"
-    "timeout is set for keel_app; one (longer than any tool's transaction) would bound it",
-)
-async def test_a_frozen_worker_inside_finish_run_does_not_hold_the_run_open(
+@pytest.mark.parametrize("where", ["begin_run", "finish_run", "finish_run_baseline"])
+async def test_a_frozen_worker_inside_a_run_transaction_does_not_hold_the_tenant(
+    where: str,
     client: Client,
     temporal_services: Settings,
     pg_url: str,
     test_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
+    """A worker frozen (SIGSTOP, a paused VM) inside the preparation's transaction, with the
+    tenant's slot lock, or inside the finish's, with the run's slot row and the tenant's
+    audit head, must not hold them for as long as it stays frozen: every run of the tenant
+    would wait on it. The server ends such a session ``TRANSACTION_BOUND_MS`` after it began
+    (``transaction_timeout``); the next worker's attempt goes on, and the run and a
+    second run of the tenant end ``completed`` while the first worker is still frozen.
+
+    ``begin_run`` and ``finish_run_baseline`` freeze the worker between two round trips of
+    one transaction (the preparation's slot count; the finish's baseline read, forced with
+    ``KEEL_FLAG_COST_MIN_MICROS=1``), so the test first sees the frozen backend inside its
+    transaction, waiting on its client. ``finish_run`` (a run no baseline can flag) sends its
+    whole transaction, ``COMMIT`` included, in one round trip: the server commits it without
+    the client.
+    """
     tenant = "acme"
     queue = f"lean-freeze-{uuid.uuid4().hex[:8]}"
     env = worker_environment(temporal_services, queue, test_env)
+    if where == "finish_run_baseline":
+        env["KEEL_FLAG_COST_MIN_MICROS"] = "1"
     order = await _order(pg_url, tenant)
     first = start_worker(env, tmp_path, "first")
     second = None
@@ -362,25 +397,38 @@ async def test_a_frozen_worker_inside_finish_run_does_not_hold_the_run_open(
     frozen = False
     try:
         await wait_polling(client, queue, first, within=90)
-        handle = await start(
-            client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
-        )
-        deadline = time.monotonic() + 60
-        while not await (
-            await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
-        ).fetchone():
-            await holder.rollback()
-            assert time.monotonic() < deadline, "the run never took its slot"
-            await asyncio.sleep(0.05)
-        await _wait_blocked(pg_url, "%delete from run_slots%")
+        if where == "begin_run":
+            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
+            handle = await start(
+                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+            )
+            await _wait_blocked(pg_url, "%pg_advisory_xact_lock%")
+        else:
+            handle = await start(
+                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+            )
+            deadline = time.monotonic() + 60
+            while not await (
+                await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+            ).fetchone():
+                await holder.rollback()
+                assert time.monotonic() < deadline, "the run never took its slot"
+                await asyncio.sleep(0.05)
+            await _wait_blocked(pg_url, "%delete from run_slots%")
         os.kill(first.proc.pid, signal.SIGSTOP)
         frozen = True
-        await holder.rollback()  # the frozen worker's delete now runs and holds the row
+        await holder.rollback()  # the frozen worker's statement now runs and takes the lock
+        if where != "finish_run":
+            await _wait_frozen_in_transaction(pg_url)
         second = start_worker(env, tmp_path, "second")
         await wait_polling(client, queue, second, within=90)
-        # While the first worker stays frozen, the run must still end.
-        resp: AgentResponse = await asyncio.wait_for(handle.result(), timeout=120)
-        assert resp.outcome == "completed", (resp.outcome, resp.reason)
+        # While the first worker stays frozen, the run must end, and so must a new one.
+        await _checks(pg_url, handle, tenant)
+        again = await start(
+            client, queue, request(f"Refund order {await _order(pg_url, tenant)} and e-mail the customer")
+        )
+        await _checks(pg_url, again, tenant)
+        assert first.proc.poll() is None, "the first worker was frozen, not gone"
     finally:
         if frozen:
             with contextlib.suppress(ProcessLookupError):
