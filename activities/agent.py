@@ -730,9 +730,6 @@ class AgentActivities:
             try:
                 async with conn.pipeline():
                     await conn.execute("begin")
-                    # A worker frozen inside this transaction (before its baseline's second
-                    # round trip) would hold the slot row and the audit chain's head: bounded.
-                    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)
                     if inp.outcome not in ("denied",) and mem_session:
                         await memory.queue_save(
                             conn,
@@ -764,6 +761,9 @@ class AgentActivities:
                         prepare=True,
                     )
                     released = await conn.execute(RELEASE_SLOT_SQL, (inp.workflow_id,))
+                    # A worker frozen from here (before the baseline's second round trip)
+                    # would hold the slot row and the audit chain's head: bounded from now.
+                    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)
                     record = await queue_flag_run(conn, inp, activity.info().workflow_type)
                     settle = await record()
                     await conn.execute("commit")

@@ -13,10 +13,10 @@ contend with each other. Both calls are idempotent per ``workflow_id`` (activity
 A worker that stops answering in the middle of one of these transactions (frozen by SIGSTOP,
 a paused VM, a stalled event loop) would hold the tenant's lock, or the run's slot row, for
 as long as it stays frozen, and every run of the tenant would wait on it; PostgreSQL only
-notices a dead client, never a silent one. So each transaction that takes them bounds its
-own length (``BOUND_TRANSACTION_SQL``): the server ends the session after
-``TRANSACTION_BOUND_MS``, its transaction rolls back, its locks go, and the next attempt
-(another worker's) goes on.
+notices a dead client, never a silent one. So each transaction that takes them bounds how
+long it may hold them (``BOUND_TRANSACTION_SQL``, sent right after the lock is had, so a
+wait for it is never counted): the server ends the session ``TRANSACTION_BOUND_MS`` later,
+its transaction rolls back, its locks go, and the next attempt (another worker's) goes on.
 
 The same table doubles as the registry of in-flight runs: ``release_run_slot`` returns how
 long the run held its slot, which is the run's duration for the ``keel.run.duration`` metric.
@@ -50,18 +50,21 @@ SLOT_MARGIN_SECONDS = 300
 compensates and finishes, and must not lose its slot while doing so."""
 
 TRANSACTION_BOUND_MS = 10_000
-"""How long a transaction holding the tenant's slot lock or a run's slot row may last. Such a
-transaction is a few pipelined statements (milliseconds, well under a second on a loaded
-machine); the bound is below the 30 s that the next attempt's local activity waits on the
-lock before it times out. A live transaction cut off by it rolls back and is retried."""
+"""How long a transaction may go on once it holds the tenant's slot lock or a run's slot row.
+What follows the lock is a few pipelined statements (milliseconds, well under a second on a
+loaded machine); the bound is below the 30 s that the next attempt's local activity may wait
+on the lock before it times out. A live transaction cut off by it rolls back and is retried."""
 
 BOUND_TRANSACTION_SQL = f"select set_config('transaction_timeout', '{TRANSACTION_BOUND_MS}', true)"
-"""Sent first in such a transaction (PostgreSQL 17+). ``transaction_timeout``, not
-``idle_in_transaction_session_timeout``: a client frozen in the middle of a pipeline leaves
-its backend ``active``, reading the rest of the pipeline, which the idle timeout never
-counts (``tests/test_attack_lean_kill.py`` freezes a worker there). ``true`` scopes the
-setting to the transaction, so the pooled connection (and a tool's long effect transaction
-later on it) keeps the server's default."""
+"""Sent right after the statement that takes the lock, in the same round trip (PostgreSQL
+17+): set inside a transaction, ``transaction_timeout`` counts from the moment it is set, so
+the time spent waiting for the lock (behind a live holder, or a frozen one that the bound
+will end) is not counted. ``transaction_timeout``, not ``idle_in_transaction_session_
+timeout``: a client frozen in the middle of a pipeline leaves its backend ``active``,
+reading the rest of the pipeline, which the idle timeout never counts
+(``tests/test_attack_lean_kill.py`` freezes a worker there). ``true`` scopes the setting to
+the transaction, so the pooled connection (and a tool's long effect transaction later on it)
+keeps the server's default."""
 
 _LOCK_CLASS = 7_345_005  # advisory-lock namespace owned by the run-slot code
 
@@ -105,8 +108,8 @@ async def acquire_run_slot_in(
     timed out would otherwise take a slot, and write its authorization row, after the run
     finished, holding the slot until its lease expired.
     """
-    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)
     await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
+    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)  # from now on: the wait is free
     ended = (
         await conn.execute("select exists(select 1 from audit_log where idem_key = %s)", (ended_key,))
         if ended_key

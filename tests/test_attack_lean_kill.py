@@ -374,8 +374,8 @@ async def test_a_frozen_worker_inside_a_run_transaction_does_not_hold_the_tenant
     """A worker frozen (SIGSTOP, a paused VM) inside the preparation's transaction, with the
     tenant's slot lock, or inside the finish's, with the run's slot row and the tenant's
     audit head, must not hold them for as long as it stays frozen: every run of the tenant
-    would wait on it. The server ends such a session ``TRANSACTION_BOUND_MS`` after it began
-    (``transaction_timeout``); the next worker's attempt goes on, and the run and a
+    would wait on it. The server ends such a session ``TRANSACTION_BOUND_MS`` after it took
+    them (``transaction_timeout``); the next worker's attempt goes on, and the run and a
     second run of the tenant end ``completed`` while the first worker is still frozen.
 
     ``begin_run`` and ``finish_run_baseline`` freeze the worker between two round trips of

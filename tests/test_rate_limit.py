@@ -10,14 +10,18 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import psycopg
+import pytest
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
+from keel.activities import concurrency
 from keel.activities.concurrency import (
     acquire_run_slot,
+    acquire_run_slot_in,
     in_flight,
     release_run_slot,
     tenant_run_limit,
@@ -160,6 +164,38 @@ async def test_run_slots_never_oversubscribe_under_concurrency(
     assert sum(granted) == 3
     async with db_pool.connection() as conn:
         assert await in_flight(conn, tenant) == 3
+
+
+async def test_a_silent_slot_lock_holder_is_cut_off_and_a_waiter_is_not(
+    pg_url: str, monkeypatch: Any
+) -> None:
+    """The tenant's slot lock is bounded from the moment it is had (``BOUND_TRANSACTION_SQL``,
+    here 1 s instead of 10): a transaction that holds it and then hears nothing from its
+    client (a frozen worker) is ended by the server and the next one goes on; a transaction
+    that only waited for the lock longer than the bound is not cut off for the wait."""
+    monkeypatch.setattr(
+        concurrency, "BOUND_TRANSACTION_SQL", "select set_config('transaction_timeout', '1000', true)"
+    )
+    tenant = f"f{uuid.uuid4().hex[:6]}"
+    conns = [await psycopg.AsyncConnection.connect(pg_url) for _ in range(3)]
+    holder, waiter, silent = conns
+    try:
+        await holder.execute("select pg_advisory_xact_lock(7345005, hashtext(%s))", (tenant,))
+        waiting = asyncio.ensure_future(acquire_run_slot(waiter, tenant, f"agent/{tenant}/a", None, 60))
+        await asyncio.sleep(1.5)  # longer than the bound, all of it waiting for the lock
+        assert not waiting.done()
+        await holder.rollback()
+        assert await asyncio.wait_for(waiting, 5)  # the slot is taken and committed
+        assert await acquire_run_slot_in(silent, tenant, f"agent/{tenant}/b", None, 60)  # and silent
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(acquire_run_slot(waiter, tenant, f"agent/{tenant}/c", None, 60), 10)
+        assert 0.5 < time.monotonic() - t0 < 5, time.monotonic() - t0  # waited for the bound only
+        with pytest.raises(psycopg.errors.TransactionTimeout):
+            await silent.execute("select 1")
+        assert await in_flight(waiter, tenant) == 2  # a and c: the silent one's b rolled back
+    finally:
+        for conn in conns:
+            await conn.close()
 
 
 def test_tenant_run_limit_from_environment() -> None:
