@@ -32,10 +32,10 @@ from keel import telemetry
 from keel.activities import audit, ledger, memory, provenance
 from keel.activities.agent_defs import find_agent
 from keel.activities.concurrency import (
-    BOUND_TRANSACTION_SQL,
-    RELEASE_SLOT_SQL,
+    RELEASE_AND_BOUND_SQL,
     RunEnded,
     acquire_run_slot_in,
+    bound_ms,
     held_seconds,
     tenant_run_limit,
     ttl_for,
@@ -730,6 +730,13 @@ class AgentActivities:
             try:
                 async with conn.pipeline():
                     await conn.execute("begin")
+                    # The slot first, and the transaction bounded from the moment it has the
+                    # row: a worker frozen from here on (before the baseline's second round
+                    # trip) would hold it and the tenant's audit head for as long as it stays
+                    # frozen; and the audit head is never held while the row is waited for.
+                    released = await conn.execute(
+                        RELEASE_AND_BOUND_SQL, (inp.workflow_id, bound_ms()), prepare=True
+                    )
                     if inp.outcome not in ("denied",) and mem_session:
                         await memory.queue_save(
                             conn,
@@ -760,10 +767,6 @@ class AgentActivities:
                         ),
                         prepare=True,
                     )
-                    released = await conn.execute(RELEASE_SLOT_SQL, (inp.workflow_id,))
-                    # A worker frozen from here (before the baseline's second round trip)
-                    # would hold the slot row and the audit chain's head: bounded from now.
-                    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)
                     record = await queue_flag_run(conn, inp, activity.info().workflow_type)
                     settle = await record()
                     await conn.execute("commit")

@@ -14,8 +14,8 @@ A worker that stops answering in the middle of one of these transactions (frozen
 a paused VM, a stalled event loop) would hold the tenant's lock, or the run's slot row, for
 as long as it stays frozen, and every run of the tenant would wait on it; PostgreSQL only
 notices a dead client, never a silent one. So each transaction that takes them bounds how
-long it may hold them (``BOUND_TRANSACTION_SQL``, sent right after the lock is had, so a
-wait for it is never counted): the server ends the session ``TRANSACTION_BOUND_MS`` later,
+long it may hold them (``_BOUND``, in the statement that takes the lock and evaluated after
+it, so a wait for it is never counted): the server ends the session ``TRANSACTION_BOUND_MS`` later,
 its transaction rolls back, its locks go, and the next attempt (another worker's) goes on.
 
 The same table doubles as the registry of in-flight runs: ``release_run_slot`` returns how
@@ -31,12 +31,13 @@ from typing import Any
 import psycopg
 
 __all__ = [
-    "BOUND_TRANSACTION_SQL",
+    "RELEASE_AND_BOUND_SQL",
     "RELEASE_SLOT_SQL",
     "SLOT_MARGIN_SECONDS",
     "RunEnded",
     "acquire_run_slot",
     "acquire_run_slot_in",
+    "bound_ms",
     "held_seconds",
     "in_flight",
     "release_run_slot",
@@ -51,20 +52,42 @@ compensates and finishes, and must not lose its slot while doing so."""
 
 TRANSACTION_BOUND_MS = 10_000
 """How long a transaction may go on once it holds the tenant's slot lock or a run's slot row.
-What follows the lock is a few pipelined statements (milliseconds, well under a second on a
-loaded machine); the bound is below the 30 s that the next attempt's local activity may wait
-on the lock before it times out. A live transaction cut off by it rolls back and is retried."""
+What follows is a few pipelined statements, milliseconds on a live worker; but waits that
+come after the lock count too (the preparation's append to the tenant's audit chain and its
+ledger scopes, behind another transaction holding them). The bound is below the 30 s that the
+next attempt's local activity may wait on the lock before it times out. A transaction cut off
+by it rolls back whole (nothing half-written; every write is idempotent) and its activity is
+retried by Temporal."""
 
-BOUND_TRANSACTION_SQL = f"select set_config('transaction_timeout', '{TRANSACTION_BOUND_MS}', true)"
-"""Sent right after the statement that takes the lock, in the same round trip (PostgreSQL
-17+): set inside a transaction, ``transaction_timeout`` counts from the moment it is set, so
-the time spent waiting for the lock (behind a live holder, or a frozen one that the bound
-will end) is not counted. ``transaction_timeout``, not ``idle_in_transaction_session_
-timeout``: a client frozen in the middle of a pipeline leaves its backend ``active``,
-reading the rest of the pipeline, which the idle timeout never counts
-(``tests/test_attack_lean_kill.py`` freezes a worker there). ``true`` scopes the setting to
+_BOUND = "set_config('transaction_timeout', '0', true), set_config('transaction_timeout', %s, true)"
+"""Set inside a transaction, ``transaction_timeout`` (PostgreSQL 17+) counts from the moment
+it is set, so a wait for the lock (behind a live holder, or a frozen one the bound will end)
+is never counted; set to 0 first, so that a default configured for the role or database
+(whose timer started at ``BEGIN``) cannot keep its own start. ``transaction_timeout``, not
+``idle_in_transaction_session_timeout``: a client frozen in the middle of a pipeline leaves
+its backend ``active``, reading the rest of the pipeline, which the idle timeout never
+counts (``tests/test_attack_lean_kill.py`` freezes a worker there). ``true`` scopes both to
 the transaction, so the pooled connection (and a tool's long effect transaction later on it)
-keeps the server's default."""
+keeps the server's default. It is in the same statement as the lock, evaluated after it, so
+no moment exists when a frozen client holds the lock unbounded."""
+
+_LOCK_AND_BOUND_SQL = (
+    "select " + _BOUND + " from (select pg_advisory_xact_lock(%s, hashtext(%s)) offset 0) locked"
+)
+
+RELEASE_AND_BOUND_SQL = (
+    "with released as (delete from run_slots where workflow_id = %s "
+    "returning extract(epoch from now() - acquired_at)::float8 as held) "
+    "select (select held from released), " + _BOUND
+)
+"""``finish_run``'s release of the run's slot, bounded from the moment it has the row
+(parameters: the workflow id, then ``bound_ms()``); ``held_seconds`` reads its row."""
+
+
+def bound_ms() -> str:
+    """``TRANSACTION_BOUND_MS`` as the statement's parameter (read at call time)."""
+    return str(TRANSACTION_BOUND_MS)
+
 
 _LOCK_CLASS = 7_345_005  # advisory-lock namespace owned by the run-slot code
 
@@ -108,8 +131,7 @@ async def acquire_run_slot_in(
     timed out would otherwise take a slot, and write its authorization row, after the run
     finished, holding the slot until its lease expired.
     """
-    await conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, tenant))
-    await conn.execute(BOUND_TRANSACTION_SQL, prepare=True)  # from now on: the wait is free
+    await conn.execute(_LOCK_AND_BOUND_SQL, (bound_ms(), _LOCK_CLASS, tenant), prepare=True)
     ended = (
         await conn.execute("select exists(select 1 from audit_log where idem_key = %s)", (ended_key,))
         if ended_key
@@ -159,7 +181,7 @@ async def release_run_slot(conn: Conn, workflow_id: str) -> float | None:
 
 def held_seconds(row: Any) -> float | None:
     """Seconds a released slot was held, from ``RELEASE_SLOT_SQL``'s row (``None``: no slot)."""
-    return None if row is None else float(row[0])
+    return None if row is None or row[0] is None else float(row[0])
 
 
 async def in_flight(conn: Conn, tenant: str) -> int:

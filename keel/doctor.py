@@ -188,12 +188,26 @@ async def _pollers(client: Any, settings: Settings, queue: str, kind: str) -> Ch
     return Check(name, True, f"{len(alive)} poller(s): {', '.join(sorted(set(alive)))[:100]}")
 
 
+MIN_POSTGRES_VERSION_NUM = 170000
+"""``transaction_timeout`` (the bound on the run's preparation and finish) is PostgreSQL 17's."""
+
+
 async def _postgres(settings: Settings) -> Check:
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=3) as conn:
-        row = await (await conn.execute("show server_version")).fetchone()
-    return Check("postgres", True, f"PostgreSQL {row[0] if row else '?'} at {_redact(settings.database_url)}")
+        row = await (
+            await conn.execute(
+                "select current_setting('server_version'), current_setting('server_version_num')::int"
+            )
+        ).fetchone()
+    version, num = (row[0], row[1]) if row else ("?", 0)
+    where = f"PostgreSQL {version} at {_redact(settings.database_url)}"
+    if num < MIN_POSTGRES_VERSION_NUM:
+        # The run's preparation and finish bound their transactions with transaction_timeout
+        # (keel.activities.concurrency), which PostgreSQL 17 added: older servers refuse it.
+        return Check("postgres", False, f"{where}: Keel needs PostgreSQL 17 or later", "upgrade to 17 or 18")
+    return Check("postgres", True, where)
 
 
 async def _migrations(settings: Settings) -> Check:

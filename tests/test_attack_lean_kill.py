@@ -335,17 +335,26 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
         worker.stop()
 
 
-async def _wait_frozen_in_transaction(url: str, within: float = 5.0) -> None:
-    """A backend inside a transaction, waiting on its client: the frozen worker's (``idle in
-    transaction`` after a sync; ``active`` on ``ClientRead`` in the middle of a pipeline)."""
+async def _wait_frozen_in_transaction(url: str, where: str, within: float = 5.0) -> None:
+    """The frozen worker's backend, inside its transaction and waiting on its client (``idle in
+    transaction`` after a sync; ``active`` on ``ClientRead`` in the middle of a pipeline),
+    holding what the next attempt needs: the tenant's slot lock (``begin_run``), or a row it
+    deleted (the finish: its transaction has an id)."""
+    holds = (
+        "exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' "
+        "and l.granted and l.classid = %s)"
+        if where == "begin_run"
+        else "a.backend_xid is not null and %s > 0"
+    )
     deadline = time.monotonic() + within
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = await (
                 await conn.execute(
-                    "select count(*) from pg_stat_activity where backend_type = 'client backend' "
-                    "and xact_start is not null and wait_event = 'ClientRead' "
-                    "and pid <> pg_backend_pid()"
+                    "select count(*) from pg_stat_activity a where a.backend_type = 'client backend' "
+                    "and a.xact_start is not null and a.wait_event = 'ClientRead' "
+                    "and a.pid <> pg_backend_pid() and " + holds,
+                    (SLOT_LOCK_CLASS,),
                 )
             ).fetchone()
             if row and row[0]:
@@ -419,7 +428,7 @@ async def test_a_frozen_worker_inside_a_run_transaction_does_not_hold_the_tenant
         frozen = True
         await holder.rollback()  # the frozen worker's statement now runs and takes the lock
         if where != "finish_run":
-            await _wait_frozen_in_transaction(pg_url)
+            await _wait_frozen_in_transaction(pg_url, where)
         second = start_worker(env, tmp_path, "second")
         await wait_polling(client, queue, second, within=90)
         # While the first worker stays frozen, the run must end, and so must a new one.

@@ -399,3 +399,17 @@ def test_cancel_ends_canceled_and_list_finds_it(ready_env: dict[str, str], pg_ur
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+async def test_doctor_refuses_a_postgres_older_than_17(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's preparation and finish set ``transaction_timeout`` (PostgreSQL 17+): the doctor
+    says so on an older server (here: the real 18 against a raised minimum), with the fix."""
+    from keel import doctor
+
+    ok = await doctor._postgres(settings)
+    assert ok.ok and ok.detail.startswith("PostgreSQL 18"), ok
+    monkeypatch.setattr(doctor, "MIN_POSTGRES_VERSION_NUM", 990000)
+    old = await doctor._postgres(settings)
+    assert not old.ok and "needs PostgreSQL 17 or later" in old.detail and old.hint, old
