@@ -15,6 +15,7 @@ import grp
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -88,10 +89,35 @@ def _pg_bin() -> Path:
 
 
 def free_port() -> int:
-    """An unused loopback port (tests run their own services beside a user's demo)."""
-    with socket.socket() as s:
+    """An unused loopback port (tests run their own services beside a user's demo).
+
+    Chosen at random below the kernel's ephemeral range, never from it: a port the kernel
+    hands out for ``bind(0)`` is one it also hands to outgoing connections, and a test
+    session makes hundreds of those, so one could take the port between this check and the
+    service's own bind (seen: the dev server's ``bind: address already in use``).
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The low end of the kernel's ephemeral port range (Linux; 32768 elsewhere)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return low if low > 11_000 else 32768
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
