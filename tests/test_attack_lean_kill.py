@@ -64,6 +64,33 @@ async def _wait_blocked(url: str, query_like: str, within: float = 60.0) -> None
     raise AssertionError(f"no backend ever waited on {query_like!r}")
 
 
+async def _start_pinned(
+    client: Client, queue: str, holder: Any, pg_url: str, where: str, order: str, tenant: str
+) -> Any:
+    """Start a refund run and pin it inside ``where``'s transaction: ``holder`` holds the lock
+    that transaction needs (the tenant's slot lock for ``begin_run``, the run's ``run_slots``
+    row for the finish), and this returns once PostgreSQL shows the run's backend waiting."""
+    if where == "begin_run":
+        await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
+        handle = await start(
+            client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+        )
+        await _wait_blocked(pg_url, "%pg_advisory_xact_lock%")
+        return handle
+    handle = await start(
+        client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
+    )
+    deadline = time.monotonic() + 60
+    while not await (
+        await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
+    ).fetchone():
+        await holder.rollback()
+        assert time.monotonic() < deadline, "the run never took its slot"
+        await asyncio.sleep(0.05)
+    await _wait_blocked(pg_url, "%delete from run_slots%")
+    return handle
+
+
 async def _order(url: str, tenant: str) -> str:
     """A new shipped $12.50 order of ``tenant`` (its refunds need no approval)."""
     order = f"ORD-{uuid.uuid4().int % 10**11}"
@@ -127,29 +154,7 @@ async def test_sigkill_inside_a_local_activity_transaction(
     holder = await psycopg.AsyncConnection.connect(pg_url)
     try:
         await wait_polling(client, queue, first, within=90)
-        if where == "begin_run":
-            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
-            handle = await start(
-                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
-            )
-            await _wait_blocked(pg_url, "%pg_advisory_xact_lock%")
-        else:
-            handle = await start(
-                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
-            )
-            deadline = time.monotonic() + 60
-            while True:
-                row = await (
-                    await holder.execute(
-                        "select 1 from run_slots where workflow_id=%s for update", (handle.id,)
-                    )
-                ).fetchone()
-                if row:
-                    break
-                await holder.rollback()
-                assert time.monotonic() < deadline, "the run never took its slot"
-                await asyncio.sleep(0.05)
-            await _wait_blocked(pg_url, "%delete from run_slots%")
+        handle = await _start_pinned(client, queue, holder, pg_url, where, order, tenant)
         first.kill()
         await holder.rollback()  # let go: the dead worker's transaction must roll back
         second = start_worker(env, tmp_path, "second")
@@ -281,21 +286,7 @@ async def test_postgres_down_longer_than_the_local_activity_timeout(
                 (order, tenant),
             )
         holder = await psycopg.AsyncConnection.connect(url)
-        msg = f"Refund order {order} and e-mail the customer"
-        if where == "begin_run":
-            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
-            handle = await start(client, queue, request(msg, tenant=tenant))
-            await _wait_blocked(url, "%pg_advisory_xact_lock%")
-        else:
-            handle = await start(client, queue, request(msg, tenant=tenant))
-            deadline = time.monotonic() + 60
-            while not await (
-                await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
-            ).fetchone():
-                await holder.rollback()
-                assert time.monotonic() < deadline, "the run never took its slot"
-                await asyncio.sleep(0.05)
-            await _wait_blocked(url, "%delete from run_slots%")
+        handle = await _start_pinned(client, queue, holder, url, where, order, tenant)
         crash_postgres(own_pg)
         with contextlib.suppress(psycopg.Error):
             await holder.close()
@@ -406,24 +397,7 @@ async def test_a_frozen_worker_inside_a_run_transaction_does_not_hold_the_tenant
     frozen = False
     try:
         await wait_polling(client, queue, first, within=90)
-        if where == "begin_run":
-            await holder.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (SLOT_LOCK_CLASS, tenant))
-            handle = await start(
-                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
-            )
-            await _wait_blocked(pg_url, "%pg_advisory_xact_lock%")
-        else:
-            handle = await start(
-                client, queue, request(f"Refund order {order} and e-mail the customer", tenant=tenant)
-            )
-            deadline = time.monotonic() + 60
-            while not await (
-                await holder.execute("select 1 from run_slots where workflow_id=%s for update", (handle.id,))
-            ).fetchone():
-                await holder.rollback()
-                assert time.monotonic() < deadline, "the run never took its slot"
-                await asyncio.sleep(0.05)
-            await _wait_blocked(pg_url, "%delete from run_slots%")
+        handle = await _start_pinned(client, queue, holder, pg_url, where, order, tenant)
         os.kill(first.proc.pid, signal.SIGSTOP)
         frozen = True
         await holder.rollback()  # the frozen worker's statement now runs and takes the lock
