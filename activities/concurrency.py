@@ -1,10 +1,11 @@
 """Per-tenant concurrency limit on runs: a slot per in-flight run, leased in PostgreSQL.
 
-``acquire_run_slot`` is called when a run starts (``prepare_run``) and ``release_run_slot``
-when it finishes (``finish_run``). A slot is a lease that ends at ``expires_at`` (database
-clock): a run whose worker died, or that was terminated so ``finish_run`` never ran, stops
-counting once its lease ends, so a crash cannot leak a tenant's capacity for ever. Choose the
-TTL above the run's wall-clock deadline (``ttl_for``).
+``acquire_run_slot_in`` is called when a run starts (``prepare_run``) and
+``RELEASE_AND_BOUND_SQL`` frees the slot when it finishes (``finish_run``). A slot is a lease
+that ends at ``expires_at`` (database clock): a run whose worker died, or that was
+terminated so ``finish_run`` never ran, stops counting once its lease ends, so a crash
+cannot leak a tenant's capacity for ever. Choose the TTL above the run's wall-clock deadline
+(``ttl_for``).
 
 Acquisition is serialised per tenant with a transaction-scoped advisory lock, so N workers
 admitting runs of one tenant at the same moment can never exceed the limit; tenants do not
@@ -15,11 +16,12 @@ a paused VM, a stalled event loop) would hold the tenant's lock, or the run's sl
 as long as it stays frozen, and every run of the tenant would wait on it; PostgreSQL only
 notices a dead client, never a silent one. So each transaction that takes them bounds how
 long it may hold them (``_BOUND``, in the statement that takes the lock and evaluated after
-it, so a wait for it is never counted): the server ends the session ``TRANSACTION_BOUND_MS`` later,
-its transaction rolls back, its locks go, and the next attempt (another worker's) goes on.
+it, so a wait for it is never counted): the server ends the session
+``TRANSACTION_BOUND_MS`` later, its transaction rolls back, its locks go, and the next
+attempt (another worker's) goes on.
 
-The same table doubles as the registry of in-flight runs: ``release_run_slot`` returns how
-long the run held its slot, which is the run's duration for the ``keel.run.duration`` metric.
+The same table doubles as the registry of in-flight runs: the release returns how long the
+run held its slot, which is the run's duration for the ``keel.run.duration`` metric.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from typing import Any
 import psycopg
 
 __all__ = [
+    "TRANSACTION_BOUND_MS",
     "RELEASE_AND_BOUND_SQL",
-    "RELEASE_SLOT_SQL",
     "SLOT_MARGIN_SECONDS",
     "RunEnded",
     "acquire_run_slot",
@@ -42,7 +44,6 @@ __all__ = [
     "in_flight",
     "release_run_slot",
     "tenant_run_limit",
-    "TRANSACTION_BOUND_MS",
     "ttl_for",
 ]
 
@@ -167,20 +168,21 @@ async def acquire_run_slot_in(
     return True
 
 
-RELEASE_SLOT_SQL = (
-    "delete from run_slots where workflow_id = %s returning extract(epoch from now() - acquired_at)::float8"
-)
-"""``release_run_slot``'s statement (parameter: the workflow id), for a caller that pipelines
-it; ``held_seconds`` reads its row."""
-
-
 async def release_run_slot(conn: Conn, workflow_id: str) -> float | None:
-    """Free the run's slot; returns seconds it was held (``None`` if it held none)."""
-    return held_seconds(await (await conn.execute(RELEASE_SLOT_SQL, (workflow_id,))).fetchone())
+    """Free the run's slot; returns seconds it was held (``None`` if it held none). Outside a
+    run's finish (which releases with ``RELEASE_AND_BOUND_SQL``, in its own transaction)."""
+    row = await (
+        await conn.execute(
+            "delete from run_slots where workflow_id = %s "
+            "returning extract(epoch from now() - acquired_at)::float8",
+            (workflow_id,),
+        )
+    ).fetchone()
+    return held_seconds(row)
 
 
 def held_seconds(row: Any) -> float | None:
-    """Seconds a released slot was held, from ``RELEASE_SLOT_SQL``'s row (``None``: no slot)."""
+    """Seconds a released slot was held, from the release's row (``None``: no slot)."""
     return None if row is None or row[0] is None else float(row[0])
 
 

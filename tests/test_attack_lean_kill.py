@@ -47,21 +47,37 @@ from tests.scripted import start
 SLOT_LOCK_CLASS = 7_345_005  # activities/concurrency.py _LOCK_CLASS
 
 
-async def _wait_blocked(url: str, query_like: str, within: float = 60.0) -> None:
+async def _wait_backend(
+    url: str, condition: str, params: tuple[Any, ...], within: float, failure: str
+) -> None:
+    """Until a backend of the server other than this one matches ``condition`` (over
+    ``pg_stat_activity a``); else ``AssertionError(failure)`` with what the backends were doing."""
     deadline = time.monotonic() + within
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = await (
                 await conn.execute(
-                    "select count(*) from pg_stat_activity where wait_event_type in ('Lock') "
-                    "and query ilike %s",
-                    (query_like,),
+                    "select count(*) from pg_stat_activity a where a.pid <> pg_backend_pid() and "
+                    + condition,
+                    params,
                 )
             ).fetchone()
             if row and row[0]:
                 return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"no backend ever waited on {query_like!r}")
+            await asyncio.sleep(0.05)
+        seen = await (
+            await conn.execute(
+                "select state, wait_event, xact_start is not null, left(query, 80) from pg_stat_activity "
+                "where backend_type = 'client backend' and pid <> pg_backend_pid()"
+            )
+        ).fetchall()
+    raise AssertionError(f"{failure}: {seen}")
+
+
+async def _wait_blocked(url: str, query_like: str, within: float = 60.0) -> None:
+    """A backend waiting on a lock, in a statement like ``query_like``."""
+    condition = "a.wait_event_type in ('Lock') and a.query ilike %s"
+    await _wait_backend(url, condition, (query_like,), within, f"no backend ever waited on {query_like!r}")
 
 
 async def _start_pinned(
@@ -331,33 +347,20 @@ async def _wait_frozen_in_transaction(url: str, where: str, within: float = 5.0)
     transaction`` after a sync; ``active`` on ``ClientRead`` in the middle of a pipeline),
     holding what the next attempt needs: the tenant's slot lock (``begin_run``), or a row it
     deleted (the finish: its transaction has an id)."""
-    holds = (
-        "exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' "
-        "and l.granted and l.classid = %s)"
-        if where == "begin_run"
-        else "a.backend_xid is not null and %s > 0"
+    waiting = (
+        "a.backend_type = 'client backend' and a.xact_start is not null and a.wait_event = 'ClientRead' and "
     )
-    deadline = time.monotonic() + within
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            row = await (
-                await conn.execute(
-                    "select count(*) from pg_stat_activity a where a.backend_type = 'client backend' "
-                    "and a.xact_start is not null and a.wait_event = 'ClientRead' "
-                    "and a.pid <> pg_backend_pid() and " + holds,
-                    (SLOT_LOCK_CLASS,),
-                )
-            ).fetchone()
-            if row and row[0]:
-                return
-            await asyncio.sleep(0.05)
-        seen = await (
-            await conn.execute(
-                "select state, wait_event, xact_start is not null, left(query, 80) from pg_stat_activity "
-                "where backend_type = 'client backend' and pid <> pg_backend_pid()"
-            )
-        ).fetchall()
-    raise AssertionError(f"the frozen worker never held a transaction open: {seen}")
+    if where == "begin_run":
+        holds = (
+            "exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' "
+            "and l.granted and l.classid = %s)"
+        )
+        params: tuple[Any, ...] = (SLOT_LOCK_CLASS,)
+    else:
+        holds, params = "a.backend_xid is not null", ()
+    await _wait_backend(
+        url, waiting + holds, params, within, "the frozen worker never held a transaction open"
+    )
 
 
 @pytest.mark.slow  # waits out the transaction bound and worker starts: `make test-slow`
